@@ -1,0 +1,198 @@
+"""The GRPO objective: clipped surrogate, k3 KL penalty, and the four ways to average over tokens.
+
+Notation: N completions (rows) of T tokens; logp_{i,t}, old_{i,t}, ref_{i,t} are the log-probs of
+token t of completion i under the current, the sampling and the frozen reference policy;
+m_{i,t} is 1 on real completion tokens (up to and including EOS) and 0 on padding; A_i is the
+completion's advantage (grpo/advantage.py), shared by all its tokens.
+
+Why is the loss about 0? With one update per rollout (old = logp.detach()) the ratio is exactly 1,
+so l_{i,t} = -A_i and the loss is a weighted mean of -A_i, which is ~0 because advantages have zero
+mean within each group (for loss_type="grpo" and beta=0 it is exactly -mean_i(A_i)). The
+*gradient* is not 0: d l_{i,t} / d logp_{i,t} = -A_i, the REINFORCE policy gradient. Watch the
+reward, not the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids]: the log-prob of each chosen token.
+
+        logp_{i,t} = z_{i,t,ids_{i,t}} - logsumexp_v z_{i,t,v}
+
+    logits: [N, T, V], ids: [N, T] (int64). Returns [N, T]: logits' dtype for float32/float64,
+    float32 for bf16/fp16.
+
+    A full log_softmax would allocate another [N, T, V] tensor: at Qwen2-VL's vocabulary of
+    151,936 words, 8 x 256 completion tokens take 1.2 GB in float32. So we go one row at a time,
+    and the temporaries are [T, V]:
+      - float32/float64: gather the chosen logit and subtract a row's logsumexp. Under autograd
+        logsumexp saves only its input (a view of logits) and its [T] output, so nothing
+        [T, V]-sized outlives the row.
+      - bf16/fp16: logsumexp in 8 (bf16) mantissa bits is too coarse (errors of ~0.01-0.1 nats
+        at this vocabulary size), so each row is upcast and goes through log_softmax in float32.
+        Under autograd each row's float32 log-softmax is kept for backward, so with gradients
+        the saving is in peak temporaries, not in what backward keeps.
+    """
+    if logits.dim() != 3 or ids.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits [N, T, V] and ids [N, T], got logits {tuple(logits.shape)} "
+                         f"and ids {tuple(ids.shape)}.")
+    ids = ids.long()
+    rows = []
+    if logits.dtype in (torch.float32, torch.float64):
+        for row_logits, row_ids in zip(logits, ids):
+            chosen = row_logits.gather(-1, row_ids[:, None]).squeeze(-1)
+            rows.append(chosen - torch.logsumexp(row_logits, dim=-1))
+    else:
+        for row_logits, row_ids in zip(logits, ids):
+            row_logps = torch.log_softmax(row_logits.float(), dim=-1)
+            rows.append(row_logps.gather(-1, row_ids[:, None]).squeeze(-1))
+    return torch.stack(rows)
+
+
+def _check_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type, max_completion_length,
+                  num_items_in_batch, importance_sampling_level) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is unknown; choose one of {list(LOSS_TYPES)}.")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level={importance_sampling_level!r} is unknown; "
+                         f"choose one of {list(IMPORTANCE_SAMPLING_LEVELS)}.")
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be [N, T], got shape {tuple(logps.shape)}.")
+    shape = tuple(logps.shape)
+    named = {"old_logps": old_logps, "mask": mask, "ref_logps": ref_logps}
+    for name, tensor in named.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but logps has shape {shape}; "
+                             "both must be [N, T].")
+    if tuple(advantages.shape) != shape[:1]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected [N] = {shape[:1]} "
+                         f"(one advantage per completion, logps is {shape}).")
+    if beta < 0:
+        raise ValueError(f"beta={beta}: the KL coefficient cannot be negative.")
+    if beta != 0 and ref_logps is None:
+        raise ValueError(f"beta={beta} needs ref_logps (the reference model's log-probs): load a reference "
+                         "model or set beta to 0.")
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length <= 0):
+        raise ValueError(f"loss_type='dr_grpo' normalises by N * max_completion_length; pass a positive "
+                         f"max_completion_length (got {max_completion_length}).")
+    if loss_type == "dapo" and num_items_in_batch is None:
+        raise ValueError("loss_type='dapo' normalises by num_items_in_batch, the active completion tokens of the "
+                         "whole optimizer step (all ranks and accumulation steps); pass it.")
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of one micro-batch, and detached statistics to log.
+
+    Per token (PPO clipped surrogate, Schulman et al. 2017, eq. 7; GRPO objective, DeepSeekMath
+    eq. 3; KL estimator k3, DeepSeekMath eq. 4 / Schulman 2020 "Approximating KL Divergence"):
+
+        r_{i,t} = exp(logp_{i,t} - old_{i,t})
+        l_{i,t} = -min(r * A_i, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A_i)  +  beta * k3_{i,t}
+        k3_{i,t} = exp(ref - logp) - (ref - logp) - 1          (>= 0, an unbiased estimate of KL(pi || ref))
+
+    epsilon_high defaults to epsilon_low; DAPO's clip-higher (Yu et al. 2025, sec. 3.1) uses 0.28
+    against 0.2, giving unlikely tokens with A > 0 more room to grow. When the clipped term is the
+    one the min selects (r < 1 - epsilon_low with A < 0, or r > 1 + epsilon_high with A > 0) it is a
+    constant, so that token gets no gradient from the surrogate (its KL term still has one).
+
+    importance_sampling_level="sequence" is GSPO (Zheng et al. 2025): one ratio per completion,
+        s_i = exp( sum_t m (logp - old) / sum_t m ),
+    applied per token as GSPO-token's s_{i,t} = sg[s_i] * exp(logp_{i,t} - sg[logp_{i,t}]): its
+    value is s_i and d s_{i,t} / d logp_{i,t} = s_i, so under every loss_type the gradient equals
+    that of the sequence objective A_i * s_i. Clipping then acts on s_i; GSPO uses a tiny range,
+    epsilon_low = 3e-4 and epsilon_high = 4e-4 (pass them; the defaults are the token-level ones).
+
+    Aggregation over the micro-batch (sums over active tokens):
+        grpo     mean_i( sum_t m*l / sum_t m )             DeepSeekMath eq. 3 (long answers weigh less per token)
+        bnpo     sum_{i,t} m*l / sum_{i,t} m               token mean over the micro-batch
+        dr_grpo  sum_{i,t} m*l / (N * max_completion_length)   Dr. GRPO (Liu et al. 2025): constant normaliser
+        dapo     sum_{i,t} m*l / num_items_in_batch        DAPO eq. 8; num_items_in_batch counts active tokens of
+                                                           the whole optimizer step (all ranks, all micro-batches)
+    A row whose mask is all 0 contributes 0 (its denominator is clamped at 1, never NaN).
+
+    With one update per rollout (old_logps = logps.detach()) r = 1, nothing is clipped and the
+    loss is ~0 (exactly -mean_i(A_i) for grpo with beta = 0), yet its gradient is the policy
+    gradient -A_i * m / normaliser per token: see the module docstring.
+
+    logps: [N, T] (with grad), old_logps: [N, T], advantages: [N], mask: [N, T] (bool, int or
+    float; 1 on completion tokens), ref_logps: [N, T] or None.
+    Returns (loss: scalar tensor, stats: dict of Python floats) with stats
+        kl               masked mean of k3 over active tokens (0.0 without ref_logps)
+        clip_ratio       fraction of active tokens where clipping took effect (low + high)
+        clip_ratio_low   ... on the low side (r < 1 - epsilon_low, A < 0)
+        clip_ratio_high  ... on the high side (r > 1 + epsilon_high, A > 0)
+    """
+    _check_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type, max_completion_length,
+                  num_items_in_batch, importance_sampling_level)
+    if epsilon_high is None:
+        epsilon_high = epsilon_low
+    active = mask != 0
+    mask = mask.to(logps.dtype)
+    adv = advantages.to(logps.dtype)[:, None]
+
+    # Padded positions may hold anything (even inf or NaN from a padded forward). Replacing them by
+    # 0 before any exp keeps 0 * inf = NaN out of both the loss and the gradient; torch.where sends
+    # exactly 0 gradient to the replaced entries.
+    zero = torch.zeros_like(logps)
+    logps = torch.where(active, logps, zero)
+    old_logps = torch.where(active, old_logps.to(logps.dtype), zero)
+    log_ratio = logps - old_logps
+
+    if importance_sampling_level == "sequence":
+        seq_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        log_ratio = seq_log_ratio.detach()[:, None] + logps - logps.detach()
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+
+    kl = None
+    if ref_logps is not None:
+        diff = torch.where(active, ref_logps.to(logps.dtype), zero) - logps
+        kl = torch.exp(diff) - diff - 1
+        if beta != 0:
+            per_token = per_token + beta * kl
+
+    summed = per_token * mask
+    if loss_type == "grpo":
+        loss = (summed.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = summed.sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = summed.sum() / (logps.shape[0] * max_completion_length)
+    else:
+        # An optimizer step whose completions are all empty has a zero numerator too: 0, not NaN.
+        loss = summed.sum() / max(float(num_items_in_batch), 1.0)
+
+    with torch.no_grad():
+        n_active = mask.sum().clamp(min=1)
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype)
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype)
+        low_frac = ((low * mask).sum() / n_active).item()
+        high_frac = ((high * mask).sum() / n_active).item()
+        stats = {
+            "kl": ((kl * mask).sum() / n_active).item() if kl is not None else 0.0,
+            "clip_ratio": low_frac + high_frac,
+            "clip_ratio_low": low_frac,
+            "clip_ratio_high": high_frac,
+        }
+    return loss, stats

@@ -1,0 +1,363 @@
+"""grpo/loss.py against numbers worked by hand and a plain-Python reimplementation over floats."""
+
+import math
+
+import pytest
+import torch
+
+from grpo.loss import LOSS_TYPES, policy_loss, selective_log_softmax
+
+LN2 = math.log(2)
+
+
+def reference_loss(logps, old, adv, mask, ref=None, beta=0.0, eps_low=0.2, eps_high=None,
+                   loss_type="grpo", max_len=None, num_items=None, level="token"):
+    """The loss written out token by token from the formulas in the project notes (lists of floats)."""
+    eps_high = eps_low if eps_high is None else eps_high
+    row_sums, row_lens = [], []
+    for i in range(len(logps)):
+        active = [t for t in range(len(mask[i])) if mask[i][t]]
+        if level == "sequence":
+            seq_ratio = math.exp(sum(logps[i][t] - old[i][t] for t in active) / max(len(active), 1))
+        total = 0.0
+        for t in active:
+            r = seq_ratio if level == "sequence" else math.exp(logps[i][t] - old[i][t])
+            clipped = min(max(r, 1 - eps_low), 1 + eps_high)
+            term = -min(r * adv[i], clipped * adv[i])
+            if ref is not None:
+                d = ref[i][t] - logps[i][t]
+                term += beta * (math.exp(d) - d - 1)
+            total += term
+        row_sums.append(total)
+        row_lens.append(len(active))
+    n = len(logps)
+    if loss_type == "grpo":
+        return sum(s / max(k, 1) for s, k in zip(row_sums, row_lens)) / n
+    if loss_type == "bnpo":
+        return sum(row_sums) / max(sum(row_lens), 1)
+    if loss_type == "dr_grpo":
+        return sum(row_sums) / (n * max_len)
+    return sum(row_sums) / num_items
+
+
+def normalisers(mask, loss_type, max_len, num_items):
+    """[N, 1] (or scalar) denominators each token's term is divided by, per loss type."""
+    n = mask.shape[0]
+    if loss_type == "grpo":
+        return n * mask.sum(1, keepdim=True).clamp(min=1)
+    if loss_type == "bnpo":
+        return mask.sum()
+    if loss_type == "dr_grpo":
+        return torch.tensor(float(n * max_len), dtype=mask.dtype)
+    return torch.tensor(float(num_items), dtype=mask.dtype)
+
+
+def type_kwargs(loss_type, max_len=8, num_items=13):
+    return {"loss_type": loss_type, "max_completion_length": max_len, "num_items_in_batch": num_items}
+
+
+# --- the hand example: N = 2, T = 3, the last token of row 1 is padding ---------------------------
+# log r = logp - old:  row 0 [ln 1.5, 0, ln 0.5], row 1 [ln 1.1, ln 0.7, pad];  A = [2, -1], eps 0.2.
+# row 0 (A = 2):  r = 1.5: min(3.0, 1.2 * 2 = 2.4) = 2.4 -> l = -2.4  (clipped, high side)
+#                 r = 1.0: l = -2.0
+#                 r = 0.5: min(1.0, 0.8 * 2 = 1.6) = 1.0 -> l = -1.0  (A > 0: the low clip never binds)
+#                 sum -5.4 over 3 tokens
+# row 1 (A = -1): r = 1.1: min(-1.1, -1.1) -> l = 1.1
+#                 r = 0.7: min(-0.7, 0.8 * -1 = -0.8) = -0.8 -> l = 0.8  (clipped, low side)
+#                 sum 1.9 over 2 tokens
+HAND_EXPECTED = {
+    "grpo": (-5.4 / 3 + 1.9 / 2) / 2,   # -0.425
+    "bnpo": (-5.4 + 1.9) / 5,           # -0.7
+    "dr_grpo": (-5.4 + 1.9) / (2 * 4),  # max_completion_length 4: -0.4375
+    "dapo": (-5.4 + 1.9) / 7,           # num_items_in_batch 7: -0.5
+}
+
+
+def hand_inputs():
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 123.0]], dtype=torch.float64)
+    log_r = torch.tensor([[math.log(1.5), 0.0, math.log(0.5)], [math.log(1.1), math.log(0.7), 0.0]],
+                         dtype=torch.float64)
+    old = logps - log_r
+    old[1, 2] = -77.0  # garbage under padding
+    adv = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # ref - logp: row 0 [ln 2, 0, -ln 2], row 1 [0, ln 2, pad]
+    ref = logps + torch.tensor([[LN2, 0.0, -LN2], [0.0, LN2, 55.0]], dtype=torch.float64)
+    return logps, old, adv, mask, ref
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_hand_example_each_loss_type(loss_type):
+    logps, old, adv, mask, _ = hand_inputs()
+    loss, stats = policy_loss(logps, old, adv, mask, **type_kwargs(loss_type, max_len=4, num_items=7))
+    assert loss.item() == pytest.approx(HAND_EXPECTED[loss_type], rel=1e-12)
+    # One high-side clip (row 0, r = 1.5) and one low-side clip (row 1, r = 0.7) among 5 tokens.
+    assert stats["clip_ratio_high"] == pytest.approx(0.2)
+    assert stats["clip_ratio_low"] == pytest.approx(0.2)
+    assert stats["clip_ratio"] == pytest.approx(0.4)
+    assert stats["kl"] == 0.0
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_kl_stat_and_beta_term_by_hand():
+    logps, old, adv, mask, ref = hand_inputs()
+    # k3(d) = e^d - d - 1:  k3(ln 2) = 1 - ln 2,  k3(0) = 0,  k3(-ln 2) = ln 2 - 1/2.
+    k3 = [[1 - LN2, 0.0, LN2 - 0.5], [0.0, 1 - LN2]]
+    beta = 0.1
+    loss, stats = policy_loss(logps, old, adv, mask, ref_logps=ref, beta=beta)
+    assert stats["kl"] == pytest.approx((1.5 - LN2) / 5, rel=1e-12)
+    expected = ((-5.4 + beta * sum(k3[0])) / 3 + (1.9 + beta * sum(k3[1])) / 2) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    # A reference with beta = 0 is still measured but does not enter the loss.
+    loss0, stats0 = policy_loss(logps, old, adv, mask, ref_logps=ref, beta=0.0)
+    assert loss0.item() == pytest.approx(HAND_EXPECTED["grpo"], rel=1e-12)
+    assert stats0["kl"] == pytest.approx(stats["kl"])
+
+
+def random_batch(n=4, t=6, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    logps = -torch.rand(n, t, generator=g, dtype=dtype) * 3
+    old = logps + 0.3 * torch.randn(n, t, generator=g, dtype=dtype)
+    ref = logps + 0.5 * torch.randn(n, t, generator=g, dtype=dtype)
+    adv = torch.randn(n, generator=g, dtype=dtype)
+    lengths = torch.tensor([t, t - 2, 1, t - 3][:n])
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    return logps, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_python_reference(loss_type, level):
+    logps, old, ref, adv, mask = random_batch()
+    kw = type_kwargs(loss_type)
+    loss, _ = policy_loss(logps, old, adv, mask, ref_logps=ref, beta=0.04, epsilon_high=0.28,
+                          importance_sampling_level=level, **kw)
+    expected = reference_loss(logps.tolist(), old.tolist(), adv.tolist(), mask.tolist(), ref.tolist(), 0.04,
+                              0.2, 0.28, loss_type, kw["max_completion_length"], kw["num_items_in_batch"], level)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_on_policy_gradient_is_policy_gradient_plus_kl(loss_type, level):
+    # old = logp.detach(): r = 1, so d l / d logp = -A_i + beta * (1 - exp(ref - logp)), over the normaliser.
+    logps, _, ref, adv, mask = random_batch(seed=1)
+    logps.requires_grad_(True)
+    beta = 0.1
+    kw = type_kwargs(loss_type)
+    loss, stats = policy_loss(logps, logps.detach(), adv, mask, ref_logps=ref, beta=beta,
+                              importance_sampling_level=level, **kw)
+    loss.backward()
+    m = mask.double()
+    norm = normalisers(m, loss_type, kw["max_completion_length"], kw["num_items_in_batch"])
+    expected = m * (-adv[:, None] + beta * (1 - torch.exp(ref - logps.detach()))) / norm
+    torch.testing.assert_close(logps.grad, expected, rtol=1e-12, atol=1e-15)
+    assert stats["clip_ratio"] == 0.0
+
+
+def test_on_policy_loss_value_is_minus_mean_advantage():
+    logps, _, _, adv, mask = random_batch(seed=2)
+    loss, _ = policy_loss(logps, logps.detach(), adv, mask)
+    assert loss.item() == pytest.approx(-adv.mean().item(), rel=1e-12)
+
+
+def test_clipped_tokens_get_zero_gradient():
+    # Rows have A = +1, -1, 0; every row has r = [1.5, 0.5]; eps = 0.2; bnpo over 6 tokens.
+    #   A > 0, r = 1.5: clipped at 1.2, the min picks the constant -> grad 0
+    #   A > 0, r = 0.5: min(0.5, 0.8) picks r * A           -> d(-r A)/d logp = -r A / 6 = -1/12
+    #   A < 0, r = 1.5: min(-1.5, -1.2) picks r * A          -> -r A / 6 = 0.25
+    #   A < 0, r = 0.5: min(-0.5, -0.8) picks the constant   -> grad 0
+    #   A = 0: both terms are 0, nothing to clip             -> grad 0, not counted
+    old = torch.zeros(3, 2, dtype=torch.float64)
+    logps = torch.tensor([[math.log(1.5), math.log(0.5)]] * 3, dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+    loss, stats = policy_loss(logps, old, adv, torch.ones(3, 2), loss_type="bnpo")
+    loss.backward()
+    expected = torch.tensor([[0.0, -1 / 12], [0.25, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logps.grad, expected)
+    assert stats["clip_ratio_high"] == pytest.approx(1 / 6) and stats["clip_ratio_low"] == pytest.approx(1 / 6)
+    assert stats["clip_ratio"] == pytest.approx(1 / 3)
+
+
+def test_clip_higher_uses_epsilon_high_on_the_upper_side():
+    # r = 1.25 with A > 0: clipped by 1 + 0.2, not by 1 + 0.28.  r = 0.75 with A < 0: clipped by 1 - 0.2 either way.
+    old = torch.zeros(2, 1, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(2, 1)
+
+    def run(**kw):
+        logps = torch.tensor([[math.log(1.25)], [math.log(0.75)]], dtype=torch.float64, requires_grad=True)
+        loss, stats = policy_loss(logps, old, adv, mask, loss_type="bnpo", **kw)
+        loss.backward()
+        return loss.item(), logps.grad.flatten().tolist(), stats
+
+    loss, grad, stats = run(epsilon_low=0.2)
+    assert loss == pytest.approx((-1.2 + 0.8) / 2)
+    assert grad == [0.0, 0.0]
+    assert stats["clip_ratio_high"] == 0.5 and stats["clip_ratio_low"] == 0.5
+    loss, grad, stats = run(epsilon_low=0.2, epsilon_high=0.28)
+    assert loss == pytest.approx((-1.25 + 0.8) / 2)
+    assert grad == pytest.approx([-1.25 / 2, 0.0])
+    assert stats["clip_ratio_high"] == 0.0 and stats["clip_ratio_low"] == 0.5 and stats["clip_ratio"] == 0.5
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_padding_never_changes_loss_or_gradients(loss_type, level):
+    logps, old, ref, adv, mask = random_batch(seed=3)
+    kw = dict(beta=0.05, epsilon_high=0.28, importance_sampling_level=level, **type_kwargs(loss_type))
+
+    def run(lp, o, r, m):
+        lp = lp.clone().requires_grad_(True)
+        loss, stats = policy_loss(lp, o, adv, m, ref_logps=r, **kw)
+        loss.backward()
+        return loss, stats, lp.grad
+
+    loss, stats, grad = run(logps, old, ref, mask)
+    n, pad = logps.shape[0], 3
+    garbage = torch.tensor([[1e4, float("-inf"), float("nan")]] * n, dtype=logps.dtype)
+    cat = lambda x, g: torch.cat([x, g], dim=1)  # noqa: E731
+    loss_p, stats_p, grad_p = run(cat(logps, garbage), cat(old, -garbage), cat(ref, garbage.flip(1)),
+                                  cat(mask, torch.zeros(n, pad, dtype=mask.dtype)))
+    torch.testing.assert_close(loss_p, loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(grad_p[:, :-pad], grad, rtol=1e-13, atol=0)
+    assert torch.equal(grad_p[:, -pad:], torch.zeros(n, pad, dtype=logps.dtype))
+    assert stats_p == pytest.approx(stats)
+
+
+def test_empty_row_gives_no_nan():
+    logps, old, _, adv, mask = random_batch(seed=4)
+    mask[2] = 0
+    logps.requires_grad_(True)
+    for loss_type in LOSS_TYPES:
+        loss, stats = policy_loss(logps, old, adv, mask, **type_kwargs(loss_type))
+        assert math.isfinite(loss.item())
+        expected = reference_loss(logps.tolist(), old.tolist(), adv.tolist(), mask.tolist(), loss_type=loss_type,
+                                  max_len=8, num_items=13)
+        assert loss.item() == pytest.approx(expected, rel=1e-10)
+        (grad,) = torch.autograd.grad(loss, logps)
+        assert torch.equal(grad[2], torch.zeros_like(grad[2]))
+    loss, _ = policy_loss(logps, old, adv, torch.zeros_like(mask))
+    assert loss.item() == 0.0
+
+
+def test_mask_dtypes_agree():
+    logps, old, ref, adv, mask = random_batch(seed=5)
+    results = [policy_loss(logps, old, adv, m, ref_logps=ref, beta=0.1)[0].item()
+               for m in (mask.bool(), mask.int(), mask.long(), mask.float(), mask.double())]
+    assert results == pytest.approx([results[0]] * len(results), rel=1e-12)
+
+
+# --- GSPO: one ratio per sequence ----------------------------------------------------------------
+
+def test_gspo_sequence_ratio_is_exp_mean_log_ratio_and_drives_clipping():
+    # Row 0: log r = [0.5, -0.5] -> token ratios 1.65 / 0.61, but s = exp(0) = 1: nothing clipped.
+    # Row 1: log r = [0.05, 0.05, pad] -> s = exp(0.05) = 1.0513 > 1 + 4e-4 with A > 0: both tokens clipped.
+    logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.4, -0.6, 9.0]], dtype=torch.float64, requires_grad=True)
+    old = logps.detach() - torch.tensor([[0.5, -0.5, 0.0], [0.05, 0.05, -3.0]], dtype=torch.float64)
+    adv = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    loss, stats = policy_loss(logps, old, adv, mask, loss_type="bnpo", epsilon_low=3e-4, epsilon_high=4e-4,
+                              importance_sampling_level="sequence")
+    loss.backward()
+    # bnpo over 4 tokens: row 0 l = -1 * 1 per token; row 1 l = -(1 + 4e-4) * 2 per token.
+    assert loss.item() == pytest.approx((2 * -1.0 + 2 * -(1 + 4e-4) * 2) / 4, rel=1e-12)
+    # Row 0 unclipped: d l / d logp_t = -A * s / 4 = -0.25. Row 1 clipped: 0.
+    torch.testing.assert_close(logps.grad, torch.tensor([[-0.25, -0.25, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64))
+    assert stats["clip_ratio_high"] == 0.5 and stats["clip_ratio_low"] == 0.0
+    # The same batch at token level clips row 0's first token (1.65 > 1.0004) and all of row 1.
+    _, token_stats = policy_loss(logps, old, adv, mask, loss_type="bnpo", epsilon_low=3e-4, epsilon_high=4e-4)
+    assert token_stats["clip_ratio_high"] == 0.75
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gspo_gradient_equals_sequence_objective(loss_type):
+    # Off-policy, unclipped: the gradient must be that of the plain sequence objective
+    # J = -sum_i A_i * s_i(theta) * len_i / normaliser  with s_i = exp(mean_t (logp - old)),
+    # i.e. d/d logp_{i,t} = -A_i * s_i * m_{i,t} / normaliser.
+    logps, old, _, adv, mask = random_batch(seed=6)
+    old = logps - 0.01 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(7), dtype=logps.dtype)
+    logps.requires_grad_(True)
+    kw = type_kwargs(loss_type)
+    loss, stats = policy_loss(logps, old, adv, mask, importance_sampling_level="sequence", **kw)
+    loss.backward()
+    assert stats["clip_ratio"] == 0.0
+    m = mask.double()
+    s = torch.exp(((logps.detach() - old) * m).sum(1) / m.sum(1))
+    norm = normalisers(m, loss_type, kw["max_completion_length"], kw["num_items_in_batch"])
+    torch.testing.assert_close(logps.grad, -adv[:, None] * s[:, None] * m / norm, rtol=1e-12, atol=1e-15)
+
+    # And against autograd through s_i itself, with no stop-gradient trick.
+    lp = logps.detach().clone().requires_grad_(True)
+    s_live = torch.exp(((lp - old) * m).sum(1) / m.sum(1))
+    per_token = -adv[:, None] * s_live[:, None] * m
+    objective = {"grpo": (per_token.sum(1) / m.sum(1)).mean(), "bnpo": per_token.sum() / m.sum(),
+                 "dr_grpo": per_token.sum() / (4 * 8), "dapo": per_token.sum() / 13}[loss_type]
+    objective.backward()
+    torch.testing.assert_close(logps.grad, lp.grad, rtol=1e-12, atol=1e-15)
+
+
+# --- selective_log_softmax -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selective_log_softmax_matches_naive(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 4096, generator=g) * 4).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, 4096, (3, 5), generator=g)
+    out = selective_log_softmax(logits, ids)
+    naive = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+    assert out.dtype == dtype and out.shape == (3, 5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, naive, rtol=tol, atol=tol)
+    weights = torch.randn(3, 5, generator=g).to(dtype)
+    (grad,) = torch.autograd.grad((out * weights).sum(), logits)
+    (grad_naive,) = torch.autograd.grad((naive * weights).sum(), logits)
+    torch.testing.assert_close(grad, grad_naive)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_selective_log_softmax_low_precision(dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 4, 4096, generator=g) * 4).to(dtype)
+    ids = torch.randint(0, 4096, (2, 4), generator=g)
+    out = selective_log_softmax(logits, ids)
+    assert out.dtype == torch.float32
+    # The exact log-probs of the (rounded) low-precision logits, computed in float64.
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
+    naive = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(out, naive.float(), rtol=0, atol=0.1)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+def test_errors_name_the_problem():
+    logps, old, ref, adv, mask = random_batch()
+    with pytest.raises(ValueError, match=r"'grpo', 'bnpo', 'dr_grpo', 'dapo'"):
+        policy_loss(logps, old, adv, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match=r"'token', 'sequence'"):
+        policy_loss(logps, old, adv, mask, importance_sampling_level="group")
+    with pytest.raises(ValueError, match=r"max_completion_length"):
+        policy_loss(logps, old, adv, mask, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match=r"num_items_in_batch"):
+        policy_loss(logps, old, adv, mask, loss_type="dapo")
+    with pytest.raises(ValueError, match=r"old_logps has shape \(4, 5\) but logps has shape \(4, 6\)"):
+        policy_loss(logps, old[:, :5], adv, mask)
+    with pytest.raises(ValueError, match=r"mask has shape \(3, 6\)"):
+        policy_loss(logps, old, adv, mask[:3])
+    with pytest.raises(ValueError, match=r"ref_logps has shape \(4, 2\)"):
+        policy_loss(logps, old, adv, mask, ref_logps=ref[:, :2], beta=0.1)
+    with pytest.raises(ValueError, match=r"advantages has shape \(4, 1\)"):
+        policy_loss(logps, old, adv[:, None], mask)
+    with pytest.raises(ValueError, match=r"\[N, T\]"):
+        policy_loss(logps[0], old[0], adv, mask[0])
+    with pytest.raises(ValueError, match=r"load a reference model or set beta to 0"):
+        policy_loss(logps, old, adv, mask, beta=0.04)
+    with pytest.raises(ValueError, match=r"negative"):
+        policy_loss(logps, old, adv, mask, ref_logps=ref, beta=-1.0)
+    with pytest.raises(ValueError, match=r"logits \[N, T, V\]"):
+        selective_log_softmax(torch.zeros(2, 3, 10), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_loss_types_tuple():
+    assert LOSS_TYPES == ("grpo", "bnpo", "dr_grpo", "dapo")
