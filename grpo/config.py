@@ -1,0 +1,203 @@
+"""Command-line arguments, their checks, and the DeepSpeed config filled from them.
+
+Every flag is a dataclass field with a one-line help text, parsed by transformers' HfArgumentParser
+(the ecosystem's convention, so the published open-r1-multimodal command runs unchanged). Defaults
+are the real run: Qwen2-VL-2B-Instruct on lmms-lab/multimodal-open-r1-8k-verified with G = 8,
+beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. `--preset demo` swaps in the
+CPU demo's values; flags given on the command line still win over a preset.
+
+`validate(args)` runs before any model is loaded, so a run that cannot work stops in a second with
+a message naming the argument.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zero3.json")
+
+
+@dataclass
+class GRPOArguments:
+    # --- model and data ---
+    model_name_or_path: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "Hub id or local folder of a Qwen2-VL / Qwen2.5-VL model."})
+    dataset_name: str = field(default="lmms-lab/multimodal-open-r1-8k-verified", metadata={"help": "Hub id, a save_to_disk folder, a .parquet / .jsonl file, or 'demo'."})
+    dataset_split: str = field(default="train", metadata={"help": "Dataset split to train on."})
+    output_dir: str = field(default="outputs/grpo", metadata={"help": "Where checkpoints, TensorBoard logs and the final model go."})
+    run_name: str | None = field(default=None, metadata={"help": "Name of the run (TensorBoard sub-folder); defaults to the output_dir's name."})
+    preset: str | None = field(default=None, metadata={"help": "'demo': the bundled CPU demo's settings (explicit flags still override)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt; default asks for <think>...</think><answer>...</answer>."})
+    max_prompt_length: int = field(default=8192, metadata={"help": "Rows whose prompt (image tokens included) is longer are dropped at load time, never truncated."})
+    min_pixels: int = field(default=3136, metadata={"help": "Smallest image area after resizing (pixels)."})
+    max_pixels: int = field(default=12845056, metadata={"help": "Largest image area after resizing (pixels); fewer pixels, fewer image tokens."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "flash_attention_2, sdpa or eager; default flash_attention_2 when installed on a GPU, else sdpa."})
+    # --- GRPO ---
+    num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt (the group)."})
+    max_completion_length: int = field(default=256, metadata={"help": "Most tokens sampled per completion."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs are taken at the same temperature)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 skips the reference model entirely."})
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clip range of the ratio (and upper, unless --epsilon_high)."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip range (DAPO clip-higher uses 0.28)."})
+    loss_type: str = field(default="grpo", metadata={"help": "grpo, bnpo, dr_grpo or dapo: how per-token losses are averaged."})
+    importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO) or sequence (GSPO: one ratio per completion; use --epsilon 3e-4 --epsilon_high 4e-4)."})
+    scale_rewards: str = field(default="group", metadata={"help": "Advantage scaling: group, batch or none (Dr. GRPO)."})
+    num_iterations: int = field(default=1, metadata={"help": "Updates per rollout batch (mu); > 1 computes and reuses old log-probs."})
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"], metadata={"help": "Reward functions by registry name."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function (default 1 each)."})
+    # --- optimisation ---
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "PROMPTS per device per micro-step; each is sampled G times, so G x this completions."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps (each its own rollout) per optimizer step."})
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "constant, linear or cosine decay after warmup."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of steps spent warming the LR up from 0."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the dataset (ignored when --max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; > 0 overrides --num_train_epochs."})
+    seed: int = field(default=42, metadata={"help": "Seed for data order, init and sampling (each rank samples with seed + rank)."})
+    bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 (the published run uses --bf16)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward to save memory."})
+    deepspeed: str | None = field(default=None, metadata={"help": f"DeepSpeed JSON config; default {os.path.basename(DEFAULT_DEEPSPEED_CONFIG)} next to train.py."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
+    # --- logging and saving ---
+    logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
+    log_completions_steps: int = field(default=10, metadata={"help": "Write sample completions with their rewards to TensorBoard every N steps."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none."})
+    save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N optimizer steps (0: only the final model)."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints (oldest removed)."})
+
+
+# The demo's settings: a tiny model learns the bundled visual task on two CPU cores in minutes.
+PRESETS = {
+    "demo": dict(
+        dataset_name="demo", model_name_or_path="demo", num_generations=8, per_device_train_batch_size=2,
+        max_completion_length=24, max_prompt_length=512, learning_rate=3e-4, beta=0.0, max_steps=150,
+        lr_scheduler_type="constant", temperature=1.0, reward_funcs=["accuracy", "format"],
+        reward_weights=[1.0, 0.5], logging_steps=5, save_steps=0, min_pixels=56 * 56, max_pixels=56 * 56,
+    ),
+}
+
+
+def apply_preset(args: GRPOArguments, given_flags: set[str]) -> GRPOArguments:
+    """Overwrite defaults with the preset's values, except for flags the user typed."""
+    if args.preset is None:
+        return args
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is unknown; known presets: {sorted(PRESETS)}.")
+    for name, value in PRESETS[args.preset].items():
+        if name not in given_flags:
+            setattr(args, name, value)
+    return args
+
+
+def validate(args: GRPOArguments) -> None:
+    """Stop before any model is loaded when the arguments cannot work."""
+    from .advantage import SCALES
+    from .loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+    from .rewards import REWARD_FUNCS
+
+    def bad(flag, why):
+        raise ValueError(f"--{flag}: {why}")
+
+    if args.num_generations < 2:
+        bad("num_generations", f"is {args.num_generations}; GRPO compares completions within a group, so G must be >= 2.")
+    if args.loss_type not in LOSS_TYPES:
+        bad("loss_type", f"{args.loss_type!r} is unknown; choose one of {list(LOSS_TYPES)}.")
+    if args.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        bad("importance_sampling_level", f"{args.importance_sampling_level!r} is unknown; choose one of {list(IMPORTANCE_SAMPLING_LEVELS)}.")
+    if args.scale_rewards not in SCALES:
+        bad("scale_rewards", f"{args.scale_rewards!r} is unknown; choose one of {list(SCALES)}.")
+    if args.lr_scheduler_type not in LR_SCHEDULERS:
+        bad("lr_scheduler_type", f"{args.lr_scheduler_type!r} is unknown; choose one of {list(LR_SCHEDULERS)}.")
+    unknown = [name for name in args.reward_funcs if name not in REWARD_FUNCS]
+    if unknown or not args.reward_funcs:
+        bad("reward_funcs", f"unknown {unknown or 'empty list'}; known reward functions: {sorted(REWARD_FUNCS)}.")
+    if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
+        bad("reward_weights", f"has {len(args.reward_weights)} values for {len(args.reward_funcs)} reward functions {args.reward_funcs}.")
+    if args.report_to not in ("tensorboard", "none"):
+        bad("report_to", f"{args.report_to!r} is not supported; use tensorboard or none.")
+    for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations",
+                 "max_completion_length", "max_prompt_length", "logging_steps"):
+        if getattr(args, flag) < 1:
+            bad(flag, f"is {getattr(args, flag)}; it must be at least 1.")
+    if args.beta < 0:
+        bad("beta", f"is {args.beta}; the KL coefficient cannot be negative.")
+    if args.temperature <= 0:
+        bad("temperature", f"is {args.temperature}; sampling needs a positive temperature.")
+    if not 0 < args.top_p <= 1:
+        bad("top_p", f"is {args.top_p}; it must be in (0, 1].")
+    if args.min_pixels > args.max_pixels:
+        bad("min_pixels", f"{args.min_pixels} is above --max_pixels {args.max_pixels}.")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        bad("num_train_epochs", "must be positive when --max_steps is not set.")
+
+
+def read_deepspeed_config(path: str | None) -> dict:
+    """The DeepSpeed JSON as a dict; an unreadable file stops the run before anything loads."""
+    path = path or DEFAULT_DEEPSPEED_CONFIG
+    try:
+        with open(path) as f:
+            ds_config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--deepspeed: cannot read DeepSpeed config {path!r}: {e}") from e
+    if not isinstance(ds_config, dict):
+        raise ValueError(f"--deepspeed: {path!r} must hold a JSON object, not {type(ds_config).__name__}.")
+    ds_config["_path"] = path
+    return ds_config
+
+
+def fill_deepspeed_config(ds_config: dict, args: GRPOArguments, world_size: int, total_steps: int,
+                          on_gpu: bool) -> dict:
+    """A copy of the config with its "auto" values filled from the arguments.
+
+    DeepSpeed's micro-batch is the number of completions one rank forwards per micro-step
+    (prompts x G). Any "auto" left that we do not know how to fill is an error naming the key.
+    """
+    ds_config = json.loads(json.dumps(ds_config))
+    path = ds_config.pop("_path", "the DeepSpeed config")
+    micro_batch = args.per_device_train_batch_size * args.num_generations
+    auto_values = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": micro_batch * args.gradient_accumulation_steps * world_size,
+        "gradient_clipping": args.max_grad_norm,
+        "bf16.enabled": args.bf16,
+        "fp16.enabled": False,
+        "optimizer.params.lr": args.learning_rate,
+        "optimizer.params.betas": [args.adam_beta1, args.adam_beta2],
+        "optimizer.params.eps": args.adam_epsilon,
+        "optimizer.params.weight_decay": args.weight_decay,
+        "scheduler.params.warmup_min_lr": 0.0,
+        "scheduler.params.warmup_max_lr": args.learning_rate,
+        "scheduler.params.warmup_num_steps": math.ceil(args.warmup_ratio * total_steps),
+        "scheduler.params.total_num_steps": total_steps,
+    }
+    _fill_auto(ds_config, auto_values, path)
+    if not on_gpu and "optimizer" in ds_config:
+        # DeepSpeed's fused Adam is CUDA-only; on the CPU accelerator use torch's AdamW.
+        ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    return ds_config
+
+
+def _fill_auto(node: dict, auto_values: dict, path: str, prefix: str = "") -> None:
+    for key, value in list(node.items()):
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _fill_auto(value, auto_values, path, dotted + ".")
+        elif value == "auto" and dotted in auto_values:
+            node[key] = auto_values[dotted]
+        elif value == "auto" and dotted.startswith("zero_optimization."):
+            # HF's Trainer sizes ZeRO's buckets from the hidden size; DeepSpeed's own defaults are
+            # sound for the models here, so an "auto" bucket size falls back to them.
+            del node[key]
+        elif value == "auto":
+            raise ValueError(f"--deepspeed: {path!r} sets {dotted} to \"auto\", which train.py cannot fill; "
+                             f"give it a value. Fillable keys: {sorted(auto_values)}.")

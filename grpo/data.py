@@ -1,0 +1,148 @@
+"""Prompts for GRPO: load the rows, check them once, build the conversations.
+
+A row has an `image`, a `problem` and a `solution` (ending in <answer>X</answer>), like
+lmms-lab/multimodal-open-r1-8k-verified. Sources: a hub id, a `save_to_disk` folder, a .parquet or
+.jsonl file (its image column may hold images, bytes, or paths relative to the file), or `demo`.
+
+Everything that could break a run mid-way is checked here, at load time, and counted:
+unreadable images are dropped, and so are rows whose prompt is longer than --max_prompt_length
+(a prompt holding image tokens is never truncated: cutting them breaks the forward, trap 6).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+
+from PIL import Image
+
+REQUIRED_COLUMNS = ("image", "problem", "solution")
+
+DEFAULT_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question about an image, and the "
+    "Assistant solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think><answer> answer here </answer>"
+)
+
+
+def load_rows(dataset_name: str, split: str = "train"):
+    """A `datasets.Dataset` from a hub id, a save_to_disk folder, a parquet / jsonl file, or 'demo'."""
+    import datasets
+
+    if dataset_name == "demo":
+        from .demo import demo_dataset
+
+        return demo_dataset(split)
+    if os.path.isdir(dataset_name):
+        loaded = datasets.load_from_disk(dataset_name)
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if os.path.isfile(dataset_name):
+        kind = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(os.path.splitext(dataset_name)[1])
+        if kind is None:
+            raise ValueError(f"--dataset_name: {dataset_name!r} is a file, but only .parquet, .jsonl and .json "
+                             "files are read; or pass a save_to_disk folder or a hub id.")
+        return datasets.load_dataset(kind, data_files=dataset_name, split="train")
+    return datasets.load_dataset(dataset_name, split=split)
+
+
+def check_columns(rows, dataset_name: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in rows.column_names]
+    if missing:
+        raise ValueError(f"--dataset_name {dataset_name!r}: missing column(s) {missing}; the dataset has "
+                         f"{rows.column_names}, and GRPO needs {list(REQUIRED_COLUMNS)}.")
+
+
+def to_pil(value, base_dir: str | None = None) -> Image.Image:
+    """An RGB image from what an image column holds: a PIL image, bytes, {'bytes', 'path'}, or a path."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        value = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
+        value = Image.open(path)
+    if not isinstance(value, Image.Image):
+        raise TypeError(f"an image column cannot hold {type(value).__name__}")
+    value.load()
+    return value.convert("RGB")
+
+
+def build_conversation(problem: str, system_prompt: str | None = None) -> list[dict]:
+    """System turn asking for <think>/<answer>, user turn with the image and the problem."""
+    return [
+        {"role": "system", "content": system_prompt or DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem}]},
+    ]
+
+
+class PromptDataset:
+    """The usable rows of a dataset; images are decoded again on access, so memory stays flat."""
+
+    def __init__(self, rows, keep: list[int], base_dir: str | None, system_prompt: str | None):
+        self.rows, self.keep, self.base_dir, self.system_prompt = rows, keep, base_dir, system_prompt
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[self.keep[i]]
+        example = {k: v for k, v in row.items() if k != "image"}
+        example["image"] = to_pil(row["image"], self.base_dir)
+        example["prompt"] = build_conversation(row["problem"], self.system_prompt)
+        return example
+
+
+def load_prompt_dataset(dataset_name: str, split: str, processor, max_prompt_length: int,
+                        system_prompt: str | None = None, log=print) -> PromptDataset:
+    """Load, check every row once, and report what was dropped and why.
+
+    `processor` is the model's (vlm_adapter sets its pixel limits), used to count the prompt's text
+    tokens plus the image tokens the image will expand to.
+    """
+    rows = load_rows(dataset_name, split)
+    check_columns(rows, dataset_name)
+    base_dir = os.path.dirname(os.path.abspath(dataset_name)) if os.path.isfile(dataset_name) else None
+    from .vlm_adapter import count_prompt_tokens
+
+    keep, unreadable, too_long = [], [], []
+    for index, row in enumerate(rows):
+        try:
+            image = to_pil(row["image"], base_dir)
+        except Exception as e:  # any decoding failure: the row is dropped and reported
+            unreadable.append((index, f"{type(e).__name__}: {e}"))
+            continue
+        length = count_prompt_tokens(processor, build_conversation(row["problem"], system_prompt), image)
+        if length > max_prompt_length:
+            too_long.append((index, length))
+        else:
+            keep.append(index)
+    if unreadable:
+        log(f"[data] dropped {len(unreadable)} of {len(rows)} rows with unreadable images, "
+            f"first: row {unreadable[0][0]} ({unreadable[0][1]})")
+    if too_long:
+        log(f"[data] dropped {len(too_long)} of {len(rows)} rows whose prompt exceeds --max_prompt_length "
+            f"{max_prompt_length} (longest {max(n for _, n in too_long)} tokens, first row {too_long[0][0]})")
+    if not keep:
+        raise ValueError(f"--dataset_name {dataset_name!r}: no usable rows out of {len(rows)} "
+                         f"({len(unreadable)} unreadable images, {len(too_long)} over --max_prompt_length).")
+    log(f"[data] {len(keep)} prompts from {dataset_name!r} (split {split!r})")
+    return PromptDataset(rows, keep, base_dir, system_prompt)
+
+
+def rank_batches(num_rows: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int):
+    """Index batches for one rank and epoch: one shuffled order shared by all ranks, dealt out
+    round-robin so ranks never see the same prompt; the tail that would leave ranks uneven is dropped
+    (every rank must take the same number of steps)."""
+    order = list(range(num_rows))
+    random.Random(seed + epoch).shuffle(order)
+    per_step = batch_size * world_size
+    for start in range(0, num_rows - per_step + 1, per_step):
+        step = order[start:start + per_step]
+        yield step[rank::world_size]
+
+
+def steps_per_epoch(num_rows: int, batch_size: int, world_size: int) -> int:
+    return num_rows // (batch_size * world_size)

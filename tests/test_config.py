@@ -1,0 +1,86 @@
+"""Bad arguments stop before any model loads; zero3.json's "auto" values are filled from the flags."""
+
+import json
+
+import pytest
+
+import train
+from grpo import config
+
+# A model path that does not exist: if validation did not stop first, loading it would fail with
+# a different error, so each test also shows that nothing was loaded.
+NO_MODEL = ["--model_name_or_path", "/nonexistent/model", "--dataset_name", "/nonexistent/data"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_generations", "1"], "--num_generations: is 1; GRPO compares completions within a group"),
+    (["--loss_type", "ppo"], "--loss_type: 'ppo' is unknown; choose one of"),
+    (["--scale_rewards", "std"], "--scale_rewards: 'std' is unknown"),
+    (["--reward_funcs", "accuracy", "length"], r"--reward_funcs: unknown \['length'\]; known reward functions"),
+    (["--reward_funcs", "accuracy", "format", "--reward_weights", "1.0"], "--reward_weights: has 1 values for 2 reward functions"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size: is 0"),
+    (["--report_to", "wandb"], "--report_to: 'wandb' is not supported"),
+    (["--preset", "huge"], "--preset 'huge' is unknown"),
+])
+def test_bad_arguments_stop_before_loading(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train.main(NO_MODEL + flags)
+
+
+def test_unreadable_deepspeed_config(tmp_path):
+    broken = tmp_path / "ds.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="--deepspeed: cannot read DeepSpeed config .*ds.json"):
+        train.main(NO_MODEL + ["--deepspeed", str(broken)])
+    with pytest.raises(ValueError, match="--deepspeed: cannot read DeepSpeed config .*missing.json"):
+        train.main(NO_MODEL + ["--deepspeed", str(tmp_path / "missing.json")])
+
+
+def test_zero3_json_autos_filled_from_flags():
+    args = train.parse_args(["--num_generations", "4", "--per_device_train_batch_size", "3",
+                             "--gradient_accumulation_steps", "2", "--learning_rate", "5e-6", "--bf16"])
+    filled = config.fill_deepspeed_config(config.read_deepspeed_config(None), args, world_size=8,
+                                          total_steps=100, on_gpu=True)
+    assert filled["train_micro_batch_size_per_gpu"] == 12  # 3 prompts x G=4 completions
+    assert filled["gradient_accumulation_steps"] == 2
+    assert filled["train_batch_size"] == 12 * 2 * 8
+    assert filled["optimizer"]["params"]["lr"] == 5e-6
+    assert filled["bf16"]["enabled"] is True
+    assert filled["zero_optimization"]["stage"] == 3
+    assert "torch_adam" not in filled["optimizer"]["params"]
+    assert "auto" not in json.dumps(filled)
+    on_cpu = config.fill_deepspeed_config(config.read_deepspeed_config(None), args, 1, 100, on_gpu=False)
+    assert on_cpu["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_unknown_auto_key_is_named(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "mystery": {"knob": "auto"}}))
+    args = train.parse_args([])
+    with pytest.raises(ValueError, match="sets mystery.knob to \"auto\""):
+        config.fill_deepspeed_config(config.read_deepspeed_config(str(path)), args, 1, 10, on_gpu=False)
+
+
+def test_defaults_are_the_published_run():
+    args = train.parse_args([])
+    assert (args.model_name_or_path, args.dataset_name) == ("Qwen/Qwen2-VL-2B-Instruct", "lmms-lab/multimodal-open-r1-8k-verified")
+    assert (args.num_generations, args.beta, args.learning_rate, args.max_completion_length) == (8, 0.04, 1e-6, 256)
+    assert args.reward_funcs == ["accuracy", "format"] and args.per_device_train_batch_size == 1
+
+
+def test_published_open_r1_command_parses():
+    argv = ("--deepspeed zero3.json --output_dir checkpoints/run --model_name_or_path Qwen/Qwen2-VL-2B-Instruct "
+            "--dataset_name lmms-lab/multimodal-open-r1-8k-verified --max_prompt_length 8192 "
+            "--per_device_train_batch_size 1 --gradient_accumulation_steps 1 --logging_steps 1 --bf16 "
+            "--report_to tensorboard --gradient_checkpointing true --attn_implementation flash_attention_2 "
+            "--max_pixels 2359296 --save_total_limit 8 --num_train_epochs 1 --run_name Qwen2-VL-2B-GRPO-8k").split()
+    args = train.parse_args(argv + ["--local_rank=0"])
+    config.validate(args)
+    assert args.bf16 is True and args.gradient_checkpointing is True and args.max_pixels == 2359296
+    assert args.run_name == "Qwen2-VL-2B-GRPO-8k" and args.save_total_limit == 8
+
+
+def test_preset_yields_to_explicit_flags():
+    args = train.parse_args(["--preset", "demo", "--learning_rate", "1e-4"])
+    assert args.dataset_name == "demo" and args.learning_rate == 1e-4
+    assert args.num_generations == config.PRESETS["demo"]["num_generations"]

@@ -1,0 +1,95 @@
+"""End to end: `deepspeed --num_gpus 2 train.py` with ZeRO-3 on the tiny Qwen2-VL, and plain
+`python train.py` as one process (gloo ranks on DeepSpeed's CPU accelerator)."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+COMMON = ["--num_generations", "4", "--per_device_train_batch_size", "2", "--max_completion_length", "16",
+          "--learning_rate", "1e-4", "--logging_steps", "1", "--log_completions_steps", "1", "--max_pixels", "6272"]
+
+
+def _run(cmd, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO,
+               MASTER_PORT=str(29500 + os.getpid() % 1000))
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
+    (tmp_path / "log.txt").write_text(log)
+    assert result.returncode == 0, log[-6000:]
+    return log
+
+
+def _scalars(output_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(os.path.join(output_dir, "runs", "*", "events.out.tfevents.*"))
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    return accumulator
+
+
+def _metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path):
+    out = str(tmp_path / "run")
+    log = _run(["deepspeed", "--num_gpus", "2", "train.py", "--deepspeed", "zero3.json", "--output_dir", out,
+                "--model_name_or_path", format_warmed_model, "--dataset_name", colour_dataset, "--max_steps", "3",
+                "--beta", "0.04", "--save_steps", "2", "--save_total_limit", "1", *COMMON], tmp_path)
+    assert "ZeRO stage 3" in log and "2 rank(s)" in log
+
+    scalars = _scalars(out)
+    tags = set(scalars.Tags()["scalars"])
+    for tag in ("reward/mean", "reward/std", "reward/accuracy", "reward/format", "advantage/std",
+                "advantage/equal_reward_group_fraction", "completion/length_mean", "completion/length_min",
+                "completion/length_max", "completion/truncated_fraction", "loss/loss", "loss/kl",
+                "loss/clip_ratio", "loss/entropy", "optim/grad_norm", "optim/learning_rate",
+                "time/generate_seconds", "time/score_seconds", "time/update_seconds"):
+        assert tag in tags, f"{tag} missing from TensorBoard: {sorted(tags)}"
+    assert [e.step for e in scalars.Scalars("reward/mean")] == [1, 2, 3]
+    assert "completions/text_summary" in scalars.Tags()["tensors"]  # sample completions as text
+
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert 0.0 <= m["reward/accuracy"] <= 1.0 and 0.0 <= m["reward/format"] <= 1.0
+        assert m["completion/length_min"] <= m["completion/length_mean"] <= m["completion/length_max"] <= 16
+        assert m["loss/kl"] >= 0.0  # k3 is never negative
+    assert any(m["reward/format"] > 0 for m in metrics)  # the warmed-up model writes the format
+    assert any(m["optim/grad_norm"] > 0.0 for m in metrics)  # a policy gradient reached the weights
+
+    # save_steps 2 wrote checkpoint-2; the final model is in output_dir; both load.
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))
+    for folder in (os.path.join(out, "checkpoint-2"), out):
+        assert glob.glob(os.path.join(folder, "*.safetensors"))
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        AutoProcessor.from_pretrained(folder)
+    # The final weights moved away from the initial ones.
+    start = AutoModelForImageTextToText.from_pretrained(format_warmed_model)
+    moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), start.parameters()))
+    assert moved > 0.0
+
+
+@pytest.mark.parametrize("loss_type", ["dapo"])
+def test_plain_python_one_process(tiny_model, colour_dataset, tmp_path, loss_type):
+    """No launcher: a world of one; num_iterations 2 reuses the rollout with stored old log-probs."""
+    out = str(tmp_path / "run")
+    log = _run([sys.executable, "train.py", "--output_dir", out, "--model_name_or_path", tiny_model,
+                "--dataset_name", colour_dataset, "--max_steps", "2", "--beta", "0", "--num_iterations", "2",
+                "--loss_type", loss_type, "--epsilon_high", "0.28", "--report_to", "none", "--save_steps", "0",
+                *COMMON], tmp_path)
+    assert "1 rank(s)" in log and "2 update(s) per rollout" in log
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["loss/kl"] == 0.0 for m in metrics)  # beta 0: no reference, no KL
+    assert not glob.glob(os.path.join(out, "runs"))  # --report_to none: no TensorBoard
+    assert glob.glob(os.path.join(out, "*.safetensors"))
