@@ -1,0 +1,276 @@
+"""A tiny Qwen2-VL made here, saved like a real one.
+
+Model weights cannot come from the hub on an offline machine, so the tests and the CPU demo build a
+small random Qwen2-VL in code: transformers' own config classes, a byte-level BPE tokenizer trained
+with the `tokenizers` library, and the real Qwen2-VL image processor. `save_tiny_qwen2_vl(folder)`
+writes it with `save_pretrained`, and everything else loads it through the same
+`--model_name_or_path` path as Qwen/Qwen2-VL-2B-Instruct.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Qwen2-VL's chat format (the same tokens as the real template), written out so the tiny
+# tokenizer needs no hub file. An image item becomes <|vision_start|><|image_pad|><|vision_end|>;
+# the processor then repeats <|image_pad|> once per merged image patch.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# Text the tokenizer's BPE merges are learned from: the answer format, digits, letters and the
+# words of the demo's questions, so that common pieces are single tokens.
+_TOKENIZER_CORPUS = [
+    "<think>I look at the image.</think><answer>",
+    "A conversation between User and Assistant. The assistant first thinks about the reasoning "
+    "process in the mind and then provides the user with the answer.",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 A B C D E (A) (B) (C) (D) A: B: C: D:",
+    "What colour is the shape? How many shapes are there? Which shape is on the left? red green "
+    "blue yellow circle square triangle left right top bottom count area angle degrees",
+    "system user assistant image question answer choose the correct option",
+]
+
+
+def build_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer with Qwen2-VL's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    bpe.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    # The format tags as single (ordinary, decodable) tokens: short answers for a small model.
+    tokenizer.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_qwen2_vl(folder: str, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> str:
+    """Build a random Qwen2-VL (text `hidden_size` wide, `num_layers` deep, a 1-layer vision tower)
+    with its tokenizer and processor, and save all three to `folder`. Returns `folder`."""
+    import torch
+    from transformers import (
+        Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = build_tokenizer()
+    token_id = tokenizer.convert_tokens_to_ids
+    heads = max(2, hidden_size // 32)
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
+            max_position_embeddings=4096,
+            # mRoPE splits the rotary half-dimension (head_dim / 2) into temporal, height, width.
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": _mrope_section(hidden_size // heads)},
+            bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>"),
+            pad_token_id=token_id("<|endoftext|>"),
+        ),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2),
+        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = token_id("<|im_end|>")
+    model.generation_config.pad_token_id = token_id("<|endoftext|>")
+    # Small images keep the demo fast: 56x56 to 112x112 pixels is 4 to 16 image tokens.
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    half = head_dim // 2
+    return [half - 2 * (half // 4), half // 4, half // 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo task: small drawings with verifiable answers, made deterministically.
+# ---------------------------------------------------------------------------------------------
+
+DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (225, 205, 40)}
+DEMO_SHAPES = ("circle", "square", "triangle")
+DEMO_SIZES = {"train": 2000, "test": 200}
+
+
+def draw_shape(colour: str, shape: str, side: str, jitter: tuple[int, int], size: int = 56):
+    """One shape on a white canvas, in the left or right half."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    r = size // 4 - 2  # large enough that the colour fills most of two image patches
+    cx = (size // 4 if side == "left" else 3 * size // 4) + jitter[0]
+    cy = size // 2 + jitter[1]
+    box = (cx - r, cy - r, cx + r, cy + r)
+    fill = DEMO_COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def demo_rows(split: str, seed: int = 1234) -> list[dict]:
+    """The demo questions of one split, in the real data's schema (image, problem, solution).
+
+    Three in four ask for the shape's colour as a multiple choice (options shuffled, chance 0.25);
+    the rest ask whether it is on the left or the right, answered in a word (chance 0.5). Train and
+    test come from one stream of unique drawings-and-questions, so the splits never overlap.
+    """
+    import random
+
+    if split not in DEMO_SIZES:
+        raise ValueError(f"--dataset_split {split!r}: the demo dataset has splits {sorted(DEMO_SIZES)}.")
+    rng = random.Random(seed)
+    seen, rows = set(), {"train": [], "test": []}
+    while len(rows["test"]) < DEMO_SIZES["test"]:
+        colour, shape = rng.choice(list(DEMO_COLOURS)), rng.choice(DEMO_SHAPES)
+        side, jitter = rng.choice(("left", "right")), (rng.randint(-2, 2), rng.randint(-10, 10))
+        options = list(DEMO_COLOURS)  # a fixed option order: colour -> letter is what is learned
+        task = "colour" if rng.random() < 0.75 else "side"
+        key = (task, colour, shape, side, jitter, tuple(options) if task == "colour" else None)
+        if key in seen:
+            continue
+        seen.add(key)
+        if task == "colour":
+            choices = " ".join(f"{letter}: {name}" for letter, name in zip("ABCD", options))
+            problem = f"What colour is the {shape}? Choices: {choices}"
+            answer = "ABCD"[options.index(colour)]
+        else:
+            problem = f"Is the {shape} on the left or the right? Answer left or right."
+            answer = side
+        target = "train" if len(rows["train"]) < DEMO_SIZES["train"] else "test"
+        rows[target].append({"image": draw_shape(colour, shape, side, jitter), "problem": problem,
+                             "solution": f"<think>The {shape} is {colour}, on the {side}.</think><answer>{answer}</answer>"})
+    return rows[split]
+
+
+def demo_dataset(split: str):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"),
+                                  "solution": datasets.Value("string")})
+    return datasets.Dataset.from_list(demo_rows(split), features=features)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo's starting point: the tiny model, warmed up on the answer FORMAT only.
+# ---------------------------------------------------------------------------------------------
+
+def warm_up_format(folder: str, rows: list[dict], valid_answers, steps: int = 60, batch_size: int = 8,
+                   learning_rate: float = 3e-3, seed: int = 0) -> str:
+    """A short supervised cold start on the answer format, as R1 does before RL.
+
+    A random model almost never writes <think>...</think><answer>...</answer>, so RL alone would see
+    no reward. The warm-up targets are well-formed but each answer is drawn at random from
+    `valid_answers(row)`, so the model learns the format and which answers exist, not which one is
+    right: accuracy stays at chance and everything above it is GRPO's doing. Rewrites `folder`.
+    """
+    import random
+
+    import torch
+
+    from .data import build_conversation
+    from .vlm_adapter import build_inputs, completion_logps, load_model, load_processor
+
+    processor = load_processor(folder, 56 * 56, 56 * 56)
+    tokenizer = processor.tokenizer
+    model = load_model(folder, torch.float32, "sdpa")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        batch = rng.sample(rows, batch_size)
+        targets = [tokenizer.encode(f"<think>I look at the image.</think><answer>{rng.choice(valid_answers(row))}"
+                                    f"</answer><|im_end|>") for row in batch]
+        width = max(map(len, targets))
+        ids = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in targets])
+        mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in targets])
+        inputs = build_inputs(processor, [build_conversation(r["problem"]) for r in batch], [r["image"] for r in batch])
+        logps = completion_logps(model, inputs, ids, mask, temperature=1.0)
+        loss = -(logps * mask).sum() / mask.sum()  # cross-entropy on the target tokens
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    return folder
+
+
+def demo_valid_answers(row: dict) -> list[str]:
+    return list("ABCD") if "Choices:" in row["problem"] else ["left", "right"]
+
+
+def resolve_demo_model(name: str, output_dir: str, is_main: bool = True) -> str:
+    """'demo' -> a folder holding the tiny model after its format warm-up (built once, by rank 0)."""
+    if name != "demo":
+        return name
+    folder = os.path.join(output_dir, "demo-base-model")
+    if is_main and not os.path.exists(os.path.join(folder, "config.json")):
+        print(f"[demo] building the tiny Qwen2-VL and its format warm-up in {folder}")
+        save_tiny_qwen2_vl(folder + ".tmp")
+        warm_up_format(folder + ".tmp", demo_rows("train"), demo_valid_answers, steps=200)
+        os.replace(folder + ".tmp", folder)
+    return folder
+
+
+def plot_rewards(metrics_path: str, png_path: str) -> None:
+    """rewards.png: reward, accuracy and format rate per logged step (drawn with PIL)."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    with open(metrics_path) as f:
+        logged = [json.loads(line) for line in f if line.strip()]
+    series = {"reward": ("reward/mean", (40, 40, 40)), "accuracy": ("reward/accuracy", (200, 50, 50)),
+              "format": ("reward/format", (40, 90, 200))}
+    width, height, pad = 640, 400, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    steps = [row["step"] for row in logged] or [0]
+    top = max([1.0] + [row.get(key, 0.0) for row in logged for key, _ in series.values()])
+    x = lambda s: pad + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 2 * pad)  # noqa: E731
+    y = lambda v: height - pad - v / top * (height - 2 * pad)  # noqa: E731
+    draw.rectangle((pad, pad, width - pad, height - pad), outline=(180, 180, 180))
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        draw.text((8, y(tick) - 6), f"{tick:.2f}", fill="black")
+    draw.text((pad, height - pad + 10), f"step {steps[0]}", fill="black")
+    draw.text((width - pad - 60, height - pad + 10), f"step {steps[-1]}", fill="black")
+    for i, (label, (key, colour)) in enumerate(series.items()):
+        points = [(x(row["step"]), y(row[key])) for row in logged if key in row]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        draw.text((pad + 110 * i, 18), label, fill=colour)
+    image.save(png_path)
