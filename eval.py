@@ -17,15 +17,19 @@ from grpo import data, rewards, sampler, vlm_adapter
 
 def evaluate(model_name_or_path: str, dataset_name: str, split: str, batch_size: int = 16,
              max_new_tokens: int = 64, max_prompt_length: int = 8192, min_pixels: int = 3136,
-             max_pixels: int = 12845056, limit: int | None = None, log=print) -> dict:
-    if dataset_name == "demo":
-        min_pixels = max_pixels = 56 * 56  # the demo's images, as --preset demo trains on them
+             max_pixels: int = 12845056, limit: int | None = None, system_prompt: str | None = None,
+             log=print) -> dict:
+    if dataset_name == "demo":  # the demo's images and prompt, as --preset demo trains on them
+        from grpo.demo import DEMO_SYSTEM_PROMPT
+
+        min_pixels = max_pixels = 56 * 56
+        system_prompt = system_prompt or DEMO_SYSTEM_PROMPT
     vlm_adapter.check_model_type(model_name_or_path)
     processor = vlm_adapter.load_processor(model_name_or_path, min_pixels, max_pixels)
     model = vlm_adapter.load_model(model_name_or_path, torch.float32 if not torch.cuda.is_available() else torch.bfloat16)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    dataset = data.load_prompt_dataset(dataset_name, split, processor, max_prompt_length, log=log)
+    dataset = data.load_prompt_dataset(dataset_name, split, processor, max_prompt_length, system_prompt, log=log)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     eos = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
     accuracy, formatted = [], []
@@ -54,9 +58,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="Prompts per generate call.")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Most tokens per answer.")
     parser.add_argument("--limit", type=int, default=None, help="Evaluate only the first N rows.")
+    parser.add_argument("--system_prompt", default=None, help="System prompt, as in training (default: train.py's).")
     args = parser.parse_args()
     evaluate(args.model_name_or_path, args.dataset_name, args.split, args.batch_size, args.max_new_tokens,
-             limit=args.limit)
+             limit=args.limit, system_prompt=args.system_prompt)
 
 
 if __name__ == "__main__":

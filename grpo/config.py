@@ -17,6 +17,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .demo import DEMO_SYSTEM_PROMPT
+
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zero3.json")
 
@@ -79,9 +81,10 @@ class GRPOArguments:
 PRESETS = {
     "demo": dict(
         dataset_name="demo", model_name_or_path="demo", num_generations=8, per_device_train_batch_size=2,
-        max_completion_length=24, max_prompt_length=512, learning_rate=3e-4, beta=0.0, max_steps=150,
+        max_completion_length=16, max_prompt_length=512, learning_rate=3e-4, beta=0.0, max_steps=150,
         lr_scheduler_type="constant", temperature=1.0, reward_funcs=["accuracy", "format"],
         reward_weights=[1.0, 0.5], logging_steps=5, save_steps=0, min_pixels=56 * 56, max_pixels=56 * 56,
+        system_prompt=DEMO_SYSTEM_PROMPT,
     ),
 }
 

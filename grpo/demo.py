@@ -34,12 +34,12 @@ SPECIAL_TOKENS = [
 # Text the tokenizer's BPE merges are learned from: the answer format, digits, letters and the
 # words of the demo's questions, so that common pieces are single tokens.
 _TOKENIZER_CORPUS = [
-    "<think>I look at the image.</think><answer>",
+    "<think>I see.</think><answer>",
     "A conversation between User and Assistant. The assistant first thinks about the reasoning "
     "process in the mind and then provides the user with the answer.",
     "0 1 2 3 4 5 6 7 8 9 10 11 12 A B C D E (A) (B) (C) (D) A: B: C: D:",
-    "What colour is the shape? How many shapes are there? Which shape is on the left? red green "
-    "blue yellow circle square triangle left right top bottom count area angle degrees",
+    "What colour is the background? Is the white circle on the left or the right? Answer left or "
+    "right. square triangle red green blue yellow Choices: A: red B: green C: blue D: yellow",
     "system user assistant image question answer choose the correct option",
 ]
 
@@ -121,19 +121,25 @@ def _mrope_section(head_dim: int) -> list[int]:
 DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (225, 205, 40)}
 DEMO_SHAPES = ("circle", "square", "triangle")
 DEMO_SIZES = {"train": 2000, "test": 200}
+# Short, so the four image tokens are not drowned out by eighty tokens of instructions.
+DEMO_SYSTEM_PROMPT = "Think in <think> </think>, then answer in <answer> </answer>."
 
 
-def draw_shape(colour: str, shape: str, side: str, jitter: tuple[int, int], size: int = 56):
-    """One shape on a white canvas, in the left or right half."""
+def draw_shape(colour: str, shape: str, side: str, jitter: tuple[int, int], shrink: int = 0, size: int = 56):
+    """A white shape on a canvas of the colour, in the left or right half.
+
+    (A coloured shape on white left the tiny model's four image tokens mostly white: even
+    supervised training could not read the colour back. A coloured canvas puts it in every token.)
+    """
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (size, size), (255, 255, 255))
+    image = Image.new("RGB", (size, size), DEMO_COLOURS[colour])
     draw = ImageDraw.Draw(image)
-    r = size // 4 - 2  # large enough that the colour fills most of two image patches
+    r = size // 4 - shrink  # large, so the side is plain in the image tokens (28x28 quadrants)
     cx = (size // 4 if side == "left" else 3 * size // 4) + jitter[0]
     cy = size // 2 + jitter[1]
     box = (cx - r, cy - r, cx + r, cy + r)
-    fill = DEMO_COLOURS[colour]
+    fill = (255, 255, 255)
     if shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
@@ -158,23 +164,24 @@ def demo_rows(split: str, seed: int = 1234) -> list[dict]:
     seen, rows = set(), {"train": [], "test": []}
     while len(rows["test"]) < DEMO_SIZES["test"]:
         colour, shape = rng.choice(list(DEMO_COLOURS)), rng.choice(DEMO_SHAPES)
-        side, jitter = rng.choice(("left", "right")), (rng.randint(-2, 2), rng.randint(-10, 10))
+        side, jitter = rng.choice(("left", "right")), (rng.randint(-2, 2), rng.randint(-6, 6))
+        shrink = rng.randint(0, 2)
         options = list(DEMO_COLOURS)  # a fixed option order: colour -> letter is what is learned
         task = "colour" if rng.random() < 0.75 else "side"
-        key = (task, colour, shape, side, jitter, tuple(options) if task == "colour" else None)
+        key = (task, colour, shape, side, jitter, shrink)
         if key in seen:
             continue
         seen.add(key)
         if task == "colour":
             choices = " ".join(f"{letter}: {name}" for letter, name in zip("ABCD", options))
-            problem = f"What colour is the {shape}? Choices: {choices}"
+            problem = f"What colour is the background? Choices: {choices}"
             answer = "ABCD"[options.index(colour)]
         else:
-            problem = f"Is the {shape} on the left or the right? Answer left or right."
+            problem = f"Is the white {shape} on the left or the right? Answer left or right."
             answer = side
         target = "train" if len(rows["train"]) < DEMO_SIZES["train"] else "test"
-        rows[target].append({"image": draw_shape(colour, shape, side, jitter), "problem": problem,
-                             "solution": f"<think>The {shape} is {colour}, on the {side}.</think><answer>{answer}</answer>"})
+        rows[target].append({"image": draw_shape(colour, shape, side, jitter, shrink), "problem": problem,
+                             "solution": f"<think>A white {shape} on {colour}, on the {side}.</think><answer>{answer}</answer>"})
     return rows[split]
 
 
@@ -191,7 +198,7 @@ def demo_dataset(split: str):
 # ---------------------------------------------------------------------------------------------
 
 def warm_up_format(folder: str, rows: list[dict], valid_answers, steps: int = 60, batch_size: int = 8,
-                   learning_rate: float = 3e-3, seed: int = 0) -> str:
+                   learning_rate: float = 3e-3, seed: int = 0, system_prompt: str | None = None) -> str:
     """A short supervised cold start on the answer format, as R1 does before RL.
 
     A random model almost never writes <think>...</think><answer>...</answer>, so RL alone would see
@@ -209,17 +216,21 @@ def warm_up_format(folder: str, rows: list[dict], valid_answers, steps: int = 60
     processor = load_processor(folder, 56 * 56, 56 * 56)
     tokenizer = processor.tokenizer
     model = load_model(folder, torch.float32, "sdpa")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    # The targets do not depend on the image, so the vision tower would only learn noise (and at
+    # this learning rate its features grow until colours are hard to tell apart): keep it as built.
+    model.model.visual.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     for _ in range(steps):
         batch = rng.sample(rows, batch_size)
-        targets = [tokenizer.encode(f"<think>I look at the image.</think><answer>{rng.choice(valid_answers(row))}"
+        targets = [tokenizer.encode(f"<think>I see.</think><answer>{rng.choice(valid_answers(row))}"
                                     f"</answer><|im_end|>") for row in batch]
         width = max(map(len, targets))
         ids = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in targets])
         mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in targets])
-        inputs = build_inputs(processor, [build_conversation(r["problem"]) for r in batch], [r["image"] for r in batch])
+        conversations = [build_conversation(r["problem"], system_prompt) for r in batch]
+        inputs = build_inputs(processor, conversations, [r["image"] for r in batch])
         logps = completion_logps(model, inputs, ids, mask, temperature=1.0)
         loss = -(logps * mask).sum() / mask.sum()  # cross-entropy on the target tokens
         optimizer.zero_grad()
@@ -241,7 +252,8 @@ def resolve_demo_model(name: str, output_dir: str, is_main: bool = True) -> str:
     if is_main and not os.path.exists(os.path.join(folder, "config.json")):
         print(f"[demo] building the tiny Qwen2-VL and its format warm-up in {folder}")
         save_tiny_qwen2_vl(folder + ".tmp")
-        warm_up_format(folder + ".tmp", demo_rows("train"), demo_valid_answers, steps=200)
+        warm_up_format(folder + ".tmp", demo_rows("train"), demo_valid_answers, steps=200,
+                       system_prompt=DEMO_SYSTEM_PROMPT)
         os.replace(folder + ".tmp", folder)
     return folder
 
