@@ -80,8 +80,8 @@ class GRPOArguments:
 # The demo's settings: a tiny model learns the bundled visual task on two CPU cores in minutes.
 PRESETS = {
     "demo": dict(
-        dataset_name="demo", model_name_or_path="demo", num_generations=8, per_device_train_batch_size=2,
-        max_completion_length=16, max_prompt_length=512, learning_rate=3e-4, beta=0.0, max_steps=150,
+        dataset_name="demo", model_name_or_path="demo", num_generations=8, per_device_train_batch_size=4,
+        max_completion_length=16, max_prompt_length=512, learning_rate=1e-3, beta=0.0, max_steps=500,
         lr_scheduler_type="constant", temperature=1.0, reward_funcs=["accuracy", "format"],
         reward_weights=[1.0, 0.5], logging_steps=5, save_steps=0, min_pixels=56 * 56, max_pixels=56 * 56,
         system_prompt=DEMO_SYSTEM_PROMPT,

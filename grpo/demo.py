@@ -266,7 +266,7 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
 
     with open(metrics_path) as f:
         logged = [json.loads(line) for line in f if line.strip()]
-    series = {"reward": ("reward/mean", (40, 40, 40)), "accuracy": ("reward/accuracy", (200, 50, 50)),
+    series = {"reward (weighted sum)": ("reward/mean", (40, 40, 40)), "accuracy": ("reward/accuracy", (200, 50, 50)),
               "format": ("reward/format", (40, 90, 200))}
     width, height, pad = 640, 400, 50
     image = Image.new("RGB", (width, height), "white")
@@ -276,7 +276,7 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
     x = lambda s: pad + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 2 * pad)  # noqa: E731
     y = lambda v: height - pad - v / top * (height - 2 * pad)  # noqa: E731
     draw.rectangle((pad, pad, width - pad, height - pad), outline=(180, 180, 180))
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+    for tick in [i * 0.25 for i in range(int(top / 0.25) + 1)]:
         draw.text((8, y(tick) - 6), f"{tick:.2f}", fill="black")
     draw.text((pad, height - pad + 10), f"step {steps[0]}", fill="black")
     draw.text((width - pad - 60, height - pad + 10), f"step {steps[-1]}", fill="black")
@@ -284,5 +284,5 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
         points = [(x(row["step"]), y(row[key])) for row in logged if key in row]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
-        draw.text((pad + 110 * i, 18), label, fill=colour)
+        draw.text((pad + 170 * i, 18), label, fill=colour)
     image.save(png_path)

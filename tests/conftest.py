@@ -3,7 +3,9 @@
 Both are used through the same paths as real ones (--model_name_or_path, --dataset_name), offline.
 """
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -62,3 +64,18 @@ def colour_dataset(tmp_path_factory):
                                   "solution": datasets.Value("string")})
     datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
     return folder
+
+
+def run_command(cmd: list[str], tmp_path) -> str:
+    """Run train.py / eval.py as a user would (offline); fail with the log's tail if it fails."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    log = result.stdout + result.stderr
+    (tmp_path / "log.txt").write_text(log)
+    assert result.returncode == 0, log[-6000:]
+    return log
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

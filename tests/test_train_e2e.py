@@ -2,26 +2,14 @@
 `python train.py` as one process (gloo ranks on DeepSpeed's CPU accelerator)."""
 
 import glob
-import json
 import os
-import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import read_metrics, run_command
 
 COMMON = ["--num_generations", "4", "--per_device_train_batch_size", "2", "--max_completion_length", "16",
           "--learning_rate", "1e-4", "--logging_steps", "1", "--log_completions_steps", "1", "--max_pixels", "6272"]
-
-
-def _run(cmd, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO,
-               MASTER_PORT=str(29500 + os.getpid() % 1000))
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    log = result.stdout + result.stderr
-    (tmp_path / "log.txt").write_text(log)
-    assert result.returncode == 0, log[-6000:]
-    return log
 
 
 def _scalars(output_dir):
@@ -33,14 +21,9 @@ def _scalars(output_dir):
     return accumulator
 
 
-def _metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path):
     out = str(tmp_path / "run")
-    log = _run(["deepspeed", "--num_gpus", "2", "train.py", "--deepspeed", "zero3.json", "--output_dir", out,
+    log = run_command(["deepspeed", "--num_gpus", "2", "train.py", "--deepspeed", "zero3.json", "--output_dir", out,
                 "--model_name_or_path", format_warmed_model, "--dataset_name", colour_dataset, "--max_steps", "3",
                 "--beta", "0.04", "--save_steps", "2", "--save_total_limit", "1", *COMMON], tmp_path)
     assert "ZeRO stage 3" in log and "2 rank(s)" in log
@@ -56,7 +39,7 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
     assert [e.step for e in scalars.Scalars("reward/mean")] == [1, 2, 3]
     assert "completions/text_summary" in scalars.Tags()["tensors"]  # sample completions as text
 
-    metrics = _metrics(out)
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert 0.0 <= m["reward/accuracy"] <= 1.0 and 0.0 <= m["reward/format"] <= 1.0
@@ -83,12 +66,12 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
 def test_plain_python_one_process(tiny_model, colour_dataset, tmp_path, loss_type):
     """No launcher: a world of one; num_iterations 2 reuses the rollout with stored old log-probs."""
     out = str(tmp_path / "run")
-    log = _run([sys.executable, "train.py", "--output_dir", out, "--model_name_or_path", tiny_model,
+    log = run_command([sys.executable, "train.py", "--output_dir", out, "--model_name_or_path", tiny_model,
                 "--dataset_name", colour_dataset, "--max_steps", "2", "--beta", "0", "--num_iterations", "2",
                 "--loss_type", loss_type, "--epsilon_high", "0.28", "--report_to", "none", "--save_steps", "0",
                 *COMMON], tmp_path)
     assert "1 rank(s)" in log and "2 update(s) per rollout" in log
-    metrics = _metrics(out)
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["loss/kl"] == 0.0 for m in metrics)  # beta 0: no reference, no KL
     assert not glob.glob(os.path.join(out, "runs"))  # --report_to none: no TensorBoard
