@@ -47,6 +47,7 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
         assert m["loss/kl"] >= 0.0  # k3 is never negative
     assert any(m["reward/format"] > 0 for m in metrics)  # the warmed-up model writes the format
     assert any(m["optim/grad_norm"] > 0.0 for m in metrics)  # a policy gradient reached the weights
+    assert metrics[0]["loss/kl"] < 1e-6 < metrics[-1]["loss/kl"]  # the policy leaves the reference after updating
 
     # save_steps 2 wrote checkpoint-2; the final model is in output_dir; both load.
     from transformers import AutoModelForImageTextToText, AutoProcessor
