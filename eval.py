@@ -33,7 +33,9 @@ def evaluate(model_name_or_path: str, dataset_name: str, split: str, batch_size:
     count = len(dataset) if limit is None else min(limit, len(dataset))
     eos = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
     accuracy, formatted = [], []
-    for start in range(0, count, batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, count, batch_size), desc="evaluating", unit="batch"):
         examples = [dataset[i] for i in range(start, min(start + batch_size, count))]
         inputs = vlm_adapter.build_inputs(processor, [ex["prompt"] for ex in examples], [ex["image"] for ex in examples])
         inputs = {k: v.to(device) for k, v in inputs.items()}

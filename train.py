@@ -151,7 +151,8 @@ def main(argv: list[str]) -> None:
     vlm_adapter.check_model_type(args.model_name_or_path)
     processor = vlm_adapter.load_processor(args.model_name_or_path, args.min_pixels, args.max_pixels)
     dataset = data.load_prompt_dataset(args.dataset_name, args.dataset_split, processor, args.max_prompt_length,
-                                       args.system_prompt, log=print if is_main else (lambda *_: None))
+                                       args.system_prompt, log=print if is_main else (lambda *_: None),
+                                       progress=is_main)
     G, B, gas, mu = args.num_generations, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_iterations
     micro_steps_per_epoch = data.steps_per_epoch(len(dataset), B, world_size)
     if micro_steps_per_epoch < gas:

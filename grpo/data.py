@@ -96,7 +96,7 @@ class PromptDataset:
 
 
 def load_prompt_dataset(dataset_name: str, split: str, processor, max_prompt_length: int,
-                        system_prompt: str | None = None, log=print) -> PromptDataset:
+                        system_prompt: str | None = None, log=print, progress: bool = False) -> PromptDataset:
     """Load, check every row once, and report what was dropped and why.
 
     `processor` is the model's (vlm_adapter sets its pixel limits), used to count the prompt's text
@@ -107,8 +107,10 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, max_prompt_len
     base_dir = os.path.dirname(os.path.abspath(dataset_name)) if os.path.isfile(dataset_name) else None
     from .vlm_adapter import count_prompt_tokens
 
+    from tqdm.auto import tqdm
+
     keep, unreadable, too_long = [], [], []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(tqdm(rows, desc="checking rows", unit="row", disable=not progress)):
         try:
             image = to_pil(row["image"], base_dir)
         except Exception as e:  # any decoding failure: the row is dropped and reported
