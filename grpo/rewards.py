@@ -231,6 +231,8 @@ def _evaluate(expr: sympy.Expr, point: dict) -> complex:
 
 def _numerically_equal(x: sympy.Expr, y: sympy.Expr) -> bool:
     """Equal values; with variables, equal at three sample points (a bounded stand-in for simplify)."""
+    if x.is_Rational and y.is_Rational:  # two plain literals: exact, so 1000001 != 1000000 despite REL_TOL
+        return x == y
     symbols = sorted(x.free_symbols | y.free_symbols, key=str)
     for k in range(3 if symbols else 1):
         point = {s: complex(0.53 + 0.37 * i + 0.29 * k) for i, s in enumerate(symbols)}
