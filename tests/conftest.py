@@ -69,6 +69,12 @@ def colour_dataset(tmp_path_factory):
 def run_command(cmd: list[str], tmp_path) -> str:
     """Run train.py / eval.py as a user would (offline); fail with the log's tail if it fails."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
+    if cmd[0] == "deepspeed":  # a free rendezvous port, not the launcher's fixed 29500
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            cmd = [cmd[0], "--master_port", str(s.getsockname()[1]), *cmd[1:]]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     log = result.stdout + result.stderr
     (tmp_path / "log.txt").write_text(log)
