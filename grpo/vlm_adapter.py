@@ -112,7 +112,8 @@ def completion_logps(model, prompt_inputs: dict, completion_ids: torch.Tensor, c
         logits_to_keep=num_completion + 1, use_cache=False,
     ).logits
     # The logit at position p predicts token p + 1: drop the last, keep the T that predict completions.
-    # No float copy of the whole [N, T, V] block: selective_log_softmax upcasts one row at a time.
+    # No float copy of the whole [N, T, V] block up front: selective_log_softmax upcasts one row at a
+    # time (with gradients, bf16 rows' float32 log-softmax is still kept for backward).
     logits = logits[:, :-1, :] / temperature
     logps = selective_log_softmax(logits, completion_ids)
     if not with_entropy:
