@@ -207,14 +207,14 @@ def main(argv: list[str]) -> None:
             score_seconds += time.time() - t1
             gen_seconds += t1 - t0
             micro.append(dict(inputs=prompt_inputs, rollout=rollout, rewards=total, per_func=per_func,
-                              advantages=adv.to(device), examples=examples))
+                              advantages=adv.to(device), examples=examples,
+                              ids=rollout.completion_ids.to(device), mask=rollout.completion_mask.to(device)))
 
         # ---- 4. old and reference log-probs, computed once before any update ----
         t_update = time.time()
         with torch.no_grad():
             for m in micro:
-                r = m["rollout"]
-                ids, mask = r.completion_ids.to(device), r.completion_mask.to(device)
+                ids, mask = m["ids"], m["mask"]
                 m["old_logps"] = (vlm_adapter.completion_logps(engine, m["inputs"], ids, mask, args.temperature)
                                   if mu > 1 else None)
                 m["ref_logps"] = (vlm_adapter.completion_logps(ref_engine, m["inputs"], ids, mask, args.temperature)
@@ -227,8 +227,7 @@ def main(argv: list[str]) -> None:
         for _ in range(mu):
             loss_stats, learning_rate = [], engine.get_lr()[0]
             for m in micro:
-                r = m["rollout"]
-                ids, mask = r.completion_ids.to(device), r.completion_mask.to(device)
+                ids, mask = m["ids"], m["mask"]
                 logps, entropy = vlm_adapter.completion_logps(engine, m["inputs"], ids, mask, args.temperature,
                                                               with_entropy=True)
                 old = m["old_logps"] if m["old_logps"] is not None else logps.detach()

@@ -16,6 +16,9 @@ import os
 import random
 
 from PIL import Image
+from tqdm.auto import tqdm
+
+from .vlm_adapter import count_prompt_tokens
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
 
@@ -105,10 +108,6 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, max_prompt_len
     rows = load_rows(dataset_name, split)
     check_columns(rows, dataset_name)
     base_dir = os.path.dirname(os.path.abspath(dataset_name)) if os.path.isfile(dataset_name) else None
-    from .vlm_adapter import count_prompt_tokens
-
-    from tqdm.auto import tqdm
-
     keep, unreadable, too_long = [], [], []
     for index, row in enumerate(tqdm(rows, desc="checking rows", unit="row", disable=not progress)):
         try:
