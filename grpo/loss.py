@@ -15,44 +15,111 @@ reward, not the loss.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
+# One chunk of the vocabulary-wide work: 2**24 elements are 64 MiB in float32, about 110 positions at
+# Qwen2-VL's 151,936 words. Big enough that each kernel launch has work to do on a GPU, small enough
+# that a few float32 chunks cost nothing next to the model.
+CHUNK_ELEMENTS = 2**24
+
+
+def _chunks(shape: torch.Size):
+    """Index (row, run of positions) into a [N, T, V] tensor, each run at most CHUNK_ELEMENTS / V long.
+
+    Runs never cross rows, so every block logits[index] is a [chunk, V] view of any strided tensor:
+    no reshape, hence no copy of a non-contiguous input.
+    """
+    n_rows, n_positions, vocab = shape
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    for i in range(n_rows):
+        for start in range(0, n_positions, step):
+            yield i, slice(start, start + step)
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    # logsumexp in 8 (bf16) or 11 (fp16) mantissa bits is too coarse (errors of ~0.01-0.1 nats at
+    # this vocabulary size), so low-precision logits are upcast one chunk at a time.
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """logp = z_id - logsumexp(z), with a backward that recomputes softmax instead of storing it."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(logits)
+        lse = torch.empty(logits.shape[:2], dtype=dtype, device=logits.device)
+        for index in _chunks(logits.shape):
+            lse[index] = torch.logsumexp(logits[index].to(dtype), dim=-1)
+        chosen = logits.gather(-1, ids[..., None]).squeeze(-1).to(dtype)
+        # logits is the caller's tensor (no copy) and lse is [N, T]: the float32 softmax that
+        # backward needs is exp(z - lse), one chunk at a time, instead of a saved [N, T, V] block.
+        ctx.save_for_backward(logits, ids, lse)
+        return chosen - lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, ids, lse = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_out = grad_out.to(lse.dtype)
+        for index in _chunks(logits.shape):
+            g = grad_out[index][:, None]
+            # g * (onehot(id) - softmax(z)): softmax in place on a float32 copy of the chunk (copy=True
+            # so that float32 logits are not overwritten), then +g at the chosen token.
+            block = logits[index].to(lse.dtype, copy=True).sub_(lse[index][:, None]).exp_().mul_(-g)
+            block.scatter_add_(-1, ids[index][:, None], g)
+            grad[index] = block
+        return grad, None
+
+
 def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[ids]: the log-prob of each chosen token.
+    """log softmax(logits)[ids]: the log-prob of each chosen token, and its gradient.
 
-        logp_{i,t} = z_{i,t,ids_{i,t}} - logsumexp_v z_{i,t,v}
+        logp_{i,t} = z_{i,t,id} - logsumexp_v z_{i,t,v}            with id = ids_{i,t}
+        d logp_{i,t} / d z_{i,t,v} = 1[v = id] - softmax(z_{i,t})_v
 
-    logits: [N, T, V], ids: [N, T] (int64). Returns [N, T]: logits' dtype for float32/float64,
-    float32 for bf16/fp16.
+    logits: [N, T, V] (any float dtype, any strides), ids: [N, T] (int32 or int64). Returns [N, T]:
+    logits' dtype for float32/float64, float32 for bf16/fp16 (their logsumexp is computed in float32).
 
-    A full log_softmax would allocate another [N, T, V] tensor: at Qwen2-VL's vocabulary of
-    151,936 words, 8 x 256 completion tokens take 1.2 GB in float32. So we go one row at a time,
-    and the temporaries are [T, V]:
-      - float32/float64: gather the chosen logit and subtract a row's logsumexp. Under autograd
-        logsumexp saves only its input (a view of logits) and its [T] output, so nothing
-        [T, V]-sized outlives the row.
-      - bf16/fp16: logsumexp in 8 (bf16) mantissa bits is too coarse (errors of ~0.01-0.1 nats
-        at this vocabulary size), so each row is upcast and goes through log_softmax in float32.
-        Under autograd each row's float32 log-softmax is kept for backward, so with gradients
-        the saving is in peak temporaries, not in what backward keeps.
+    Memory at Qwen2-VL's vocabulary of 151,936 words: for 8 x 256 completion tokens a float32
+    [N, T, V] block is 1.2 GB, twice the bf16 logits the model returns. autograd through log_softmax
+    would save such a block (its output) for backward. Here nothing float32 of that size is ever
+    alive: forward and backward walk over chunks of at most CHUNK_ELEMENTS (64 MiB in float32), and
+    backward is given only
+      - logits, the input itself (no copy; the model's logits exist anyway),
+      - ids and the [N, T] logsumexp (a few KB),
+    from which it recomputes softmax(z) = exp(z - logsumexp(z)) chunk by chunk and writes the
+    gradient, in logits' dtype, one chunk at a time.
     """
     if logits.dim() != 3 or ids.shape != logits.shape[:2]:
         raise ValueError(f"expected logits [N, T, V] and ids [N, T], got logits {tuple(logits.shape)} "
                          f"and ids {tuple(ids.shape)}.")
-    ids = ids.long()
-    rows = []
-    if logits.dtype in (torch.float32, torch.float64):
-        for row_logits, row_ids in zip(logits, ids):
-            chosen = row_logits.gather(-1, row_ids[:, None]).squeeze(-1)
-            rows.append(chosen - torch.logsumexp(row_logits, dim=-1))
-    else:
-        for row_logits, row_ids in zip(logits, ids):
-            row_logps = torch.log_softmax(row_logits.float(), dim=-1)
-            rows.append(row_logps.gather(-1, row_ids[:, None]).squeeze(-1))
-    return torch.stack(rows)
+    return _SelectiveLogSoftmax.apply(logits, ids.long())
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The policy's entropy at each position, without gradient (a statistic to log).
+
+        H_{i,t} = -sum_v p_v log p_v = logsumexp_v z_v - sum_v p_v z_v,    p = softmax(z_{i,t})
+
+    logits: [N, T, V] (any float dtype). Returns [N, T] float32, between 0 (one token certain) and
+    log V (uniform). Chunked like selective_log_softmax, so no float32 [N, T, V] block is made.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"expected logits [N, T, V], got shape {tuple(logits.shape)}.")
+    dtype = _compute_dtype(logits)
+    entropy = torch.empty(logits.shape[:2], dtype=dtype, device=logits.device)
+    for index in _chunks(logits.shape):
+        z = logits[index].to(dtype, copy=True)
+        log_p = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+        entropy[index] = -(log_p.exp() * log_p).sum(-1)
+    return entropy.float()
 
 
 def _check_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type, max_completion_length,

@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from grpo.loss import LOSS_TYPES, policy_loss, selective_log_softmax
+from grpo.loss import LOSS_TYPES, policy_loss, selective_log_softmax, token_entropy
 
 LN2 = math.log(2)
 
@@ -297,36 +299,187 @@ def test_gspo_gradient_equals_sequence_objective(loss_type):
     torch.testing.assert_close(logps.grad, lp.grad, rtol=1e-12, atol=1e-15)
 
 
-# --- selective_log_softmax -----------------------------------------------------------------------
+# --- selective_log_softmax and token_entropy ------------------------------------------------------
 
+VOCAB = 1000
+
+
+def naive_logps(logits, ids):
+    """The textbook formula: one log_softmax over the whole vocabulary, then pick the chosen token."""
+    return torch.log_softmax(logits, -1).gather(-1, ids.long()[..., None]).squeeze(-1)
+
+
+def random_logits(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dtype)
+
+
+def random_ids(shape, vocab, dtype, seed):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.fixture(params=[1, 3, None], ids=["chunk=1", "chunk=3", "chunk=default"])
+def positions_per_chunk(request, monkeypatch):
+    """Chunks of 1 or 3 positions (T = 5 splits as 3 + 2) or the default size (one chunk per row)."""
+    if request.param is not None:
+        monkeypatch.setattr("grpo.loss.CHUNK_ELEMENTS", request.param * VOCAB)
+    return request.param
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_selective_log_softmax_matches_naive(dtype):
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(3, 5, 4096, generator=g) * 4).to(dtype).requires_grad_(True)
-    ids = torch.randint(0, 4096, (3, 5), generator=g)
+def test_selective_log_softmax_matches_naive_float64(dtype, ids_dtype, positions_per_chunk):
+    logits = random_logits((3, 5, VOCAB), dtype, seed=0).requires_grad_(True)
+    ids = random_ids((3, 5), VOCAB, ids_dtype, seed=1)
+    # A random upstream gradient, so that each position's gradient has its own scale (sum() gives all 1).
+    weights = torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     out = selective_log_softmax(logits, ids)
-    naive = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+    (grad,) = torch.autograd.grad((out * weights.to(dtype)).sum(), logits)
+
+    exact_logits = logits.detach().double().requires_grad_(True)
+    exact = naive_logps(exact_logits, ids)
+    (exact_grad,) = torch.autograd.grad((exact * weights).sum(), exact_logits)
     assert out.dtype == dtype and out.shape == (3, 5)
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(out, naive, rtol=tol, atol=tol)
-    weights = torch.randn(3, 5, generator=g).to(dtype)
-    (grad,) = torch.autograd.grad((out * weights).sum(), logits)
-    (grad_naive,) = torch.autograd.grad((naive * weights).sum(), logits)
-    torch.testing.assert_close(grad, grad_naive)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    # rtol as well for the values: float32 numbers near -17 are 2**-19 = 1.9e-6 apart.
+    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=0, atol=tol)
+    # And the gradient in closed form: w * (onehot(id) - softmax(z)).
+    onehot = torch.nn.functional.one_hot(ids.long(), VOCAB).double()
+    closed_form = weights[..., None] * (onehot - torch.softmax(exact_logits.detach(), -1))
+    torch.testing.assert_close(grad.double(), closed_form, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_selective_log_softmax_low_precision(dtype):
-    g = torch.Generator().manual_seed(1)
-    logits = (torch.randn(2, 4, 4096, generator=g) * 4).to(dtype)
-    ids = torch.randint(0, 4096, (2, 4), generator=g)
+def test_selective_log_softmax_low_precision_gradient(dtype, positions_per_chunk):
+    logits = random_logits((3, 5, VOCAB), dtype, seed=3).requires_grad_(True)
+    ids = random_ids((3, 5), VOCAB, torch.int64, seed=4)
+    weights = torch.randn(3, 5, generator=torch.Generator().manual_seed(5))
+    out = selective_log_softmax(logits, ids)
+    (grad,) = torch.autograd.grad((out * weights).sum(), logits)
+
+    # The naive float32 computation on the same low-precision numbers, upcast.
+    upcast = logits.detach().float().requires_grad_(True)
+    naive = naive_logps(upcast, ids)
+    (naive_grad,) = torch.autograd.grad((naive * weights).sum(), upcast)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, naive, rtol=0, atol=1e-5)
+    # The gradient comes back in the logits' dtype: the float32 one, rounded once (one unit in the
+    # last place relative; atol covers fp16's subnormals below 6e-5).
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.float(), naive_grad, rtol=torch.finfo(dtype).eps, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_selective_log_softmax_low_precision_values(dtype):
+    logits = random_logits((2, 4, 4096), dtype, seed=6)
+    ids = random_ids((2, 4), 4096, torch.int64, seed=7)
     out = selective_log_softmax(logits, ids)
     assert out.dtype == torch.float32
     # The exact log-probs of the (rounded) low-precision logits, computed in float64.
-    exact = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None]).squeeze(-1)
-    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
-    naive = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
-    torch.testing.assert_close(out, naive.float(), rtol=0, atol=0.1)
+    torch.testing.assert_close(out.double(), naive_logps(logits.double(), ids), rtol=0, atol=1e-5)
+    # log_softmax in the low precision itself is off by up to ~0.1 nats: why we upcast.
+    torch.testing.assert_close(out, naive_logps(logits, ids).float(), rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided_vocabulary"])
+def test_selective_log_softmax_non_contiguous(layout, positions_per_chunk):
+    if layout == "transposed":
+        base = random_logits((5, 3, VOCAB), torch.float32, seed=8)
+        view = lambda x: x.transpose(0, 1)  # noqa: E731
+    else:
+        base = random_logits((3, 5, 2 * VOCAB), torch.float32, seed=8)
+        view = lambda x: x[..., ::2]  # noqa: E731
+    base.requires_grad_(True)
+    logits = view(base)
+    assert logits.shape == (3, 5, VOCAB) and not logits.is_contiguous()
+    ids = random_ids((3, 5), VOCAB, torch.int64, seed=9)
+    weights = torch.randn(3, 5, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    out = selective_log_softmax(logits, ids)
+    (grad,) = torch.autograd.grad((out * weights.float()).sum(), base)
+
+    exact_base = base.detach().double().requires_grad_(True)
+    exact = naive_logps(view(exact_base), ids)
+    (exact_grad,) = torch.autograd.grad((exact * weights).sum(), exact_base)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=0, atol=1e-6)
+
+
+def test_selective_log_softmax_saves_no_float32_copy_of_the_logits():
+    # Autograd through a float32 log_softmax of bf16 logits keeps its float32 [N, T, V] output for
+    # backward (the old row-by-row code kept one [T, V] block per row: N * T * V in all).
+    n, t, v = 4, 16, 5000
+    logits = random_logits((n, t, v), torch.bfloat16, seed=11).requires_grad_(True)
+    ids = random_ids((n, t), v, torch.int64, seed=12)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = selective_log_softmax(logits, ids)
+    # Count each storage once: several nodes may save the same tensor, or views of one.
+    storages = {s.untyped_storage().data_ptr(): s for s in saved}.values()
+    float32_bytes = sum(s.untyped_storage().nbytes() for s in storages if s.dtype == torch.float32)
+    assert float32_bytes < n * t * v * 4 / 2
+    # What it keeps of the logits is the input itself, not a copy.
+    assert any(s.dtype == torch.bfloat16 and s.data_ptr() == logits.data_ptr() for s in saved)
+    out.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+
+
+class LargestFloat32Tensor(TorchDispatchMode):
+    """Records the largest float32 storage that any operation returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
+                self.largest = max(self.largest, tensor.untyped_storage().nbytes())
+        return out
+
+
+def test_float32_temporaries_are_one_chunk(monkeypatch):
+    n, t, v = 4, 16, 5000
+    monkeypatch.setattr("grpo.loss.CHUNK_ELEMENTS", 4 * v)  # 4 positions per chunk: 16 chunks
+    logits = random_logits((n, t, v), torch.bfloat16, seed=13).requires_grad_(True)
+    ids = random_ids((n, t), v, torch.int64, seed=14)
+    with LargestFloat32Tensor() as forward_backward:
+        selective_log_softmax(logits, ids).sum().backward()
+    with LargestFloat32Tensor() as entropy:
+        token_entropy(logits)
+    # A row of the old code's float32 log_softmax alone is t * v * 4 bytes, four times this.
+    assert forward_backward.largest <= 4 * v * 4
+    assert entropy.largest <= 4 * v * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_entropy_matches_minus_p_log_p(dtype, positions_per_chunk):
+    logits = random_logits((3, 5, VOCAB), dtype, seed=15).requires_grad_(True)
+    p = torch.softmax(logits.detach().double(), -1)
+    expected = -torch.special.xlogy(p, p).sum(-1)
+    entropy = token_entropy(logits)
+    assert entropy.dtype == torch.float32 and entropy.shape == (3, 5)
+    assert not entropy.requires_grad
+    torch.testing.assert_close(entropy.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_entropy_is_zero_when_certain_and_log_v_when_uniform(dtype):
+    # One logit 100 above the rest: H = -(1 - eps) log(1 - eps) - (V - 1) (eps / (V - 1)) log(eps / (V - 1)),
+    # eps = (V - 1) e^-100, about 1e-36: 0 in any float.
+    certain = torch.zeros(2, 3, VOCAB, dtype=dtype)
+    certain[..., 7] = 100.0
+    torch.testing.assert_close(token_entropy(certain), torch.zeros(2, 3), rtol=0, atol=1e-6)
+    # Equal logits (of any value): p = 1/V, H = log V.
+    uniform = torch.full((2, 3, VOCAB), 2.5, dtype=dtype)
+    torch.testing.assert_close(token_entropy(uniform), torch.full((2, 3), math.log(VOCAB)), rtol=1e-6, atol=0)
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -357,6 +510,8 @@ def test_errors_name_the_problem():
         policy_loss(logps, old, adv, mask, ref_logps=ref, beta=-1.0)
     with pytest.raises(ValueError, match=r"logits \[N, T, V\]"):
         selective_log_softmax(torch.zeros(2, 3, 10), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits \[N, T, V\], got shape \(2, 10\)"):
+        token_entropy(torch.zeros(2, 10))
 
 
 def test_loss_types_tuple():
