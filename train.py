@@ -1,12 +1,15 @@
 """GRPO for vision-language models: `deepspeed train.py --args` (or `python train.py` for one process).
 
 The loop, once per optimizer step:
-  1. sample a group: G completions for each prompt of this rank       (grpo/sampler.py)
-  2. score them with the reward functions                               (grpo/rewards.py)
-  3. group-normalised advantages                                        (grpo/advantage.py)
+  1. sample: G completions for every prompt of this rank's step, in one generate call (grpo/sampler.py)
+  2. score them with the reward functions                                             (grpo/rewards.py)
+  3. group-normalised advantages                                                      (grpo/advantage.py)
   4. old log-probs (only when num_iterations > 1), reference log-probs (only when beta > 0)
-  5. clipped, KL-regularised loss; backward and step, num_iterations times (grpo/loss.py)
+  5. clipped, KL-regularised loss over the step's micro-batches; backward and step,
+     num_iterations times                                                              (grpo/loss.py)
   6. log, and save a checkpoint now and then
+Each prompt (and image) is encoded once per group, in generate and in every log-prob forward
+(--share_prompt, grpo/vlm_adapter.py). The step's data travels as one StepRollout.
 Model-family details are in grpo/vlm_adapter.py, arguments in grpo/config.py.
 """
 
@@ -18,6 +21,7 @@ import shutil
 import socket
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -66,6 +70,12 @@ def reduce_over_ranks(value: float, device, op) -> float:
     tensor = torch.tensor([float(value)], device=device, dtype=torch.float64)
     torch.distributed.all_reduce(tensor, op=op)
     return tensor.item()
+
+
+def seed_this_rank(seed: int, rank: int) -> None:
+    """Sampling draws from torch's generator: seeded with seed + rank, so that ranks given the same
+    prompt sample different completions (one seed for all ranks gave identical groups, trap 7)."""
+    torch.manual_seed(seed + rank)
 
 
 def load_engine(args, ds_config: dict, dtype, total_steps: int, train: bool):
@@ -166,89 +176,61 @@ def main(argv: list[str]) -> None:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     engine = load_engine(args, ds_config, dtype, total_steps, train=True)
     ref_engine = load_engine(args, ds_config, dtype, total_steps, train=False) if args.beta > 0 else None
-    torch.manual_seed(args.seed + rank)  # each rank samples its own completions (trap 7)
+    seed_this_rank(args.seed, rank)
 
     logger = RunLogger(args.output_dir, args.run_name, args.report_to, total_steps, enabled=is_main)
     left_out = len(dataset) - micro_steps_per_epoch * B * world_size
-    logger.info(f"[train] {world_size} rank(s) x {B} prompts x G={G} = {world_size * B * G} completions per micro-step; "
-                f"{gas} micro-step(s) per rollout, {mu} update(s) per rollout, {total_steps} optimizer steps; "
-                f"ZeRO stage {zero_stage}; {left_out} prompts per epoch left out to keep ranks even")
+    per_call = args.generation_batch_size or B * gas * G
+    zero_note = (f"ZeRO stage {zero_stage}" + (" (one process: nothing to partition, so the config's ZeRO stage is not used)"
+                                                if world_size == 1 else ""))
+    logger.info(f"[train] {world_size} rank(s) x {B * gas} prompts x G={G} = {world_size * B * gas * G} completions per "
+                f"optimizer step, sampled in {math.ceil(B * gas * G / per_call)} generate call(s) per rank; "
+                f"{gas} micro-batch(es) of {B} prompts each, {mu} update(s) per rollout, {total_steps} optimizer steps; "
+                f"prompts {'shared by their group' if args.share_prompt else 'repeated G times'}; {zero_note}; "
+                f"{left_out} prompts per epoch left out to keep ranks even")
     if mu == 1:
         logger.info("[train] num_iterations=1: the ratio is exactly 1, so the logged loss sits near 0 "
                     "while its gradient is the full policy gradient (see grpo/loss.py)")
 
     suppress = vlm_adapter.forbidden_token_ids(processor)
     weights = args.reward_weights or [1.0] * len(reward_funcs)
-    step, epoch, window = 0, 0, []
-    batches = data.rank_batches(len(dataset), B, rank, world_size, args.seed, epoch)
+    prompts = step_prompts(len(dataset), B, gas, rank, world_size, args.seed)
+    step, window = 0, []
+    if args.gradient_checkpointing and args.share_prompt:
+        vlm_adapter.allow_checkpointing_with_shared_prompt(engine)
     engine.train()
     while step < total_steps:
-        # ---- 1-3. sample groups, score them, advantages (gas micro-batches for one optimizer step) ----
+        # ---- 1-3. sample G completions for every prompt of the step, score them, advantages ----
         t_start = time.time()
-        micro, gen_seconds, score_seconds = [], 0.0, 0.0
-        while len(micro) < gas:
-            indices = next(batches, None)
-            if indices is None:  # epoch over: a new order
-                epoch += 1
-                batches = data.rank_batches(len(dataset), B, rank, world_size, args.seed, epoch)
-                continue
-            examples = [dataset[i] for i in indices]
-            prompt_inputs = vlm_adapter.build_inputs(processor, [ex["prompt"] for ex in examples],
-                                                     [ex["image"] for ex in examples])
-            prompt_inputs = {k: v.to(device) for k, v in vlm_adapter.repeat_for_group(prompt_inputs, G).items()}
-            t0 = time.time()
-            rollout = sampler.sample_group(engine.module, prompt_inputs, processor.tokenizer,
-                                           max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                                           top_p=args.top_p, suppress_token_ids=suppress, zero_stage=zero_stage,
-                                           synced_ranks=zero_stage == 3 and world_size > 1)
-            t1 = time.time()
-            per_func, total = score(reward_funcs, weights, rollout.texts, examples, G)
-            adv = advantage.group_advantages(total, G, scale=args.scale_rewards)
-            score_seconds += time.time() - t1
-            gen_seconds += t1 - t0
-            micro.append(dict(inputs=prompt_inputs, rollout=rollout, rewards=total, per_func=per_func,
-                              advantages=adv.to(device), examples=examples,
-                              ids=rollout.completion_ids.to(device), mask=rollout.completion_mask.to(device)))
+        examples = [dataset[i] for i in next(prompts)]
+        prompt_inputs = vlm_adapter.build_inputs(processor, [ex["prompt"] for ex in examples],
+                                                 [ex["image"] for ex in examples])
+        prompt_inputs = {key: value.to(device) for key, value in prompt_inputs.items()}
+        reset_peak_memory(device)
+        completions = sampler.sample_groups(
+            engine.module, prompt_inputs, processor.tokenizer, group_size=G, max_new_tokens=args.max_completion_length,
+            temperature=args.temperature, top_p=args.top_p, suppress_token_ids=suppress, share_prompt=args.share_prompt,
+            generation_batch_size=args.generation_batch_size, ignore_eos=args.ignore_eos, zero_stage=zero_stage,
+            synced_ranks=zero_stage == 3 and world_size > 1)
+        timing = {"generate": time.time() - t_start}
+        memory = {"generate": peak_memory_gb(device)}
+        t0 = time.time()
+        per_func, total = score(reward_funcs, weights, completions.texts, examples, G)
+        rollout = StepRollout(examples, prompt_inputs, completions.completion_ids.to(device),
+                              completions.completion_mask.to(device), completions, total, per_func,
+                              advantage.group_advantages(total, G, scale=args.scale_rewards).to(device))
+        timing["score"] = time.time() - t0
 
-        # ---- 4. old and reference log-probs, computed once before any update ----
-        t_update = time.time()
-        with torch.no_grad():
-            for m in micro:
-                ids, mask = m["ids"], m["mask"]
-                m["old_logps"] = (vlm_adapter.completion_logps(engine, m["inputs"], ids, mask, args.temperature)
-                                  if mu > 1 else None)
-                m["ref_logps"] = (vlm_adapter.completion_logps(ref_engine, m["inputs"], ids, mask, args.temperature)
-                                  if ref_engine is not None else None)
-        # DAPO normalises by the active tokens of the whole step, all ranks and micro-batches.
-        active_tokens = reduce_over_ranks(sum(m["rollout"].completion_mask.sum().item() for m in micro),
-                                          device, torch.distributed.ReduceOp.SUM)
-
-        # ---- 5. the update, num_iterations times over the same rollouts ----
-        for _ in range(mu):
-            loss_stats, learning_rate = [], engine.get_lr()[0]
-            for m in micro:
-                ids, mask = m["ids"], m["mask"]
-                logps, entropy = vlm_adapter.completion_logps(engine, m["inputs"], ids, mask, args.temperature,
-                                                              with_entropy=True)
-                old = m["old_logps"] if m["old_logps"] is not None else logps.detach()
-                step_loss, stats = loss.policy_loss(
-                    logps, old, m["advantages"], mask, ref_logps=m["ref_logps"], beta=args.beta,
-                    epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-                    max_completion_length=args.max_completion_length, num_items_in_batch=active_tokens,
-                    importance_sampling_level=args.importance_sampling_level)
-                # DeepSpeed averages gradients over ranks; dapo's sum over the global token count
-                # must not be averaged again, and the other losses are per-micro-batch means.
-                scale = world_size if args.loss_type == "dapo" else 1.0 / gas
-                engine.backward(step_loss * scale, scale_wrt_gas=False)
-                engine.step()
-                stats.update(loss=step_loss.item(), entropy=((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
-                loss_stats.append(stats)
+        # ---- 4-5. old and reference log-probs once, then num_iterations updates on this rollout ----
+        for loss_stats, learning_rate, phases in learn_from(rollout, engine, ref_engine, args, world_size, device):
+            timing.update(phases["seconds"])
+            memory.update(phases["peak_gb"])
             step += 1
             logger.advance()
 
             # ---- 6. log and save ----
-            window.append(step_metrics(micro, loss_stats, args, engine, gen_seconds, score_seconds,
-                                       time.time() - t_update, time.time() - t_start, learning_rate))
+            window.append(step_metrics(rollout, loss_stats, args, engine, timing, memory,
+                                       time.time() - t_start, learning_rate))
             if step % args.logging_steps == 0 or step == total_steps:
                 # Each logged value is the mean over the steps since the last log and over ranks.
                 metrics = mean_over_ranks({k: sum(w[k] for w in window) / len(window) for k in window[0]}, device)
@@ -259,9 +241,9 @@ def main(argv: list[str]) -> None:
                 logger.log(step, metrics)
                 window = []
             if args.log_completions_steps > 0 and step % args.log_completions_steps == 0:
-                m = micro[0]
-                logger.log_samples(step, [ex["problem"] for ex in m["examples"] for _ in range(G)], m["rollout"].texts,
-                                   m["rewards"].tolist(), [ex["solution"] for ex in m["examples"] for _ in range(G)])
+                logger.log_samples(step, [ex["problem"] for ex in rollout.examples for _ in range(G)],
+                                   rollout.completions.texts, rollout.rewards.tolist(),
+                                   [ex["solution"] for ex in rollout.examples for _ in range(G)])
             if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
                 save_model(engine, processor, os.path.join(args.output_dir, f"checkpoint-{step}"), zero_stage, is_main)
                 if is_main:
@@ -277,33 +259,154 @@ def main(argv: list[str]) -> None:
     logger.close()
 
 
-def step_metrics(micro, loss_stats, args, engine, gen_seconds, score_seconds, update_seconds, step_seconds,
-                 learning_rate) -> dict:
+def step_prompts(num_rows: int, per_device: int, accumulation_steps: int, rank: int, world_size: int, seed: int):
+    """Endless dataset indices for this rank, one optimizer step's worth (per_device x accumulation
+    steps prompts) at a time; a new shuffled order each epoch (grpo/data.py deals them out)."""
+    epoch, batches = 0, data.rank_batches(num_rows, per_device, rank, world_size, seed, 0)
+    step = []
+    while True:
+        batch = next(batches, None)
+        if batch is None:  # epoch over: a new order
+            epoch += 1
+            batches = data.rank_batches(num_rows, per_device, rank, world_size, seed, epoch)
+            continue
+        step.extend(batch)
+        if len(step) == per_device * accumulation_steps:
+            yield step
+            step = []
+
+
+@dataclass
+class StepRollout:
+    """What one optimizer step learns from, on this rank: P prompts and their G completions each,
+    prompt-major (completion i belongs to prompt i // G, trap 2). All tensors are on the device."""
+
+    examples: list[dict]           # the P dataset rows (problem, solution, image, ...)
+    prompt_inputs: dict            # their model inputs, NOT repeated: left-padded [P, L] rows and the images
+    completion_ids: torch.Tensor   # [P*G, T] sampled tokens, right-padded
+    completion_mask: torch.Tensor  # [P*G, T] 1 up to and including EOS
+    completions: sampler.Rollout   # the same completions as texts, with truncation flags (on the CPU)
+    rewards: torch.Tensor          # [P*G] weighted sum of the reward functions
+    reward_per_func: torch.Tensor  # [P*G, K]
+    advantages: torch.Tensor       # [P*G]
+    old_logps: torch.Tensor | None = None  # [P*G, T] before the step's first update (num_iterations > 1)
+    ref_logps: torch.Tensor | None = None  # [P*G, T] under the reference model (beta > 0)
+
+    def micro_batches(self, prompts_per_micro_batch: int, group_size: int):
+        """Consecutive slices of prompts, each with its G completions: (prompt_inputs, rows) pairs."""
+        num_prompts = self.prompt_inputs["input_ids"].shape[0]
+        for start in range(0, num_prompts, prompts_per_micro_batch):
+            stop = min(start + prompts_per_micro_batch, num_prompts)
+            yield vlm_adapter.select_prompts(self.prompt_inputs, start, stop), slice(start * group_size, stop * group_size)
+
+
+@torch.no_grad()
+def rollout_logps(model, rollout: StepRollout, args) -> torch.Tensor:
+    """[P*G, T] completion log-probs under `model` (reference, or the policy before the update),
+    micro-batch by micro-batch as the update will walk them."""
+    return torch.cat([
+        vlm_adapter.completion_logps(model, inputs, rollout.completion_ids[rows], rollout.completion_mask[rows],
+                                     args.temperature, args.num_generations, args.share_prompt)
+        for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, args.num_generations)])
+
+
+def learn_from(rollout: StepRollout, engine, ref_engine, args, world_size: int, device):
+    """Steps 4-5 for one rollout. The old log-probs (num_iterations > 1) and the reference log-probs
+    (beta > 0) are computed once, from the weights as they are before the first update, then the
+    policy is updated num_iterations times on the same rollout. Yields after each update:
+    (per-micro-batch loss stats, the learning rate it used, seconds and peak memory per phase)."""
+    t0 = time.time()
+    reset_peak_memory(device)
+    rollout.old_logps = rollout_logps(engine, rollout, args) if args.num_iterations > 1 else None
+    rollout.ref_logps = rollout_logps(ref_engine, rollout, args) if ref_engine is not None else None
+    phases = {"seconds": {"logps": time.time() - t0}, "peak_gb": {"logps": peak_memory_gb(device)}}
+    # DAPO normalises by the active tokens of the whole step, all ranks and micro-batches.
+    active_tokens = reduce_over_ranks(rollout.completion_mask.sum().item(), device, torch.distributed.ReduceOp.SUM)
+    for _ in range(args.num_iterations):
+        t0 = time.time()
+        reset_peak_memory(device)
+        learning_rate = engine.get_lr()[0]
+        loss_stats = policy_update(engine, rollout, args, world_size, active_tokens)
+        phases["seconds"]["update"], phases["peak_gb"]["update"] = time.time() - t0, peak_memory_gb(device)
+        yield loss_stats, learning_rate, phases
+
+
+def loss_scale(loss_type: str, world_size: int, accumulation_steps: int) -> float:
+    """What each micro-batch's loss is multiplied by before backward, so that the summed gradients
+    of one optimizer step are the gradient of the step's loss as its loss_type defines it.
+
+    DeepSpeed sums the micro-batches' gradients and averages them over ranks (divides by world size).
+    grpo, bnpo and dr_grpo are per-micro-batch means, and the step's loss is their mean over the
+    world_size x accumulation_steps micro-batches: 1 / accumulation_steps (the ranks' average does the
+    rest). dapo divides every micro-batch by the whole step's active-token count already, so the
+    step's loss is their plain sum: world_size undoes the ranks' average.
+    """
+    return float(world_size) if loss_type == "dapo" else 1.0 / accumulation_steps
+
+
+def policy_update(engine, rollout: StepRollout, args, world_size: int, active_tokens: float) -> list[dict]:
+    """One optimizer step: backward through every micro-batch of the rollout, then DeepSpeed steps
+    (it accumulates until the last micro-batch). Returns each micro-batch's loss statistics."""
+    G, stats_per_micro_batch = args.num_generations, []
+    scale = loss_scale(args.loss_type, world_size, args.gradient_accumulation_steps)
+    for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, G):
+        ids, mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
+        logps, entropy = vlm_adapter.completion_logps(engine, inputs, ids, mask, args.temperature, G,
+                                                      args.share_prompt, with_entropy=True)
+        # num_iterations = 1: the rollout came from these very weights, so old = logps (ratio 1).
+        old = rollout.old_logps[rows] if rollout.old_logps is not None else logps.detach()
+        micro_loss, stats = loss.policy_loss(
+            logps, old, rollout.advantages[rows], mask,
+            ref_logps=rollout.ref_logps[rows] if rollout.ref_logps is not None else None, beta=args.beta,
+            epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
+            max_completion_length=args.max_completion_length, num_items_in_batch=active_tokens,
+            importance_sampling_level=args.importance_sampling_level)
+        engine.backward(micro_loss * scale, scale_wrt_gas=False)
+        engine.step()
+        stats.update(loss=micro_loss.item(), entropy=((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
+        stats_per_micro_batch.append(stats)
+    return stats_per_micro_batch
+
+
+def reset_peak_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device) -> float:
+    """The device's peak allocated memory since the last reset (CUDA), else the process's peak
+    resident memory (CPU: it never resets, so it is the run's peak so far)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def step_metrics(rollout: StepRollout, loss_stats, args, engine, timing: dict, memory: dict, step_seconds: float,
+                 learning_rate: float) -> dict:
     """This rank's numbers for one step; the caller averages them over ranks."""
-    G = args.num_generations
-    rewards_all = torch.cat([m["rewards"] for m in micro])
-    per_func = torch.cat([m["per_func"] for m in micro])
-    adv = torch.cat([m["advantages"].cpu() for m in micro])
-    lengths = torch.cat([m["rollout"].completion_mask.sum(1) for m in micro]).float()
-    truncated = torch.cat([m["rollout"].truncated for m in micro]).float()
+    rewards_all, adv = rollout.rewards, rollout.advantages.cpu()
+    lengths = rollout.completions.completion_mask.sum(1).float()
     metrics = {
         "reward/mean": rewards_all.mean().item(),
         "reward/std": rewards_all.std().item() if len(rewards_all) > 1 else 0.0,
         "advantage/std": adv.std().item() if len(adv) > 1 else 0.0,
-        "advantage/equal_reward_group_fraction": advantage.equal_reward_group_fraction(rewards_all, G),
+        "advantage/equal_reward_group_fraction": advantage.equal_reward_group_fraction(rewards_all, args.num_generations),
         "completion/length_mean": lengths.mean().item(),
         "completion/length_min": lengths.min().item(),
         "completion/length_max": lengths.max().item(),
-        "completion/truncated_fraction": truncated.mean().item(),
+        "completion/truncated_fraction": rollout.completions.truncated.float().mean().item(),
         "optim/grad_norm": float(engine.get_global_grad_norm() or 0.0),
         "optim/learning_rate": learning_rate,
-        "time/generate_seconds": gen_seconds,
-        "time/score_seconds": score_seconds,
-        "time/update_seconds": update_seconds,
         "time/step_seconds": step_seconds,
         "time/tokens_per_second": lengths.sum().item() / max(step_seconds, 1e-9),
     }
-    for name, column in zip(args.reward_funcs, per_func.T):
+    for phase, seconds in timing.items():  # generate, score, logps (reference / old), update
+        metrics[f"time/{phase}_seconds"] = seconds
+    for phase, gigabytes in memory.items():
+        metrics[f"memory/{phase}_peak_gb"] = gigabytes
+    for name, column in zip(args.reward_funcs, rollout.reward_per_func.T):
         metrics[f"reward/{name}"] = column.mean().item()
     for key in ("loss", "kl", "clip_ratio", "entropy"):
         metrics[f"loss/{key}"] = sum(s[key] for s in loss_stats) / len(loss_stats)

@@ -37,6 +37,9 @@ class GRPOArguments:
     min_pixels: int = field(default=3136, metadata={"help": "Smallest image area after resizing (pixels)."})
     max_pixels: int = field(default=12845056, metadata={"help": "Largest image area after resizing (pixels); fewer pixels, fewer image tokens."})
     attn_implementation: str | None = field(default=None, metadata={"help": "flash_attention_2, sdpa or eager; default flash_attention_2 when installed on a GPU, else sdpa."})
+    share_prompt: bool = field(default=True, metadata={"help": "Encode each prompt and image once per group and share its keys/values with its G completions (false: repeat it G times, the plain path)."})
+    generation_batch_size: int = field(default=0, metadata={"help": "Most completions per generate call (0: the whole optimizer step's prompts x G in one call)."})
+    ignore_eos: bool = field(default=False, metadata={"help": "Sample exactly max_completion_length tokens, never stopping at EOS (for benchmarks)."})
     # --- GRPO ---
     num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt (the group)."})
     max_completion_length: int = field(default=256, metadata={"help": "Most tokens sampled per completion."})
@@ -53,7 +56,7 @@ class GRPOArguments:
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function (default 1 each)."})
     # --- optimisation ---
     per_device_train_batch_size: int = field(default=1, metadata={"help": "PROMPTS per device per micro-step; each is sampled G times, so G x this completions."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps (each its own rollout) per optimizer step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step; the step's prompts are all sampled in one rollout first."})
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -137,6 +140,9 @@ def validate(args: GRPOArguments) -> None:
         bad("temperature", f"is {args.temperature}; sampling needs a positive temperature.")
     if not 0 < args.top_p <= 1:
         bad("top_p", f"is {args.top_p}; it must be in (0, 1].")
+    if args.generation_batch_size < 0 or 0 < args.generation_batch_size < args.num_generations:
+        bad("generation_batch_size", f"is {args.generation_batch_size}; use 0 (no limit) or at least one group "
+            f"(--num_generations {args.num_generations} completions).")
     if args.min_pixels > args.max_pixels:
         bad("min_pixels", f"{args.min_pixels} is above --max_pixels {args.max_pixels}.")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
@@ -163,6 +169,7 @@ def fill_deepspeed_config(ds_config: dict, args: GRPOArguments, world_size: int,
 
     DeepSpeed's micro-batch is the number of completions one rank forwards per micro-step
     (prompts x G). Any "auto" left that we do not know how to fill is an error naming the key.
+    A world of one runs ZeRO stage 0 whatever the file says (nothing to partition).
     """
     ds_config = json.loads(json.dumps(ds_config))
     path = ds_config.pop("_path", "the DeepSpeed config")
@@ -184,6 +191,10 @@ def fill_deepspeed_config(ds_config: dict, args: GRPOArguments, world_size: int,
         "scheduler.params.total_num_steps": total_steps,
     }
     _fill_auto(ds_config, auto_values, path)
+    if world_size == 1 and ds_config.get("zero_optimization", {}).get("stage", 0) != 0:
+        # One process has nothing to shard: ZeRO would only add its partition and gather hooks to
+        # every layer. The same config runs partitioned as soon as there are two ranks.
+        ds_config["zero_optimization"] = {"stage": 0}
     if not on_gpu and "optimizer" in ds_config:
         # DeepSpeed's fused Adam is CUDA-only; on the CPU accelerator use torch's AdamW.
         ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)

@@ -231,7 +231,7 @@ def warm_up_format(folder: str, rows: list[dict], valid_answers, steps: int = 60
         mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in targets])
         conversations = [build_conversation(r["problem"], system_prompt) for r in batch]
         inputs = build_inputs(processor, conversations, [r["image"] for r in batch])
-        logps = completion_logps(model, inputs, ids, mask, temperature=1.0)
+        logps = completion_logps(model, inputs, ids, mask, temperature=1.0, group_size=1, share_prompt=False)
         loss = -(logps * mask).sum() / mask.sum()  # cross-entropy on the target tokens
         optimizer.zero_grad()
         loss.backward()

@@ -1,4 +1,4 @@
-"""Group sampling: every prompt of this rank, G times, in one `generate` call.
+"""Group sampling: G completions for every prompt a rank needs for one optimizer step, in one `generate` call.
 
 What goes wrong here in other trainers, and what this does instead:
 - ZeRO-3 shards every weight; generate on a sharded model all-gathers each layer at every decode
@@ -18,6 +18,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from . import vlm_adapter
 
 
 @dataclass
@@ -50,25 +52,69 @@ def gathered_weights(model, zero_stage: int):
 
 
 @torch.no_grad()
-def sample_group(model, prompt_inputs: dict, tokenizer, *, max_new_tokens: int, temperature: float,
-                 top_p: float, suppress_token_ids: list[int], zero_stage: int = 0,
-                 synced_ranks: bool = False) -> Rollout:
-    """Sample one completion per row of `prompt_inputs` (already repeated G times per prompt).
+def sample_groups(model, prompt_inputs: dict, tokenizer, *, group_size: int, max_new_tokens: int,
+                  temperature: float, top_p: float, suppress_token_ids: list[int], share_prompt: bool = True,
+                  generation_batch_size: int = 0, ignore_eos: bool = False, zero_stage: int = 0,
+                  synced_ranks: bool = False) -> Rollout:
+    """G completions for each of the B prompts in `prompt_inputs` (left-padded [B, P] rows and their
+    images, not repeated): rows i*G .. i*G+G-1 of the result belong to prompt i.
 
-    prompt_inputs: left-padded [N, P] input_ids / attention_mask / mm_token_type_ids, plus the
-    images. Returns the completions right-padded to the longest one in this call.
+    All B*G completions come from one `generate` call, or from calls of at most
+    `generation_batch_size` completions each (0: no limit) when memory needs it; every rank makes
+    the same number of calls, so ranks stay in step under ZeRO-3. With `share_prompt` each prompt is
+    prefilled once (the vision tower runs once per prompt) and its cache copied to its G samples.
+    `ignore_eos` samples exactly max_new_tokens tokens (benchmarks: runs of equal length compare).
+    Returns the completions right-padded to the longest one.
     """
     was_training = model.training
     model.eval()
     eos_token_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    generate_kwargs = dict(
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens if ignore_eos else None, use_cache=True, suppress_tokens=suppress_token_ids,
+        eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_ranks)
+    num_prompts = prompt_inputs["input_ids"].shape[0]
+    per_call = max(1, generation_batch_size // group_size) if generation_batch_size > 0 else num_prompts
+    pieces = []
     with gathered_weights(model, zero_stage):
-        output = model.generate(
-            **prompt_inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-            max_new_tokens=max_new_tokens, use_cache=True, suppress_tokens=suppress_token_ids,
-            eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_ranks,
-        )
+        for start in range(0, num_prompts, per_call):
+            inputs = vlm_adapter.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts))
+            generate = _generate_from_shared_prompt if share_prompt else _generate_from_repeated_prompt
+            pieces.append(generate(model, inputs, group_size, generate_kwargs))
     model.train(was_training)
-    return to_rollout(output[:, prompt_inputs["input_ids"].shape[1]:], tokenizer)
+    longest = max(piece.shape[1] for piece in pieces)
+    padded = [torch.nn.functional.pad(piece, (0, longest - piece.shape[1]), value=tokenizer.pad_token_id)
+              for piece in pieces]
+    return to_rollout(torch.cat(padded), tokenizer)
+
+
+def _generate_from_repeated_prompt(model, inputs: dict, group_size: int, generate_kwargs: dict) -> torch.Tensor:
+    """The plain path: every prompt repeated G times and prefilled G times. Returns [B*G, T]."""
+    output = model.generate(**vlm_adapter.repeat_for_group(inputs, group_size), **generate_kwargs)
+    return output[:, inputs["input_ids"].shape[1]:]
+
+
+def _generate_from_shared_prompt(model, inputs: dict, group_size: int, generate_kwargs: dict) -> torch.Tensor:
+    """Prefill each prompt once, copy its cache to its G rows, and let `generate` continue. Returns [B*G, T].
+
+    The prefill stops one token short of the prompt: `generate` must have at least one uncached
+    token to start from (given a fully cached prompt it would prefill the whole prompt again on top
+    of the cache). Qwen2-VL's decode positions come from `rope_deltas`, which the prefill computes
+    for B rows; it is set to those deltas repeated G times right before `generate`, since a stale
+    value of the right shape would be used silently.
+    """
+    from transformers import DynamicCache
+
+    G, unwrapped = group_size, vlm_adapter.unwrap(model)
+    cache = DynamicCache(config=unwrapped.config.get_text_config())
+    text_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
+    prefix = {key: (value[:, :-1] if key in text_keys else value) for key, value in inputs.items()}
+    unwrapped(**prefix, cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(G)
+    unwrapped.model.rope_deltas = unwrapped.model.rope_deltas.repeat_interleave(G, dim=0)
+    repeated = {key: inputs[key].repeat_interleave(G, dim=0) for key in text_keys}
+    output = model.generate(**repeated, cache=cache, **generate_kwargs)
+    return output[:, inputs["input_ids"].shape[1]:]
 
 
 def to_rollout(completion_ids: torch.Tensor, tokenizer) -> Rollout:

@@ -21,10 +21,10 @@ def _inputs(processor, images, problems=None):
     return vlm_adapter.build_inputs(processor, [build_conversation(p) for p in problems], images)
 
 
-def _sample(model, processor, inputs, suppress=True, max_new_tokens=12):
+def _sample(model, processor, inputs, group_size, suppress=True, max_new_tokens=12, **kwargs):
     ids = vlm_adapter.forbidden_token_ids(processor) if suppress else []
-    return sampler.sample_group(model, inputs, processor.tokenizer, max_new_tokens=max_new_tokens,
-                                temperature=1.0, top_p=1.0, suppress_token_ids=ids)
+    return sampler.sample_groups(model, inputs, processor.tokenizer, group_size=group_size, max_new_tokens=max_new_tokens,
+                                 temperature=1.0, top_p=1.0, suppress_token_ids=ids, **kwargs)
 
 
 def test_repeat_for_group_keeps_each_image_with_its_rows(model_and_processor):
@@ -61,8 +61,8 @@ def test_completion_mask_through_first_eos():
 def test_sampler_shapes_masks_and_texts(model_and_processor):
     model, processor = model_and_processor
     torch.manual_seed(0)
-    inputs = vlm_adapter.repeat_for_group(_inputs(processor, [Image.new("RGB", (56, 56), "red")] * 2), 4)
-    rollout = _sample(model, processor, inputs)
+    inputs = _inputs(processor, [Image.new("RGB", (56, 56), "red")] * 2)
+    rollout = _sample(model, processor, inputs, 4)
     n, t = rollout.completion_ids.shape
     assert n == 8 and t <= 12
     assert rollout.completion_mask.shape == (n, t) and len(rollout.texts) == n
@@ -86,13 +86,14 @@ def test_placeholder_tokens_never_sampled(model_and_processor):
 
     handle = model.lm_head.register_forward_hook(favour_placeholders)
     try:
-        inputs = vlm_adapter.repeat_for_group(_inputs(processor, [Image.new("RGB", (56, 56), "red")]), 4)
-        torch.manual_seed(1)
-        free = _sample(model, processor, inputs, suppress=False, max_new_tokens=6)
-        assert set(free.completion_ids.flatten().tolist()) & set(forbidden)
-        torch.manual_seed(1)
-        guarded = _sample(model, processor, inputs, suppress=True, max_new_tokens=6)
-        assert not set(guarded.completion_ids.flatten().tolist()) & set(forbidden)
+        inputs = _inputs(processor, [Image.new("RGB", (56, 56), "red")])
+        for share_prompt in (True, False):
+            torch.manual_seed(1)
+            free = _sample(model, processor, inputs, 4, suppress=False, max_new_tokens=6, share_prompt=share_prompt)
+            assert set(free.completion_ids.flatten().tolist()) & set(forbidden)
+            torch.manual_seed(1)
+            guarded = _sample(model, processor, inputs, 4, suppress=True, max_new_tokens=6, share_prompt=share_prompt)
+            assert not set(guarded.completion_ids.flatten().tolist()) & set(forbidden)
     finally:
         handle.remove()
 
@@ -106,7 +107,7 @@ def test_logps_see_the_image(model_and_processor):
     for colour in ("red", "blue"):
         inputs = _inputs(processor, [Image.new("RGB", (56, 56), COLOURS[colour])])
         with torch.no_grad():
-            logps[colour] = vlm_adapter.completion_logps(model, inputs, completion, mask, temperature=1.0)
+            logps[colour] = vlm_adapter.completion_logps(model, inputs, completion, mask, temperature=1.0, group_size=1)
     assert logps["red"].shape == completion.shape
     assert (logps["red"] - logps["blue"]).abs().max() > 1e-4
 
@@ -120,7 +121,8 @@ def test_logps_equal_a_full_forward_and_ignore_padding(model_and_processor):
     image = Image.new("RGB", (56, 56), "blue")
     single = _inputs(processor, [image], ["Short?"])
     with torch.no_grad():
-        got = vlm_adapter.completion_logps(model, single, completion, torch.ones_like(completion), temperature=0.7)
+        got = vlm_adapter.completion_logps(model, single, completion, torch.ones_like(completion), temperature=0.7,
+                                           group_size=1, share_prompt=False)
         full_ids = torch.cat([single["input_ids"], completion], 1)
         logits = model(input_ids=full_ids, attention_mask=torch.ones_like(full_ids),
                        mm_token_type_ids=torch.cat([single["mm_token_type_ids"], torch.zeros_like(completion)], 1),
@@ -132,9 +134,11 @@ def test_logps_equal_a_full_forward_and_ignore_padding(model_and_processor):
         batch = _inputs(processor, [Image.new("RGB", (56, 56), "red"), image],
                         ["A much longer question with many more words in it?", "Short?"])
         assert batch["attention_mask"][1, 0] == 0
-        both = vlm_adapter.completion_logps(model, batch, completion.repeat(2, 1),
-                                            torch.ones(2, completion.shape[1], dtype=torch.long), temperature=0.7)
-        torch.testing.assert_close(both[1], expected, atol=1e-4, rtol=1e-4)
+        for share_prompt in (False, True):
+            both = vlm_adapter.completion_logps(model, batch, completion.repeat(2, 1),
+                                                torch.ones(2, completion.shape[1], dtype=torch.long), temperature=0.7,
+                                                group_size=1, share_prompt=share_prompt)
+            torch.testing.assert_close(both[1], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_each_completion_scored_against_its_own_prompt():
