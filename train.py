@@ -98,7 +98,7 @@ def load_engine(args, ds_config: dict, dtype, total_steps: int, train: bool):
         engine.eval()
         return engine
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     scheduler = None if "scheduler" in ds_config else (lambda opt: lr_schedule(opt, args, total_steps))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config, lr_scheduler=scheduler)

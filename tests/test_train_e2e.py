@@ -25,8 +25,11 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
     out = str(tmp_path / "run")
     log = run_command(["deepspeed", "--num_gpus", "2", "train.py", "--deepspeed", "zero3.json", "--output_dir", out,
                 "--model_name_or_path", format_warmed_model, "--dataset_name", colour_dataset, "--max_steps", "3",
-                "--beta", "0.04", "--save_steps", "2", "--save_total_limit", "1", *COMMON], tmp_path)
-    assert "ZeRO stage 3" in log and "2 rank(s)" in log
+                "--beta", "0.04", "--save_steps", "2", "--save_total_limit", "1", "--gradient_accumulation_steps", "2",
+                "--gradient_checkpointing", "true", *COMMON], tmp_path)
+    # The shared-prompt path (the default) under ZeRO-3 on two ranks, with gradient checkpointing.
+    assert "ZeRO stage 3" in log and "2 rank(s)" in log and "prompts shared by their group" in log
+    assert "sampled in 1 generate call(s) per rank; 2 micro-batch(es) of 2 prompts each" in log
 
     scalars = _scalars(out)
     tags = set(scalars.Tags()["scalars"])
@@ -34,7 +37,8 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
                 "advantage/equal_reward_group_fraction", "completion/length_mean", "completion/length_min",
                 "completion/length_max", "completion/truncated_fraction", "loss/loss", "loss/kl",
                 "loss/clip_ratio", "loss/entropy", "optim/grad_norm", "optim/learning_rate",
-                "time/generate_seconds", "time/score_seconds", "time/update_seconds"):
+                "time/generate_seconds", "time/score_seconds", "time/logps_seconds", "time/update_seconds",
+                "memory/update_peak_gb"):
         assert tag in tags, f"{tag} missing from TensorBoard: {sorted(tags)}"
     assert [e.step for e in scalars.Scalars("reward/mean")] == [1, 2, 3]
     assert "completions/text_summary" in scalars.Tags()["tensors"]  # sample completions as text
@@ -70,8 +74,10 @@ def test_plain_python_one_process(tiny_model, colour_dataset, tmp_path, loss_typ
     log = run_command([sys.executable, "train.py", "--output_dir", out, "--model_name_or_path", tiny_model,
                 "--dataset_name", colour_dataset, "--max_steps", "2", "--beta", "0", "--num_iterations", "2",
                 "--loss_type", loss_type, "--epsilon_high", "0.28", "--report_to", "none", "--save_steps", "0",
+                "--share_prompt", "false",
                 *COMMON], tmp_path)
-    assert "1 rank(s)" in log and "2 update(s) per rollout" in log
+    assert "1 rank(s)" in log and "2 update(s) per rollout" in log and "prompts repeated G times" in log
+    assert "ZeRO stage 0 (one process: nothing to partition" in log
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["loss/kl"] == 0.0 for m in metrics)  # beta 0: no reference, no KL

@@ -165,3 +165,135 @@ def test_each_completion_scored_against_its_own_prompt():
 
     _, total = train.score([accuracy_reward], [1.0], answers, examples, G)
     assert total.tolist() == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+
+
+# --- the shared prompt: each prompt encoded once per group -------------------------------------
+
+
+def _three_prompts(processor):
+    """Three prompts of different lengths (so two are left-padded) and images of different sizes."""
+    images = [Image.new("RGB", (56, 56), COLOURS["red"]), Image.new("RGB", (112, 84), COLOURS["blue"]),
+              Image.new("RGB", (84, 56), COLOURS["green"])]
+    problems = ["Short?", "A much longer question, with many more words in it than the others?", "Mid-sized one?"]
+    inputs = _inputs(processor, images, problems)
+    assert len(set(inputs["image_grid_thw"].prod(-1).tolist())) == 3 and (inputs["attention_mask"] == 0).any()
+    return inputs
+
+
+def _logps_and_grads(model, inputs, ids, mask, G, share_prompt):
+    model.zero_grad()
+    logps = vlm_adapter.completion_logps(model, inputs, ids, mask, 0.9, G, share_prompt=share_prompt)
+    weights = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
+    (logps * weights * mask).sum().backward()
+    return logps.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_equals_plain_path(tiny_model, checkpointing):
+    """Same sampled tokens: the shared-prompt forward gives the plain path's log-probs and the same
+    gradient for every parameter, the vision tower included, with and without gradient checkpointing
+    (transformers' checkpointed layers drop a cache unless told not to: then the completions would
+    run without their prompt and the vision tower would get no gradient)."""
+    processor = vlm_adapter.load_processor(tiny_model, 56 * 56, 112 * 112)
+    model = vlm_adapter.load_model(tiny_model, torch.float32, "sdpa")
+    model.train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        vlm_adapter.allow_checkpointing_with_shared_prompt(model)
+    inputs = _three_prompts(processor)
+    G, T = 3, 7
+    ids = torch.randint(10, len(processor.tokenizer) - 20, (3 * G, T), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # completions of different lengths (right padding)
+    mask[7, 2:] = 0
+    plain_logps, plain_grads = _logps_and_grads(model, inputs, ids, mask, G, share_prompt=False)
+    shared_logps, shared_grads = _logps_and_grads(model, inputs, ids, mask, G, share_prompt=True)
+    torch.testing.assert_close(shared_logps * mask, plain_logps * mask, atol=1e-5, rtol=0)
+    assert set(shared_grads) == set(plain_grads) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(name.startswith("model.visual.") for name in shared_grads)
+    for name, grad in plain_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_shared_prompt_generation_samples_what_the_plain_path_samples(model_and_processor):
+    """With one seed, prefilling each prompt once and copying its cache to its G rows samples the same
+    tokens as repeating the prompt G times (its decode logits are the same), in chunks or not; the
+    vision tower sees each image once instead of G times."""
+    model, processor = model_and_processor
+    inputs = _three_prompts(processor)
+    G = 4
+    patches = int(inputs["image_grid_thw"].prod(-1).sum())
+    patches_seen = []
+    handle = model.model.visual.register_forward_hook(lambda module, args, output: patches_seen.append(args[0].shape[0]))
+    try:
+        results = {}
+        for share_prompt, generation_batch_size in ((False, 0), (True, 0), (True, 2 * G), (True, G)):
+            torch.manual_seed(5)
+            patches_seen.clear()
+            results[share_prompt, generation_batch_size] = _sample(
+                model, processor, inputs, G, share_prompt=share_prompt, generation_batch_size=generation_batch_size)
+            expected = patches if share_prompt else G * patches  # each image once, or G times
+            assert sum(patches_seen) == expected, (share_prompt, generation_batch_size, patches_seen)
+    finally:
+        handle.remove()
+    plain = results[False, 0]
+    assert torch.equal(results[True, 0].completion_ids, plain.completion_ids)
+    # Chunks draw from the generator in another order, so only their shapes and row count compare.
+    assert results[True, G].completion_ids.shape[0] == results[True, 2 * G].completion_ids.shape[0] == 3 * G
+
+
+def test_one_generate_call_for_the_whole_step(model_and_processor, monkeypatch):
+    """All prompts of a step in one generate call (or generation_batch_size chunks), prompt-major:
+    rows i*G .. i*G+G-1 continue prompt i."""
+    model, processor = model_and_processor
+    inputs = _three_prompts(processor)
+    G, calls = 2, []
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs["input_ids"].clone())
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    rollout = _sample(model, processor, inputs, G, max_new_tokens=4)
+    assert len(calls) == 1 and rollout.completion_ids.shape[0] == 3 * G
+    real = inputs["attention_mask"].bool()
+    for row in range(3 * G):
+        prompt = row // G
+        assert calls[0][row][real[prompt]].tolist() == inputs["input_ids"][prompt][real[prompt]].tolist()
+    calls.clear()
+    _sample(model, processor, inputs, G, max_new_tokens=4, generation_batch_size=2 * G)
+    assert [c.shape[0] for c in calls] == [2 * G, G]  # 2 prompts, then the last one
+
+
+def test_ignore_eos_samples_the_full_length(model_and_processor):
+    """--ignore_eos (benchmarks) never stops early, even when EOS is by far the likeliest token."""
+    model, processor = model_and_processor
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def favour_eos(module, args, output):
+        output[..., eos] += 50.0
+        return output
+
+    handle = model.lm_head.register_forward_hook(favour_eos)
+    try:
+        inputs = _inputs(processor, [Image.new("RGB", (56, 56), "red")])
+        stops = _sample(model, processor, inputs, 3, max_new_tokens=6)
+        full = _sample(model, processor, inputs, 3, max_new_tokens=6, ignore_eos=True)
+    finally:
+        handle.remove()
+    assert stops.completion_mask.sum(1).tolist() == [1, 1, 1]  # EOS first, then nothing
+    assert full.completion_mask.sum(1).tolist() == [6, 6, 6] and full.truncated.all()
+
+
+def test_select_prompts_drops_padding_only_the_others_needed(model_and_processor):
+    _, processor = model_and_processor
+    inputs = _three_prompts(processor)
+    patches = inputs["image_grid_thw"].prod(-1).tolist()
+    part = vlm_adapter.select_prompts(inputs, 2, 3)  # the third prompt alone
+    real = inputs["attention_mask"][2].bool()
+    assert part["input_ids"].tolist() == [inputs["input_ids"][2][real].tolist()]  # no padding column left
+    assert torch.equal(part["pixel_values"], inputs["pixel_values"][patches[0] + patches[1]:])
+    assert torch.equal(part["image_grid_thw"], inputs["image_grid_thw"][2:])
