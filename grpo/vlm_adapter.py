@@ -212,21 +212,20 @@ def completion_logps(model, prompt_inputs: dict, completion_ids: torch.Tensor, c
     # 1. The prompt, once per prompt: fills the cache; its last logit predicts every completion's first token.
     first_logits = model(**prompt_inputs, position_ids=positions, cache=prompt_cache, use_cache=True,
                          logits_to_keep=1).logits  # [B, 1, V]
-    # 2. The completions on top of the shared prompt: token t's logit predicts token t + 1, so the
-    # last token is not fed. The attention mask is the prompt's padding (per row) then the completion's.
+    # 2. The completions on top of the shared prompt. The attention mask is each prompt's padding
+    # (per row), then the completion's. Token t's logit predicts token t + 1, so the last token's is
+    # not needed; it is still fed, so that this pass never has zero length (under ZeRO-3 every rank
+    # must run the same forwards, whatever its completions' lengths).
     rest_logits = model(
-        input_ids=completion_ids[:, :-1],
+        input_ids=completion_ids,
         attention_mask=torch.cat([prompt_inputs["attention_mask"].repeat_interleave(G, dim=0),
-                                  completion_mask[:, :-1].to(prompt_inputs["attention_mask"].dtype)], dim=1),
-        position_ids=continuation_positions(positions, G, T - 1), cache=shared_cache, use_cache=True,
-    ).logits  # [B*G, T-1, V]
-    first_logits = first_logits.repeat_interleave(G, dim=0) / temperature
-    rest_logits = rest_logits / temperature
-    logps = torch.cat([selective_log_softmax(first_logits, completion_ids[:, :1]),
-                       selective_log_softmax(rest_logits, completion_ids[:, 1:])], dim=1)
-    if not with_entropy:
-        return logps
-    return logps, torch.cat([token_entropy(first_logits), token_entropy(rest_logits)], dim=1)
+                                  completion_mask.to(prompt_inputs["attention_mask"].dtype)], dim=1),
+        position_ids=continuation_positions(positions, G, T), cache=shared_cache, use_cache=True,
+        logits_to_keep=T,
+    ).logits  # [B*G, T, V]
+    logits = torch.cat([first_logits.repeat_interleave(G, dim=0), rest_logits[:, :-1]], dim=1) / temperature
+    logps = selective_log_softmax(logits, completion_ids)
+    return (logps, token_entropy(logits)) if with_entropy else logps
 
 
 def _plain_completion_logps(model, prompt_inputs: dict, completion_ids, completion_mask, temperature, with_entropy):
