@@ -1,0 +1,329 @@
+"""The training loop's glue on two ranks, launched by tests/test_train_glue.py as
+
+    deepspeed --num_gpus 2 tests/glue_worker.py --model TINY_MODEL_DIR --out RESULT.json
+
+(not a test module itself: one launch serves all of that file's tests). Every rank builds the
+same optimizer step's data from one seed and trains on its own share through train.py's functions;
+rank 0 then redoes the step in one process, from the loss's definitions, on a plain model (no
+DeepSpeed, the plain repeated-prompt forward), and writes what it found as JSON:
+
+  "scale"      (a) one optimizer step over 2 ranks x 2 micro-steps, per ZeRO stage and loss_type:
+               plain SGD with lr 1 makes each weight's change minus the step's gradient, which is
+               compared with the gradient of the step's loss as its loss_type defines it.
+  "old_logps"  (b) num_iterations = 2: the old log-probs must be those of the weights before the
+               step's first update, and the second update's gradient must use them.
+  "seeds"      (c) both ranks seeded with the same --seed and given the same prompt must sample
+               different completions; re-seeding reproduces a rank's own completions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from grpo import sampler, vlm_adapter  # noqa: E402
+from grpo.data import build_conversation  # noqa: E402
+
+W, GAS, B, G = 2, 2, 2, 3          # ranks, micro-steps per optimizer step, prompts per micro-batch, group size
+T, MAX_LEN = 7, 10                  # completion columns of the rollout; --max_completion_length (dr_grpo's normaliser)
+BETA, EPSILON = 0.04, 0.2
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
+
+
+def cli_args(loss_type: str, num_iterations: int, beta: float, model: str) -> list[str]:
+    return ["--model_name_or_path", model, "--loss_type", loss_type, "--num_generations", str(G),
+            "--per_device_train_batch_size", str(B), "--gradient_accumulation_steps", str(GAS),
+            "--max_completion_length", str(MAX_LEN), "--beta", str(beta), "--epsilon", str(EPSILON),
+            "--num_iterations", str(num_iterations), "--share_prompt", "true", "--temperature", "1.0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole optimizer step's data, the same on every rank
+# ---------------------------------------------------------------------------------------------
+
+def prompt(i: int):
+    """Prompt i: a solid-colour image of one of three widths (different image-token counts) and a
+    question of varying length, so that prompts are left-padded differently."""
+    from PIL import Image
+
+    name = list(COLOURS)[i % len(COLOURS)]
+    image = Image.new("RGB", (56 + 14 * (i % 3), 56), COLOURS[name])
+    return build_conversation("What colour is the image?" + " Look again." * (i % 4)), image
+
+
+def step_data(processor, seed: int) -> list[dict]:
+    """W x GAS micro-batches in rank-major order (micro-batch k belongs to rank k // GAS), each with
+    B prompts and their G completions: random ordinary tokens, right-padded to T columns with
+    lengths 1..T, and random advantages."""
+    tokenizer = processor.tokenizer
+    special = set(tokenizer.all_special_ids) | set(vlm_adapter.forbidden_token_ids(processor))
+    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    generator = torch.Generator().manual_seed(seed)
+    micro_batches = []
+    for k in range(W * GAS):
+        conversations, images = zip(*[prompt(k * B + j) for j in range(B)])
+        ids = ordinary[torch.randint(len(ordinary), (B * G, T), generator=generator)]
+        lengths = torch.randint(1, T + 1, (B * G,), generator=generator)
+        lengths[k % (B * G)] = T  # at least one full-length row per micro-batch
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+        micro_batches.append(dict(
+            conversations=list(conversations), images=list(images),
+            inputs=vlm_adapter.build_inputs(processor, list(conversations), list(images)),
+            ids=ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask=mask,
+            advantages=torch.randn(B * G, generator=generator)))
+    return micro_batches
+
+
+def rank_rollout(processor, micro_batches: list[dict], rank: int) -> train.StepRollout:
+    """This rank's share of the step as the loop holds it: its B x GAS prompts encoded together."""
+    mine = micro_batches[rank * GAS:(rank + 1) * GAS]
+    conversations = [c for mb in mine for c in mb["conversations"]]
+    images = [im for mb in mine for im in mb["images"]]
+    return train.StepRollout(
+        examples=[{} for _ in conversations],
+        prompt_inputs=vlm_adapter.build_inputs(processor, conversations, images),
+        completion_ids=torch.cat([mb["ids"] for mb in mine]), completion_mask=torch.cat([mb["mask"] for mb in mine]),
+        completions=None, rewards=torch.zeros(B * GAS * G), reward_per_func=torch.zeros(B * GAS * G, 1),
+        advantages=torch.cat([mb["advantages"] for mb in mine]))
+
+
+def reference_model(model_dir: str, seed: int):
+    """A frozen reference policy near the initial one: its weights plus seeded noise, so k3 and its
+    gradient are not zero at the first step."""
+    model = vlm_adapter.load_model(model_dir, torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=generator))
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The independent single-process computation (rank 0)
+# ---------------------------------------------------------------------------------------------
+
+def plain_logps(model, mb: dict) -> torch.Tensor:
+    return vlm_adapter.completion_logps(model, mb["inputs"], mb["ids"], mb["mask"], 1.0, G, share_prompt=False)
+
+
+def step_loss(model, micro_batches, loss_type: str, beta: float, old=None, ref=None) -> torch.Tensor:
+    """The loss of the whole optimizer step (all ranks, all micro-batches), from its definition:
+    per token l = -min(r A, clip(r, 1 - eps, 1 + eps) A) + beta k3, r = exp(logp - old) (old =
+    logp.detach() when not given: r = 1), k3 = exp(ref - logp) - (ref - logp) - 1; then
+      grpo     mean over every row of the step of the row's token mean
+      bnpo     mean over the W x GAS micro-batches of each micro-batch's token mean
+      dr_grpo  mean over micro-batches of sum / (rows of the micro-batch x max_completion_length)
+      dapo     sum over every token of the step / the step's active-token count."""
+    row_means, batch_means, dr_terms, token_sum = [], [], [], 0.0
+    step_tokens = sum(mb["mask"].sum() for mb in micro_batches).double()
+    for k, mb in enumerate(micro_batches):
+        logp = plain_logps(model, mb).double()
+        m = mb["mask"].double()
+        o = logp.detach() if old is None else old[k].double()
+        r = torch.exp(logp - o)
+        a = mb["advantages"].double()[:, None]
+        l = -torch.minimum(r * a, torch.clamp(r, 1 - EPSILON, 1 + EPSILON) * a)
+        if beta:
+            d = ref[k].double() - logp
+            l = l + beta * (torch.exp(d) - d - 1)
+        l = torch.where(m > 0, l, torch.zeros_like(l))
+        row_means.append(l.sum(1) / m.sum(1))
+        batch_means.append(l.sum() / m.sum())
+        dr_terms.append(l.sum() / (l.shape[0] * MAX_LEN))
+        token_sum = token_sum + l.sum()
+    return {"grpo": lambda: torch.cat(row_means).mean(), "bnpo": lambda: torch.stack(batch_means).mean(),
+            "dr_grpo": lambda: torch.stack(dr_terms).mean(), "dapo": lambda: token_sum / step_tokens}[loss_type]()
+
+
+def gradient(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters()}
+
+
+def compare(change: dict, expected: dict) -> dict:
+    """How far each weight's change is from the expected one: relative errors of norms, worst tensor
+    (among those with a gradient above 1e-3 of the largest) and all weights together."""
+    names = sorted(expected)
+    norms = {n: expected[n].double().norm().item() for n in names}
+    largest = max(norms.values())
+    worst, worst_name = 0.0, None
+    for n in names:
+        error = (change[n].double() - expected[n].double()).norm().item() / max(norms[n], 1e-3 * largest)
+        if error > worst:
+            worst, worst_name = error, n
+    total = torch.cat([(change[n].double() - expected[n].double()).flatten() for n in names]).norm().item()
+    return {"worst_relative_error": worst, "worst_tensor": worst_name,
+            "total_relative_error": total / torch.cat([expected[n].double().flatten() for n in names]).norm().item(),
+            "gradient_norm": float(sum(v ** 2 for v in norms.values()) ** 0.5),
+            "change_norm": torch.cat([change[n].double().flatten() for n in names]).norm().item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed
+# ---------------------------------------------------------------------------------------------
+
+def sgd_engine(model_dir: str, stage: int, lr: float):
+    """The tiny model in float32 in a DeepSpeed engine with plain SGD (no momentum, no weight decay,
+    no clipping, no schedule): one optimizer step changes each weight by exactly -lr x gradient."""
+    import deepspeed
+
+    model = vlm_adapter.load_model(model_dir, torch.float32)
+    config = {"train_micro_batch_size_per_gpu": B * G, "gradient_accumulation_steps": GAS,
+              "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}, "bf16": {"enabled": False},
+              "fp16": {"enabled": False}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine.train()
+    return engine
+
+
+def full_weights(engine, stage: int) -> dict[str, torch.Tensor]:
+    """Every weight, whole, on every rank (under ZeRO-3 a collective)."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    gathered = (deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None) if stage == 3
+                else contextlib.nullcontext())
+    with gathered:
+        return {n: p.detach().clone().float() for n, p in params.items()}
+
+
+def gather_rows(tensor: torch.Tensor) -> list[torch.Tensor]:
+    pieces = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(pieces, tensor.contiguous())
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the scale of one optimizer step over ranks and micro-steps
+# ---------------------------------------------------------------------------------------------
+
+def check_scale(model_dir, processor, rank, world_size, device, stage: int, loss_type: str) -> dict:
+    micro_batches = step_data(processor, seed=1000 + stage)
+    args = train.parse_args(cli_args(loss_type, 1, BETA, model_dir))
+    engine = sgd_engine(model_dir, stage, lr=1.0)
+    ref = reference_model(model_dir, seed=7)
+    before = full_weights(engine, stage)
+    rollout = rank_rollout(processor, micro_batches, rank)
+    updates = list(train.learn_from(rollout, engine, ref, args, world_size, device))
+    after = full_weights(engine, stage)
+    result = {"updates": len(updates)}
+    if rank == 0:
+        model = vlm_adapter.load_model(model_dir, torch.float32)
+        with torch.no_grad():
+            ref_logps = [plain_logps(ref, mb) for mb in micro_batches]
+        expected = gradient(model, step_loss(model, micro_batches, loss_type, BETA, ref=ref_logps))
+        result.update(compare({n: before[n] - after[n] for n in before}, expected))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) num_iterations = 2: old log-probs from the weights before the step's first update
+# ---------------------------------------------------------------------------------------------
+
+def check_old_logps(model_dir, processor, rank, world_size, device, lr: float) -> dict:
+    stage = 3
+    micro_batches = step_data(processor, seed=2000)
+    args = train.parse_args(cli_args("grpo", 2, 0.0, model_dir))
+    engine = sgd_engine(model_dir, stage, lr=lr)
+    rollout = rank_rollout(processor, micro_batches, rank)
+    weights = [full_weights(engine, stage)]
+    old_seen = []  # rollout.old_logps as each update left it
+    for _ in train.learn_from(rollout, engine, None, args, world_size, device):
+        old_seen.append(rollout.old_logps.detach().clone() if rollout.old_logps is not None else None)
+        weights.append(full_weights(engine, stage))
+    result = {"updates": len(old_seen)}
+    old_pieces = [gather_rows(o) if o is not None else None for o in old_seen]
+    if rank != 0:
+        return result
+    model = vlm_adapter.load_model(model_dir, torch.float32)
+    with torch.no_grad():  # the independent old log-probs: the initial weights, per micro-batch
+        logp0 = [plain_logps(model, mb) for mb in micro_batches]
+    step_mask = torch.cat([mb["mask"] for mb in micro_batches]) > 0
+    expected_old = torch.cat(logp0)[step_mask]
+    result["old_logps_error_per_update"] = [
+        (torch.cat(p)[step_mask] - expected_old).abs().max().item() if p is not None else None for p in old_pieces]
+    # Update 1: ratio 1 at the initial weights.
+    first = gradient(model, step_loss(model, micro_batches, "grpo", 0.0))
+    result["first_update"] = compare({n: (weights[0][n] - weights[1][n]) / lr for n in first}, first)
+    # Update 2 starts from the weights DeepSpeed reached after update 1; its old log-probs are logp0.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(weights[1][n])
+        logp1 = [plain_logps(model, mb) for mb in micro_batches]
+    result["logp_moved_by_first_update"] = (torch.cat(logp1)[step_mask] - expected_old).abs().mean().item()
+    second = gradient(model, step_loss(model, micro_batches, "grpo", 0.0, old=logp0))
+    change = {n: (weights[1][n] - weights[2][n]) / lr for n in second}
+    result["second_update"] = compare(change, second)
+    # What update 2 would be had old been taken from the weights after update 1 (ratio 1): the gap
+    # between the two expectations shows the check can tell them apart.
+    ratio_one = gradient(model, step_loss(model, micro_batches, "grpo", 0.0))
+    result["second_update_if_old_were_current"] = compare(change, ratio_one)
+    result["gap_between_expectations"] = compare(ratio_one, second)["total_relative_error"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) one seed for the run, different samples on different ranks
+# ---------------------------------------------------------------------------------------------
+
+def check_seeds(model_dir, processor, rank, seed: int) -> dict:
+    model = vlm_adapter.load_model(model_dir, torch.float32)
+    conversation, image = prompt(0)  # the same prompt and image on every rank
+    inputs = vlm_adapter.build_inputs(processor, [conversation], [image])
+    new_tokens = 16
+
+    def sample() -> torch.Tensor:
+        ids = sampler.sample_groups(model, inputs, processor.tokenizer, group_size=4, max_new_tokens=new_tokens,
+                                    temperature=1.0, top_p=1.0,
+                                    suppress_token_ids=vlm_adapter.forbidden_token_ids(processor)).completion_ids
+        return torch.nn.functional.pad(ids, (0, new_tokens - ids.shape[1]), value=processor.tokenizer.pad_token_id)
+
+    train.seed_this_rank(seed, rank)
+    first = sample()
+    train.seed_this_rank(seed, rank)
+    again = sample()
+    torch.manual_seed(seed)  # the same generator state on both ranks: the same samples (the check's control)
+    control = sample()
+    firsts, controls = gather_rows(first), gather_rows(control)
+    return {"ranks_identical": all(torch.equal(firsts[0], f) for f in firsts[1:]),
+            "reseed_reproduces": bool(torch.equal(first, again)),
+            "same_generator_state_identical": all(torch.equal(controls[0], c) for c in controls[1:]),
+            "first_completion_per_rank": [f[0].tolist() for f in firsts]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", default="3,0")
+    parser.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed launcher
+    cli = parser.parse_args()
+    torch.set_num_threads(1)
+    rank, world_size, device = train.init_distributed()
+    assert world_size == W, f"launch with --num_gpus {W}"
+    processor = vlm_adapter.load_processor(cli.model, 56 * 56, 56 * 112)
+    results = {"seeds": check_seeds(cli.model, processor, rank, seed=1234)}
+    results["scale"] = {f"stage{s}": {lt: check_scale(cli.model, processor, rank, world_size, device, int(s), lt)
+                                      for lt in LOSS_TYPES} for s in cli.stages.split(",") if s}
+    # lr 0.3 moves the completions' log-probs by ~0.2 nats on average: ratios well away from 1,
+    # some clipped at 1 +- 0.2, none with a vanishing gradient.
+    results["old_logps"] = check_old_logps(cli.model, processor, rank, world_size, device, lr=0.3)
+    if rank == 0:
+        with open(cli.out, "w") as f:
+            json.dump(results, f, indent=1)
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
