@@ -103,14 +103,18 @@ def _generate_from_shared_prompt(model, inputs: dict, group_size: int, generate_
     for B rows; it is set to those deltas repeated G times right before `generate`, since a stale
     value of the right shape would be used silently.
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     G, unwrapped = group_size, vlm_adapter.unwrap(model)
-    cache = DynamicCache(config=unwrapped.config.get_text_config())
+    text_config = unwrapped.config.get_text_config()
+    prefill = DynamicCache(config=text_config)
     text_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
     prefix = {key: (value[:, :-1] if key in text_keys else value) for key, value in inputs.items()}
-    unwrapped(**prefix, cache=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(G)
+    unwrapped(**prefix, cache=prefill, use_cache=True, logits_to_keep=1)
+    # Decode into preallocated keys/values: a growing cache copies all of itself at every step.
+    cache = StaticCache(config=text_config, max_cache_len=inputs["input_ids"].shape[1] + generate_kwargs["max_new_tokens"])
+    for layer, prompt_layer in zip(cache.layers, prefill.layers):
+        layer.update(prompt_layer.keys.repeat_interleave(G, dim=0), prompt_layer.values.repeat_interleave(G, dim=0))
     unwrapped.model.rope_deltas = unwrapped.model.rope_deltas.repeat_interleave(G, dim=0)
     repeated = {key: inputs[key].repeat_interleave(G, dim=0) for key in text_keys}
     output = model.generate(**repeated, cache=cache, **generate_kwargs)
