@@ -5,7 +5,9 @@
   split per image by image_grid_thw, trap 2);
 - the tokens the sampler must never emit (image placeholders, trap 5);
 - completion-token log-probs from a forward that carries the images (trap 1), with the 3-D mRoPE
-  positions computed from the real tokens (trap 10), and only completion logits kept (trap 11).
+  positions computed from the real tokens (trap 10), and only completion logits kept (trap 11);
+- the shared prompt: each prompt (and image) forwarded once, its keys/values read by its G
+  completions (PromptKV, SharedPromptKV), gradients included.
 
 A new family is a new set of these few functions, not a branch in the training loop.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 

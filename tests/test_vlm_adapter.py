@@ -1,5 +1,7 @@
 """grpo/vlm_adapter.py and grpo/sampler.py on the tiny Qwen2-VL: shapes, masks, row order, images."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import COLOURS, colour_rows
@@ -79,13 +81,7 @@ def test_placeholder_tokens_never_sampled(model_and_processor):
     """Push the placeholders' logits far up: unsuppressed they are sampled, suppressed never (trap 5)."""
     model, processor = model_and_processor
     forbidden = vlm_adapter.forbidden_token_ids(processor)
-
-    def favour_placeholders(module, args, output):
-        output[..., forbidden] += 50.0
-        return output
-
-    handle = model.lm_head.register_forward_hook(favour_placeholders)
-    try:
+    with _logits_pushed_up(model, forbidden):
         inputs = _inputs(processor, [Image.new("RGB", (56, 56), "red")])
         for share_prompt in (True, False):
             torch.manual_seed(1)
@@ -94,6 +90,18 @@ def test_placeholder_tokens_never_sampled(model_and_processor):
             torch.manual_seed(1)
             guarded = _sample(model, processor, inputs, 4, suppress=True, max_new_tokens=6, share_prompt=share_prompt)
             assert not set(guarded.completion_ids.flatten().tolist()) & set(forbidden)
+
+
+@contextlib.contextmanager
+def _logits_pushed_up(model, token_ids, by: float = 50.0):
+    """Within the block, the model's logits for token_ids are raised by `by`: it prefers them."""
+    def push(module, args, output):
+        output[..., token_ids] += by
+        return output
+
+    handle = model.lm_head.register_forward_hook(push)
+    try:
+        yield
     finally:
         handle.remove()
 
@@ -272,18 +280,10 @@ def test_ignore_eos_samples_the_full_length(model_and_processor):
     """--ignore_eos (benchmarks) never stops early, even when EOS is by far the likeliest token."""
     model, processor = model_and_processor
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    def favour_eos(module, args, output):
-        output[..., eos] += 50.0
-        return output
-
-    handle = model.lm_head.register_forward_hook(favour_eos)
-    try:
+    with _logits_pushed_up(model, [eos]):
         inputs = _inputs(processor, [Image.new("RGB", (56, 56), "red")])
         stops = _sample(model, processor, inputs, 3, max_new_tokens=6)
         full = _sample(model, processor, inputs, 3, max_new_tokens=6, ignore_eos=True)
-    finally:
-        handle.remove()
     assert stops.completion_mask.sum(1).tolist() == [1, 1, 1]  # EOS first, then nothing
     assert full.completion_mask.sum(1).tolist() == [6, 6, 6] and full.truncated.all()
 
