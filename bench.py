@@ -53,8 +53,6 @@ import time
 REPO = os.path.dirname(os.path.abspath(__file__))
 # Known devices: (memory bandwidth GB/s, dense bf16 TFLOP/s). Others print n/a unless given by flag.
 DEVICE_PEAKS = {"H100": (3350.0, 989.0), "H200": (4800.0, 989.0)}
-# train.py flags that are newer than some checkouts: passed only when `train.py --help` lists them.
-OPTIONAL_TRAIN_FLAGS = ("share_prompt", "generation_batch_size", "ignore_eos")
 PROMPT_WORDS = ["red", "green", "blue", "yellow", "square", "circle", "triangle", "left", "right", "colour"]
 
 # ---------------------------------------------------------------------------------------------
@@ -258,11 +256,6 @@ def run_process(command: list[str], log_path: str, threads: int) -> float:
     return usage.ru_maxrss / 1e6  # kilobytes on Linux
 
 
-def supported_train_flags() -> set[str]:
-    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
-    return {flag for flag in OPTIONAL_TRAIN_FLAGS if f"--{flag}" in out}
-
-
 def run_ours(args, setup: dict, share_prompt: bool, workdir: str) -> list[dict]:
     """One `python train.py` run; the timed steps' metrics from its metrics.jsonl."""
     out = tempfile.mkdtemp(prefix="ours-", dir=workdir)
@@ -273,11 +266,9 @@ def run_ours(args, setup: dict, share_prompt: bool, workdir: str) -> list[dict]:
                "--max_completion_length", str(args.completion_length), "--beta", str(args.beta),
                "--min_pixels", str(pixels), "--max_pixels", str(pixels), "--learning_rate", "1e-6",
                "--logging_steps", "1", "--report_to", "none", "--save_steps", "0", "--log_completions_steps", "0",
-               "--attn_implementation", setup["attn"], "--bf16", str(args.dtype == "bfloat16").lower()]
-    optional = {"share_prompt": str(share_prompt).lower(), "generation_batch_size": str(args.generation_batch_size),
-                "ignore_eos": "true"}
-    for flag in sorted(setup["flags"]):
-        command += [f"--{flag}", optional[flag]]
+               "--attn_implementation", setup["attn"], "--bf16", str(args.dtype == "bfloat16").lower(),
+               "--share_prompt", str(share_prompt).lower(), "--generation_batch_size", str(args.generation_batch_size),
+               "--ignore_eos", "true"]  # exactly completion_length tokens: runs compare
     peak_rss = run_process(command, os.path.join(out, "bench.log"), args.threads)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         logged = [json.loads(line) for line in f if line.strip()]
@@ -517,9 +508,7 @@ def main(argv: list[str]) -> None:
     prompt_tokens = len(processor.tokenizer(text)["input_ids"]) - 1 + image_toks
     attn = args.attn_implementation or ("flash_attention_2" if torch.cuda.is_available()
                                         and importlib.util.find_spec("flash_attn") else "sdpa")
-    flags = supported_train_flags()
-    missing = sorted(set(OPTIONAL_TRAIN_FLAGS) - flags)
-    setup = dict(folder=folder, data=data, attn=attn, flags=flags, counts=counts, prompt_tokens=prompt_tokens,
+    setup = dict(folder=folder, data=data, attn=attn, counts=counts, prompt_tokens=prompt_tokens,
                  on_gpu=torch.cuda.is_available(),
                  decode_bytes=decode_weight_bytes(counts, 2 if args.dtype == "bfloat16" else 4),
                  peaks=device_peaks(info["gpu"], args.device_bandwidth_gbs, args.device_tflops))
@@ -528,17 +517,14 @@ def main(argv: list[str]) -> None:
     print(f"step: {args.prompts} prompts x G={args.G} = {args.prompts * args.G} rollouts of {args.completion_length} "
           f"tokens; prompt {prompt_tokens} tokens ({image_toks} image tokens, {args.image_size}x{args.image_size}); "
           f"beta {args.beta}; {args.warmup_steps} warm-up + {args.steps} timed steps x {args.repeats} runs")
-    if missing:
-        print(f"note: this train.py has no --{', --'.join(missing)}: running without")
 
-    # Each run kind: its runner, and whether prompts are forwarded once (our share_prompt, when this
-    # train.py has the flag) or G times (ours without it, and TRL) for the update's FLOPs.
+    # Each run kind: its runner, and whether prompts are forwarded once (our --share_prompt true) or
+    # G times (ours with false, and TRL), for the update's FLOPs.
     share = args.share_prompt == "true"
-    shared = lambda on: on and "share_prompt" in flags  # noqa: E731
-    kinds = {f"ours (share_prompt {str(share).lower()})": (lambda: run_ours(args, setup, share, workdir), shared(share))}
+    kinds = {f"ours (share_prompt {str(share).lower()})": (lambda: run_ours(args, setup, share, workdir), share)}
     if args.compare == "share_prompt":
         kinds[f"ours (share_prompt {str(not share).lower()})"] = (lambda: run_ours(args, setup, not share, workdir),
-                                                                  shared(not share))
+                                                                  not share)
     if args.compare == "trl":
         kinds["trl"] = (lambda: run_trl(args, setup, workdir), False)
     runs = {kind: [] for kind in kinds}
@@ -564,7 +550,7 @@ def main(argv: list[str]) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(command=["bench.py", *argv], machine=info, args=vars(args), prompt_tokens=prompt_tokens,
-                           params=counts, train_flags_missing=missing, results=results, runs=runs), f, indent=1)
+                           params=counts, results=results, runs=runs), f, indent=1)
     if not args.keep_dir:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -180,11 +180,11 @@ def main(argv: list[str]) -> None:
 
     logger = RunLogger(args.output_dir, args.run_name, args.report_to, total_steps, enabled=is_main)
     left_out = len(dataset) - micro_steps_per_epoch * B * world_size
-    prompts_per_call = max(1, args.generation_batch_size // G) if args.generation_batch_size else B * gas
+    generate_calls = math.ceil(B * gas / sampler.prompts_per_call(args.generation_batch_size, G, B * gas))
     zero_note = (f"ZeRO stage {zero_stage}" + (" (one process: nothing to partition, so the config's ZeRO stage is not used)"
                                                 if world_size == 1 else ""))
     logger.info(f"[train] {world_size} rank(s) x {B * gas} prompts x G={G} = {world_size * B * gas * G} completions per "
-                f"optimizer step, sampled in {math.ceil(B * gas / prompts_per_call)} generate call(s) per rank; "
+                f"optimizer step, sampled in {generate_calls} generate call(s) per rank; "
                 f"{gas} micro-batch(es) of {B} prompts each, {mu} update(s) per rollout, {total_steps} optimizer steps; "
                 f"prompts {'shared by their group' if args.share_prompt else 'repeated G times'}; {zero_note}; "
                 f"{left_out} prompts per epoch left out to keep ranks even")

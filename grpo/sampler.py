@@ -74,18 +74,23 @@ def sample_groups(model, prompt_inputs: dict, tokenizer, *, group_size: int, max
         min_new_tokens=max_new_tokens if ignore_eos else None, use_cache=True, suppress_tokens=suppress_token_ids,
         eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_ranks)
     num_prompts = prompt_inputs["input_ids"].shape[0]
-    per_call = max(1, generation_batch_size // group_size) if generation_batch_size > 0 else num_prompts
+    per_call = prompts_per_call(generation_batch_size, group_size, num_prompts)
+    generate = _generate_from_shared_prompt if share_prompt else _generate_from_repeated_prompt
     pieces = []
     with gathered_weights(model, zero_stage):
         for start in range(0, num_prompts, per_call):
             inputs = vlm_adapter.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts))
-            generate = _generate_from_shared_prompt if share_prompt else _generate_from_repeated_prompt
             pieces.append(generate(model, inputs, group_size, generate_kwargs))
     model.train(was_training)
     longest = max(piece.shape[1] for piece in pieces)
     padded = [torch.nn.functional.pad(piece, (0, longest - piece.shape[1]), value=tokenizer.pad_token_id)
               for piece in pieces]
     return to_rollout(torch.cat(padded), tokenizer)
+
+
+def prompts_per_call(generation_batch_size: int, group_size: int, num_prompts: int) -> int:
+    """Prompts per generate call: whole groups of at most generation_batch_size completions (0: all)."""
+    return max(1, generation_batch_size // group_size) if generation_batch_size > 0 else num_prompts
 
 
 def _generate_from_repeated_prompt(model, inputs: dict, group_size: int, generate_kwargs: dict) -> torch.Tensor:

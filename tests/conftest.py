@@ -44,6 +44,40 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory):
+    """A tiny random Qwen2.5-VL (its windowed vision tower, its processor class), saved like a real one."""
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from grpo.demo import CHAT_TEMPLATE, _mrope_section, build_tokenizer
+
+    folder = str(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+    tokenizer = build_tokenizer()
+    token_id = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(32)},
+                         bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>"),
+                         pad_token_id=token_id("<|endoftext|>")),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
+                           window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
+                        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                        chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def format_warmed_model(tmp_path_factory):
     """The tiny model after a short warm-up on the answer format (random letters), so that
     rollouts earn format rewards and differing accuracy rewards: a non-zero policy gradient."""

@@ -196,14 +196,15 @@ def _logps_and_grads(model, inputs, ids, mask, G, share_prompt):
     return logps.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_prompt_equals_plain_path(tiny_model, checkpointing):
+@pytest.mark.parametrize("family, checkpointing", [("qwen2_vl", False), ("qwen2_vl", True), ("qwen2_5_vl", True)])
+def test_shared_prompt_equals_plain_path(request, family, checkpointing):
     """Same sampled tokens: the shared-prompt forward gives the plain path's log-probs and the same
     gradient for every parameter, the vision tower included, with and without gradient checkpointing
     (transformers' checkpointed layers drop a cache unless told not to: then the completions would
     run without their prompt and the vision tower would get no gradient)."""
-    processor = vlm_adapter.load_processor(tiny_model, 56 * 56, 112 * 112)
-    model = vlm_adapter.load_model(tiny_model, torch.float32, "sdpa")
+    folder = request.getfixturevalue({"qwen2_vl": "tiny_model", "qwen2_5_vl": "tiny_qwen2_5_vl"}[family])
+    processor = vlm_adapter.load_processor(folder, 56 * 56, 112 * 112)
+    model = vlm_adapter.load_model(folder, torch.float32, "sdpa")
     model.train()
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -230,6 +231,15 @@ def test_shared_prompt_generation_samples_what_the_plain_path_samples(model_and_
     tokens as repeating the prompt G times (its decode logits are the same), in chunks or not; the
     vision tower sees each image once instead of G times."""
     model, processor = model_and_processor
+    _check_shared_generation(model, processor)
+
+
+def test_shared_prompt_generation_qwen2_5_vl(tiny_qwen2_5_vl):
+    processor = vlm_adapter.load_processor(tiny_qwen2_5_vl, 56 * 56, 112 * 112)
+    _check_shared_generation(vlm_adapter.load_model(tiny_qwen2_5_vl, torch.float32, "sdpa"), processor)
+
+
+def _check_shared_generation(model, processor):
     inputs = _three_prompts(processor)
     G = 4
     patches = int(inputs["image_grid_thw"].prod(-1).sum())
