@@ -54,6 +54,6 @@ def test_full_vocab_tokenizer_decodes_every_id_and_keeps_qwen_ids():
     for token, i in bench.QWEN_SPECIAL_IDS.items():
         assert tokenizer.convert_tokens_to_ids(token) == i
     assert tokenizer.decode([0, 151_000, 151_935]) == "t0 t151000 t151935"
-    # Every word of a prompt is one token; the chat markers are single tokens.
+    # Every word is one token (words outside the vocabulary map to t0); the chat markers are single tokens.
     text = tokenizer.apply_chat_template([{"role": "user", "content": "red green blue"}], tokenize=False)
     assert tokenizer(text)["input_ids"] == [151644, 0, 0, 0, 0, 151645]
