@@ -24,12 +24,12 @@ def evaluate(model_name_or_path: str, dataset_name: str, split: str, batch_size:
 
         min_pixels = max_pixels = 56 * 56
         system_prompt = system_prompt or DEMO_SYSTEM_PROMPT
-    vlm_adapter.check_model_type(model_name_or_path)
+    family = vlm_adapter.check_model_type(model_name_or_path)
     processor = vlm_adapter.load_processor(model_name_or_path, min_pixels, max_pixels)
     model = vlm_adapter.load_model(model_name_or_path, torch.float32 if not torch.cuda.is_available() else torch.bfloat16)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    dataset = data.load_prompt_dataset(dataset_name, split, processor, max_prompt_length, system_prompt, log=log)
+    dataset = data.load_prompt_dataset(dataset_name, split, processor, family, max_prompt_length, system_prompt, log=log)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     eos = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
     accuracy, formatted = [], []
@@ -37,11 +37,11 @@ def evaluate(model_name_or_path: str, dataset_name: str, split: str, batch_size:
 
     for start in tqdm(range(0, count, batch_size), desc="evaluating", unit="batch"):
         examples = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        inputs = vlm_adapter.build_inputs(processor, [ex["prompt"] for ex in examples], [ex["image"] for ex in examples])
+        inputs = vlm_adapter.build_inputs(processor, [ex["prompt"] for ex in examples], [ex["images"] for ex in examples], family)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
             output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                    suppress_tokens=vlm_adapter.forbidden_token_ids(processor),
+                                    suppress_tokens=vlm_adapter.forbidden_token_ids(processor, model.config),
                                     eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
         texts = sampler.to_rollout(output[:, inputs["input_ids"].shape[1]:].cpu(), processor.tokenizer).texts
         accuracy += rewards.accuracy_reward(texts, [ex["solution"] for ex in examples], [ex["problem"] for ex in examples])

@@ -92,6 +92,8 @@ def load_engine(args, ds_config: dict, dtype, total_steps: int, train: bool):
             ds_config["zero_optimization"] = {"stage": 0}
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (a weakref inside transformers reads it)
     model = vlm_adapter.load_model(args.model_name_or_path, dtype, args.attn_implementation)
+    if train and args.freeze_vision_tower:
+        vlm_adapter.vision_tower(model).requires_grad_(False)
     if not train:
         model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
@@ -142,7 +144,7 @@ def score(reward_funcs, weights, texts: list[str], examples: list[dict], group_s
     """Rewards for N = len(texts) completions; completion i belongs to prompt i // G, so it is
     scored against that prompt's solution (trap 2). Returns (per-function [N, K], total [N])."""
     columns = {key: [ex[key] for ex in examples for _ in range(group_size)]
-               for key in examples[0] if key not in ("image", "prompt")}
+               for key in examples[0] if key not in ("images", "prompt")}
     per_func = torch.tensor([fn(texts, **columns) for fn in reward_funcs], dtype=torch.float32).T
     return per_func, advantage.combine_rewards(per_func, weights)
 
@@ -158,9 +160,9 @@ def main(argv: list[str]) -> None:
         from grpo import demo
         args.model_name_or_path = demo.resolve_demo_model("demo", args.output_dir, is_main)
         torch.distributed.barrier()
-    vlm_adapter.check_model_type(args.model_name_or_path)
+    family = vlm_adapter.check_model_type(args.model_name_or_path)
     processor = vlm_adapter.load_processor(args.model_name_or_path, args.min_pixels, args.max_pixels)
-    dataset = data.load_prompt_dataset(args.dataset_name, args.dataset_split, processor, args.max_prompt_length,
+    dataset = data.load_prompt_dataset(args.dataset_name, args.dataset_split, processor, family, args.max_prompt_length,
                                        args.system_prompt, log=print if is_main else (lambda *_: None),
                                        progress=is_main)
     G, B, gas, mu = args.num_generations, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_iterations
@@ -192,7 +194,8 @@ def main(argv: list[str]) -> None:
         logger.info("[train] num_iterations=1: the ratio is exactly 1, so the logged loss sits near 0 "
                     "while its gradient is the full policy gradient (see grpo/loss.py)")
 
-    suppress = vlm_adapter.forbidden_token_ids(processor)
+    suppress = vlm_adapter.forbidden_token_ids(processor, engine.module.config)
+    blank_prompt = vlm_adapter.blank_picture_prompt(processor, family, device)
     weights = args.reward_weights or [1.0] * len(reward_funcs)
     prompts = step_prompts(len(dataset), B, gas, rank, world_size, args.seed)
     step, window = 0, []
@@ -204,13 +207,14 @@ def main(argv: list[str]) -> None:
         t_start = time.time()
         examples = [dataset[i] for i in next(prompts)]
         prompt_inputs = vlm_adapter.build_inputs(processor, [ex["prompt"] for ex in examples],
-                                                 [ex["image"] for ex in examples])
+                                                 [ex["images"] for ex in examples], family)
         prompt_inputs = {key: value.to(device) for key, value in prompt_inputs.items()}
         reset_peak_memory(device)
         completions = sampler.sample_groups(
             engine.module, prompt_inputs, processor.tokenizer, group_size=G, max_new_tokens=args.max_completion_length,
             temperature=args.temperature, top_p=args.top_p, suppress_token_ids=suppress, share_prompt=args.share_prompt,
-            generation_batch_size=args.generation_batch_size, ignore_eos=args.ignore_eos, zero_stage=zero_stage,
+            generation_batch_size=args.generation_batch_size, ignore_eos=args.ignore_eos, blank_prompt=blank_prompt,
+            zero_stage=zero_stage,
             synced_ranks=zero_stage == 3 and world_size > 1)
         timing = {"generate": time.time() - t_start}
         memory = {"generate": peak_memory_gb(device)}
@@ -218,7 +222,8 @@ def main(argv: list[str]) -> None:
         per_func, total = score(reward_funcs, weights, completions.texts, examples, G)
         rollout = StepRollout(examples, prompt_inputs, completions.completion_ids.to(device),
                               completions.completion_mask.to(device), completions, total, per_func,
-                              advantage.group_advantages(total, G, scale=args.scale_rewards).to(device))
+                              advantage.group_advantages(total, G, scale=args.scale_rewards).to(device),
+                              blank_prompt=blank_prompt)
         timing["score"] = time.time() - t0
 
         # ---- 4-5. old and reference log-probs once, then num_iterations updates on this rollout ----
@@ -281,8 +286,8 @@ class StepRollout:
     """What one optimizer step learns from, on this rank: P prompts and their G completions each,
     prompt-major (completion i belongs to prompt i // G, trap 2). All tensors are on the device."""
 
-    examples: list[dict]           # the P dataset rows (problem, solution, image, ...)
-    prompt_inputs: dict            # their model inputs, NOT repeated: left-padded [P, L] rows and the images
+    examples: list[dict]           # the P dataset rows (problem, solution, images, ...)
+    prompt_inputs: dict            # their model inputs, NOT repeated: left-padded [P, L] rows and the pictures
     completion_ids: torch.Tensor   # [P*G, T] sampled tokens, right-padded
     completion_mask: torch.Tensor  # [P*G, T] 1 up to and including EOS
     completions: sampler.Rollout   # the same completions as texts, with truncation flags (on the CPU)
@@ -291,13 +296,16 @@ class StepRollout:
     advantages: torch.Tensor       # [P*G]
     old_logps: torch.Tensor | None = None  # [P*G, T] before the step's first update (num_iterations > 1)
     ref_logps: torch.Tensor | None = None  # [P*G, T] under the reference model (beta > 0)
+    blank_prompt: dict | None = None       # a blank-image prompt, for micro-batches without pictures (trap 12)
 
-    def micro_batches(self, prompts_per_micro_batch: int, group_size: int):
+    def micro_batches(self, prompts_per_micro_batch: int, group_size: int, model_config):
         """Consecutive slices of prompts, each with its G completions: (prompt_inputs, rows) pairs."""
         num_prompts = self.prompt_inputs["input_ids"].shape[0]
         for start in range(0, num_prompts, prompts_per_micro_batch):
             stop = min(start + prompts_per_micro_batch, num_prompts)
-            yield vlm_adapter.select_prompts(self.prompt_inputs, start, stop), slice(start * group_size, stop * group_size)
+            inputs = vlm_adapter.select_prompts(self.prompt_inputs, start, stop, model_config)
+            yield (vlm_adapter.with_pictures(inputs, self.blank_prompt) if self.blank_prompt else inputs,
+                   slice(start * group_size, stop * group_size))
 
 
 @torch.no_grad()
@@ -307,7 +315,8 @@ def rollout_logps(model, rollout: StepRollout, args) -> torch.Tensor:
     return torch.cat([
         vlm_adapter.completion_logps(model, inputs, rollout.completion_ids[rows], rollout.completion_mask[rows],
                                      args.temperature, args.num_generations, args.share_prompt)
-        for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, args.num_generations)])
+        for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, args.num_generations,
+                                                  vlm_adapter.unwrap(model).config)])
 
 
 def learn_from(rollout: StepRollout, engine, ref_engine, args, world_size: int, device):
@@ -349,7 +358,7 @@ def policy_update(engine, rollout: StepRollout, args, world_size: int, active_to
     (it accumulates until the last micro-batch). Returns each micro-batch's loss statistics."""
     G, stats_per_micro_batch = args.num_generations, []
     scale = loss_scale(args.loss_type, world_size, args.gradient_accumulation_steps)
-    for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, G):
+    for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, G, engine.module.config):
         ids, mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
         logps, entropy = vlm_adapter.completion_logps(engine, inputs, ids, mask, args.temperature, G,
                                                       args.share_prompt, with_entropy=True)

@@ -1,7 +1,8 @@
 """Prompts for GRPO: load the rows, check them once, build the conversations.
 
-A row has an `image`, a `problem` and a `solution` (ending in <answer>X</answer>), like
-lmms-lab/multimodal-open-r1-8k-verified. Sources: a hub id, a `save_to_disk` folder, a .parquet or
+A row has a `problem` and a `solution` (ending in <answer>X</answer>), and its pictures: an
+`image` (like lmms-lab/multimodal-open-r1-8k-verified), or an `images` list for several, or none
+(a text-only row: `image` empty, or no picture column at all). Sources: a hub id, a `save_to_disk` folder, a .parquet or
 .jsonl file (its image column may hold images, bytes, or paths relative to the file), or `demo`.
 
 Everything that could break a run mid-way is checked here, at load time, and counted:
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .vlm_adapter import count_prompt_tokens
 
-REQUIRED_COLUMNS = ("image", "problem", "solution")
+REQUIRED_COLUMNS = ("problem", "solution")
+IMAGE_COLUMNS = ("images", "image")  # a list of images, or one; a row may leave both empty
 
 DEFAULT_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question about an image, and the "
@@ -73,11 +75,21 @@ def to_pil(value, base_dir: str | None = None) -> Image.Image:
     return value.convert("RGB")
 
 
-def build_conversation(problem: str, system_prompt: str | None = None) -> list[dict]:
-    """System turn asking for <think>/<answer>, user turn with the image and the problem."""
+def row_images(row: dict, base_dir: str | None = None) -> list[Image.Image]:
+    """The row's pictures, in order: its `images` list, else its `image`, else none (text-only)."""
+    for column in IMAGE_COLUMNS:
+        value = row.get(column)
+        if value is not None and value != []:
+            return [to_pil(v, base_dir) for v in (value if column == "images" else [value])]
+    return []
+
+
+def build_conversation(problem: str, system_prompt: str | None = None, num_images: int = 1) -> list[dict]:
+    """System turn asking for <think>/<answer>, user turn with the images (if any), then the problem."""
     return [
-        {"role": "system", "content": system_prompt or DEFAULT_SYSTEM_PROMPT},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem}]},
+        # As a list of parts: some families' templates drop a system turn given as a plain string.
+        {"role": "system", "content": [{"type": "text", "text": system_prompt or DEFAULT_SYSTEM_PROMPT}]},
+        {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": problem}]},
     ]
 
 
@@ -92,13 +104,13 @@ class PromptDataset:
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[self.keep[i]]
-        example = {k: v for k, v in row.items() if k != "image"}
-        example["image"] = to_pil(row["image"], self.base_dir)
-        example["prompt"] = build_conversation(row["problem"], self.system_prompt)
+        example = {k: v for k, v in row.items() if k not in IMAGE_COLUMNS}
+        example["images"] = row_images(row, self.base_dir)
+        example["prompt"] = build_conversation(row["problem"], self.system_prompt, len(example["images"]))
         return example
 
 
-def load_prompt_dataset(dataset_name: str, split: str, processor, max_prompt_length: int,
+def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_prompt_length: int,
                         system_prompt: str | None = None, log=print, progress: bool = False) -> PromptDataset:
     """Load, check every row once, and report what was dropped and why.
 
@@ -111,11 +123,12 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, max_prompt_len
     keep, unreadable, too_long = [], [], []
     for index, row in enumerate(tqdm(rows, desc="checking rows", unit="row", disable=not progress)):
         try:
-            image = to_pil(row["image"], base_dir)
+            images = row_images(row, base_dir)
         except Exception as e:  # any decoding failure: the row is dropped and reported
             unreadable.append((index, f"{type(e).__name__}: {e}"))
             continue
-        length = count_prompt_tokens(processor, build_conversation(row["problem"], system_prompt), image)
+        conversation = build_conversation(row["problem"], system_prompt, len(images))
+        length = count_prompt_tokens(processor, conversation, images, family)
         if length > max_prompt_length:
             too_long.append((index, length))
         else:
@@ -129,7 +142,9 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, max_prompt_len
     if not keep:
         raise ValueError(f"--dataset_name {dataset_name!r}: no usable rows out of {len(rows)} "
                          f"({len(unreadable)} unreadable images, {len(too_long)} over --max_prompt_length).")
-    log(f"[data] {len(keep)} prompts from {dataset_name!r} (split {split!r})")
+    text_only = sum(1 for i in keep if not any(rows[i].get(c) for c in IMAGE_COLUMNS))
+    log(f"[data] {len(keep)} prompts from {dataset_name!r} (split {split!r})"
+        + (f", {text_only} of them text-only" if text_only else ""))
     return PromptDataset(rows, keep, base_dir, system_prompt)
 
 

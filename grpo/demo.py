@@ -211,7 +211,7 @@ def warm_up_format(folder: str, rows: list[dict], valid_answers, steps: int = 60
     import torch
 
     from .data import build_conversation
-    from .vlm_adapter import build_inputs, completion_logps, load_model, load_processor
+    from .vlm_adapter import FAMILIES, build_inputs, completion_logps, load_model, load_processor
 
     processor = load_processor(folder, 56 * 56, 56 * 56)
     tokenizer = processor.tokenizer
@@ -230,7 +230,7 @@ def warm_up_format(folder: str, rows: list[dict], valid_answers, steps: int = 60
         ids = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in targets])
         mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in targets])
         conversations = [build_conversation(r["problem"], system_prompt) for r in batch]
-        inputs = build_inputs(processor, conversations, [r["image"] for r in batch])
+        inputs = build_inputs(processor, conversations, [[r["image"]] for r in batch], FAMILIES["qwen2_vl"])
         logps = completion_logps(model, inputs, ids, mask, temperature=1.0, group_size=1, share_prompt=False)
         loss = -(logps * mask).sum() / mask.sum()  # cross-entropy on the target tokens
         optimizer.zero_grad()

@@ -54,8 +54,8 @@ def gathered_weights(model, zero_stage: int):
 @torch.no_grad()
 def sample_groups(model, prompt_inputs: dict, tokenizer, *, group_size: int, max_new_tokens: int,
                   temperature: float, top_p: float, suppress_token_ids: list[int], share_prompt: bool = True,
-                  generation_batch_size: int = 0, ignore_eos: bool = False, zero_stage: int = 0,
-                  synced_ranks: bool = False) -> Rollout:
+                  generation_batch_size: int = 0, ignore_eos: bool = False, blank_prompt: dict | None = None,
+                  zero_stage: int = 0, synced_ranks: bool = False) -> Rollout:
     """G completions for each of the B prompts in `prompt_inputs` (left-padded [B, P] rows and their
     images, not repeated): rows i*G .. i*G+G-1 of the result belong to prompt i.
 
@@ -64,6 +64,7 @@ def sample_groups(model, prompt_inputs: dict, tokenizer, *, group_size: int, max
     the same number of calls, so ranks stay in step under ZeRO-3. With `share_prompt` each prompt is
     prefilled once (the vision tower runs once per prompt) and its cache copied to its G samples.
     `ignore_eos` samples exactly max_new_tokens tokens (benchmarks: runs of equal length compare).
+    `blank_prompt` (vlm_adapter.with_pictures) gives a call without pictures a masked-out blank image.
     Returns the completions right-padded to the longest one.
     """
     was_training = model.training
@@ -79,7 +80,10 @@ def sample_groups(model, prompt_inputs: dict, tokenizer, *, group_size: int, max
     pieces = []
     with gathered_weights(model, zero_stage):
         for start in range(0, num_prompts, per_call):
-            inputs = vlm_adapter.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts))
+            inputs = vlm_adapter.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts),
+                                                vlm_adapter.unwrap(model).config)
+            if blank_prompt is not None:
+                inputs = vlm_adapter.with_pictures(inputs, blank_prompt)
             pieces.append(generate(model, inputs, group_size, generate_kwargs))
     model.train(was_training)
     longest = max(piece.shape[1] for piece in pieces)
@@ -95,7 +99,8 @@ def prompts_per_call(generation_batch_size: int, group_size: int, num_prompts: i
 
 def _generate_from_repeated_prompt(model, inputs: dict, group_size: int, generate_kwargs: dict) -> torch.Tensor:
     """The plain path: every prompt repeated G times and prefilled G times. Returns [B*G, T]."""
-    output = model.generate(**vlm_adapter.repeat_for_group(inputs, group_size), **generate_kwargs)
+    output = model.generate(**vlm_adapter.repeat_for_group(inputs, group_size, vlm_adapter.unwrap(model).config),
+                            **generate_kwargs)
     return output[:, inputs["input_ids"].shape[1]:]
 
 
@@ -104,24 +109,34 @@ def _generate_from_shared_prompt(model, inputs: dict, group_size: int, generate_
 
     The prefill stops one token short of the prompt: `generate` must have at least one uncached
     token to start from (given a fully cached prompt it would prefill the whole prompt again on top
-    of the cache). Qwen2-VL's decode positions come from `rope_deltas`, which the prefill computes
-    for B rows; it is set to those deltas repeated G times right before `generate`, since a stale
-    value of the right shape would be used silently.
+    of the cache). The prefill's positions count each left-padded row's real tokens, as generate
+    numbers the tokens after it. Qwen-VL's decode positions come from `model.rope_deltas`: it is set
+    to the prompts' deltas repeated G times right before `generate`, since a stale value of the
+    right shape (left by an earlier forward) would be used silently.
     """
     from transformers import DynamicCache, StaticCache
 
     G, unwrapped = group_size, vlm_adapter.unwrap(model)
     text_config = unwrapped.config.get_text_config()
     prefill = DynamicCache(config=text_config)
-    text_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
+    text_keys = ["input_ids", "attention_mask", *vlm_adapter.token_type_keys(inputs)]
     prefix = {key: (value[:, :-1] if key in text_keys else value) for key, value in inputs.items()}
-    unwrapped(**prefix, cache=prefill, use_cache=True, logits_to_keep=1)
-    # Decode into preallocated keys/values: a growing cache copies all of itself at every step.
-    cache = StaticCache(config=text_config, max_cache_len=inputs["input_ids"].shape[1] + generate_kwargs["max_new_tokens"])
-    for layer, prompt_layer in zip(cache.layers, prefill.layers):
-        layer.update(prompt_layer.keys.repeat_interleave(G, dim=0), prompt_layer.values.repeat_interleave(G, dim=0))
-    unwrapped.model.rope_deltas = unwrapped.model.rope_deltas.repeat_interleave(G, dim=0)
-    repeated = {key: inputs[key].repeat_interleave(G, dim=0) for key in text_keys}
+    positions = vlm_adapter.prompt_positions(unwrapped, prefix)
+    unwrapped(**prefix, position_ids=positions, cache=prefill, use_cache=True, logits_to_keep=1)
+    if any(layer.is_sliding for layer in prefill.layers):  # windowed layers keep only their window: as they are
+        prefill.batch_repeat_interleave(G)
+        cache = prefill
+    else:  # decode into preallocated keys/values: a growing cache copies all of itself at every step
+        cache = StaticCache(config=text_config,
+                            max_cache_len=inputs["input_ids"].shape[1] + generate_kwargs["max_new_tokens"])
+        for layer, prompt_layer in zip(cache.layers, prefill.layers):
+            layer.update(prompt_layer.keys.repeat_interleave(G, dim=0), prompt_layer.values.repeat_interleave(G, dim=0))
+    if positions.dim() == 3:  # mRoPE: decode position = the token's index among real tokens + its row's delta
+        deltas = positions[:, :, -1].amax(0) + 1 - prefix["attention_mask"].sum(-1)
+        unwrapped.model.rope_deltas = deltas.repeat_interleave(G)[:, None]
+    # Token types describe the cached prompt only: the one uncached prompt token and all that follow are
+    # text, and a family that builds its mask from them (Gemma 3) must not see prompt-length ones again.
+    repeated = {key: inputs[key].repeat_interleave(G, dim=0) for key in ("input_ids", "attention_mask")}
     output = model.generate(**repeated, cache=cache, **generate_kwargs)
     return output[:, inputs["input_ids"].shape[1]:]
 

@@ -77,6 +77,37 @@ def tiny_qwen2_5_vl(tmp_path_factory):
     return folder
 
 
+# Every family's tiny model, by model_type: name -> builder(folder) -> folder.
+def _family_builders():
+    from tiny_aria import save_tiny_aria
+    from tiny_gemma3 import save_tiny_gemma3
+    from tiny_idefics3 import save_tiny_idefics3, save_tiny_smolvlm
+    from tiny_llava_onevision import save_tiny_llava_onevision
+    from tiny_qwen3_vl import save_tiny_qwen3_vl
+
+    from grpo.demo import save_tiny_qwen2_vl
+
+    return {"qwen2_vl": save_tiny_qwen2_vl, "qwen3_vl": save_tiny_qwen3_vl, "llava_onevision": save_tiny_llava_onevision,
+            "idefics3": save_tiny_idefics3, "smolvlm": save_tiny_smolvlm, "gemma3": save_tiny_gemma3,
+            "aria": save_tiny_aria}
+
+
+FAMILY_NAMES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "idefics3", "smolvlm", "gemma3", "aria")
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory, tiny_qwen2_5_vl):
+    """A tiny model folder per family, built on first use."""
+    built = {"qwen2_5_vl": tiny_qwen2_5_vl}
+
+    def get(name: str) -> str:
+        if name not in built:
+            built[name] = _family_builders()[name](str(tmp_path_factory.mktemp(f"tiny-{name}")))
+        return built[name]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def format_warmed_model(tmp_path_factory):
     """The tiny model after a short warm-up on the answer format (random letters), so that
@@ -100,7 +131,39 @@ def colour_dataset(tmp_path_factory):
     return folder
 
 
-def run_command(cmd: list[str], tmp_path) -> str:
+@pytest.fixture(scope="session")
+def mixed_dataset(tmp_path_factory):
+    """8 rows mixing one image, two images and none (text-only), in an `images` list column."""
+    import datasets
+    from PIL import Image
+
+    rows = []
+    for i, row in enumerate(colour_rows(8)):
+        images = [row["image"], Image.new("RGB", (56, 56), "white")][:[1, 2, 0][i % 3]]
+        rows.append({"images": images, "problem": row["problem"], "solution": row["solution"]})
+    folder = str(tmp_path_factory.mktemp("mixed") / "ds")
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"),
+                                  "solution": datasets.Value("string")})
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def image_and_text_only_dataset(tmp_path_factory):
+    """Two rows, one with an image and one without (`image` empty): with one prompt per rank on two
+    ranks, every step gives one rank a text-only micro-batch while the other has an image (trap 12)."""
+    import datasets
+
+    rows = colour_rows(2)
+    rows[1]["image"] = None
+    folder = str(tmp_path_factory.mktemp("pair") / "ds")
+    features = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"),
+                                  "solution": datasets.Value("string")})
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
+    return folder
+
+
+def run_command(cmd: list[str], tmp_path, timeout: int = 1200) -> str:
     """Run train.py / eval.py as a user would (offline); fail with the log's tail if it fails."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
     if cmd[0] == "deepspeed":  # a free rendezvous port, not the launcher's fixed 29500
@@ -109,7 +172,7 @@ def run_command(cmd: list[str], tmp_path) -> str:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             cmd = [cmd[0], "--master_port", str(s.getsockname()[1]), *cmd[1:]]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = result.stdout + result.stderr
     (tmp_path / "log.txt").write_text(log)
     assert result.returncode == 0, log[-6000:]

@@ -64,7 +64,7 @@ def step_data(processor, seed: int) -> list[dict]:
     B prompts and their G completions: random ordinary tokens, right-padded to T columns with
     lengths 1..T, and random advantages."""
     tokenizer = processor.tokenizer
-    special = set(tokenizer.all_special_ids) | set(vlm_adapter.forbidden_token_ids(processor))
+    special = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(list(vlm_adapter.FAMILIES["qwen2_vl"].placeholders)))
     ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     generator = torch.Generator().manual_seed(seed)
     micro_batches = []
@@ -76,7 +76,7 @@ def step_data(processor, seed: int) -> list[dict]:
         mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
         micro_batches.append(dict(
             conversations=list(conversations), images=list(images),
-            inputs=vlm_adapter.build_inputs(processor, list(conversations), list(images)),
+            inputs=vlm_adapter.build_inputs(processor, list(conversations), [[image] for image in images], vlm_adapter.FAMILIES["qwen2_vl"]),
             ids=ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask=mask,
             advantages=torch.randn(B * G, generator=generator)))
     return micro_batches
@@ -89,7 +89,7 @@ def rank_rollout(processor, micro_batches: list[dict], rank: int) -> train.StepR
     images = [im for mb in mine for im in mb["images"]]
     return train.StepRollout(
         examples=[{} for _ in conversations],
-        prompt_inputs=vlm_adapter.build_inputs(processor, conversations, images),
+        prompt_inputs=vlm_adapter.build_inputs(processor, conversations, [[image] for image in images], vlm_adapter.FAMILIES["qwen2_vl"]),
         completion_ids=torch.cat([mb["ids"] for mb in mine]), completion_mask=torch.cat([mb["mask"] for mb in mine]),
         completions=None, rewards=torch.zeros(B * GAS * G), reward_per_func=torch.zeros(B * GAS * G, 1),
         advantages=torch.cat([mb["advantages"] for mb in mine]))
@@ -280,13 +280,13 @@ def check_old_logps(model_dir, processor, rank, world_size, device, lr: float) -
 def check_seeds(model_dir, processor, rank, seed: int) -> dict:
     model = vlm_adapter.load_model(model_dir, torch.float32)
     conversation, image = prompt(0)  # the same prompt and image on every rank
-    inputs = vlm_adapter.build_inputs(processor, [conversation], [image])
+    inputs = vlm_adapter.build_inputs(processor, [conversation], [[image]], vlm_adapter.FAMILIES["qwen2_vl"])
     new_tokens = 16
 
     def sample() -> torch.Tensor:
         ids = sampler.sample_groups(model, inputs, processor.tokenizer, group_size=4, max_new_tokens=new_tokens,
                                     temperature=1.0, top_p=1.0,
-                                    suppress_token_ids=vlm_adapter.forbidden_token_ids(processor)).completion_ids
+                                    suppress_token_ids=vlm_adapter.forbidden_token_ids(processor, model.config)).completion_ids
         return torch.nn.functional.pad(ids, (0, new_tokens - ids.shape[1]), value=processor.tokenizer.pad_token_id)
 
     train.seed_this_rank(seed, rank)

@@ -7,6 +7,9 @@ import pytest
 from conftest import colour_rows
 
 from grpo import data
+from grpo.vlm_adapter import FAMILIES
+
+QWEN = FAMILIES["qwen2_vl"]
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +21,7 @@ def processor(tiny_model):
 
 def _load(path, processor, max_len=4096):
     messages = []
-    ds = data.load_prompt_dataset(path, "train", processor, max_len, log=messages.append)
+    ds = data.load_prompt_dataset(path, "train", processor, QWEN, max_len, log=messages.append)
     return ds, messages
 
 
@@ -30,10 +33,11 @@ def test_save_to_disk_folder(colour_dataset, processor):
         example = ds[i]
         assert example["problem"] == expected[i]["problem"]
         assert example["solution"] == expected[i]["solution"]
-        assert example["image"].size == expected[i]["image"].size
-        assert example["image"].getpixel((0, 0)) == expected[i]["image"].getpixel((0, 0))
+        (image,) = example["images"]
+        assert image.size == expected[i]["image"].size
+        assert image.getpixel((0, 0)) == expected[i]["image"].getpixel((0, 0))
         system, user = example["prompt"]
-        assert system["role"] == "system" and "<answer>" in system["content"]
+        assert system["role"] == "system" and "<answer>" in system["content"][0]["text"]
         assert user["content"] == [{"type": "image"}, {"type": "text", "text": expected[i]["problem"]}]
 
 
@@ -49,7 +53,7 @@ def test_parquet_with_image_bytes(tmp_path, processor):
     datasets.Dataset.from_list(rows).to_parquet(path)
     ds, _ = _load(path, processor)
     assert [ds[i]["problem"] for i in range(4)] == [r["problem"] for r in rows]
-    assert ds[2]["image"].getpixel((3, 3)) == colour_rows(4)[2]["image"].getpixel((3, 3))
+    assert ds[2]["images"][0].getpixel((3, 3)) == colour_rows(4)[2]["image"].getpixel((3, 3))
 
 
 def test_jsonl_with_relative_paths_drops_and_counts_unreadable(tmp_path, processor):
@@ -65,21 +69,21 @@ def test_jsonl_with_relative_paths_drops_and_counts_unreadable(tmp_path, process
         f.write(json.dumps({"image": "img/broken.png", "problem": "?", "solution": "<answer>A</answer>"}) + "\n")
     ds, messages = _load(str(tmp_path / "rows.jsonl"), processor)
     assert len(ds) == 3
-    assert ds[1]["image"].getpixel((0, 0)) == rows[1]["image"].getpixel((0, 0))
+    assert ds[1]["images"][0].getpixel((0, 0)) == rows[1]["image"].getpixel((0, 0))
     assert any("dropped 2 of 5 rows with unreadable images" in m and "row 3" in m for m in messages)
 
 
 def test_missing_columns_named(tmp_path, processor):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"picture": "x.png", "question": "q", "solution": "s"}) + "\n")
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['image', 'problem'\].*'picture', 'question', 'solution'"):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['problem'\].*'picture', 'question', 'solution'"):
         _load(str(path), processor)
 
 
 def test_over_long_prompts_dropped_and_counted(colour_dataset, processor):
     from grpo.vlm_adapter import count_prompt_tokens
 
-    lengths = [count_prompt_tokens(processor, ex["prompt"], ex["image"]) for ex in _load(colour_dataset, processor)[0]]
+    lengths = [count_prompt_tokens(processor, ex["prompt"], ex["images"], QWEN) for ex in _load(colour_dataset, processor)[0]]
     # The images are 56, 64 and 72 pixels wide: those above 56 resize to more image tokens.
     limit = min(lengths)
     assert max(lengths) > limit
@@ -95,8 +99,8 @@ def test_prompt_token_count_matches_processor(colour_dataset, processor):
     ds, _ = _load(colour_dataset, processor)
     for i in (0, 1, 2):
         ex = ds[i]
-        inputs = build_inputs(processor, [ex["prompt"]], [ex["image"]])
-        assert count_prompt_tokens(processor, ex["prompt"], ex["image"]) == inputs["input_ids"].shape[1]
+        inputs = build_inputs(processor, [ex["prompt"]], [ex["images"]], QWEN)
+        assert count_prompt_tokens(processor, ex["prompt"], ex["images"], QWEN) == inputs["input_ids"].shape[1]
 
 
 def test_rank_batches_disjoint_and_even():

@@ -6,7 +6,7 @@ import os
 import sys
 
 import pytest
-from conftest import read_metrics, run_command
+from conftest import FAMILY_NAMES, read_metrics, run_command
 
 COMMON = ["--num_generations", "4", "--per_device_train_batch_size", "2", "--max_completion_length", "16",
           "--learning_rate", "1e-4", "--logging_steps", "1", "--log_completions_steps", "1", "--max_pixels", "6272"]
@@ -83,3 +83,40 @@ def test_plain_python_one_process(tiny_model, colour_dataset, tmp_path, loss_typ
     assert all(m["loss/kl"] == 0.0 for m in metrics)  # beta 0: no reference, no KL
     assert not glob.glob(os.path.join(out, "runs"))  # --report_to none: no TensorBoard
     assert glob.glob(os.path.join(out, "*.safetensors"))
+
+
+# --- every model family through train.py ---------------------------------------------------------
+
+FAMILY_STEP = ["--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+               "--max_completion_length", "6", "--beta", "0.04", "--learning_rate", "1e-4", "--logging_steps", "1",
+               "--report_to", "none", "--save_steps", "0", "--max_pixels", "12544"]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_one_grpo_step_per_family(family, family_models, mixed_dataset, tmp_path):
+    """One optimizer step (two micro-batches, a reference model) of each family on rows with one
+    image, two images and none, loaded through --model_name_or_path like a real checkpoint."""
+    out = str(tmp_path / "run")
+    log = run_command([sys.executable, "train.py", "--output_dir", out, "--model_name_or_path", family_models(family),
+                       "--dataset_name", mixed_dataset, "--max_steps", "1", *FAMILY_STEP], tmp_path)
+    assert "of them text-only" in log
+    (metrics,) = read_metrics(out)
+    assert metrics["step"] == 1 and metrics["completion/length_mean"] > 0
+
+
+@pytest.mark.parametrize("family", ["aria", "llava_onevision"])
+def test_text_only_micro_batch_beside_images_under_zero3(family, family_models, image_and_text_only_dataset, tmp_path):
+    """Two ranks, ZeRO-3, one prompt each: every step one rank's micro-batch is text-only while the
+    other's has an image. Without the blank-image pass the text-only rank skips the vision tower's
+    weight gathering and the ranks wait on each other forever (trap 12); here they finish, and the
+    frozen-vision-tower flag trains the rest."""
+    out = str(tmp_path / "run")
+    extra = ["--freeze_vision_tower", "true"] if family == "llava_onevision" else []
+    log = run_command(["deepspeed", "--num_gpus", "2", "train.py", "--deepspeed", "zero3.json", "--output_dir", out,
+                       "--model_name_or_path", family_models(family), "--dataset_name", image_and_text_only_dataset,
+                       "--max_steps", "2", "--num_generations", "2", "--per_device_train_batch_size", "1",
+                       "--max_completion_length", "6", "--beta", "0.04", "--learning_rate", "1e-4",
+                       "--logging_steps", "1", "--report_to", "none", "--save_steps", "0", "--gradient_checkpointing",
+                       "true", *extra], tmp_path, timeout=240)
+    assert "ZeRO stage 3" in log and "2 rank(s)" in log and "1 of them text-only" in log
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]

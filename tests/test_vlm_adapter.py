@@ -20,23 +20,24 @@ def model_and_processor(tiny_model):
 
 def _inputs(processor, images, problems=None):
     problems = problems or [f"Question {i}?" for i in range(len(images))]
-    return vlm_adapter.build_inputs(processor, [build_conversation(p) for p in problems], images)
+    return vlm_adapter.build_inputs(processor, [build_conversation(p) for p in problems], [[image] for image in images],
+                                    vlm_adapter.FAMILIES["qwen2_vl"])
 
 
 def _sample(model, processor, inputs, group_size, suppress=True, max_new_tokens=12, **kwargs):
-    ids = vlm_adapter.forbidden_token_ids(processor) if suppress else []
+    ids = vlm_adapter.forbidden_token_ids(processor, model.config) if suppress else []
     return sampler.sample_groups(model, inputs, processor.tokenizer, group_size=group_size, max_new_tokens=max_new_tokens,
                                  temperature=1.0, top_p=1.0, suppress_token_ids=ids, **kwargs)
 
 
 def test_repeat_for_group_keeps_each_image_with_its_rows(model_and_processor):
-    _, processor = model_and_processor
+    model, processor = model_and_processor
     images = [Image.new("RGB", (56, 56), "red"), Image.new("RGB", (112, 56), "blue"), Image.new("RGB", (56, 84), "green")]
     inputs = _inputs(processor, images)
     patches = inputs["image_grid_thw"].prod(-1).tolist()
     assert len(set(patches)) == 3  # three different patch counts: an off-by-one would misalign
     G = 3
-    repeated = vlm_adapter.repeat_for_group(inputs, G)
+    repeated = vlm_adapter.repeat_for_group(inputs, G, model.config)
     assert repeated["input_ids"].shape[0] == 9
     blocks = repeated["pixel_values"].split(repeated["image_grid_thw"].prod(-1).tolist())
     originals = inputs["pixel_values"].split(patches)
@@ -47,8 +48,8 @@ def test_repeat_for_group_keeps_each_image_with_its_rows(model_and_processor):
 
 
 def test_forbidden_tokens_are_the_placeholders(model_and_processor):
-    _, processor = model_and_processor
-    ids = vlm_adapter.forbidden_token_ids(processor)
+    model, processor = model_and_processor
+    ids = vlm_adapter.forbidden_token_ids(processor, model.config)
     assert sorted(processor.tokenizer.convert_ids_to_tokens(ids)) == sorted(vlm_adapter.PLACEHOLDER_TOKENS)
 
 
@@ -80,7 +81,7 @@ def test_sampler_shapes_masks_and_texts(model_and_processor):
 def test_placeholder_tokens_never_sampled(model_and_processor):
     """Push the placeholders' logits far up: unsuppressed they are sampled, suppressed never (trap 5)."""
     model, processor = model_and_processor
-    forbidden = vlm_adapter.forbidden_token_ids(processor)
+    forbidden = vlm_adapter.forbidden_token_ids(processor, model.config)
     with _logits_pushed_up(model, forbidden):
         inputs = _inputs(processor, [Image.new("RGB", (56, 56), "red")])
         for share_prompt in (True, False):
@@ -299,10 +300,10 @@ def test_ignore_eos_samples_the_full_length(model_and_processor):
 
 
 def test_select_prompts_drops_padding_only_the_others_needed(model_and_processor):
-    _, processor = model_and_processor
+    model, processor = model_and_processor
     inputs = _three_prompts(processor)
     patches = inputs["image_grid_thw"].prod(-1).tolist()
-    part = vlm_adapter.select_prompts(inputs, 2, 3)  # the third prompt alone
+    part = vlm_adapter.select_prompts(inputs, 2, 3, model.config)  # the third prompt alone
     real = inputs["attention_mask"][2].bool()
     assert part["input_ids"].tolist() == [inputs["input_ids"][2][real].tolist()]  # no padding column left
     assert torch.equal(part["pixel_values"], inputs["pixel_values"][patches[0] + patches[1]:])

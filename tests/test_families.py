@@ -1,0 +1,161 @@
+"""Every model family through the same adapter: the family table in grpo/vlm_adapter.py is all that
+differs. For each, a tiny random model with its real processor class: pictures reach the model, the
+shared-prompt path equals the plain one (log-probs, every gradient, sampled tokens) on a batch that
+mixes one image, several images and no image, and placeholder tokens are never sampled."""
+
+import pytest
+import torch
+from conftest import COLOURS, FAMILY_NAMES
+from PIL import Image
+
+from grpo import sampler, vlm_adapter
+from grpo.data import build_conversation
+
+MULTI_IMAGE = set(FAMILY_NAMES)  # every family here takes several images in one prompt
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family(request, family_models):
+    folder = family_models(request.param)
+    processor = vlm_adapter.load_processor(folder, 56 * 56, 112 * 112)
+    model = vlm_adapter.load_model(folder, torch.float32, "sdpa")
+    return request.param, model, processor, vlm_adapter.family_of(model)
+
+
+def _batch(processor, family_config, name, colours=("red", "blue", "green")):
+    """Three prompts of different lengths: one image; two images (or one, for single-image families);
+    no image (a text-only row)."""
+    images = [[Image.new("RGB", (56, 56), COLOURS[colours[0]])],
+              [Image.new("RGB", (112, 84), COLOURS[colours[1]]), Image.new("RGB", (84, 56), COLOURS[colours[2]])]
+              if name in MULTI_IMAGE else [Image.new("RGB", (112, 84), COLOURS[colours[1]])],
+              []]
+    problems = ["Short?", "A longer question, with more words in it than the first?", "Text only, no picture?"]
+    conversations = [build_conversation(p, num_images=len(i)) for p, i in zip(problems, images)]
+    return vlm_adapter.build_inputs(processor, conversations, images, family_config)
+
+
+def _completions(processor, model, rows, length=6, seed=1):
+    forbidden = set(vlm_adapter.forbidden_token_ids(processor, model.config)) | set(processor.tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(len(processor.tokenizer)) if i not in forbidden])
+    generator = torch.Generator().manual_seed(seed)
+    ids = ordinary[torch.randint(len(ordinary), (rows, length), generator=generator)]
+    mask = torch.ones_like(ids)
+    mask[1, length - 2:] = 0  # completions of different lengths
+    return ids, mask
+
+
+def test_pictures_reach_the_model(family):
+    name, model, processor, family_config = family
+    G = 2
+    ids, mask = _completions(processor, model, 3 * G)
+    with torch.no_grad():
+        a = vlm_adapter.completion_logps(model, _batch(processor, family_config, name), ids, mask, 1.0, G)
+        b = vlm_adapter.completion_logps(model, _batch(processor, family_config, name, ("yellow", "green", "red")),
+                                         ids, mask, 1.0, G)
+    changed = ((a - b).abs() * mask).amax(1)
+    assert (changed[:4] > 1e-5).all(), changed  # prompts 0 and 1 hold the pictures
+    assert (changed[4:] == 0).all(), changed  # the text-only prompt is not affected by the others' pictures
+
+
+def test_shared_prompt_equals_plain_path(family):
+    name, model, processor, family_config = family
+    model.train()
+    inputs = _batch(processor, family_config, name)
+    G = 2
+    ids, mask = _completions(processor, model, 3 * G)
+    results = {}
+    for share_prompt in (False, True):
+        model.zero_grad()
+        logps = vlm_adapter.completion_logps(model, inputs, ids, mask, 0.9, G, share_prompt=share_prompt)
+        weights = torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
+        (logps * weights * mask).sum().backward()
+        results[share_prompt] = (logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None})
+    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    torch.testing.assert_close(shared * mask, plain * mask, atol=1e-5, rtol=0)
+    assert set(shared_grads) == set(plain_grads)
+    vision = [n for n, g in plain_grads.items() if any(k in n for k in ("vision", "visual")) and g.abs().max() > 0]
+    assert vision, "no gradient reached the vision tower"
+    # Float32 noise is relative to the gradient's overall scale (a key bias's true gradient is exactly 0).
+    scale = max(grad.abs().max().item() for grad in plain_grads.values())
+    for n, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[n], grad, rtol=1e-4, atol=1e-6 * scale, msg=lambda m: f"{name} {n}: {m}")
+
+
+def test_shared_generation_samples_what_the_plain_path_samples(family):
+    name, model, processor, family_config = family
+    inputs = _batch(processor, family_config, name)
+    sampled = {}
+    for share_prompt in (False, True):
+        torch.manual_seed(3)
+        sampled[share_prompt] = sampler.sample_groups(
+            model, inputs, processor.tokenizer, group_size=3, max_new_tokens=6, temperature=1.0, top_p=1.0,
+            suppress_token_ids=vlm_adapter.forbidden_token_ids(processor, model.config), share_prompt=share_prompt)
+    assert torch.equal(sampled[True].completion_ids, sampled[False].completion_ids)
+
+
+def test_placeholders_never_sampled(family):
+    name, model, processor, family_config = family
+    forbidden = vlm_adapter.forbidden_token_ids(processor, model.config)
+    assert forbidden and len(forbidden) == len(family_config.placeholders)  # every placeholder is in the vocabulary
+
+    def favour(module, args, output):
+        output[..., forbidden] += 50.0
+        return output
+
+    handle = model.get_output_embeddings().register_forward_hook(favour)
+    try:
+        torch.manual_seed(4)
+        free = sampler.sample_groups(model, _batch(processor, family_config, name), processor.tokenizer, group_size=2,
+                                     max_new_tokens=4, temperature=1.0, top_p=1.0, suppress_token_ids=[])
+        torch.manual_seed(4)
+        guarded = sampler.sample_groups(model, _batch(processor, family_config, name), processor.tokenizer,
+                                        group_size=2, max_new_tokens=4, temperature=1.0, top_p=1.0,
+                                        suppress_token_ids=forbidden)
+    finally:
+        handle.remove()
+    assert set(free.completion_ids.flatten().tolist()) & set(forbidden)
+    assert not set(guarded.completion_ids.flatten().tolist()) & set(forbidden)
+
+
+def test_repeat_and_select_keep_pictures_with_their_rows(family):
+    """Prompt i's rows after repeat_for_group, and prompt i alone from select_prompts, give the same
+    log-probs as prompt i built on its own by the processor (pictures travel with their rows)."""
+    name, model, processor, family_config = family
+    inputs = _batch(processor, family_config, name)
+    ids, mask = _completions(processor, model, 3)
+    with torch.no_grad():
+        together = vlm_adapter.completion_logps(model, inputs, ids, mask, 1.0, 1, share_prompt=False)
+        for i in range(3):
+            alone = vlm_adapter.select_prompts(inputs, i, i + 1, model.config)
+            got = vlm_adapter.completion_logps(model, alone, ids[i:i + 1], mask[i:i + 1], 1.0, 1, share_prompt=False)
+            torch.testing.assert_close(got * mask[i], together[i:i + 1] * mask[i], atol=1e-5, rtol=0)
+
+
+def test_a_blank_picture_as_padding_changes_nothing(family):
+    """A text-only batch given the masked-out blank image (trap 12: under ZeRO-3 every rank runs the
+    vision tower) has the same log-probs and samples as without it, and the vision tower did run."""
+    name, model, processor, family_config = family
+    text_only = vlm_adapter.select_prompts(_batch(processor, family_config, name), 2, 3, model.config)
+    assert not vlm_adapter.picture_keys(text_only)
+    padded = vlm_adapter.with_pictures(text_only, vlm_adapter.blank_picture_prompt(processor, family_config, "cpu"))
+    assert vlm_adapter.picture_keys(padded) and padded["input_ids"].shape[1] > text_only["input_ids"].shape[1]
+    G = 2
+    ids, mask = _completions(processor, model, G)
+    calls = []
+    handle = vlm_adapter.vision_tower(model).register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            for share_prompt in (True, False):
+                plain = vlm_adapter.completion_logps(model, text_only, ids, mask, 1.0, G, share_prompt=share_prompt)
+                blank = vlm_adapter.completion_logps(model, padded, ids, mask, 1.0, G, share_prompt=share_prompt)
+                torch.testing.assert_close(blank * mask, plain * mask, atol=1e-5, rtol=0)
+    finally:
+        handle.remove()
+    assert calls  # the vision tower ran on the blank image
+    sampled = []
+    for inputs in (text_only, padded):
+        torch.manual_seed(5)
+        sampled.append(sampler.sample_groups(model, inputs, processor.tokenizer, group_size=G, max_new_tokens=5,
+                                             temperature=1.0, top_p=1.0, suppress_token_ids=[]).completion_ids)
+    assert torch.equal(*sampled)
