@@ -26,7 +26,7 @@ DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.
 @dataclass
 class GRPOArguments:
     # --- model and data ---
-    model_name_or_path: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "Hub id or local folder of a Qwen2-VL / Qwen2.5-VL model."})
+    model_name_or_path: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "Hub id or local folder of a model of a supported family (README: Model families)."})
     dataset_name: str = field(default="lmms-lab/multimodal-open-r1-8k-verified", metadata={"help": "Hub id, a save_to_disk folder, a .parquet / .jsonl file, or 'demo'."})
     dataset_split: str = field(default="train", metadata={"help": "Dataset split to train on."})
     output_dir: str = field(default="outputs/grpo", metadata={"help": "Where checkpoints, TensorBoard logs and the final model go."})
@@ -34,8 +34,8 @@ class GRPOArguments:
     preset: str | None = field(default=None, metadata={"help": "'demo': the bundled CPU demo's settings (explicit flags still override)."})
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt; default asks for <think>...</think><answer>...</answer>."})
     max_prompt_length: int = field(default=8192, metadata={"help": "Rows whose prompt (image tokens included) is longer are dropped at load time, never truncated."})
-    min_pixels: int = field(default=3136, metadata={"help": "Smallest image area after resizing (pixels)."})
-    max_pixels: int = field(default=12845056, metadata={"help": "Largest image area after resizing (pixels); fewer pixels, fewer image tokens."})
+    min_pixels: int = field(default=3136, metadata={"help": "Qwen families: smallest image area after resizing (pixels); others use their processor's sizes."})
+    max_pixels: int = field(default=12845056, metadata={"help": "Qwen families: largest image area after resizing (pixels); fewer pixels, fewer image tokens."})
     attn_implementation: str | None = field(default=None, metadata={"help": "flash_attention_2, sdpa or eager; default flash_attention_2 when installed on a GPU, else sdpa."})
     share_prompt: bool = field(default=True, metadata={"help": "Encode each prompt and image once per group and share its keys/values with its G completions (false: repeat it G times, the plain path)."})
     generation_batch_size: int = field(default=0, metadata={"help": "Most completions per generate call (0: the whole optimizer step's prompts x G in one call)."})
