@@ -37,7 +37,8 @@ def evaluate(model_name_or_path: str, dataset_name: str, split: str, batch_size:
 
     for start in tqdm(range(0, count, batch_size), desc="evaluating", unit="batch"):
         examples = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        inputs = vlm_adapter.build_inputs(processor, [ex["prompt"] for ex in examples], [ex["images"] for ex in examples], family)
+        inputs = vlm_adapter.build_inputs(processor, [ex["prompt"] for ex in examples], [ex["images"] for ex in examples], family,
+                                           [ex["videos"] for ex in examples])
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
             output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,

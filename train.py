@@ -144,7 +144,7 @@ def score(reward_funcs, weights, texts: list[str], examples: list[dict], group_s
     """Rewards for N = len(texts) completions; completion i belongs to prompt i // G, so it is
     scored against that prompt's solution (trap 2). Returns (per-function [N, K], total [N])."""
     columns = {key: [ex[key] for ex in examples for _ in range(group_size)]
-               for key in examples[0] if key not in ("images", "prompt")}
+               for key in examples[0] if key not in ("images", "videos", "prompt")}
     per_func = torch.tensor([fn(texts, **columns) for fn in reward_funcs], dtype=torch.float32).T
     return per_func, advantage.combine_rewards(per_func, weights)
 
@@ -207,7 +207,8 @@ def main(argv: list[str]) -> None:
         t_start = time.time()
         examples = [dataset[i] for i in next(prompts)]
         prompt_inputs = vlm_adapter.build_inputs(processor, [ex["prompt"] for ex in examples],
-                                                 [ex["images"] for ex in examples], family)
+                                                 [ex["images"] for ex in examples], family,
+                                                 [ex["videos"] for ex in examples])
         prompt_inputs = {key: value.to(device) for key, value in prompt_inputs.items()}
         reset_peak_memory(device)
         completions = sampler.sample_groups(

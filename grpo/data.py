@@ -84,12 +84,28 @@ def row_images(row: dict, base_dir: str | None = None) -> list[Image.Image]:
     return []
 
 
-def build_conversation(problem: str, system_prompt: str | None = None, num_images: int = 1) -> list[dict]:
-    """System turn asking for <think>/<answer>, user turn with the images (if any), then the problem."""
+def row_videos(row: dict, base_dir: str | None = None) -> list:
+    """The row's `video`, if any, as a list of one video: its frames (images) or a file path, which
+    the processor decodes."""
+    value = row.get("video")
+    if value is None or value == []:
+        return []
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"video file {path!r} not found")
+        return [path]
+    return [[to_pil(frame, base_dir) for frame in value]]
+
+
+def build_conversation(problem: str, system_prompt: str | None = None, num_images: int = 1,
+                       num_videos: int = 0) -> list[dict]:
+    """System turn asking for <think>/<answer>, user turn with the videos and images (if any), then the problem."""
     return [
         # As a list of parts: some families' templates drop a system turn given as a plain string.
         {"role": "system", "content": [{"type": "text", "text": system_prompt or DEFAULT_SYSTEM_PROMPT}]},
-        {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": problem}]},
+        {"role": "user", "content": [{"type": "video"}] * num_videos + [{"type": "image"}] * num_images
+                                    + [{"type": "text", "text": problem}]},
     ]
 
 
@@ -104,9 +120,10 @@ class PromptDataset:
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[self.keep[i]]
-        example = {k: v for k, v in row.items() if k not in IMAGE_COLUMNS}
-        example["images"] = row_images(row, self.base_dir)
-        example["prompt"] = build_conversation(row["problem"], self.system_prompt, len(example["images"]))
+        example = {k: v for k, v in row.items() if k not in (*IMAGE_COLUMNS, "video")}
+        example["images"], example["videos"] = row_images(row, self.base_dir), row_videos(row, self.base_dir)
+        example["prompt"] = build_conversation(row["problem"], self.system_prompt, len(example["images"]),
+                                               len(example["videos"]))
         return example
 
 
@@ -119,22 +136,25 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
     """
     rows = load_rows(dataset_name, split)
     check_columns(rows, dataset_name)
+    if "video" in rows.column_names and not family.takes_video:
+        raise ValueError(f"--dataset_name {dataset_name!r} has a `video` column, and this model's family takes no "
+                         "video (the Qwen families do); drop the column or use a Qwen-VL model.")
     base_dir = os.path.dirname(os.path.abspath(dataset_name)) if os.path.isfile(dataset_name) else None
     keep, unreadable, too_long = [], [], []
     for index, row in enumerate(tqdm(rows, desc="checking rows", unit="row", disable=not progress)):
         try:
-            images = row_images(row, base_dir)
+            images, videos = row_images(row, base_dir), row_videos(row, base_dir)
+            conversation = build_conversation(row["problem"], system_prompt, len(images), len(videos))
+            length = count_prompt_tokens(processor, conversation, images, family, videos)
         except Exception as e:  # any decoding failure: the row is dropped and reported
             unreadable.append((index, f"{type(e).__name__}: {e}"))
             continue
-        conversation = build_conversation(row["problem"], system_prompt, len(images))
-        length = count_prompt_tokens(processor, conversation, images, family)
         if length > max_prompt_length:
             too_long.append((index, length))
         else:
             keep.append(index)
     if unreadable:
-        log(f"[data] dropped {len(unreadable)} of {len(rows)} rows with unreadable images, "
+        log(f"[data] dropped {len(unreadable)} of {len(rows)} rows with unreadable images or videos, "
             f"first: row {unreadable[0][0]} ({unreadable[0][1]})")
     if too_long:
         log(f"[data] dropped {len(too_long)} of {len(rows)} rows whose prompt exceeds --max_prompt_length "
@@ -142,7 +162,7 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
     if not keep:
         raise ValueError(f"--dataset_name {dataset_name!r}: no usable rows out of {len(rows)} "
                          f"({len(unreadable)} unreadable images, {len(too_long)} over --max_prompt_length).")
-    text_only = sum(1 for i in keep if not any(rows[i].get(c) for c in IMAGE_COLUMNS))
+    text_only = sum(1 for i in keep if not any(rows[i].get(c) for c in (*IMAGE_COLUMNS, "video")))
     log(f"[data] {len(keep)} prompts from {dataset_name!r} (split {split!r})"
         + (f", {text_only} of them text-only" if text_only else ""))
     return PromptDataset(rows, keep, base_dir, system_prompt)

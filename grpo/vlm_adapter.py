@@ -36,6 +36,7 @@ class Media:
     per_item: tuple[str, ...] = ()
     per_patch: tuple[tuple[str, str], ...] = ()
     count_key: str | None = None  # LLaVA-OneVision's batch_num_images: items per prompt that has any
+    runs_per_item: str | None = None  # Qwen3-VL's video: one run per frame group, grid[k][0] of them per video
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,16 @@ class Family:
     per_row: tuple[str, ...] = ()
     mrope: bool = False
     nested_images: bool = False  # the processor takes one list of images per prompt, not one flat list
+    takes_video: bool = False
 
 
 _QWEN_VL = Family(
     placeholders=("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
     media=(Media("image_token_id", per_item=("image_grid_thw",), per_patch=(("pixel_values", "image_grid_thw"),)),
-           Media("video_token_id", per_item=("video_grid_thw",),
+           Media("video_token_id", per_item=("video_grid_thw", "second_per_grid_ts"),
                  per_patch=(("pixel_values_videos", "video_grid_thw"),))),
     mrope=True,
+    takes_video=True,
 )
 _LLAVA_ONEVISION = Family(
     placeholders=("<image>", "<video>"),
@@ -85,7 +88,15 @@ _ARIA = Family(
     placeholders=("<|img|>", "<fim_prefix>", "<fim_suffix>"),
     media=(Media("image_token_index", per_item=("pixel_values", "pixel_mask")),),
 )
-FAMILIES = {"qwen2_vl": _QWEN_VL, "qwen2_5_vl": _QWEN_VL, "qwen3_vl": _QWEN_VL,
+# Qwen3-VL writes a timestamp before each frame group of a video, so a video is several runs.
+_QWEN3_VL = Family(
+    placeholders=_QWEN_VL.placeholders,
+    media=(_QWEN_VL.media[0], Media("video_token_id", per_item=("video_grid_thw",), runs_per_item="video_grid_thw",
+                                    per_patch=(("pixel_values_videos", "video_grid_thw"),))),
+    mrope=True,
+    takes_video=True,
+)
+FAMILIES = {"qwen2_vl": _QWEN_VL, "qwen2_5_vl": _QWEN_VL, "qwen3_vl": _QWEN3_VL,
             "llava_onevision": _LLAVA_ONEVISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3, "gemma3": _GEMMA3,
             "aria": _ARIA}
 # Kept for the tokens list in messages and tests.
@@ -112,8 +123,9 @@ def load_processor(model_name_or_path: str, min_pixels: int, max_pixels: int):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_name_or_path)
-    if hasattr(processor.image_processor, "max_pixels"):  # Qwen's: any size, within a pixel budget
-        processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    for pictures in (processor.image_processor, getattr(processor, "video_processor", None)):
+        if hasattr(pictures, "max_pixels"):  # Qwen's: any size, within a pixel budget (per frame for video)
+            pictures.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     processor.tokenizer.padding_side = "left"  # prompts are left-padded so generation appends on the right
     return processor
 
@@ -138,13 +150,14 @@ def forbidden_token_ids(processor, config) -> list[int]:
     return [vocab[token] for token in family_of(config).placeholders if token in vocab]
 
 
-def count_prompt_tokens(processor, conversation: list[dict], images: list, family: Family) -> int:
+def count_prompt_tokens(processor, conversation: list[dict], images: list, family: Family,
+                        videos: list | None = None) -> int:
     """Prompt length once each image placeholder is expanded. Qwen's image processor can tell its
     patch count from the image size alone, without processing pixels; other processors run."""
     image_processor = getattr(processor, "image_processor", None)
     counts_from_size = hasattr(image_processor, "get_number_of_image_patches") and hasattr(image_processor, "merge_size")
-    if images and not counts_from_size:
-        return build_inputs(processor, [conversation], [images], family)["input_ids"].shape[1]
+    if videos or (images and not counts_from_size):
+        return build_inputs(processor, [conversation], [images], family, [videos or []])["input_ids"].shape[1]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     length = len(processor.tokenizer(text)["input_ids"])
     for image in images:  # one placeholder token in the text becomes patches / merge^2 tokens
@@ -153,16 +166,20 @@ def count_prompt_tokens(processor, conversation: list[dict], images: list, famil
     return length
 
 
-def build_inputs(processor, conversations: list[list[dict]], images: list[list], family: Family) -> dict:
+def build_inputs(processor, conversations: list[list[dict]], images: list[list], family: Family,
+                 videos: list[list] | None = None) -> dict:
     """Left-padded prompt inputs [B, P] (input_ids, attention_mask, token types) and the pictures,
-    laid out as the family's processor does. images: one list per prompt, in the order its
-    conversation places them (empty for a text-only prompt)."""
+    laid out as the family's processor does. images (and videos): one list per prompt, in the order
+    its conversation places them (empty for a prompt without)."""
     texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     if not any(images):
-        images = None  # a text-only batch: processors reject empty image lists
+        images = None  # processors reject empty image lists
     elif not family.nested_images:
         images = [image for prompt_images in images for image in prompt_images]
-    return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+    pictures = {"images": images}
+    if videos and any(videos):
+        pictures["videos"] = [video for prompt_videos in videos for video in prompt_videos]
+    return dict(processor(text=texts, **pictures, return_tensors="pt", padding=True))
 
 
 def _item_counts(input_ids: torch.Tensor, token_id: int) -> list[int]:
@@ -180,6 +197,8 @@ def _blocks_per_prompt(inputs: dict, config) -> tuple[dict[str, list[torch.Tenso
     items = [0] * inputs["input_ids"].shape[0]
     for media in family.media:
         counts = _item_counts(inputs["input_ids"], getattr(config, media.token_id))
+        if media.runs_per_item and media.runs_per_item in inputs:
+            counts = _runs_to_items(counts, inputs[media.runs_per_item][:, 0].tolist())
         items = [a + b for a, b in zip(items, counts)]
         for key in media.per_item:
             if key in inputs:
@@ -194,6 +213,18 @@ def _blocks_per_prompt(inputs: dict, config) -> tuple[dict[str, list[torch.Tenso
         if media.count_key in inputs:  # one entry per prompt that holds items: its count
             blocks[media.count_key] = [torch.tensor([n]) if n else torch.zeros(0, dtype=torch.long) for n in counts]
     return blocks, items
+
+
+def _runs_to_items(runs_per_row: list[int], runs_per_item: list[int]) -> list[int]:
+    """Items per row, from each row's run count and each item's (in order)."""
+    items, k = [], 0
+    for runs in runs_per_row:
+        count = 0
+        while runs > 0:
+            runs -= runs_per_item[k]
+            k, count = k + 1, count + 1
+        items.append(count)
+    return items
 
 
 def _regroup(inputs: dict, config, prompts: list[int], first_column: int = 0) -> dict:
@@ -248,7 +279,8 @@ def prompt_positions(model, prompt_inputs: dict) -> torch.Tensor:
     Other families [B, P]: 0, 1, 2, ... over each row's real tokens, as `generate` numbers them."""
     unwrapped = unwrap(model)
     if family_of(unwrapped).mrope:
-        kwargs = {key: prompt_inputs[key] for key in ("image_grid_thw", "video_grid_thw") if key in prompt_inputs}
+        kwargs = {key: prompt_inputs[key] for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                  if key in prompt_inputs}
         positions, _ = unwrapped.model.get_rope_index(
             prompt_inputs["input_ids"], mm_token_type_ids=prompt_inputs["mm_token_type_ids"],
             attention_mask=prompt_inputs["attention_mask"], **kwargs)

@@ -149,6 +149,24 @@ def mixed_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def video_dataset(tmp_path_factory):
+    """6 rows: a video (4 frames), an image, or neither, in `video` and `image` columns."""
+    import datasets
+    from PIL import Image
+
+    rows = []
+    for i, row in enumerate(colour_rows(6)):
+        frames = [row["image"], Image.new("RGB", (56, 56), "white")] * 2
+        rows.append({"video": frames if i % 3 == 0 else None, "image": row["image"] if i % 3 == 1 else None,
+                     "problem": row["problem"], "solution": row["solution"]})
+    folder = str(tmp_path_factory.mktemp("video") / "ds")
+    features = datasets.Features({"video": datasets.Sequence(datasets.Image()), "image": datasets.Image(),
+                                  "problem": datasets.Value("string"), "solution": datasets.Value("string")})
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def image_and_text_only_dataset(tmp_path_factory):
     """Two rows, one with an image and one without (`image` empty): with one prompt per rank on two
     ranks, every step gives one rank a text-only micro-batch while the other has an image (trap 12)."""

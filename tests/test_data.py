@@ -111,3 +111,13 @@ def test_rank_batches_disjoint_and_even():
     assert len(seen) == len(set(seen)) == 8  # 11 // (2 * 2) = 2 steps x 4 prompts, no prompt twice
     assert per_rank[0] == list(data.rank_batches(num_rows, batch, 0, world, seed=3, epoch=0))
     assert per_rank[0] != list(data.rank_batches(num_rows, batch, 0, world, seed=3, epoch=1))
+
+
+def test_video_column_needs_a_family_that_takes_video(video_dataset, processor):
+    with pytest.raises(ValueError, match="has a `video` column, and this model's family takes no video"):
+        data.load_prompt_dataset(video_dataset, "train", processor, FAMILIES["gemma3"], 4096)
+    ds = data.load_prompt_dataset(video_dataset, "train", processor, QWEN, 4096, log=lambda *_: None)
+    kinds = [(len(ds[i]["videos"]), len(ds[i]["images"])) for i in range(len(ds))]
+    assert kinds == [(1, 0), (0, 1), (0, 0)] * 2
+    assert [len(frames) for frames in ds[0]["videos"]] == [4]
+    assert [item["type"] for item in ds[0]["prompt"][1]["content"]] == ["video", "text"]

@@ -159,3 +159,40 @@ def test_a_blank_picture_as_padding_changes_nothing(family):
         sampled.append(sampler.sample_groups(model, inputs, processor.tokenizer, group_size=G, max_new_tokens=5,
                                              temperature=1.0, top_p=1.0, suppress_token_ids=[]).completion_ids)
     assert torch.equal(*sampled)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_video_rows_in_qwen_families(name, family_models):
+    """A video (its frames) beside an image row and a text-only row: the frames reach the model, the
+    shared-prompt path equals the plain one and samples the same tokens."""
+    folder = family_models(name)
+    processor = vlm_adapter.load_processor(folder, 56 * 56, 56 * 56)
+    model = vlm_adapter.load_model(folder, torch.float32, "sdpa")
+    family_config = vlm_adapter.family_of(model)
+
+    def batch(colours):
+        frames = [Image.new("RGB", (56, 56), COLOURS[c]) for c in colours]
+        conversations = [build_conversation("What happens in the video?", num_images=0, num_videos=1),
+                         build_conversation("And in the picture?", num_images=1),
+                         build_conversation("No picture at all?", num_images=0)]
+        return vlm_adapter.build_inputs(processor, conversations, [[], [Image.new("RGB", (56, 56), "red")], []],
+                                        family_config, videos=[[frames], [], []])
+
+    inputs = batch(("red", "blue", "green", "yellow"))
+    assert "pixel_values_videos" in inputs and "pixel_values" in inputs
+    G = 2
+    ids, mask = _completions(processor, model, 3 * G)
+    with torch.no_grad():
+        plain = vlm_adapter.completion_logps(model, inputs, ids, mask, 1.0, G, share_prompt=False)
+        shared = vlm_adapter.completion_logps(model, inputs, ids, mask, 1.0, G, share_prompt=True)
+        other = vlm_adapter.completion_logps(model, batch(("yellow", "green", "blue", "red")), ids, mask, 1.0, G)
+    torch.testing.assert_close(shared * mask, plain * mask, atol=1e-5, rtol=0)
+    changed = ((shared - other).abs() * mask).amax(1)
+    assert (changed[:G] > 1e-5).all() and (changed[G:] == 0).all(), changed  # only the video rows moved
+    sampled = []
+    for share_prompt in (False, True):
+        torch.manual_seed(6)
+        sampled.append(sampler.sample_groups(model, inputs, processor.tokenizer, group_size=G, max_new_tokens=5,
+                                             temperature=1.0, top_p=1.0, suppress_token_ids=[],
+                                             share_prompt=share_prompt).completion_ids)
+    assert torch.equal(*sampled)

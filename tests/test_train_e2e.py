@@ -120,3 +120,13 @@ def test_text_only_micro_batch_beside_images_under_zero3(family, family_models, 
                        "true", *extra], tmp_path, timeout=240)
     assert "ZeRO stage 3" in log and "2 rank(s)" in log and "1 of them text-only" in log
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_video_rows_train(family_models, video_dataset, tmp_path):
+    """Rows holding a video (its frames), an image or neither, in one run of a Qwen family."""
+    out = str(tmp_path / "run")
+    log = run_command([sys.executable, "train.py", "--output_dir", out, "--model_name_or_path", family_models("qwen2_vl"),
+                       "--dataset_name", video_dataset, "--max_steps", "1", *FAMILY_STEP, "--max_pixels", "3136"],
+                      tmp_path)
+    assert "6 prompts" in log and "2 of them text-only" in log
+    assert [m["step"] for m in read_metrics(out)] == [1]
