@@ -480,8 +480,10 @@ def main(argv: list[str]) -> None:
         except ImportError:
             sys.exit("--compare trl needs TRL, a benchmark-only dependency: pip install trl")
     import torch
-    from transformers import AutoConfig, AutoProcessor
+    from PIL import Image
+    from transformers import AutoConfig
 
+    from grpo import vlm_adapter
     from grpo.data import build_conversation
 
     info = machine()
@@ -501,11 +503,18 @@ def main(argv: list[str]) -> None:
 
     config = AutoConfig.from_pretrained(folder)
     counts = param_counts(config)
-    processor = AutoProcessor.from_pretrained(folder)
-    text = processor.apply_chat_template(build_conversation(" ".join(["red"] * args.prompt_words)),
-                                         add_generation_prompt=True, tokenize=False)
+    # The prompt as train.py builds it (its processor, the same pixel limits): counted, not assumed.
+    pixels = args.image_size ** 2
+    processor = vlm_adapter.load_processor(folder, pixels, pixels)
+    prompt = vlm_adapter.build_inputs(processor, [build_conversation(" ".join(["red"] * args.prompt_words))],
+                                      [[Image.new("RGB", (args.image_size, args.image_size))]],
+                                      vlm_adapter.family_of(config))
     patches, image_toks = image_tokens(args.image_size)
-    prompt_tokens = len(processor.tokenizer(text)["input_ids"]) - 1 + image_toks
+    measured_image_tokens = int((prompt["input_ids"] == config.image_token_id).sum())
+    if measured_image_tokens != image_toks:
+        sys.exit(f"the processor gives {measured_image_tokens} image tokens for a {args.image_size}-px image, "
+                 f"not the {image_toks} the FLOP count assumes")
+    prompt_tokens = prompt["input_ids"].shape[1]
     attn = args.attn_implementation or ("flash_attention_2" if torch.cuda.is_available()
                                         and importlib.util.find_spec("flash_attn") else "sdpa")
     setup = dict(folder=folder, data=data, attn=attn, counts=counts, prompt_tokens=prompt_tokens,

@@ -56,6 +56,7 @@ class Family:
     mrope: bool = False
     nested_images: bool = False  # the processor takes one list of images per prompt, not one flat list
     takes_video: bool = False
+    pixel_budget: bool = False  # images resized to any shape within --min_pixels / --max_pixels (Qwen)
 
 
 _QWEN_VL = Family(
@@ -65,6 +66,7 @@ _QWEN_VL = Family(
                  per_patch=(("pixel_values_videos", "video_grid_thw"),))),
     mrope=True,
     takes_video=True,
+    pixel_budget=True,
 )
 _LLAVA_ONEVISION = Family(
     placeholders=("<image>", "<video>"),
@@ -95,6 +97,7 @@ _QWEN3_VL = Family(
                                     per_patch=(("pixel_values_videos", "video_grid_thw"),))),
     mrope=True,
     takes_video=True,
+    pixel_budget=True,
 )
 FAMILIES = {"qwen2_vl": _QWEN_VL, "qwen2_5_vl": _QWEN_VL, "qwen3_vl": _QWEN3_VL,
             "llava_onevision": _LLAVA_ONEVISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3, "gemma3": _GEMMA3,
@@ -120,12 +123,15 @@ def check_model_type(model_name_or_path: str) -> Family:
 
 
 def load_processor(model_name_or_path: str, min_pixels: int, max_pixels: int):
-    from transformers import AutoProcessor
+    """The model's processor; for a family with a pixel budget (Qwen) images and video frames are
+    resized to any shape whose area is within [min_pixels, max_pixels]."""
+    from transformers import AutoConfig, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_name_or_path)
-    for pictures in (processor.image_processor, getattr(processor, "video_processor", None)):
-        if hasattr(pictures, "max_pixels"):  # Qwen's: any size, within a pixel budget (per frame for video)
-            pictures.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    if family_of(AutoConfig.from_pretrained(model_name_or_path)).pixel_budget:
+        for pictures in (processor.image_processor, getattr(processor, "video_processor", None)):
+            if pictures is not None:
+                pictures.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     processor.tokenizer.padding_side = "left"  # prompts are left-padded so generation appends on the right
     return processor
 

@@ -308,3 +308,14 @@ def test_select_prompts_drops_padding_only_the_others_needed(model_and_processor
     assert part["input_ids"].tolist() == [inputs["input_ids"][2][real].tolist()]  # no padding column left
     assert torch.equal(part["pixel_values"], inputs["pixel_values"][patches[0] + patches[1]:])
     assert torch.equal(part["image_grid_thw"], inputs["image_grid_thw"][2:])
+
+
+@pytest.mark.parametrize("max_pixels, tokens", [(448 * 448, 256), (112 * 112, 16)])
+def test_pixel_limits_size_qwen_images(tiny_model, max_pixels, tokens):
+    """--max_pixels reaches the processor: a 448 x 448 image is 32 x 32 patches of 14 px, merged 2 x 2
+    into 256 tokens when allowed its full area, and 16 tokens at 112 x 112."""
+    processor = vlm_adapter.load_processor(tiny_model, 56 * 56, max_pixels)
+    inputs = vlm_adapter.build_inputs(processor, [build_conversation("?")], [[Image.new("RGB", (448, 448), "red")]],
+                                      vlm_adapter.FAMILIES["qwen2_vl"])
+    assert int(inputs["image_grid_thw"].prod()) == 4 * tokens
+    assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == tokens
