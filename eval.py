@@ -1,6 +1,6 @@
 """Accuracy and format rate of a model on a dataset split, with greedy answers.
 
-    python eval.py --model_name_or_path DIR --dataset_name demo --split test
+    python eval.py --model_name_or_path outputs/demo --dataset_name outputs/demo/demo-data --split test
 
 One process, no DeepSpeed: the same data loading, prompts and rewards as train.py.
 """
@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
 from grpo import data, rewards, sampler, vlm_adapter
 
 
+def trained_system_prompt(model_name_or_path: str) -> str | None:
+    """The system prompt the model was trained with, from the training_args.json train.py saves."""
+    path = os.path.join(model_name_or_path, "training_args.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("system_prompt")
+
+
 def evaluate(model_name_or_path: str, dataset_name: str, split: str, batch_size: int = 16,
              max_new_tokens: int = 64, max_prompt_length: int = 8192, min_pixels: int = 3136,
              max_pixels: int = 12845056, limit: int | None = None, system_prompt: str | None = None,
              log=print) -> dict:
-    if dataset_name == "demo":  # the demo's images and prompt, as --preset demo trains on them
-        from grpo.demo import DEMO_SYSTEM_PROMPT
-
-        min_pixels = max_pixels = 56 * 56
-        system_prompt = system_prompt or DEMO_SYSTEM_PROMPT
+    system_prompt = system_prompt or trained_system_prompt(model_name_or_path)
     family = vlm_adapter.check_model_type(model_name_or_path)
     processor = vlm_adapter.load_processor(model_name_or_path, min_pixels, max_pixels)
     model = vlm_adapter.load_model(model_name_or_path, torch.float32 if not torch.cuda.is_available() else torch.bfloat16)
@@ -56,12 +62,12 @@ def evaluate(model_name_or_path: str, dataset_name: str, split: str, batch_size:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_name_or_path", required=True, help="Folder or hub id of the model to evaluate.")
-    parser.add_argument("--dataset_name", required=True, help="Hub id, save_to_disk folder, .parquet / .jsonl file, or 'demo'.")
+    parser.add_argument("--dataset_name", required=True, help="Hub id, save_to_disk folder, or .parquet / .jsonl file.")
     parser.add_argument("--split", default="test", help="Dataset split.")
     parser.add_argument("--batch_size", type=int, default=16, help="Prompts per generate call.")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Most tokens per answer.")
     parser.add_argument("--limit", type=int, default=None, help="Evaluate only the first N rows.")
-    parser.add_argument("--system_prompt", default=None, help="System prompt, as in training (default: train.py's).")
+    parser.add_argument("--system_prompt", default=None, help="System prompt (default: the one the model was trained with, from its training_args.json, else train.py's).")
     args = parser.parse_args()
     evaluate(args.model_name_or_path, args.dataset_name, args.split, args.batch_size, args.max_new_tokens,
              limit=args.limit, system_prompt=args.system_prompt)

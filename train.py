@@ -15,6 +15,8 @@ Model-family details are in grpo/vlm_adapter.py, arguments in grpo/config.py.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import shutil
@@ -34,8 +36,6 @@ def parse_args(argv: list[str]) -> config.GRPOArguments:
 
     parser = HfArgumentParser(config.GRPOArguments, description=__doc__.split("\n")[0])
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
-    config.apply_preset(args, given)
     args.run_name = args.run_name or os.path.basename(os.path.normpath(args.output_dir))
     return args
 
@@ -121,13 +121,16 @@ def lr_schedule(optimizer, args, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def save_model(engine, processor, folder: str, zero_stage: int, is_main: bool) -> None:
-    """Hugging Face format (safetensors + processor) that from_pretrained loads. Under ZeRO-3 the
+def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: bool) -> None:
+    """Hugging Face format (safetensors + processor) that from_pretrained loads, and the run's
+    arguments (training_args.json: eval.py prompts the model as it was trained). Under ZeRO-3 the
     shards are gathered into one 16-bit state dict on rank 0 (a collective: every rank calls this)."""
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
     if is_main:
         engine.module.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         processor.save_pretrained(folder)
+        with open(os.path.join(folder, "training_args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
     torch.distributed.barrier()
 
 
@@ -156,10 +159,6 @@ def main(argv: list[str]) -> None:
     reward_funcs = rewards.get_reward_funcs(args.reward_funcs)
     rank, world_size, device = init_distributed()
     is_main = rank == 0
-    if args.model_name_or_path == "demo":  # the tiny model of --preset demo, built once by rank 0
-        from grpo import demo
-        args.model_name_or_path = demo.resolve_demo_model("demo", args.output_dir, is_main)
-        torch.distributed.barrier()
     family = vlm_adapter.check_model_type(args.model_name_or_path)
     processor = vlm_adapter.load_processor(args.model_name_or_path, args.min_pixels, args.max_pixels)
     dataset = data.load_prompt_dataset(args.dataset_name, args.dataset_split, processor, family, args.max_prompt_length,
@@ -251,17 +250,15 @@ def main(argv: list[str]) -> None:
                                    rollout.completions.texts, rollout.rewards.tolist(),
                                    [ex["solution"] for ex in rollout.examples for _ in range(G)])
             if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
-                save_model(engine, processor, os.path.join(args.output_dir, f"checkpoint-{step}"), zero_stage, is_main)
+                save_model(engine, processor, args, os.path.join(args.output_dir, f"checkpoint-{step}"), zero_stage,
+                           is_main)
                 if is_main:
                     rotate_checkpoints(args.output_dir, args.save_total_limit)
             if step >= total_steps:
                 break
 
-    save_model(engine, processor, args.output_dir, zero_stage, is_main)
+    save_model(engine, processor, args, args.output_dir, zero_stage, is_main)
     logger.info(f"[train] done: {step} steps; final model in {args.output_dir}")
-    if is_main and args.dataset_name == "demo":
-        from grpo import demo
-        demo.plot_rewards(logger.metrics_path, os.path.join(args.output_dir, "rewards.png"))
     logger.close()
 
 

@@ -3,8 +3,8 @@
 Every flag is a dataclass field with a one-line help text, parsed by transformers' HfArgumentParser
 (the ecosystem's convention, so the published open-r1-multimodal command runs unchanged). Defaults
 are the real run: Qwen2-VL-2B-Instruct on lmms-lab/multimodal-open-r1-8k-verified with G = 8,
-beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. `--preset demo` swaps in the
-CPU demo's values; flags given on the command line still win over a preset.
+beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. The CPU demo's values live in
+grpo/demo.py, which passes them to train.py as flags.
 
 `validate(args)` runs before any model is loaded, so a run that cannot work stops in a second with
 a message naming the argument.
@@ -17,8 +17,6 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from .demo import DEMO_SYSTEM_PROMPT
-
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zero3.json")
 
@@ -27,11 +25,10 @@ DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.
 class GRPOArguments:
     # --- model and data ---
     model_name_or_path: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "Hub id or local folder of a model of a supported family (README: Model families)."})
-    dataset_name: str = field(default="lmms-lab/multimodal-open-r1-8k-verified", metadata={"help": "Hub id, a save_to_disk folder, a .parquet / .jsonl file, or 'demo'."})
+    dataset_name: str = field(default="lmms-lab/multimodal-open-r1-8k-verified", metadata={"help": "Hub id, a save_to_disk folder, or a .parquet / .jsonl file."})
     dataset_split: str = field(default="train", metadata={"help": "Dataset split to train on."})
     output_dir: str = field(default="outputs/grpo", metadata={"help": "Where checkpoints, TensorBoard logs and the final model go."})
     run_name: str | None = field(default=None, metadata={"help": "Name of the run (TensorBoard sub-folder); defaults to the output_dir's name."})
-    preset: str | None = field(default=None, metadata={"help": "'demo': the bundled CPU demo's settings (explicit flags still override)."})
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt; default asks for <think>...</think><answer>...</answer>."})
     max_prompt_length: int = field(default=8192, metadata={"help": "Rows whose prompt (image tokens included) is longer are dropped at load time, never truncated."})
     min_pixels: int = field(default=3136, metadata={"help": "Qwen families: smallest image area after resizing (pixels); others use their processor's sizes."})
@@ -79,30 +76,6 @@ class GRPOArguments:
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none."})
     save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N optimizer steps (0: only the final model)."})
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints (oldest removed)."})
-
-
-# The demo's settings: a tiny model learns the bundled visual task on two CPU cores in minutes.
-PRESETS = {
-    "demo": dict(
-        dataset_name="demo", model_name_or_path="demo", num_generations=8, per_device_train_batch_size=4,
-        max_completion_length=16, max_prompt_length=512, learning_rate=1e-3, beta=0.0, max_steps=500,
-        lr_scheduler_type="constant", temperature=1.0, reward_funcs=["accuracy", "format"],
-        reward_weights=[1.0, 0.5], logging_steps=5, save_steps=0, min_pixels=56 * 56, max_pixels=56 * 56,
-        system_prompt=DEMO_SYSTEM_PROMPT,
-    ),
-}
-
-
-def apply_preset(args: GRPOArguments, given_flags: set[str]) -> GRPOArguments:
-    """Overwrite defaults with the preset's values, except for flags the user typed."""
-    if args.preset is None:
-        return args
-    if args.preset not in PRESETS:
-        raise ValueError(f"--preset {args.preset!r} is unknown; known presets: {sorted(PRESETS)}.")
-    for name, value in PRESETS[args.preset].items():
-        if name not in given_flags:
-            setattr(args, name, value)
-    return args
 
 
 def validate(args: GRPOArguments) -> None:

@@ -3,7 +3,7 @@
 A row has a `problem` and a `solution` (ending in <answer>X</answer>), and its pictures: an
 `image` (like lmms-lab/multimodal-open-r1-8k-verified), or an `images` list for several, or none
 (a text-only row: `image` empty, or no picture column at all). Sources: a hub id, a `save_to_disk` folder, a .parquet or
-.jsonl file (its image column may hold images, bytes, or paths relative to the file), or `demo`.
+.jsonl file (its image column may hold images, bytes, or paths relative to the file).
 
 Everything that could break a run mid-way is checked here, at load time, and counted:
 unreadable images are dropped, and so are rows whose prompt is longer than --max_prompt_length
@@ -34,13 +34,9 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 def load_rows(dataset_name: str, split: str = "train"):
-    """A `datasets.Dataset` from a hub id, a save_to_disk folder, a parquet / jsonl file, or 'demo'."""
+    """A `datasets.Dataset` from a hub id, a save_to_disk folder, or a parquet / jsonl file."""
     import datasets
 
-    if dataset_name == "demo":
-        from .demo import demo_dataset
-
-        return demo_dataset(split)
     if os.path.isdir(dataset_name):
         loaded = datasets.load_from_disk(dataset_name)
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded

@@ -9,6 +9,7 @@ writes it with `save_pretrained`, and everything else loads it through the same
 
 from __future__ import annotations
 
+import json
 import os
 
 # Qwen2-VL's chat format (the same tokens as the real template), written out so the tiny
@@ -245,18 +246,67 @@ def demo_valid_answers(row: dict) -> list[str]:
     return list("ABCD") if "Choices:" in row["problem"] else ["left", "right"]
 
 
-def resolve_demo_model(name: str, output_dir: str, is_main: bool = True) -> str:
-    """'demo' -> a folder holding the tiny model after its format warm-up (built once, by rank 0)."""
-    if name != "demo":
-        return name
-    folder = os.path.join(output_dir, "demo-base-model")
-    if is_main and not os.path.exists(os.path.join(folder, "config.json")):
-        print(f"[demo] building the tiny Qwen2-VL and its format warm-up in {folder}")
-        save_tiny_qwen2_vl(folder + ".tmp")
-        warm_up_format(folder + ".tmp", demo_rows("train"), demo_valid_answers, steps=200,
+# ---------------------------------------------------------------------------------------------
+# The demo run: data and model written to disk, then train.py on them like on any user's.
+# ---------------------------------------------------------------------------------------------
+
+# train.py flags of the demo: a tiny model learns the bundled visual task on two CPU cores in
+# minutes. Flags given to `python -m grpo.demo` are passed on after these, so they win.
+DEMO_TRAIN_FLAGS = [
+    "--num_generations", "8", "--per_device_train_batch_size", "4", "--max_completion_length", "16",
+    "--max_prompt_length", "512", "--learning_rate", "1e-3", "--beta", "0.0", "--max_steps", "500",
+    "--lr_scheduler_type", "constant", "--temperature", "1.0", "--reward_funcs", "accuracy", "format",
+    "--reward_weights", "1.0", "0.5", "--logging_steps", "5", "--save_steps", "0",
+    "--min_pixels", str(56 * 56), "--max_pixels", str(56 * 56), "--system_prompt", DEMO_SYSTEM_PROMPT,
+]
+
+
+def prepare(output_dir: str) -> tuple[str, str]:
+    """The demo's dataset (train and test splits, a save_to_disk folder) and its starting model (the
+    tiny Qwen2-VL after its format warm-up), written under output_dir once. Returns (model, data)."""
+    import datasets
+
+    data_folder, model_folder = os.path.join(output_dir, "demo-data"), os.path.join(output_dir, "demo-base-model")
+    if not os.path.exists(os.path.join(data_folder, "dataset_dict.json")):
+        datasets.DatasetDict({split: demo_dataset(split) for split in DEMO_SIZES}).save_to_disk(data_folder)
+    if not os.path.exists(os.path.join(model_folder, "config.json")):
+        print(f"[demo] building the tiny Qwen2-VL and its format warm-up in {model_folder}")
+        save_tiny_qwen2_vl(model_folder + ".tmp")
+        warm_up_format(model_folder + ".tmp", demo_rows("train"), demo_valid_answers, steps=200,
                        system_prompt=DEMO_SYSTEM_PROMPT)
-        os.replace(folder + ".tmp", folder)
-    return folder
+        # What eval.py reads to prompt this model as it was trained (train.py writes the same file).
+        with open(os.path.join(model_folder + ".tmp", "training_args.json"), "w") as f:
+            json.dump({"system_prompt": DEMO_SYSTEM_PROMPT}, f)
+        os.replace(model_folder + ".tmp", model_folder)
+    return model_folder, data_folder
+
+
+def main(argv: list[str]) -> None:
+    """python -m grpo.demo [--output_dir outputs/demo] [--num_gpus 2] [train.py flags ...]
+
+    Writes the demo's data and model, runs `deepspeed --num_gpus N train.py` on them (printed first),
+    then draws rewards.png from the run's metrics.jsonl."""
+    import argparse
+    import socket
+    import subprocess
+    import sys
+
+    parser = argparse.ArgumentParser(description="The CPU demo: GRPO teaches a tiny VLM a visual task.")
+    parser.add_argument("--output_dir", default="outputs/demo", help="Where the data, models and logs go.")
+    parser.add_argument("--num_gpus", type=int, default=2, help="Ranks deepspeed starts (CPU ranks without a GPU).")
+    args, train_flags = parser.parse_known_args(argv)
+    model_folder, data_folder = prepare(args.output_dir)
+    with socket.socket() as s:  # a free rendezvous port: several demos may run on one machine
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    command = ["deepspeed", "--master_port", port, "--num_gpus", str(args.num_gpus),
+               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"),
+               "--model_name_or_path", model_folder, "--dataset_name", data_folder, "--output_dir", args.output_dir,
+               *DEMO_TRAIN_FLAGS, *train_flags]
+    print("[demo] " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    plot_rewards(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "rewards.png"))
+    print(f"[demo] rewards plotted in {os.path.join(args.output_dir, 'rewards.png')}")
 
 
 def plot_rewards(metrics_path: str, png_path: str) -> None:
@@ -287,3 +337,9 @@ def plot_rewards(metrics_path: str, png_path: str) -> None:
             draw.line(points, fill=colour, width=2)
         draw.text((pad + 170 * i, 18), label, fill=colour)
     image.save(png_path)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -20,7 +20,6 @@ NO_MODEL = ["--model_name_or_path", "/nonexistent/model", "--dataset_name", "/no
     (["--reward_funcs", "accuracy", "format", "--reward_weights", "1.0"], "--reward_weights: has 1 values for 2 reward functions"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size: is 0"),
     (["--report_to", "wandb"], "--report_to: 'wandb' is not supported"),
-    (["--preset", "huge"], "--preset 'huge' is unknown"),
 ])
 def test_bad_arguments_stop_before_loading(flags, message):
     with pytest.raises(ValueError, match=message):
@@ -80,7 +79,12 @@ def test_published_open_r1_command_parses():
     assert args.run_name == "Qwen2-VL-2B-GRPO-8k" and args.save_total_limit == 8
 
 
-def test_preset_yields_to_explicit_flags():
-    args = train.parse_args(["--preset", "demo", "--learning_rate", "1e-4"])
-    assert args.dataset_name == "demo" and args.learning_rate == 1e-4
-    assert args.num_generations == config.PRESETS["demo"]["num_generations"]
+def test_demo_flags_are_train_flags_and_yield_to_the_users():
+    """The demo passes its settings to train.py as flags; a flag the user adds comes after and wins."""
+    from grpo import demo
+
+    args = train.parse_args(["--model_name_or_path", "m", "--dataset_name", "d", *demo.DEMO_TRAIN_FLAGS,
+                             "--learning_rate", "1e-4"])
+    config.validate(args)
+    assert args.learning_rate == 1e-4 and args.num_generations == 8 and args.per_device_train_batch_size == 4
+    assert args.reward_weights == [1.0, 0.5] and args.system_prompt == demo.DEMO_SYSTEM_PROMPT

@@ -63,8 +63,7 @@ def test_demo_reward_rises(tmp_path):
     """The README's demo, shortened: GRPO lifts accuracy well above chance, in training and on the
     held-out split. Fixed seeds; measured three times in a row before trusting it (see README)."""
     out = str(tmp_path / "demo")
-    run_command(["deepspeed", "--num_gpus", "2", "train.py", "--preset", "demo", "--output_dir", out,
-                 "--max_steps", "300"], tmp_path)
+    run_command([sys.executable, "-m", "grpo.demo", "--output_dir", out, "--max_steps", "300"], tmp_path)
     accuracy = [m["reward/accuracy"] for m in read_metrics(out)]
     first, last = sum(accuracy[:4]) / 4, sum(accuracy[-4:]) / 4
     # Chance is 0.75 * 1/4 (colour, four options) + 0.25 * 1/2 (left or right) = 0.3125.
@@ -74,8 +73,8 @@ def test_demo_reward_rises(tmp_path):
 
     scores = {}
     for name, folder in (("untrained", os.path.join(out, "demo-base-model")), ("trained", out)):
-        log = run_command([sys.executable, "eval.py", "--model_name_or_path", folder, "--dataset_name", "demo",
-                           "--split", "test"], tmp_path)
+        log = run_command([sys.executable, "eval.py", "--model_name_or_path", folder, "--dataset_name",
+                           os.path.join(out, "demo-data"), "--split", "test"], tmp_path)
         (result,) = [line for line in log.splitlines() if line.startswith('{"model"')]
         scores[name] = json.loads(result)["accuracy"]
     assert scores["trained"] > scores["untrained"] + 0.2, scores
