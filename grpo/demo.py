@@ -46,19 +46,25 @@ _TOKENIZER_CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE tokenizer with Qwen2-VL's special tokens and chat template."""
+def byte_level_bpe(special_tokens: list[str], vocab_size: int = 400, extra_text: tuple[str, ...] = ()):
+    """A byte-level BPE model (`tokenizers`) learned from this module's small corpus, holding each
+    of `special_tokens` as one token, in that order from id 0. Tiny models of every family use it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    bpe.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator((_TOKENIZER_CORPUS + list(extra_text)) * 4, trainer=trainer)
+    return bpe
+
+
+def build_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer with Qwen2-VL's special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = byte_level_bpe(SPECIAL_TOKENS, vocab_size)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],

@@ -118,17 +118,23 @@ def format_warmed_model(tmp_path_factory):
     return warm_up_format(folder, colour_rows(32), lambda row: list("ABCD"), steps=60)
 
 
+def save_rows(tmp_path_factory, name: str, rows: list[dict], picture_columns: dict) -> str:
+    """Rows saved as a save_to_disk folder (picture columns as datasets' Image features); its path."""
+    import datasets
+
+    folder = str(tmp_path_factory.mktemp(name) / "ds")
+    features = datasets.Features({**picture_columns, "problem": datasets.Value("string"),
+                                  "solution": datasets.Value("string")})
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def colour_dataset(tmp_path_factory):
     """The same 8 rows as a save_to_disk folder; returns its path."""
     import datasets
 
-    folder = str(tmp_path_factory.mktemp("colours") / "ds")
-    rows = colour_rows(8)
-    features = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"),
-                                  "solution": datasets.Value("string")})
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
-    return folder
+    return save_rows(tmp_path_factory, "colours", colour_rows(8), {"image": datasets.Image()})
 
 
 @pytest.fixture(scope="session")
@@ -141,11 +147,7 @@ def mixed_dataset(tmp_path_factory):
     for i, row in enumerate(colour_rows(8)):
         images = [row["image"], Image.new("RGB", (56, 56), "white")][:[1, 2, 0][i % 3]]
         rows.append({"images": images, "problem": row["problem"], "solution": row["solution"]})
-    folder = str(tmp_path_factory.mktemp("mixed") / "ds")
-    features = datasets.Features({"images": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"),
-                                  "solution": datasets.Value("string")})
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
-    return folder
+    return save_rows(tmp_path_factory, "mixed", rows, {"images": datasets.Sequence(datasets.Image())})
 
 
 @pytest.fixture(scope="session")
@@ -159,11 +161,8 @@ def video_dataset(tmp_path_factory):
         frames = [row["image"], Image.new("RGB", (56, 56), "white")] * 2
         rows.append({"video": frames if i % 3 == 0 else None, "image": row["image"] if i % 3 == 1 else None,
                      "problem": row["problem"], "solution": row["solution"]})
-    folder = str(tmp_path_factory.mktemp("video") / "ds")
-    features = datasets.Features({"video": datasets.Sequence(datasets.Image()), "image": datasets.Image(),
-                                  "problem": datasets.Value("string"), "solution": datasets.Value("string")})
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
-    return folder
+    return save_rows(tmp_path_factory, "video", rows,
+                     {"video": datasets.Sequence(datasets.Image()), "image": datasets.Image()})
 
 
 @pytest.fixture(scope="session")
@@ -174,11 +173,7 @@ def image_and_text_only_dataset(tmp_path_factory):
 
     rows = colour_rows(2)
     rows[1]["image"] = None
-    folder = str(tmp_path_factory.mktemp("pair") / "ds")
-    features = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"),
-                                  "solution": datasets.Value("string")})
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
-    return folder
+    return save_rows(tmp_path_factory, "pair", rows, {"image": datasets.Image()})
 
 
 def run_command(cmd: list[str], tmp_path, timeout: int = 1200) -> str:

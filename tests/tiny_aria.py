@@ -26,17 +26,11 @@ IMAGE_TOKENS_PER_CROP = 4
 
 def build_aria_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer with Aria's special tokens; eos is the end of an assistant turn."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from grpo.demo import _TOKENIZER_CORPUS
+    from grpo.demo import byte_level_bpe
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=ARIA_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    bpe = byte_level_bpe(ARIA_SPECIAL_TOKENS, vocab_size)
     # AriaProcessor reads `tokenizer.image_token(_id)`: a named extra special token, saved with it.
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>",

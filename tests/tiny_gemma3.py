@@ -44,17 +44,11 @@ MM_TOKENS_PER_IMAGE = 4
 
 def build_gemma3_tokenizer(vocab_size: int = 400):
     """Byte-level BPE (the demo's corpus) with Gemma 3's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from grpo.demo import _TOKENIZER_CORPUS
+    from grpo.demo import byte_level_bpe
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator((_TOKENIZER_CORPUS + ["model\n\n user\n\n"]) * 4, trainer=trainer)
+    bpe = byte_level_bpe(SPECIAL_TOKENS, vocab_size, extra_text=("model\n\n user\n\n",))
     # The processor finds the image tokens by these names (boi_token, eoi_token, image_token), as in
     # the real tokenizer_config.json. The real one also adds <bos> itself; this one leaves it to the template.
     tokenizer = PreTrainedTokenizerFast(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from grpo.demo import _TOKENIZER_CORPUS
+from grpo.demo import byte_level_bpe
 
 # The real checkpoints' format ("User:<image>Q<end_of_utterance>\nAssistant:"), with one change:
 # string content is rendered too, as the SmolVLM processor's own default template does (the hub
@@ -30,16 +30,10 @@ IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>"] + [
 
 def _tokenizer(bos: str, pad: str, other: list[str]):
     """Byte-level BPE with the family's special tokens; eos is the end of an assistant turn."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [bos, pad, *other, "<end_of_utterance>", *IMAGE_TOKENS]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_TOKENIZER_CORPUS * 4, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    bpe = byte_level_bpe(specials, vocab_size=500)
     # No BOS post-processor: the chat template writes BOS itself (a real Llama-3 tokenizer would add
     # a second one when the processor tokenizes the rendered prompt).
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token="<end_of_utterance>",

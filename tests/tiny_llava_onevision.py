@@ -31,17 +31,11 @@ PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
 
 def build_tokenizer(vocab_size: int = 400):
     """Byte-level BPE with Qwen2's turn markers and LLaVA's <image>/<video>; like Qwen2, no BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from grpo.demo import _TOKENIZER_CORPUS
+    from grpo.demo import byte_level_bpe
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    bpe = byte_level_bpe(SPECIAL_TOKENS, vocab_size)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=SPECIAL_TOKENS[1:])
     tokenizer.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])  # ordinary, decodable tokens
