@@ -66,7 +66,7 @@ class GRPOArguments:
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; > 0 overrides --num_train_epochs."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, init and sampling (each rank samples with seed + rank)."})
     bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 (the published run uses --bf16)."})
-    freeze_vision_tower: bool = field(default=False, metadata={"help": "Train the language model (and the projector) only; the vision encoder keeps its weights."})
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "The vision encoder keeps its weights (Qwen's includes its patch merger); the rest trains."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward to save memory."})
     deepspeed: str | None = field(default=None, metadata={"help": f"DeepSpeed JSON config; default {os.path.basename(DEFAULT_DEEPSPEED_CONFIG)} next to train.py."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})

@@ -196,3 +196,15 @@ def test_video_rows_in_qwen_families(name, family_models):
                                              temperature=1.0, top_p=1.0, suppress_token_ids=[],
                                              share_prompt=share_prompt).completion_ids)
     assert torch.equal(*sampled)
+
+
+def test_vision_tower_is_found_and_holds_the_vision_weights(family):
+    """--freeze_vision_tower freezes vlm_adapter.vision_tower(model): the family's vision encoder, and
+    not the language model."""
+    name, model, processor, family_config = family
+    tower = {id(p) for p in vlm_adapter.vision_tower(model).parameters()}
+    language = {id(p) for p in model.get_input_embeddings().parameters()}
+    assert tower and not tower & language
+    vision_named = {id(p) for n, p in model.named_parameters()
+                    if any(k in n for k in ("visual.", "vision_tower.", "vision_model."))}
+    assert tower == vision_named
