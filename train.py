@@ -157,6 +157,7 @@ def main(argv: list[str]) -> None:
     config.validate(args)  # bad arguments stop here, before anything loads
     raw_ds_config = config.read_deepspeed_config(args.deepspeed)
     reward_funcs = rewards.get_reward_funcs(args.reward_funcs)
+    config.check_paths(args)
     rank, world_size, device = init_distributed()
     is_main = rank == 0
     family = vlm_adapter.check_model_type(args.model_name_or_path)
@@ -167,7 +168,7 @@ def main(argv: list[str]) -> None:
     G, B, gas, mu = args.num_generations, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_iterations
     micro_steps_per_epoch = data.steps_per_epoch(len(dataset), B, world_size)
     if micro_steps_per_epoch < gas:
-        raise ValueError(f"--dataset_name: {len(dataset)} prompts are fewer than one optimizer step needs "
+        raise config.UsageError(f"--dataset_name: {len(dataset)} prompts are fewer than one optimizer step needs "
                          f"({B} per device x {world_size} ranks x {gas} accumulation steps).")
     rollouts_per_epoch = micro_steps_per_epoch // gas
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * rollouts_per_epoch)) * mu
@@ -249,7 +250,7 @@ def main(argv: list[str]) -> None:
                 logger.log_samples(step, [ex["problem"] for ex in rollout.examples for _ in range(G)],
                                    rollout.completions.texts, rollout.rewards.tolist(),
                                    [ex["solution"] for ex in rollout.examples for _ in range(G)])
-            if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
+            if args.save_steps > 0 and step % args.save_steps == 0:  # the last step's too, as HF's Trainer
                 save_model(engine, processor, args, os.path.join(args.output_dir, f"checkpoint-{step}"), zero_stage,
                            is_main)
                 if is_main:
@@ -420,5 +421,15 @@ def step_metrics(rollout: StepRollout, loss_stats, args, engine, timing: dict, m
     return metrics
 
 
+def cli(argv: list[str]) -> int:
+    """The command line: a usage error is one line on stderr and exit status 2, not a traceback."""
+    try:
+        main(argv)
+    except config.UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -78,14 +80,47 @@ class GRPOArguments:
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints (oldest removed)."})
 
 
+class UsageError(ValueError):
+    """A mistake in the command line or its files: train.py prints the message on one line, with no
+    traceback, and exits with status 2."""
+
+
+def bad(flag: str, why: str):
+    raise UsageError(f"--{flag}: {why}")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name, as on the Hugging Face hub (a path that does not exist may look like one too)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
+
+
+def check_paths(args: GRPOArguments) -> None:
+    """The model, the dataset and the output folder, checked before anything loads."""
+    model = args.model_name_or_path
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            bad("model_name_or_path", f"folder {model!r} holds no config.json; give a folder written by "
+                "save_pretrained, or a hub id such as Qwen/Qwen2-VL-2B-Instruct.")
+    elif not looks_like_hub_id(model):
+        bad("model_name_or_path", f"{model!r} is neither a model folder (no such folder) nor a hub id (owner/name).")
+    data = args.dataset_name
+    if not os.path.exists(data) and (os.path.splitext(data)[1] in (".parquet", ".jsonl", ".json")
+                                     or not looks_like_hub_id(data)):
+        bad("dataset_name", f"{data!r}: no such file or folder (give a .parquet / .jsonl file, a save_to_disk "
+            "folder, or a hub id owner/name).")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.output_dir):
+            pass
+    except OSError as e:
+        bad("output_dir", f"{args.output_dir!r} cannot be written: {e.strerror or e}.")
+
+
 def validate(args: GRPOArguments) -> None:
     """Stop before any model is loaded when the arguments cannot work."""
     from .advantage import SCALES
     from .loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
     from .rewards import REWARD_FUNCS
-
-    def bad(flag, why):
-        raise ValueError(f"--{flag}: {why}")
 
     if args.num_generations < 2:
         bad("num_generations", f"is {args.num_generations}; GRPO compares completions within a group, so G must be >= 2.")
@@ -117,6 +152,8 @@ def validate(args: GRPOArguments) -> None:
     if args.generation_batch_size < 0 or 0 < args.generation_batch_size < args.num_generations:
         bad("generation_batch_size", f"is {args.generation_batch_size}; use 0 (no limit) or at least one group "
             f"(--num_generations {args.num_generations} completions).")
+    if args.epsilon_high is not None and args.epsilon_high < args.epsilon:
+        bad("epsilon_high", f"{args.epsilon_high} is below --epsilon {args.epsilon}; clip-higher wants it above (DAPO: 0.28).")
     if args.min_pixels > args.max_pixels:
         bad("min_pixels", f"{args.min_pixels} is above --max_pixels {args.max_pixels}.")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
@@ -130,9 +167,9 @@ def read_deepspeed_config(path: str | None) -> dict:
         with open(path) as f:
             ds_config = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--deepspeed: cannot read DeepSpeed config {path!r}: {e}") from e
+        raise UsageError(f"--deepspeed: cannot read DeepSpeed config {path!r}: {e}") from e
     if not isinstance(ds_config, dict):
-        raise ValueError(f"--deepspeed: {path!r} must hold a JSON object, not {type(ds_config).__name__}.")
+        raise UsageError(f"--deepspeed: {path!r} must hold a JSON object, not {type(ds_config).__name__}.")
     ds_config["_path"] = path
     return ds_config
 
@@ -187,5 +224,5 @@ def _fill_auto(node: dict, auto_values: dict, path: str, prefix: str = "") -> No
             # sound for the models here, so an "auto" bucket size falls back to them.
             del node[key]
         elif value == "auto":
-            raise ValueError(f"--deepspeed: {path!r} sets {dotted} to \"auto\", which train.py cannot fill; "
+            raise UsageError(f"--deepspeed: {path!r} sets {dotted} to \"auto\", which train.py cannot fill; "
                              f"give it a value. Fillable keys: {sorted(auto_values)}.")

@@ -19,6 +19,7 @@ import random
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .config import UsageError
 from .vlm_adapter import count_prompt_tokens
 
 REQUIRED_COLUMNS = ("problem", "solution")
@@ -43,7 +44,7 @@ def load_rows(dataset_name: str, split: str = "train"):
     if os.path.isfile(dataset_name):
         kind = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(os.path.splitext(dataset_name)[1])
         if kind is None:
-            raise ValueError(f"--dataset_name: {dataset_name!r} is a file, but only .parquet, .jsonl and .json "
+            raise UsageError(f"--dataset_name: {dataset_name!r} is a file, but only .parquet, .jsonl and .json "
                              "files are read; or pass a save_to_disk folder or a hub id.")
         return datasets.load_dataset(kind, data_files=dataset_name, split="train")
     return datasets.load_dataset(dataset_name, split=split)
@@ -52,7 +53,7 @@ def load_rows(dataset_name: str, split: str = "train"):
 def check_columns(rows, dataset_name: str) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in rows.column_names]
     if missing:
-        raise ValueError(f"--dataset_name {dataset_name!r}: missing column(s) {missing}; the dataset has "
+        raise UsageError(f"--dataset_name {dataset_name!r}: missing column(s) {missing}; the dataset has "
                          f"{rows.column_names}, and GRPO needs {list(REQUIRED_COLUMNS)}.")
 
 
@@ -133,7 +134,7 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
     rows = load_rows(dataset_name, split)
     check_columns(rows, dataset_name)
     if "video" in rows.column_names and not family.takes_video:
-        raise ValueError(f"--dataset_name {dataset_name!r} has a `video` column, and this model's family takes no "
+        raise UsageError(f"--dataset_name {dataset_name!r} has a `video` column, and this model's family takes no "
                          "video (the Qwen families do); drop the column or use a Qwen-VL model.")
     base_dir = os.path.dirname(os.path.abspath(dataset_name)) if os.path.isfile(dataset_name) else None
     keep, unreadable, too_long = [], [], []
@@ -156,7 +157,7 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
         log(f"[data] dropped {len(too_long)} of {len(rows)} rows whose prompt exceeds --max_prompt_length "
             f"{max_prompt_length} (longest {max(n for _, n in too_long)} tokens, first row {too_long[0][0]})")
     if not keep:
-        raise ValueError(f"--dataset_name {dataset_name!r}: no usable rows out of {len(rows)} "
+        raise UsageError(f"--dataset_name {dataset_name!r}: no usable rows out of {len(rows)} "
                          f"({len(unreadable)} unreadable images, {len(too_long)} over --max_prompt_length).")
     text_only = sum(1 for i in keep if not any(rows[i].get(c) for c in (*IMAGE_COLUMNS, "video")))
     log(f"[data] {len(keep)} prompts from {dataset_name!r} (split {split!r})"

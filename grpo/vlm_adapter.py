@@ -117,7 +117,9 @@ def check_model_type(model_name_or_path: str) -> Family:
 
     model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
     if model_type not in FAMILIES:
-        raise ValueError(f"--model_name_or_path {model_name_or_path!r} is a {model_type!r} model; "
+        from .config import UsageError
+
+        raise UsageError(f"--model_name_or_path {model_name_or_path!r} is a {model_type!r} model; "
                          f"this trainer supports {sorted(FAMILIES)}.")
     return FAMILIES[model_type]
 

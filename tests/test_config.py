@@ -1,8 +1,11 @@
 """Bad arguments stop before any model loads; zero3.json's "auto" values are filled from the flags."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+from conftest import REPO
 
 import train
 from grpo import config
@@ -88,3 +91,28 @@ def test_demo_flags_are_train_flags_and_yield_to_the_users():
     config.validate(args)
     assert args.learning_rate == 1e-4 and args.num_generations == 8 and args.per_device_train_batch_size == 4
     assert args.reward_weights == [1.0, 0.5] and args.system_prompt == demo.DEMO_SYSTEM_PROMPT
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--num_generations", "1"], "--num_generations"),
+    (["--epsilon", "0.2", "--epsilon_high", "0.1"], "--epsilon_high"),
+    (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed"),
+    (["--model_name_or_path", "/nonexistent/model"], "--model_name_or_path"),
+    (["--model_name_or_path", "EMPTY_FOLDER"], "--model_name_or_path"),
+    (["--dataset_name", "/nonexistent/rows.parquet"], "--dataset_name"),
+    (["--output_dir", "A_FILE/run"], "--output_dir"),
+])
+def test_usage_errors_exit_2_with_one_line(flags, named, tiny_model, colour_dataset, tmp_path):
+    """A mistake on the command line: exit status 2, one line naming the argument, no traceback, and
+    nothing loaded (the run stops in seconds)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    flags = [str(tmp_path / "empty") if f == "EMPTY_FOLDER" else str(tmp_path / "a_file" / "run") if f == "A_FILE/run"
+             else f for f in flags]
+    command = [sys.executable, "train.py", "--model_name_or_path", tiny_model, "--dataset_name", colour_dataset,
+               "--output_dir", str(tmp_path / "out"), *flags]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(lines) == 1 and named in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

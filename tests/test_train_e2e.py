@@ -2,6 +2,7 @@
 `python train.py` as one process (gloo ranks on DeepSpeed's CPU accelerator)."""
 
 import glob
+import json
 import os
 import sys
 
@@ -73,11 +74,15 @@ def test_plain_python_one_process(tiny_model, colour_dataset, tmp_path, loss_typ
     out = str(tmp_path / "run")
     log = run_command([sys.executable, "train.py", "--output_dir", out, "--model_name_or_path", tiny_model,
                 "--dataset_name", colour_dataset, "--max_steps", "2", "--beta", "0", "--num_iterations", "2",
-                "--loss_type", loss_type, "--epsilon_high", "0.28", "--report_to", "none", "--save_steps", "0",
+                "--loss_type", loss_type, "--epsilon_high", "0.28", "--report_to", "none", "--save_steps", "2",
                 "--share_prompt", "false",
                 *COMMON], tmp_path)
     assert "1 rank(s)" in log and "2 update(s) per rollout" in log and "prompts repeated G times" in log
     assert "ZeRO stage 0 (one process: nothing to partition" in log
+    # --save_steps 2 with --max_steps 2: the last step is saved as a checkpoint too (as HF's Trainer
+    # does), with the run's arguments beside the weights.
+    with open(os.path.join(out, "checkpoint-2", "training_args.json")) as f:
+        assert json.load(f)["loss_type"] == loss_type
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["loss/kl"] == 0.0 for m in metrics)  # beta 0: no reference, no KL
