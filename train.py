@@ -302,8 +302,7 @@ class StepRollout:
         num_prompts = self.prompt_inputs["input_ids"].shape[0]
         for start in range(0, num_prompts, prompts_per_micro_batch):
             stop = min(start + prompts_per_micro_batch, num_prompts)
-            inputs = vlm_adapter.select_prompts(self.prompt_inputs, start, stop, model_config)
-            yield (vlm_adapter.with_pictures(inputs, self.blank_prompt) if self.blank_prompt else inputs,
+            yield (vlm_adapter.select_prompts(self.prompt_inputs, start, stop, model_config, self.blank_prompt),
                    slice(start * group_size, stop * group_size))
 
 

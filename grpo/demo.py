@@ -295,7 +295,6 @@ def main(argv: list[str]) -> None:
     import argparse
     import socket
     import subprocess
-    import sys
 
     parser = argparse.ArgumentParser(description="The CPU demo: GRPO teaches a tiny VLM a visual task.")
     parser.add_argument("--output_dir", default="outputs/demo", help="Where the data, models and logs go.")

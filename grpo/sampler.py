@@ -81,9 +81,7 @@ def sample_groups(model, prompt_inputs: dict, tokenizer, *, group_size: int, max
     with gathered_weights(model, zero_stage):
         for start in range(0, num_prompts, per_call):
             inputs = vlm_adapter.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts),
-                                                vlm_adapter.unwrap(model).config)
-            if blank_prompt is not None:
-                inputs = vlm_adapter.with_pictures(inputs, blank_prompt)
+                                                vlm_adapter.unwrap(model).config, blank_prompt)
             pieces.append(generate(model, inputs, group_size, generate_kwargs))
     model.train(was_training)
     longest = max(piece.shape[1] for piece in pieces)

@@ -102,8 +102,6 @@ _QWEN3_VL = Family(
 FAMILIES = {"qwen2_vl": _QWEN_VL, "qwen2_5_vl": _QWEN_VL, "qwen3_vl": _QWEN3_VL,
             "llava_onevision": _LLAVA_ONEVISION, "idefics3": _IDEFICS3, "smolvlm": _IDEFICS3, "gemma3": _GEMMA3,
             "aria": _ARIA}
-# Kept for the tokens list in messages and tests.
-PLACEHOLDER_TOKENS = _QWEN_VL.placeholders
 
 
 def family_of(model_or_config) -> Family:
@@ -257,14 +255,16 @@ def repeat_for_group(inputs: dict, group_size: int, config) -> dict:
     return _regroup(inputs, config, [i for i in range(num_prompts) for _ in range(group_size)])
 
 
-def select_prompts(inputs: dict, start: int, stop: int, config) -> dict:
+def select_prompts(inputs: dict, start: int, stop: int, config, blank: dict | None = None) -> dict:
     """Prompts start .. stop-1 of a batch (their pictures too), without the padding columns that only
-    longer prompts of the batch needed (prompts are left-padded, so those are leading columns)."""
+    longer prompts of the batch needed (prompts are left-padded, so those are leading columns).
+    Given `blank` (blank_picture_prompt), a selection without pictures gets it (with_pictures)."""
     used = inputs["attention_mask"][start:stop].bool()
     for media in family_of(config).media:  # a masked-out blank image (with_pictures) is in use too
         used |= inputs["input_ids"][start:stop] == getattr(config, media.token_id)
     first_column = int(used.any(0).long().argmax())  # the first column any selected prompt uses
-    return _regroup(inputs, config, list(range(start, stop)), first_column)
+    selected = _regroup(inputs, config, list(range(start, stop)), first_column)
+    return with_pictures(selected, blank) if blank is not None else selected
 
 
 def unwrap(model):

@@ -50,7 +50,7 @@ def test_repeat_for_group_keeps_each_image_with_its_rows(model_and_processor):
 def test_forbidden_tokens_are_the_placeholders(model_and_processor):
     model, processor = model_and_processor
     ids = vlm_adapter.forbidden_token_ids(processor, model.config)
-    assert sorted(processor.tokenizer.convert_ids_to_tokens(ids)) == sorted(vlm_adapter.PLACEHOLDER_TOKENS)
+    assert sorted(processor.tokenizer.convert_ids_to_tokens(ids)) == sorted(vlm_adapter.FAMILIES["qwen2_vl"].placeholders)
 
 
 def test_completion_mask_through_first_eos():
