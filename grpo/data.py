@@ -5,9 +5,11 @@ A row has a `problem` and a `solution` (ending in <answer>X</answer>), and its p
 (a text-only row: `image` empty, or no picture column at all). Sources: a hub id, a `save_to_disk` folder, a .parquet or
 .jsonl file (its image column may hold images, bytes, or paths relative to the file).
 
-Everything that could break a run mid-way is checked here, at load time, and counted:
-unreadable images are dropped, and so are rows whose prompt is longer than --max_prompt_length
-(a prompt holding image tokens is never truncated: cutting them breaks the forward, trap 6).
+Everything that could break a run mid-way is checked here, at load time, and each dropped row is
+counted under the first reason that holds, in this order: an empty problem, an empty solution, a
+gold answer the reward cannot judge (when a `check_solution` is given), an unreadable image or
+video, a prompt longer than --max_prompt_length (a prompt holding image tokens is never truncated:
+cutting them breaks the forward, trap 6). The text checks come first, before any picture is decoded.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import random
+from typing import Callable
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -24,6 +27,8 @@ from .vlm_adapter import count_prompt_tokens
 
 REQUIRED_COLUMNS = ("problem", "solution")
 IMAGE_COLUMNS = ("images", "image")  # a list of images, or one; a row may leave both empty
+TOO_LONG = "prompt over --max_prompt_length"
+DROP_REASONS = ("empty problem", "empty solution", "unverifiable solution", "unreadable image or video", TOO_LONG)
 
 DEFAULT_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question about an image, and the "
@@ -107,10 +112,13 @@ def build_conversation(problem: str, system_prompt: str | None = None, num_image
 
 
 class PromptDataset:
-    """The usable rows of a dataset; images are decoded again on access, so memory stays flat."""
+    """The usable rows of a dataset; images are decoded again on access, so memory stays flat.
+    `dropped` maps each reason (of DROP_REASONS) that dropped a row to all the row indices it dropped."""
 
-    def __init__(self, rows, keep: list[int], base_dir: str | None, system_prompt: str | None):
+    def __init__(self, rows, keep: list[int], base_dir: str | None, system_prompt: str | None,
+                 dropped: dict[str, list[int]] | None = None):
         self.rows, self.keep, self.base_dir, self.system_prompt = rows, keep, base_dir, system_prompt
+        self.dropped = dropped or {}
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -121,15 +129,37 @@ class PromptDataset:
         example["images"], example["videos"] = row_images(row, self.base_dir), row_videos(row, self.base_dir)
         example["prompt"] = build_conversation(row["problem"], self.system_prompt, len(example["images"]),
                                                len(example["videos"]))
+        example["row_index"] = self.keep[i]  # its row in the source dataset, for messages
         return example
 
 
+def _blank(text) -> bool:
+    return not isinstance(text, str) or not text.strip()
+
+
+def _drop_line(reason: str, drops: list[tuple[int, object]], total: int, max_prompt_length: int) -> str:
+    """One log line for one reason: its count, and its first three rows with their detail."""
+    if reason == TOO_LONG:
+        reason += f" {max_prompt_length}, longest {max(n for _, n in drops)} tokens"
+        drops = [(i, f"{n} tokens") for i, n in drops]
+    first = drops[:3]
+    if any(detail is not None for _, detail in first):
+        where = "; ".join(f"row {i}: " + " ".join(str(detail).split()) for i, detail in first)
+        where += "; ..." if len(drops) > 3 else ""
+    else:
+        where = ("row " if len(drops) == 1 else "rows ") + ", ".join(str(i) for i, _ in first)
+        where += ", ..." if len(drops) > 3 else ""
+    return f"[data] dropped {len(drops)} of {total} rows: {reason} ({where})"
+
+
 def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_prompt_length: int,
-                        system_prompt: str | None = None, log=print, progress: bool = False) -> PromptDataset:
-    """Load, check every row once, and report what was dropped and why.
+                        system_prompt: str | None = None, log=print, progress: bool = False,
+                        check_solution: Callable[[str, str | None], str | None] | None = None) -> PromptDataset:
+    """Load, check every row once, and report what was dropped and why (one log line per reason).
 
     `processor` is the model's (vlm_adapter sets its pixel limits), used to count the prompt's text
-    tokens plus the image tokens the image will expand to.
+    tokens plus the image tokens the image will expand to. `check_solution(solution, problem)`, if
+    given, returns None when the gold answer can be judged, else a short reason the row is dropped.
     """
     rows = load_rows(dataset_name, split)
     check_columns(rows, dataset_name)
@@ -137,32 +167,44 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
         raise UsageError(f"--dataset_name {dataset_name!r} has a `video` column, and this model's family takes no "
                          "video (the Qwen families do); drop the column or use a Qwen-VL model.")
     base_dir = os.path.dirname(os.path.abspath(dataset_name)) if os.path.isfile(dataset_name) else None
-    keep, unreadable, too_long = [], [], []
-    for index, row in enumerate(tqdm(rows, desc="checking rows", unit="row", disable=not progress)):
+
+    def drop_reason(index: int, problem, solution) -> tuple[str, object] | None:
+        """(reason, detail or None) for a row to drop, or None to keep it: text first, pictures last."""
+        if _blank(problem):
+            return "empty problem", None
+        if _blank(solution):
+            return "empty solution", None
+        if check_solution is not None and (why := check_solution(solution, problem)) is not None:
+            return "unverifiable solution", why
         try:
+            row = rows[index]  # decodes the row's pictures, where its columns are Image features
             images, videos = row_images(row, base_dir), row_videos(row, base_dir)
-            conversation = build_conversation(row["problem"], system_prompt, len(images), len(videos))
+            conversation = build_conversation(problem, system_prompt, len(images), len(videos))
             length = count_prompt_tokens(processor, conversation, images, family, videos)
         except Exception as e:  # any decoding failure: the row is dropped and reported
-            unreadable.append((index, f"{type(e).__name__}: {e}"))
-            continue
-        if length > max_prompt_length:
-            too_long.append((index, length))
-        else:
+            return "unreadable image or video", f"{type(e).__name__}: {e}"
+        return (TOO_LONG, length) if length > max_prompt_length else None
+
+    keep, drops = [], {reason: [] for reason in DROP_REASONS}  # reason -> [(row, detail)]
+    texts = rows.select_columns(list(REQUIRED_COLUMNS))  # no picture decoded for the text checks
+    for index, text in enumerate(tqdm(texts, desc="checking rows", unit="row", disable=not progress)):
+        dropped = drop_reason(index, text["problem"], text["solution"])
+        if dropped is None:
             keep.append(index)
-    if unreadable:
-        log(f"[data] dropped {len(unreadable)} of {len(rows)} rows with unreadable images or videos, "
-            f"first: row {unreadable[0][0]} ({unreadable[0][1]})")
-    if too_long:
-        log(f"[data] dropped {len(too_long)} of {len(rows)} rows whose prompt exceeds --max_prompt_length "
-            f"{max_prompt_length} (longest {max(n for _, n in too_long)} tokens, first row {too_long[0][0]})")
+        else:
+            drops[dropped[0]].append((index, dropped[1]))
+    drops = {reason: found for reason, found in drops.items() if found}
+    for reason, found in drops.items():
+        log(_drop_line(reason, found, len(rows), max_prompt_length))
     if not keep:
-        raise UsageError(f"--dataset_name {dataset_name!r}: no usable rows out of {len(rows)} "
-                         f"({len(unreadable)} unreadable images, {len(too_long)} over --max_prompt_length).")
+        counts = ", ".join(f"{reason}: {len(found)}" for reason, found in drops.items())
+        raise UsageError(f"--dataset_name {dataset_name!r}: no usable rows out of {len(rows)}"
+                         + (f" ({counts})." if counts else "."))
     text_only = sum(1 for i in keep if not any(rows[i].get(c) for c in (*IMAGE_COLUMNS, "video")))
     log(f"[data] {len(keep)} prompts from {dataset_name!r} (split {split!r})"
         + (f", {text_only} of them text-only" if text_only else ""))
-    return PromptDataset(rows, keep, base_dir, system_prompt)
+    return PromptDataset(rows, keep, base_dir, system_prompt,
+                         {reason: [i for i, _ in found] for reason, found in drops.items()})
 
 
 def rank_batches(num_rows: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int):

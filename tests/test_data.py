@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import pytest
 from conftest import colour_rows
@@ -70,7 +71,89 @@ def test_jsonl_with_relative_paths_drops_and_counts_unreadable(tmp_path, process
     ds, messages = _load(str(tmp_path / "rows.jsonl"), processor)
     assert len(ds) == 3
     assert ds[1]["images"][0].getpixel((0, 0)) == rows[1]["image"].getpixel((0, 0))
-    assert any("dropped 2 of 5 rows with unreadable images" in m and "row 3" in m for m in messages)
+    assert ds.dropped == {"unreadable image or video": [3, 4]}
+    (line,) = [m for m in messages if "dropped" in m]
+    assert line.startswith("[data] dropped 2 of 5 rows: unreadable image or video (row 3: FileNotFoundError: ")
+    assert "; row 4: UnidentifiedImageError: " in line
+
+
+def _has_answer(solution, problem):
+    """A check_solution for the tests: the text between <answer> and </answer> must not be empty."""
+    found = re.search(r"<answer>(.*?)</answer>", solution, re.S)
+    return None if found and found.group(1).strip() else "no answer"
+
+
+def _write_rows(tmp_path, rows):
+    """rows as a .jsonl next to an img/ folder holding ok.png (a real image) and broken.png (garbage)."""
+    (tmp_path / "img").mkdir()
+    colour_rows(1)[0]["image"].save(tmp_path / "img" / "ok.png")
+    (tmp_path / "img" / "broken.png").write_bytes(b"\x00garbage, not an image\xff" * 8)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_bad_rows_dropped_counted_by_first_reason(tmp_path, processor):
+    answer = "<think>red</think><answer>A</answer>"
+    rows = [
+        {"image": "img/ok.png", "problem": "valid 0", "solution": answer},
+        {"image": "img/ok.png", "problem": "", "solution": answer},                         # 1 empty problem
+        {"image": "img/ok.png", "problem": "valid 2", "solution": answer},
+        {"image": "img/ok.png", "problem": "q3", "solution": "  \n "},                       # 3 empty solution
+        {"image": "img/missing.png", "problem": "q4", "solution": answer},                  # 4 unreadable
+        {"image": "img/broken.png", "problem": "q5", "solution": answer},                   # 5 unreadable
+        {"image": "img/ok.png", "problem": "q6", "solution": "<think>?</think><answer></answer>"},  # 6 unverifiable
+        {"image": "img/ok.png", "problem": "valid 7", "solution": answer},
+        {"image": "img/missing.png", "problem": None, "solution": ""},                      # 8 empty problem first
+    ]
+    path = _write_rows(tmp_path, rows)
+    checked, messages = [], []
+
+    def check(solution, problem):
+        checked.append(problem)
+        return _has_answer(solution, problem)
+
+    ds = data.load_prompt_dataset(path, "train", processor, QWEN, 4096, log=messages.append, check_solution=check)
+    assert len(ds) == 3
+    assert [ds[i]["problem"] for i in range(len(ds))] == ["valid 0", "valid 2", "valid 7"]
+    assert ds.dropped == {"empty problem": [1, 8], "empty solution": [3], "unverifiable solution": [6],
+                          "unreadable image or video": [4, 5]}
+    # The answer is judged only for rows with a problem and a solution, and before any image is read.
+    assert checked == ["valid 0", "valid 2", "q4", "q5", "q6", "valid 7"]
+    assert messages[:3] == ["[data] dropped 2 of 9 rows: empty problem (rows 1, 8)",
+                            "[data] dropped 1 of 9 rows: empty solution (row 3)",
+                            "[data] dropped 1 of 9 rows: unverifiable solution (row 6: no answer)"]
+    assert messages[3].startswith("[data] dropped 2 of 9 rows: unreadable image or video (row 4: FileNotFoundError: ")
+    assert "missing.png" in messages[3] and "; row 5: UnidentifiedImageError: " in messages[3]
+    assert messages[4] == f"[data] 3 prompts from {path!r} (split 'train')"
+    assert len(messages) == 5 and all("\n" not in m for m in messages)
+
+
+def test_no_usable_rows_is_a_usage_error(tmp_path, processor):
+    from grpo.config import UsageError
+
+    rows = [{"image": "img/ok.png", "problem": p, "solution": "<answer>A</answer>"} for p in ("", " ", None, "\t")]
+    rows.append({"image": "img/broken.png", "problem": "q", "solution": "<answer>A</answer>"})
+    path = _write_rows(tmp_path, rows)
+    messages = []
+    with pytest.raises(UsageError) as raised:
+        data.load_prompt_dataset(path, "train", processor, QWEN, 4096, log=messages.append)
+    assert str(raised.value) == (f"--dataset_name {path!r}: no usable rows out of 5 "
+                                 "(empty problem: 4, unreadable image or video: 1).")
+    assert messages[0] == "[data] dropped 4 of 5 rows: empty problem (rows 0, 1, 2, ...)"  # at most 3 rows named
+    assert messages[1].startswith("[data] dropped 1 of 5 rows: unreadable image or video (row 4: UnidentifiedImageError")
+
+
+def test_corrupt_bytes_in_an_image_feature_counted(tmp_path_factory, processor):
+    """A save_to_disk folder decodes its Image column on access: a corrupt one is dropped, not raised."""
+    import datasets
+    from conftest import save_rows
+
+    rows = colour_rows(3)
+    rows[1]["image"] = {"bytes": b"not an image" * 4, "path": None}
+    ds, messages = _load(save_rows(tmp_path_factory, "corrupt", rows, {"image": datasets.Image()}), processor)
+    assert len(ds) == 2 and ds.dropped == {"unreadable image or video": [1]}
+    assert messages[0].startswith("[data] dropped 1 of 3 rows: unreadable image or video (row 1: UnidentifiedImageError")
 
 
 def test_missing_columns_named(tmp_path, processor):
@@ -89,8 +172,11 @@ def test_over_long_prompts_dropped_and_counted(colour_dataset, processor):
     assert max(lengths) > limit
     ds, messages = _load(colour_dataset, processor, max_len=limit)
     assert len(ds) == sum(n <= limit for n in lengths)
-    dropped = sum(n > limit for n in lengths)
-    assert any(f"dropped {dropped} of 8 rows whose prompt exceeds --max_prompt_length {limit}" in m for m in messages)
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    assert ds.dropped == {"prompt over --max_prompt_length": over}
+    first = "; ".join(f"row {i}: {lengths[i]} tokens" for i in over[:3])
+    assert (f"[data] dropped {len(over)} of 8 rows: prompt over --max_prompt_length {limit}, "
+            f"longest {max(lengths)} tokens ({first}" in messages[0])
 
 
 def test_prompt_token_count_matches_processor(colour_dataset, processor):
