@@ -6,8 +6,11 @@ Two rewards ship here:
 
 Every reward function has one signature, fn(completions: list[str], **dataset_columns) -> list[float]:
 dataset columns (solution, problem, ...) arrive as keyword lists aligned with completions, and a
-function ignores the columns it does not use (**kwargs). To add a reward, write such a function and
-add it to REWARD_FUNCS; `--reward_funcs name ...` then finds it by name.
+function ignores the columns it does not use (**kwargs). To add a reward, write such a function in
+a file of your own and name it by import path, `--reward_funcs accuracy my_rewards:length_penalty`
+(imported from the current directory or sys.path, so the trainer needs no edit), or add it to
+REWARD_FUNCS to use it by a bare name. The trainer scores with `score_completions`: a function that
+raises or returns a non-number on some completions costs only those (0.0 there, and counted), not the run.
 
 The policy optimises whatever the reward measures, holes included. Traps avoided here:
   - Judging the reasoning: only the last <answer> block (else the last \\boxed{}) is the answer, so a
@@ -27,9 +30,14 @@ The policy optimises whatever the reward measures, holes included. Traps avoided
 from __future__ import annotations
 
 import cmath
+import collections
 import functools
+import importlib
 import math
+import os
 import re
+import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import sympy
@@ -311,8 +319,146 @@ REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {"accuracy": accuracy_rewa
 
 
 def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float]]]:
-    """The reward functions registered under `names`, in order."""
-    for name in names:
-        if name not in REWARD_FUNCS:
-            raise ValueError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARD_FUNCS))}.")
-    return [REWARD_FUNCS[name] for name in names]
+    """The reward functions for `names`, in order: registry names, or `package.module:function` paths."""
+    return [_import_reward(name) if ":" in name else _registered(name) for name in names]
+
+
+def _registered(name: str) -> Callable[..., list[float]]:
+    if name not in REWARD_FUNCS:
+        raise ValueError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARD_FUNCS))}, "
+                         "or give a module:function path such as my_rewards:length_penalty.")
+    return REWARD_FUNCS[name]
+
+
+def _import_reward(entry: str) -> Callable[..., list[float]]:
+    """`package.module:function` imported from sys.path. The current directory goes first when it is
+    missing (`python train.py` puts the script's folder there, not the folder the user runs in), so a
+    my_rewards.py next to where the user runs is found."""
+    module_name, _, attr = entry.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward function {entry!r}: expected module:function, such as my_rewards:length_penalty.")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or the module's own error (a SyntaxError, ...) while importing
+        raise ValueError(f"reward function {entry!r}: cannot import module {module_name!r} "
+                         f"({type(e).__name__}: {e}); it must be importable from the current directory "
+                         "or sys.path.") from e
+    if not hasattr(module, attr):
+        where = getattr(module, "__file__", None) or "a namespace package"
+        raise ValueError(f"reward function {entry!r}: module {module_name!r} ({where}) has no attribute {attr!r}.")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise ValueError(f"reward function {entry!r}: {module_name}.{attr} is a {type(fn).__name__}, not a "
+                         "function fn(completions, **dataset_columns) -> list[float].")
+    return fn
+
+# ---------------------------------------------------------------- scoring that survives a faulty reward
+
+
+class RewardFaults:
+    """Counts reward-function failures and reports them without flooding the log: the first `limit`
+    failures of each function are reported with their dataset row and the error, then one line says
+    further ones of that function are only counted."""
+
+    def __init__(self, log: Callable[[str], None], limit: int = 3):
+        self.log, self.limit = log, limit
+        self.counts: collections.Counter[str] = collections.Counter()  # failures per function, all calls
+
+    def report(self, name: str, message: str) -> None:
+        """Count one failure of function `name`; log `message` while under the limit."""
+        self.counts[name] += 1
+        if self.counts[name] <= self.limit:
+            self.log(message)
+        if self.counts[name] == max(self.limit, 1):
+            self.log(f"reward function {name!r}: {self.limit} failures reported; further ones are only "
+                     f"counted, as the metric reward/{name}_failures.")
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why a single-completion call gave no value; a class of its own, so no returned value is taken for it."""
+    reason: str
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _call_one(fn: Callable, completions: list[str], columns: dict[str, list], i: int):
+    """Completion i scored alone: its value, or a _Failure."""
+    try:
+        out = list(fn([completions[i]], **{key: [values[i]] for key, values in columns.items()}))
+    except Exception as e:
+        return _Failure(f"raised {type(e).__name__}: {_short(str(e))}")
+    return out[0] if len(out) == 1 else _Failure(f"returned {len(out)} values for 1 completion")
+
+
+def _as_reward(value) -> float | str:
+    """The value as a float, or why it is not a reward (a str). A number is anything float() takes
+    through __float__: int, float, numpy scalars, one-element tensors, and bool as 0/1 (what a check
+    like `answer == gold` gives). None, text (even "1.0": a function returning text has a bug to
+    show), NaN and infinities are not: one of them in a sum makes every advantage of its group NaN."""
+    if isinstance(value, _Failure):
+        return value.reason
+    try:
+        reward = float(value) if hasattr(type(value), "__float__") else math.nan
+    except Exception:  # an int too large for a float, a tensor of several values, ...
+        reward = math.nan
+    return reward if math.isfinite(reward) else f"returned {_short(repr(value), 80)}"
+
+
+def score_completions(reward_funcs: list[Callable], names: list[str], completions: list[str],
+                      columns: dict[str, list], rows: list[int], faults: RewardFaults
+                      ) -> tuple[list[list[float]], list[int]]:
+    """scores[i][k]: function k's reward for completion i (N x K); failures[k]: how many of the N
+    completions function k failed on in this call.
+
+    `columns` are dataset columns aligned with `completions`; `rows[i]` is completion i's dataset row,
+    for the messages. Each function is called once on the whole batch, so a working one costs nothing
+    extra. If that call raises or does not return N values, it is called again one completion at a
+    time, so that only the completions it really fails on are affected. A completion whose call raises
+    or whose value is not a finite number gets 0.0 from that function and is reported through `faults`:
+    neither rewarded nor allowed to stop the run, while its group's mean and std are still over G values
+    (dropping it would change them; NaN would spread to the whole group). For a function whose rewards
+    are negative 0.0 is a relative bonus; the failure count is how such a case gets noticed."""
+    n = len(completions)
+    lengths = {"rows": len(rows), **{key: len(values) for key, values in columns.items()}}
+    if any(length != n for length in lengths.values()):
+        raise ValueError(f"score_completions: {n} completions but lengths {lengths}; one per completion each.")
+    scores = [[0.0] * len(reward_funcs) for _ in range(n)]
+    failures = []
+    for k, (fn, name) in enumerate(zip(reward_funcs, names)):
+        try:
+            values = list(fn(completions, **columns))
+        except Exception:
+            values = None
+        if values is None or len(values) != n:
+            values = [_call_one(fn, completions, columns, i) for i in range(n)]
+        failed = 0
+        for i, value in enumerate(values):
+            reward = _as_reward(value)
+            if isinstance(reward, str):
+                failed += 1
+                faults.report(name, f"reward function {name!r} failed on dataset row {rows[i]}: {reward}; "
+                                    "the completion gets 0.0 for this function.")
+            else:
+                scores[i][k] = reward
+        failures.append(failed)
+    return scores, failures
+
+# ---------------------------------------------------------------- gold answers
+
+
+def unverifiable_reason(solution: str, problem: str | None = None) -> str | None:
+    """None when `verify` can judge this gold answer, else a short reason. At data-load time such
+    rows are dropped: no completion could ever earn the accuracy reward on them, so each of their
+    groups would spend G generations on a reward that is 0 for all, and no signal."""
+    if not isinstance(solution, str):
+        return f"the solution is {type(solution).__name__}, not text"
+    if not _clean(extract_answer(solution)):
+        return "no answer in the solution"
+    if not verify(solution, solution, problem):
+        return "the answer does not verify against itself"
+    return None

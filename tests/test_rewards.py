@@ -1,10 +1,15 @@
 """Rewards: expected values are worked out by hand from the spec, never copied from the code's output."""
 
+import math
+import sys
 import time
 
 import pytest
 
-from grpo.rewards import REWARD_FUNCS, accuracy_reward, format_reward, get_reward_funcs, verify
+from grpo import rewards
+from grpo.rewards import (REWARD_FUNCS, RewardFaults, accuracy_reward, format_reward, get_reward_funcs,
+                          score_completions, unverifiable_reason, verify)
+from tests import faulty_rewards
 
 ANGLES = "Find the angle x. Choices: A: 30° B: 40° C: 50° D: 60°"
 NUMBERS = "How many apples are there? (A) 12 (B) 15 (C) 18 (D) 21"
@@ -167,3 +172,178 @@ def test_registry():
     assert get_reward_funcs(["format", "accuracy"]) == [format_reward, accuracy_reward]
     with pytest.raises(ValueError, match="'length'.*accuracy, format"):
         get_reward_funcs(["accuracy", "length"])
+
+
+# ---------------------------------------------------------------- reward functions by import path
+
+def test_reward_funcs_by_import_path():
+    funcs = get_reward_funcs(["tests.faulty_rewards:raises_on_b", "format", "grpo.rewards:accuracy_reward"])
+    assert funcs == [faulty_rewards.raises_on_b, format_reward, accuracy_reward]
+
+
+@pytest.mark.parametrize("entry, says", [
+    ("length", ["'length'", "accuracy, format", "module:function"]),
+    ("tests.no_such_module:f", ["'tests.no_such_module:f'", "cannot import module 'tests.no_such_module'",
+                                "No module named 'tests.no_such_module'"]),
+    ("tests.faulty_rewards:no_such", ["'tests.faulty_rewards:no_such'", "no attribute 'no_such'"]),
+    ("tests.faulty_rewards:NOT_CALLABLE", ["'tests.faulty_rewards:NOT_CALLABLE'", "is a float, not a function"]),
+    ("tests.faulty_rewards:", ["'tests.faulty_rewards:'", "expected module:function"]),
+    ("tests:raises_on_b", ["'tests:raises_on_b'", "no attribute 'raises_on_b'"]),
+])
+def test_reward_func_errors_name_the_entry(entry, says):
+    with pytest.raises(ValueError) as error:
+        get_reward_funcs(["format", entry])
+    for text in says:
+        assert text in str(error.value)
+
+
+def test_reward_func_from_the_current_directory(tmp_path, monkeypatch):
+    """A my_rewards.py next to where the user runs is found, though that folder is not on sys.path."""
+    (tmp_path / "cwd_rewards_t.py").write_text("def length_penalty(completions, **kwargs):\n"
+                                                "    return [-len(c) / 10 for c in completions]\n")
+    (tmp_path / "cwd_broken_t.py").write_text("def f(:\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        [fn] = get_reward_funcs(["cwd_rewards_t:length_penalty"])
+        assert fn(["ab", "abcde"]) == [-0.2, -0.5]
+        with pytest.raises(ValueError, match="'cwd_broken_t:f'.*cannot import module 'cwd_broken_t' .SyntaxError"):
+            get_reward_funcs(["cwd_broken_t:f"])
+    finally:
+        sys.modules.pop("cwd_rewards_t", None)
+
+# ---------------------------------------------------------------- fault-tolerant scoring
+
+LETTERS = ["A", "B", "C", "B"]
+ROWS = [10, 11, 12, 13]
+
+
+def letter_columns(letters=LETTERS):
+    return {"solution": [f"<answer>{x}</answer>" for x in letters], "problem": ["Pick one."] * len(letters)}
+
+
+def test_scoring_equals_a_direct_call_with_one_call_each():
+    completions = ["<think>a</think><answer>A</answer>", "<answer>B</answer>",
+                   "<think>a</think><answer>B</answer>", "<think>a</think><answer>B</answer>"]
+    columns = letter_columns()
+    calls = []
+
+    def counted_format(completions, **kwargs):
+        calls.append(len(completions))
+        return format_reward(completions, **kwargs)
+
+    lines = []
+    scores, failures = score_completions([counted_format, accuracy_reward], ["format", "accuracy"], completions,
+                                         columns, ROWS, RewardFaults(lines.append))
+    # format: 1 0 1 1; accuracy against A B C B: 1 1 0 1
+    assert scores == [[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    assert scores == [list(pair) for pair in zip(format_reward(completions), accuracy_reward(completions, **columns))]
+    assert failures == [0, 0] and lines == [] and calls == [4]
+
+
+def test_a_function_failing_on_some_rows_costs_only_those():
+    lines = []
+    scores, failures = score_completions(
+        [faulty_rewards.raises_on_b, format_reward, faulty_rewards.one_at_a_time],
+        ["raises_on_b", "format", "one_at_a_time"], ["x"] * 4, letter_columns(), ROWS, RewardFaults(lines.append))
+    # raises_on_b: B at rows 11 and 13 fail, 1.0 elsewhere; format: 0 for "x"; one_at_a_time: B 1.0, else 0.5
+    assert scores == [[1.0, 0.0, 0.5], [0.0, 0.0, 1.0], [1.0, 0.0, 0.5], [0.0, 0.0, 1.0]]
+    assert failures == [2, 0, 0]
+    assert len(lines) == 2
+    for line, row in zip(lines, (11, 13)):
+        assert line.startswith(f"reward function 'raises_on_b' failed on dataset row {row}: ")
+        assert "ValueError: raises_on_b: the answer is B" in line and "gets 0.0" in line
+
+
+def test_columns_must_be_aligned():
+    with pytest.raises(ValueError, match="2 completions but lengths .*'solution': 1"):
+        score_completions([format_reward], ["format"], ["x", "y"], {"solution": ["A"]}, [0, 1], RewardFaults(print))
+
+
+def test_every_completion_failing():
+    lines = []
+    scores, failures = score_completions(
+        [faulty_rewards.always_raises, faulty_rewards.one_short], ["always_raises", "one_short"], ["x"] * 2,
+        letter_columns(["A", "C"]), [0, 1], RewardFaults(lines.append, limit=5))
+    assert scores == [[0.0, 0.0], [0.0, 0.0]] and failures == [2, 2]
+    assert "'always_raises' failed on dataset row 1: raised RuntimeError: always_raises: broken" in lines[1]
+    assert "'one_short' failed on dataset row 0: returned 0 values for 1 completion" in lines[2]
+
+
+def test_bad_values_become_zero_and_count():
+    values = [0.5, None, float("nan"), float("inf"), -math.inf, True, False, "1.0", 2, 10 ** 400, [1.0]]
+    good = {0: 0.5, 5: 1.0, 6: 0.0, 8: 2.0}  # bool counts as 0/1; None, NaN, inf, text, huge int, a list do not
+    lines = []
+    scores, failures = score_completions([faulty_rewards.value_column], ["value_column"], ["x"] * len(values),
+                                         {"value": values}, list(range(100, 111)),
+                                         RewardFaults(lines.append, limit=20))
+    assert [row[0] for row in scores] == [good.get(i, 0.0) for i in range(len(values))]
+    assert all(type(row[0]) is float for row in scores)
+    assert failures == [7]
+    assert [line.split(":")[0] for line in lines[:7]] == [
+        f"reward function 'value_column' failed on dataset row {row}" for row in (101, 102, 103, 104, 107, 109, 110)]
+    assert "returned None" in lines[0] and "returned nan" in lines[1] and "returned inf" in lines[2]
+    assert "returned '1.0'" in lines[4]
+
+
+def test_nan_from_a_batch_that_works():
+    lines = []
+    scores, failures = score_completions([faulty_rewards.nan_for_b], ["nan_for_b"], ["x"] * 4, letter_columns(), ROWS,
+                                         RewardFaults(lines.append))
+    assert scores == [[1.0], [0.0], [1.0], [0.0]] and failures == [2]
+    assert "row 11: returned nan" in lines[0] and "row 13: returned nan" in lines[1] and len(lines) == 2
+
+
+def test_the_log_is_bounded_over_calls():
+    """Each call: two failures per function. limit 2: two detailed lines per function, then one line that
+    says the rest are counted, then silence, however many calls follow."""
+    lines = []
+    faults = RewardFaults(lines.append, limit=2)
+    funcs, names = [faulty_rewards.raises_on_b, faulty_rewards.nan_for_b], ["raises_on_b", "nan_for_b"]
+    sizes = []
+    for _ in range(4):
+        _, failures = score_completions(funcs, names, ["x"] * 4, letter_columns(), ROWS, faults)
+        assert failures == [2, 2]
+        sizes.append(len(lines))
+    assert sizes == [6, 6, 6, 6]  # the limit is reached within the first call
+    assert dict(faults.counts) == {"raises_on_b": 8, "nan_for_b": 8}
+    for name in names:
+        mine = [line for line in lines if line.startswith(f"reward function {name!r}")]
+        assert len(mine) == 3
+        assert "dataset row 11" in mine[0] and "dataset row 13" in mine[1]
+        assert "further ones are only counted" in mine[2] and f"reward/{name}_failures" in mine[2]
+
+
+def test_the_counted_line_comes_once_the_limit_is_reached():
+    lines = []
+    faults = RewardFaults(lines.append, limit=3)
+    sizes = []
+    for _ in range(3):  # one failure per call (row 11)
+        score_completions([faulty_rewards.raises_on_b], ["f"], ["x"] * 2, letter_columns(["A", "B"]), [10, 11], faults)
+        sizes.append(len(lines))
+    assert sizes == [1, 2, 4]
+    assert "only counted" in lines[3] and all("only counted" not in line for line in lines[:3])
+    score_completions([faulty_rewards.raises_on_b], ["f"], ["x"] * 2, letter_columns(["A", "B"]), [10, 11], faults)
+    assert len(lines) == 4 and faults.counts["f"] == 4
+
+# ---------------------------------------------------------------- gold answers
+
+
+@pytest.mark.parametrize("solution, problem, reason", [
+    ("<answer>B</answer>", None, None),
+    ("<answer>4.5</answer>", None, None),
+    ("<think>..</think><answer>\\frac{9}{2}</answer>", None, None),
+    ("<think>It is blue.</think><answer>B</answer>", "Colour? A: red B: blue", None),
+    ("<answer></answer>", None, "no answer in the solution"),
+    ("<answer>  </answer>", None, "no answer in the solution"),
+    ("<answer> $ $ </answer>", None, "no answer in the solution"),
+    ("6", None, None),  # no tags: the text itself is the answer
+    ("", None, "no answer in the solution"),
+])
+def test_unverifiable_reason(solution, problem, reason):
+    assert unverifiable_reason(solution, problem) == reason
+
+
+def test_unverifiable_when_the_gold_does_not_match_itself(monkeypatch):
+    monkeypatch.setattr(rewards, "verify", lambda prediction, gold, question=None: False)
+    assert unverifiable_reason("<answer>B</answer>") == "the answer does not verify against itself"
