@@ -7,7 +7,11 @@ The loop, once per optimizer step:
   4. old log-probs (only when num_iterations > 1), reference log-probs (only when beta > 0)
   5. clipped, KL-regularised loss over the step's micro-batches; backward and step,
      num_iterations times                                                              (grpo/loss.py)
-  6. log, and save a checkpoint now and then
+  6. log
+  7. at the end of a rollout: save a checkpoint every --save_steps, and on SIGTERM (then stop)
+A checkpoint holds everything a resumed run needs to continue as if never stopped: weights,
+optimizer, LR schedule, random generators and the position in the data order (grpo/output_dir.py).
+A step whose loss is not finite is skipped; --max_nonfinite_steps in a row stop the run.
 Each prompt (and image) is encoded once per group, in generate and in every log-prob forward
 (--share_prompt, grpo/vlm_adapter.py). The step's data travels as one StepRollout.
 Model-family details are in grpo/vlm_adapter.py, arguments in grpo/config.py.
@@ -15,11 +19,9 @@ Model-family details are in grpo/vlm_adapter.py, arguments in grpo/config.py.
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import itertools
 import math
 import os
-import shutil
 import socket
 import sys
 import time
@@ -27,8 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo import advantage, config, data, loss, rewards, sampler, vlm_adapter
-from grpo.logger import RunLogger
+from grpo import advantage, config, data, loss, output_dir, rewards, sampler, vlm_adapter
 
 
 def parse_args(argv: list[str]) -> config.GRPOArguments:
@@ -121,35 +122,21 @@ def lr_schedule(optimizer, args, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: bool) -> None:
-    """Hugging Face format (safetensors + processor) that from_pretrained loads, and the run's
-    arguments (training_args.json: eval.py prompts the model as it was trained). Under ZeRO-3 the
-    shards are gathered into one 16-bit state dict on rank 0 (a collective: every rank calls this)."""
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
-    if is_main:
-        engine.module.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(folder)
-        with open(os.path.join(folder, "training_args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
-    torch.distributed.barrier()
-
-
-def rotate_checkpoints(output_dir: str, limit: int | None) -> None:
-    if not limit:
-        return
-    found = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
-                   if name.startswith("checkpoint-") and name.split("-")[1].isdigit())
-    for _, name in found[:-limit]:
-        shutil.rmtree(os.path.join(output_dir, name))
-
-
-def score(reward_funcs, weights, texts: list[str], examples: list[dict], group_size: int):
+def score(reward_funcs, names: list[str], weights, texts: list[str], examples: list[dict], group_size: int,
+          faults: rewards.RewardFaults):
     """Rewards for N = len(texts) completions; completion i belongs to prompt i // G, so it is
-    scored against that prompt's solution (trap 2). Returns (per-function [N, K], total [N])."""
+    scored against that prompt's solution (trap 2). A function that fails on a completion gives it
+    0 and is reported (grpo/rewards.py). Returns (per-function [N, K], total [N], failures per function [K])."""
     columns = {key: [ex[key] for ex in examples for _ in range(group_size)]
-               for key in examples[0] if key not in ("images", "videos", "prompt")}
-    per_func = torch.tensor([fn(texts, **columns) for fn in reward_funcs], dtype=torch.float32).T
-    return per_func, advantage.combine_rewards(per_func, weights)
+               for key in examples[0] if key not in ("images", "videos", "prompt", "row_index")}
+    rows = [ex.get("row_index", i) for i, ex in enumerate(examples) for _ in range(group_size)]
+    scores, failures = rewards.score_completions(reward_funcs, names, texts, columns, rows, faults)
+    per_func = torch.tensor(scores, dtype=torch.float32).reshape(len(texts), len(reward_funcs))
+    return per_func, advantage.combine_rewards(per_func, weights), failures
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (repeated non-finite losses, a failed final save): one line, exit 1."""
 
 
 def main(argv: list[str]) -> None:
@@ -158,13 +145,24 @@ def main(argv: list[str]) -> None:
     raw_ds_config = config.read_deepspeed_config(args.deepspeed)
     reward_funcs = rewards.get_reward_funcs(args.reward_funcs)
     config.check_paths(args)
+    resume_folder = output_dir.checkpoint_to_resume(args.resume_from_checkpoint, args.output_dir)
+    if resume_folder is None:  # a fresh run: never over an earlier one unless asked
+        output_dir.guard_output_dir(args.output_dir, overwrite=args.overwrite_output_dir)
     rank, world_size, device = init_distributed()
     is_main = rank == 0
+    log = print if is_main else (lambda *_: None)
+    if resume_folder is not None:
+        check_resumable(output_dir.read_trainer_state(resume_folder), args, world_size, resume_folder)
+    elif args.overwrite_output_dir and is_main:
+        output_dir.clear_earlier_run(args.output_dir, args.run_name)
+    if is_main and (unfinished := output_dir.remove_unfinished_saves(args.output_dir)):
+        log(f"[train] removed {len(unfinished)} interrupted save(s): {', '.join(unfinished)}")
+    torch.distributed.barrier()
     family = vlm_adapter.check_model_type(args.model_name_or_path)
     processor = vlm_adapter.load_processor(args.model_name_or_path, args.min_pixels, args.max_pixels)
     dataset = data.load_prompt_dataset(args.dataset_name, args.dataset_split, processor, family, args.max_prompt_length,
-                                       args.system_prompt, log=print if is_main else (lambda *_: None),
-                                       progress=is_main)
+                                       args.system_prompt, log=log, progress=is_main,
+                                       check_solution=rewards.unverifiable_reason if "accuracy" in args.reward_funcs else None)
     G, B, gas, mu = args.num_generations, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_iterations
     micro_steps_per_epoch = data.steps_per_epoch(len(dataset), B, world_size)
     if micro_steps_per_epoch < gas:
@@ -178,9 +176,18 @@ def main(argv: list[str]) -> None:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     engine = load_engine(args, ds_config, dtype, total_steps, train=True)
     ref_engine = load_engine(args, ds_config, dtype, total_steps, train=False) if args.beta > 0 else None
-    seed_this_rank(args.seed, rank)
+    # Where the run starts: step 0 with fresh seeds, or a checkpoint's weights, optimizer, LR
+    # schedule, random generators and position in the data order.
+    run = {"step": 0, "rollouts": 0, "log_window": [], "nonfinite_in_a_row": 0}
+    if resume_folder is not None:
+        run.update(output_dir.load_checkpoint(engine, resume_folder, rank))
+    else:
+        seed_this_rank(args.seed, rank)
 
-    logger = RunLogger(args.output_dir, args.run_name, args.report_to, total_steps, enabled=is_main)
+    logger = output_dir.RunLogger(args.output_dir, args.run_name, args.report_to, total_steps, enabled=is_main,
+                                  start_step=run["step"])
+    if resume_folder is not None:
+        logger.info(f"[train] resumed from {resume_folder} at step {run['step']} of {total_steps}")
     left_out = len(dataset) - micro_steps_per_epoch * B * world_size
     generate_calls = math.ceil(B * gas / sampler.prompts_per_call(args.generation_batch_size, G, B * gas))
     zero_note = (f"ZeRO stage {zero_stage}" + (" (one process: nothing to partition, so the config's ZeRO stage is not used)"
@@ -197,8 +204,10 @@ def main(argv: list[str]) -> None:
     suppress = vlm_adapter.forbidden_token_ids(processor, engine.module.config)
     blank_prompt = vlm_adapter.blank_picture_prompt(processor, family, device)
     weights = args.reward_weights or [1.0] * len(reward_funcs)
-    prompts = step_prompts(len(dataset), B, gas, rank, world_size, args.seed)
-    step, window = 0, []
+    reward_faults = rewards.RewardFaults(lambda message: print(f"[rank {rank}] {message}", flush=True))
+    prompts = step_prompts(len(dataset), B, gas, rank, world_size, args.seed, start_rollout=run["rollouts"])
+    stop_request = output_dir.StopRequest()
+    step, window, last_saved = run["step"], run["log_window"], run["step"]
     if args.gradient_checkpointing and args.share_prompt:
         vlm_adapter.allow_checkpointing_with_shared_prompt(engine)
     engine.train()
@@ -220,7 +229,8 @@ def main(argv: list[str]) -> None:
         timing = {"generate": time.time() - t_start}
         memory = {"generate": peak_memory_gb(device)}
         t0 = time.time()
-        per_func, total = score(reward_funcs, weights, completions.texts, examples, G)
+        per_func, total, reward_failures = score(reward_funcs, args.reward_funcs, weights, completions.texts, examples,
+                                                 G, reward_faults)
         rollout = StepRollout(examples, prompt_inputs, completions.completion_ids.to(device),
                               completions.completion_mask.to(device), completions, total, per_func,
                               advantage.group_advantages(total, G, scale=args.scale_rewards).to(device),
@@ -228,15 +238,21 @@ def main(argv: list[str]) -> None:
         timing["score"] = time.time() - t0
 
         # ---- 4-5. old and reference log-probs once, then num_iterations updates on this rollout ----
-        for loss_stats, learning_rate, phases in learn_from(rollout, engine, ref_engine, args, world_size, device):
+        for loss_stats, learning_rate, phases, skipped in learn_from(rollout, engine, ref_engine, args, world_size,
+                                                                     device):
             timing.update(phases["seconds"])
             memory.update(phases["peak_gb"])
             step += 1
             logger.advance()
+            run["nonfinite_in_a_row"] = run["nonfinite_in_a_row"] + 1 if skipped else 0
+            if skipped:
+                logger.info(f"[train] step {step}: non-finite loss; the optimizer step was skipped "
+                            f"({run['nonfinite_in_a_row']} in a row, the run stops at --max_nonfinite_steps "
+                            f"{args.max_nonfinite_steps})")
 
-            # ---- 6. log and save ----
+            # ---- 6. log ----
             window.append(step_metrics(rollout, loss_stats, args, engine, timing, memory,
-                                       time.time() - t_start, learning_rate))
+                                       time.time() - t_start, learning_rate, skipped, reward_failures))
             if step % args.logging_steps == 0 or step == total_steps:
                 # Each logged value is the mean over the steps since the last log and over ranks.
                 metrics = mean_over_ranks({k: sum(w[k] for w in window) / len(window) for k in window[0]}, device)
@@ -245,28 +261,76 @@ def main(argv: list[str]) -> None:
                 metrics["completion/length_max"] = reduce_over_ranks(
                     max(w["completion/length_max"] for w in window), device, torch.distributed.ReduceOp.MAX)
                 logger.log(step, metrics)
-                window = []
+                window.clear()
             if args.log_completions_steps > 0 and step % args.log_completions_steps == 0:
                 logger.log_samples(step, [ex["problem"] for ex in rollout.examples for _ in range(G)],
                                    rollout.completions.texts, rollout.rewards.tolist(),
                                    [ex["solution"] for ex in rollout.examples for _ in range(G)])
-            if args.save_steps > 0 and step % args.save_steps == 0:  # the last step's too, as HF's Trainer
-                save_model(engine, processor, args, os.path.join(args.output_dir, f"checkpoint-{step}"), zero_stage,
-                           is_main)
-                if is_main:
-                    rotate_checkpoints(args.output_dir, args.save_total_limit)
-            if step >= total_steps:
+            if step >= total_steps or run["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
                 break
+        run["rollouts"] += 1
 
-    save_model(engine, processor, args, args.output_dir, zero_stage, is_main)
+        # ---- 7. at the rollout's end: save when a multiple of save_steps was reached, or to stop ----
+        stopping = stop_request.agreed(device)
+        diverged = run["nonfinite_in_a_row"] >= args.max_nonfinite_steps
+        save_due = args.save_steps > 0 and step // args.save_steps > last_saved // args.save_steps
+        if (save_due or stopping or diverged) and step > last_saved:
+            run.update(step=step, log_window=window, world_size=world_size, num_prompts=len(dataset),
+                       data_order=data_order(args))
+            if output_dir.save_checkpoint(engine, processor, args, step, run, zero_stage, rank, device, logger.info):
+                last_saved = step
+                if is_main:
+                    output_dir.rotate_checkpoints(args.output_dir, args.save_total_limit)
+        if stopping:
+            logger.info(f"[train] SIGTERM: stopped after step {step}; checkpoint-{last_saved} resumes it "
+                        f"(--resume_from_checkpoint latest)")
+            logger.close()
+            return
+        if diverged:
+            logger.close()
+            raise RunStopped(f"{run['nonfinite_in_a_row']} steps in a row had a non-finite loss (--max_nonfinite_steps "
+                             f"{args.max_nonfinite_steps}); none changed the weights, and checkpoint-{last_saved} holds "
+                             f"them. Lower --learning_rate, check the reward functions, or try --bf16 false.")
+
+    try:
+        output_dir.save_model(engine, processor, args, args.output_dir, zero_stage, is_main)
+    except Exception as e:  # noqa: BLE001
+        raise RunStopped(f"saving the final model to {args.output_dir!r} failed ({type(e).__name__}: {e}); the "
+                         f"newest checkpoint is checkpoint-{last_saved}.") from e
+    torch.distributed.barrier()
     logger.info(f"[train] done: {step} steps; final model in {args.output_dir}")
     logger.close()
 
 
-def step_prompts(num_rows: int, per_device: int, accumulation_steps: int, rank: int, world_size: int, seed: int):
+def data_order(args) -> dict:
+    """The arguments that decide which prompts each step sees: a resume with others changes the order."""
+    return {name: getattr(args, name) for name in ("dataset_name", "dataset_split", "seed", "per_device_train_batch_size",
+                                                   "gradient_accumulation_steps", "max_prompt_length")}
+
+
+def check_resumable(state: dict, args, world_size: int, folder: str) -> None:
+    """A checkpoint resumes with the world size that wrote it (DeepSpeed's shards are per rank);
+    other changes to the data order are allowed, and said."""
+    if state["world_size"] != world_size:
+        raise config.UsageError(f"--resume_from_checkpoint: {folder!r} was written by {state['world_size']} rank(s) and "
+                                f"this run has {world_size}; resume with --num_gpus {state['world_size']}.")
+    changed = {k: (v, state["data_order"][k]) for k, v in data_order(args).items() if state["data_order"].get(k) != v}
+    if changed and torch.distributed.get_rank() == 0:
+        print(f"[train] WARNING: resuming with different {', '.join(f'--{k} {now} (was {was})' for k, (now, was) in changed.items())}; "
+              "the prompts from here on differ from those of an uninterrupted run.", flush=True)
+
+
+def step_prompts(num_rows: int, per_device: int, accumulation_steps: int, rank: int, world_size: int, seed: int,
+                 start_rollout: int = 0):
     """Endless dataset indices for this rank, one optimizer step's worth (per_device x accumulation
-    steps prompts) at a time; a new shuffled order each epoch (grpo/data.py deals them out)."""
-    epoch, batches = 0, data.rank_batches(num_rows, per_device, rank, world_size, seed, 0)
+    steps prompts) at a time; a new shuffled order each epoch (grpo/data.py deals them out).
+    start_rollout skips the steps a resumed run has already taken: the order is a function of the
+    step count alone, so nothing is skipped or repeated."""
+    batches_per_epoch = data.steps_per_epoch(num_rows, per_device, world_size)
+    skip = start_rollout * accumulation_steps
+    epoch = skip // batches_per_epoch
+    batches = itertools.islice(data.rank_batches(num_rows, per_device, rank, world_size, seed, epoch),
+                               skip % batches_per_epoch, None)
     step = []
     while True:
         batch = next(batches, None)
@@ -321,7 +385,8 @@ def learn_from(rollout: StepRollout, engine, ref_engine, args, world_size: int, 
     """Steps 4-5 for one rollout. The old log-probs (num_iterations > 1) and the reference log-probs
     (beta > 0) are computed once, from the weights as they are before the first update, then the
     policy is updated num_iterations times on the same rollout. Yields after each update:
-    (per-micro-batch loss stats, the learning rate it used, seconds and peak memory per phase)."""
+    (per-micro-batch loss stats, the learning rate it used, seconds and peak memory per phase,
+    whether the update was skipped for a non-finite loss)."""
     t0 = time.time()
     reset_peak_memory(device)
     rollout.old_logps = rollout_logps(engine, rollout, args) if args.num_iterations > 1 else None
@@ -333,9 +398,9 @@ def learn_from(rollout: StepRollout, engine, ref_engine, args, world_size: int, 
         t0 = time.time()
         reset_peak_memory(device)
         learning_rate = engine.get_lr()[0]
-        loss_stats = policy_update(engine, rollout, args, world_size, active_tokens)
+        loss_stats, skipped = policy_update(engine, rollout, args, world_size, active_tokens, device)
         phases["seconds"]["update"], phases["peak_gb"]["update"] = time.time() - t0, peak_memory_gb(device)
-        yield loss_stats, learning_rate, phases
+        yield loss_stats, learning_rate, phases, skipped
 
 
 def loss_scale(loss_type: str, world_size: int, accumulation_steps: int) -> float:
@@ -351,10 +416,17 @@ def loss_scale(loss_type: str, world_size: int, accumulation_steps: int) -> floa
     return float(world_size) if loss_type == "dapo" else 1.0 / accumulation_steps
 
 
-def policy_update(engine, rollout: StepRollout, args, world_size: int, active_tokens: float) -> list[dict]:
+def policy_update(engine, rollout: StepRollout, args, world_size: int, active_tokens: float, device):
     """One optimizer step: backward through every micro-batch of the rollout, then DeepSpeed steps
-    (it accumulates until the last micro-batch). Returns each micro-batch's loss statistics."""
-    G, stats_per_micro_batch = args.num_generations, []
+    (it accumulates until the last micro-batch). Returns each micro-batch's loss statistics and
+    whether the step was skipped.
+
+    A non-finite loss on any rank replaces that micro-batch's loss by zero times its log-probs on
+    every rank: the backward still runs everywhere (ZeRO's hooks and DeepSpeed's counters stay in
+    step), its gradient is exactly 0 (no NaN reaches a weight), and the step then runs with a
+    learning rate of 0, so the weights do not change (the step's other micro-batches still enter
+    Adam's moment estimates)."""
+    G, stats_per_micro_batch, skipped = args.num_generations, [], False
     scale = loss_scale(args.loss_type, world_size, args.gradient_accumulation_steps)
     for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, G, engine.module.config):
         ids, mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
@@ -368,11 +440,17 @@ def policy_update(engine, rollout: StepRollout, args, world_size: int, active_to
             epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
             max_completion_length=args.max_completion_length, num_items_in_batch=active_tokens,
             importance_sampling_level=args.importance_sampling_level)
-        engine.backward(micro_loss * scale, scale_wrt_gas=False)
+        finite_everywhere = reduce_over_ranks(float(torch.isfinite(micro_loss).item()), device,
+                                              torch.distributed.ReduceOp.MIN) == 1.0
+        engine.backward(micro_loss * scale if finite_everywhere else (logps * 0.0).sum(), scale_wrt_gas=False)
+        skipped = skipped or not finite_everywhere
+        if skipped and engine.is_gradient_accumulation_boundary():
+            for group in engine.optimizer.param_groups:  # the LR schedule sets it again after the step
+                group["lr"] = 0.0
         engine.step()
         stats.update(loss=micro_loss.item(), entropy=((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
         stats_per_micro_batch.append(stats)
-    return stats_per_micro_batch
+    return stats_per_micro_batch, skipped
 
 
 def reset_peak_memory(device) -> None:
@@ -391,7 +469,7 @@ def peak_memory_gb(device) -> float:
 
 
 def step_metrics(rollout: StepRollout, loss_stats, args, engine, timing: dict, memory: dict, step_seconds: float,
-                 learning_rate: float) -> dict:
+                 learning_rate: float, skipped: bool, reward_failures: list[int]) -> dict:
     """This rank's numbers for one step; the caller averages them over ranks."""
     rewards_all, adv = rollout.rewards, rollout.advantages.cpu()
     lengths = rollout.completions.completion_mask.sum(1).float()
@@ -413,9 +491,11 @@ def step_metrics(rollout: StepRollout, loss_stats, args, engine, timing: dict, m
         metrics[f"time/{phase}_seconds"] = seconds
     for phase, gigabytes in memory.items():
         metrics[f"memory/{phase}_peak_gb"] = gigabytes
-    for name, column in zip(args.reward_funcs, rollout.reward_per_func.T):
+    for name, column, failures in zip(args.reward_funcs, rollout.reward_per_func.T, reward_failures):
         metrics[f"reward/{name}"] = column.mean().item()
-    for key in ("loss", "kl", "clip_ratio", "entropy"):
+        metrics[f"reward/{name}_failures"] = float(failures)
+    metrics["optim/skipped_nonfinite"] = float(skipped)
+    for key in ("loss", "kl", "clip_ratio", "entropy"):  # a skipped step's NaN loss is logged as it was
         metrics[f"loss/{key}"] = sum(s[key] for s in loss_stats) / len(loss_stats)
     return metrics
 
@@ -427,6 +507,9 @@ def cli(argv: list[str]) -> int:
     except config.UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

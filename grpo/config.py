@@ -76,8 +76,11 @@ class GRPOArguments:
     logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
     log_completions_steps: int = field(default=10, metadata={"help": "Write sample completions with their rewards to TensorBoard every N steps."})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none."})
-    save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N optimizer steps (0: only the final model)."})
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints (oldest removed)."})
+    save_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N optimizer steps, the last one included (num_iterations > 1: at the end of that rollout; 0: only the final model)."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints (oldest removed; never the newest complete one)."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint-<step> folder, or `latest` (the newest complete one in output_dir; none yet: start at step 0)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds an earlier run, deleting its checkpoints and logs (with --resume_from_checkpoint latest: only when there is nothing to resume)."})
+    max_nonfinite_steps: int = field(default=3, metadata={"help": "A step with a non-finite loss is skipped; this many in a row save a checkpoint and stop the run."})
 
 
 class UsageError(ValueError):
@@ -120,7 +123,7 @@ def validate(args: GRPOArguments) -> None:
     """Stop before any model is loaded when the arguments cannot work."""
     from .advantage import SCALES
     from .loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
-    from .rewards import REWARD_FUNCS
+    from .rewards import REWARD_FUNCS, get_reward_funcs
 
     if args.num_generations < 2:
         bad("num_generations", f"is {args.num_generations}; GRPO compares completions within a group, so G must be >= 2.")
@@ -132,15 +135,18 @@ def validate(args: GRPOArguments) -> None:
         bad("scale_rewards", f"{args.scale_rewards!r} is unknown; choose one of {list(SCALES)}.")
     if args.lr_scheduler_type not in LR_SCHEDULERS:
         bad("lr_scheduler_type", f"{args.lr_scheduler_type!r} is unknown; choose one of {list(LR_SCHEDULERS)}.")
-    unknown = [name for name in args.reward_funcs if name not in REWARD_FUNCS]
-    if unknown or not args.reward_funcs:
-        bad("reward_funcs", f"unknown {unknown or 'empty list'}; known reward functions: {sorted(REWARD_FUNCS)}.")
+    if not args.reward_funcs:
+        bad("reward_funcs", f"is empty; name at least one of {sorted(REWARD_FUNCS)} or a module:function path.")
+    try:
+        get_reward_funcs(args.reward_funcs)
+    except ValueError as e:
+        bad("reward_funcs", str(e))
     if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
         bad("reward_weights", f"has {len(args.reward_weights)} values for {len(args.reward_funcs)} reward functions {args.reward_funcs}.")
     if args.report_to not in ("tensorboard", "none"):
         bad("report_to", f"{args.report_to!r} is not supported; use tensorboard or none.")
     for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations",
-                 "max_completion_length", "max_prompt_length", "logging_steps"):
+                 "max_completion_length", "max_prompt_length", "logging_steps", "max_nonfinite_steps"):
         if getattr(args, flag) < 1:
             bad(flag, f"is {getattr(args, flag)}; it must be at least 1.")
     if args.beta < 0:

@@ -176,9 +176,10 @@ def image_and_text_only_dataset(tmp_path_factory):
     return save_rows(tmp_path_factory, "pair", rows, {"image": datasets.Image()})
 
 
-def run_command(cmd: list[str], tmp_path, timeout: int = 1200) -> str:
-    """Run train.py / eval.py as a user would (offline); fail with the log's tail if it fails."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
+def run_command(cmd: list[str], tmp_path, timeout: int = 1200, returncode: int | None = 0, env: dict | None = None) -> str:
+    """Run train.py / eval.py as a user would (offline); fail with the log's tail unless it exits
+    with `returncode` (None: any)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO, **(env or {}))
     if cmd[0] == "deepspeed":  # a free rendezvous port, not the launcher's fixed 29500
         import socket
 
@@ -188,7 +189,7 @@ def run_command(cmd: list[str], tmp_path, timeout: int = 1200) -> str:
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = result.stdout + result.stderr
     (tmp_path / "log.txt").write_text(log)
-    assert result.returncode == 0, log[-6000:]
+    assert returncode is None or result.returncode == returncode, log[-6000:]
     return log
 
 

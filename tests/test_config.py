@@ -19,7 +19,9 @@ NO_MODEL = ["--model_name_or_path", "/nonexistent/model", "--dataset_name", "/no
     (["--num_generations", "1"], "--num_generations: is 1; GRPO compares completions within a group"),
     (["--loss_type", "ppo"], "--loss_type: 'ppo' is unknown; choose one of"),
     (["--scale_rewards", "std"], "--scale_rewards: 'std' is unknown"),
-    (["--reward_funcs", "accuracy", "length"], r"--reward_funcs: unknown \['length'\]; known reward functions"),
+    (["--reward_funcs", "accuracy", "length"], r"--reward_funcs: unknown reward function 'length'; known: accuracy, format"),
+    (["--reward_funcs", "no_such_module:fn"], r"--reward_funcs: reward function 'no_such_module:fn': cannot import module"),
+    (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps: is 0"),
     (["--reward_funcs", "accuracy", "format", "--reward_weights", "1.0"], "--reward_weights: has 1 values for 2 reward functions"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size: is 0"),
     (["--report_to", "wandb"], "--report_to: 'wandb' is not supported"),
@@ -101,6 +103,9 @@ def test_demo_flags_are_train_flags_and_yield_to_the_users():
     (["--model_name_or_path", "EMPTY_FOLDER"], "--model_name_or_path"),
     (["--dataset_name", "/nonexistent/rows.parquet"], "--dataset_name"),
     (["--output_dir", "A_FILE/run"], "--output_dir"),
+    (["EARLIER_RUN"], "--output_dir"),
+    (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "--resume_from_checkpoint"),
+    (["WRONG_WORLD", "--resume_from_checkpoint", "latest"], "--resume_from_checkpoint"),
 ])
 def test_usage_errors_exit_2_with_one_line(flags, named, tiny_model, colour_dataset, tmp_path):
     """A mistake on the command line: exit status 2, one line naming the argument, no traceback, and
@@ -109,6 +114,14 @@ def test_usage_errors_exit_2_with_one_line(flags, named, tiny_model, colour_data
     (tmp_path / "a_file").write_text("not a folder")
     flags = [str(tmp_path / "empty") if f == "EMPTY_FOLDER" else str(tmp_path / "a_file" / "run") if f == "A_FILE/run"
              else f for f in flags]
+    if "EARLIER_RUN" in flags:  # a run's log already there: a new run must not overwrite it
+        flags.remove("EARLIER_RUN")
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1}\n')
+    if "WRONG_WORLD" in flags:  # a checkpoint written by 2 ranks, resumed by 1
+        flags.remove("WRONG_WORLD")
+        (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
+        (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": 2}))
     command = [sys.executable, "train.py", "--model_name_or_path", tiny_model, "--dataset_name", colour_dataset,
                "--output_dir", str(tmp_path / "out"), *flags]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -163,8 +163,11 @@ def test_each_completion_scored_against_its_own_prompt():
         seen.extend(zip(completions, solution, problem))
         return [0.0] * len(completions)
 
+    from grpo.rewards import RewardFaults
+
+    faults = RewardFaults(log=lambda message: None)
     texts = [f"completion {i}" for i in range(6)]
-    train.score([record], [1.0], texts, examples, G)
+    train.score([record], ["record"], [1.0], texts, examples, G, faults)
     assert [s for _, s, _ in seen] == [ex["solution"] for ex in examples for _ in range(G)]
     assert [p for _, _, p in seen] == [ex["problem"] for ex in examples for _ in range(G)]
     # And with the real accuracy reward: right answers placed in each prompt's own rows score 1.
@@ -172,7 +175,7 @@ def test_each_completion_scored_against_its_own_prompt():
                "<answer>C</answer>", "<answer>C</answer>"]
     from grpo.rewards import accuracy_reward
 
-    _, total = train.score([accuracy_reward], [1.0], answers, examples, G)
+    _, total, _ = train.score([accuracy_reward], ["accuracy"], [1.0], answers, examples, G, faults)
     assert total.tolist() == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
 
 

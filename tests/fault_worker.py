@@ -1,0 +1,92 @@
+"""train.py with faults put in on purpose, for tests/test_resume.py. Runs like train.py (plain
+`python tests/fault_worker.py ARGS` or under `deepspeed`); the faults come from the environment
+variable GRPO_TEST_FAULTS, a JSON object (it reaches every rank the launcher starts):
+
+    kill_after_save: S    rank 0 SIGKILLs itself once checkpoint-S is complete
+    kill_during_save: S   rank 0 SIGKILLs itself half-way through writing checkpoint-S
+    fail_save: S          every rank's write of checkpoint-S fails as on a full disk (OSError ENOSPC)
+    nan_loss_steps: [..]  the loss of these optimizer steps (1-based) is NaN
+    record_prompts: PATH  each step's dataset indices are appended to PATH.<rank> as a JSON line
+"""
+
+import errno
+import json
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402
+from grpo import loss, output_dir  # noqa: E402
+
+FAULTS = json.loads(os.environ.get("GRPO_TEST_FAULTS", "{}"))
+saving_step = None  # the checkpoint being written
+update_step = 0     # optimizer steps taken by this process (a resumed run counts from its checkpoint)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+real_save_checkpoint = output_dir.save_checkpoint
+
+
+def save_checkpoint(engine, processor, args, step, *rest, **kwargs):
+    global saving_step
+    saving_step = step
+    saved = real_save_checkpoint(engine, processor, args, step, *rest, **kwargs)
+    saving_step = None
+    if saved and step == FAULTS.get("kill_after_save") and _rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return saved
+
+
+real_rng_state = output_dir.rng_state
+
+
+def rng_state():
+    # Called after DeepSpeed's part of the checkpoint is on disk and before trainer_state.json.
+    if saving_step is not None and saving_step == FAULTS.get("kill_during_save") and _rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if saving_step is not None and saving_step == FAULTS.get("fail_save"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_rng_state()
+
+
+real_policy_update = train.policy_update
+
+
+def policy_update(engine, rollout, args, *rest):
+    global update_step
+    update_step = engine.global_steps + 1  # DeepSpeed's count, restored by a resume
+    return real_policy_update(engine, rollout, args, *rest)
+
+
+real_policy_loss = loss.policy_loss
+
+
+def policy_loss(*args, **kwargs):
+    value, stats = real_policy_loss(*args, **kwargs)
+    if update_step in FAULTS.get("nan_loss_steps", []):
+        value = value * float("nan")
+    return value, stats
+
+
+real_step_prompts = train.step_prompts
+
+
+def step_prompts(*args, **kwargs):
+    for indices in real_step_prompts(*args, **kwargs):
+        with open(f"{FAULTS['record_prompts']}.{_rank()}", "a") as f:
+            f.write(json.dumps(indices) + "\n")
+        yield indices
+
+
+output_dir.save_checkpoint, output_dir.rng_state = save_checkpoint, rng_state
+train.policy_update, loss.policy_loss = policy_update, policy_loss
+if "record_prompts" in FAULTS:
+    train.step_prompts = step_prompts
+
+if __name__ == "__main__":
+    sys.exit(train.cli(sys.argv[1:]))

@@ -1,0 +1,107 @@
+"""grpo/output_dir.py: which checkpoint resumes, rotation, the earlier-run guard, log continuation.
+Plain files made in the test; no model (the runs themselves are in tests/test_resume.py)."""
+
+import json
+import os
+
+import pytest
+
+from grpo import output_dir
+from grpo.config import UsageError
+
+
+def _checkpoint(root, step: int, complete: bool = True, suffix: str = ""):
+    folder = root / f"checkpoint-{step}{suffix}"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    if complete:
+        (folder / output_dir.TRAINER_STATE).write_text(json.dumps({"step": step}))
+    return str(folder)
+
+
+def test_latest_is_the_newest_complete_checkpoint(tmp_path):
+    _checkpoint(tmp_path, 2)
+    newest = _checkpoint(tmp_path, 10)            # numeric order: 10 is newer than 9, though "10" < "9"
+    _checkpoint(tmp_path, 9)
+    _checkpoint(tmp_path, 12, complete=False)     # written without its training state
+    _checkpoint(tmp_path, 14, suffix=".tmp")      # a save a kill interrupted
+    (tmp_path / "checkpoint-final").mkdir()       # not ours
+    assert [step for step, _ in output_dir.complete_checkpoints(str(tmp_path))] == [2, 9, 10]
+    assert output_dir.checkpoint_to_resume("latest", str(tmp_path)) == newest
+
+
+def test_latest_in_an_empty_folder_starts_at_step_0(tmp_path):
+    assert output_dir.checkpoint_to_resume("latest", str(tmp_path / "not-yet")) is None
+    assert output_dir.checkpoint_to_resume(None, str(tmp_path)) is None
+
+
+def test_a_named_checkpoint_must_exist_and_be_complete(tmp_path):
+    incomplete = _checkpoint(tmp_path, 4, complete=False)
+    with pytest.raises(UsageError, match="--resume_from_checkpoint: .* is incomplete"):
+        output_dir.checkpoint_to_resume(incomplete, str(tmp_path))
+    with pytest.raises(UsageError, match="--resume_from_checkpoint: .* is not a folder"):
+        output_dir.checkpoint_to_resume(str(tmp_path / "checkpoint-99"), str(tmp_path))
+    complete = _checkpoint(tmp_path, 6)
+    assert output_dir.checkpoint_to_resume(complete, str(tmp_path)) == complete
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (2, 4, 6):
+        _checkpoint(tmp_path, step)
+    _checkpoint(tmp_path, 8, complete=False)  # newer, but incomplete: neither counted nor deleted
+    output_dir.rotate_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-8"]
+    output_dir.rotate_checkpoints(str(tmp_path), None)  # no limit: nothing goes
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_an_earlier_run_is_not_overwritten_unless_asked(tmp_path):
+    output_dir.guard_output_dir(str(tmp_path / "new"), overwrite=False)  # nothing there: fine
+    (tmp_path / "demo-data").mkdir()                                    # not a run's file
+    output_dir.guard_output_dir(str(tmp_path), overwrite=False)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    _checkpoint(tmp_path, 2)
+    with pytest.raises(UsageError, match=r"--output_dir: .* holds an earlier run \(checkpoint-2, metrics.jsonl\); "
+                                         r"continue it with --resume_from_checkpoint latest"):
+        output_dir.guard_output_dir(str(tmp_path), overwrite=False)
+    output_dir.guard_output_dir(str(tmp_path), overwrite=True)
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    output_dir.clear_earlier_run(str(tmp_path), "old")
+    assert sorted(os.listdir(tmp_path)) == ["demo-data", "runs"]
+    assert os.listdir(tmp_path / "runs") == ["other"]  # another run's TensorBoard folder stays
+
+
+def test_unfinished_saves_are_removed(tmp_path):
+    _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 4, complete=False, suffix=".tmp")
+    assert output_dir.remove_unfinished_saves(str(tmp_path)) == ["checkpoint-4.tmp"]
+    assert os.listdir(tmp_path) == ["checkpoint-2"]
+
+
+def test_resumed_metrics_continue_after_the_checkpoint(tmp_path):
+    """The interrupted run logged steps 1-5 and checkpointed step 3: steps 4 and 5 run again, so
+    their old lines go, and the new ones follow step 3's."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "reward/mean": s / 10}) + "\n" for s in range(1, 6)))
+    logger = output_dir.RunLogger(str(tmp_path), "run", "none", total_steps=6, enabled=True, start_step=3)
+    assert logger.progress.n == 3  # the progress bar starts at the resumed step
+    logger.log(4, {"reward/mean": 0.9})
+    logger.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(m["step"], m["reward/mean"]) for m in lines] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.9)]
+    output_dir.RunLogger(str(tmp_path), "run", "none", total_steps=6, enabled=True).close()  # a fresh run
+    assert path.read_text() == ""
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+    import torch
+
+    state = output_dir.rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    output_dir.set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])

@@ -1,0 +1,188 @@
+"""Never lose a run: kill and resume, interrupted and failed saves, SIGTERM, non-finite losses and
+reward functions that raise, through train.py as a user runs it. Faults are put in by
+tests/fault_worker.py (train.py plus a few wrapped functions)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, read_metrics, run_command
+
+RUN = ["--num_generations", "4", "--per_device_train_batch_size", "2", "--max_completion_length", "12",
+       "--learning_rate", "1e-3", "--beta", "0.04", "--logging_steps", "1", "--max_pixels", "3136",
+       "--log_completions_steps", "0"]
+
+
+def _train(out, model, dataset, tmp_path, *flags, faults=None, returncode=0, launcher=(sys.executable,)):
+    env = {"GRPO_TEST_FAULTS": json.dumps(faults or {})}
+    return run_command([*launcher, "tests/fault_worker.py", "--output_dir", str(out), "--model_name_or_path", model,
+                        "--dataset_name", dataset, *RUN, *flags], tmp_path, returncode=returncode, env=env)
+
+
+def _weights(folder):
+    """The weights as from_pretrained loads them (a ZeRO-3 save names some keys differently on disk)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(folder)).state_dict()
+
+
+def _max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _prompts(record, ranks):
+    return [[json.loads(line) for line in open(f"{record}.{rank}")] for rank in range(ranks)]
+
+
+@pytest.mark.parametrize("ranks, iterations", [(1, 1), (2, 1), (1, 2)])
+def test_killed_and_resumed_run_ends_where_the_straight_run_does(ranks, iterations, format_warmed_model,
+                                                                 colour_dataset, tmp_path):
+    """6 steps straight, against 3 steps, SIGKILL, and a resume to 6: the same prompts in the same
+    order, the same rewards at every step (the random generators were restored), the same final
+    weights, and logs that continue where they stopped. 8 prompts, 2 per rank per step: the resume
+    lands mid-epoch and crosses into the next one. With 2 updates per rollout the checkpoint is
+    taken at the end of the rollout that reaches step 3: step 4."""
+    launcher = ([sys.executable] if ranks == 1 else
+                ["deepspeed", "--num_gpus", "2"])
+    saved_at = 3 if iterations == 1 else 4
+    flags = ["--max_steps", "6", "--save_steps", "3", "--report_to", "tensorboard", "--num_iterations", str(iterations)]
+    if ranks == 2:
+        flags += ["--deepspeed", "zero3.json", "--gradient_accumulation_steps", "1"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    _train(straight, format_warmed_model, colour_dataset, tmp_path, *flags, launcher=launcher,
+           faults={"record_prompts": str(tmp_path / "straight-prompts")})
+    _train(broken, format_warmed_model, colour_dataset, tmp_path, *flags, launcher=launcher, returncode=None,
+           faults={"record_prompts": str(tmp_path / "broken-prompts"), "kill_after_save": saved_at})
+    assert os.path.isdir(broken / f"checkpoint-{saved_at}") and not os.path.exists(broken / "model.safetensors")
+    log = _train(broken, format_warmed_model, colour_dataset, tmp_path, *flags, "--resume_from_checkpoint", "latest",
+                 launcher=launcher, faults={"record_prompts": str(tmp_path / "broken-prompts")})
+    assert f"resumed from {broken / f'checkpoint-{saved_at}'} at step {saved_at} of 6" in log
+
+    # The killed run may have drawn the next rollout's prompts before it died; the resume takes
+    # them again.
+    seen = _prompts(tmp_path / "broken-prompts", ranks)
+    expected = _prompts(tmp_path / "straight-prompts", ranks)
+    rollouts, before = 6 // iterations, saved_at // iterations
+    for rank in range(ranks):
+        assert seen[rank][:before] + seen[rank][-(rollouts - before):] == expected[rank][:rollouts]
+    epoch = 8 // (2 * ranks)  # rollouts per pass over the 8 prompts: each seen once per epoch
+    if rollouts >= epoch:
+        assert sorted(i for rank in range(ranks) for step in expected[rank][:epoch] for i in step) == list(range(8))
+
+    resumed, uninterrupted = read_metrics(broken), read_metrics(straight)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed, uninterrupted):
+        assert a["reward/mean"] == b["reward/mean"] and a["completion/length_mean"] == b["completion/length_mean"]
+        assert a["optim/learning_rate"] == pytest.approx(b["optim/learning_rate"], rel=1e-9)
+    assert _max_difference(_weights(broken), _weights(straight)) < 1e-5
+    assert _max_difference(_weights(broken), _weights(format_warmed_model)) > 1e-3  # and they did train
+
+    # TensorBoard: both runs' event files, read as one, hold one value per step; from step 4 on
+    # they are the resumed run's (the killed run's are purged).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(broken / "runs" / "broken"))
+    events.Reload()
+    assert len(os.listdir(broken / "runs" / "broken")) == 2
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [
+        (m["step"], pytest.approx(m["reward/mean"])) for m in uninterrupted]
+
+
+def test_interrupted_save_is_never_resumed(tiny_model, colour_dataset, tmp_path):
+    """A kill half-way through writing checkpoint-4 leaves checkpoint-4.tmp; `latest` is
+    checkpoint-2, and the resume clears the leftover."""
+    out = tmp_path / "run"
+    flags = ["--max_steps", "4", "--save_steps", "2", "--report_to", "none"]
+    _train(out, tiny_model, colour_dataset, tmp_path, *flags, faults={"kill_during_save": 4}, returncode=None)
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4.tmp", "metrics.jsonl"]
+    log = _train(out, tiny_model, colour_dataset, tmp_path, *flags, "--resume_from_checkpoint", "latest")
+    assert "removed 1 interrupted save(s): checkpoint-4.tmp" in log
+    assert f"resumed from {out / 'checkpoint-2'} at step 2 of 4" in log
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    assert os.path.isfile(out / "checkpoint-4" / "trainer_state.json")
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny_model, colour_dataset, tmp_path):
+    """The disk is full while checkpoint-2 is written: the run says so, keeps checkpoint-1 (the
+    rotation limit of 1 does not remove it), and goes on to save checkpoint-3."""
+    out = tmp_path / "run"
+    log = _train(out, tiny_model, colour_dataset, tmp_path, "--max_steps", "3", "--save_steps", "1",
+                 "--save_total_limit", "1", "--report_to", "none", faults={"fail_save": 2})
+    assert "saving checkpoint-2 failed: OSError: [Errno 28] No space left on device" in log
+    assert "checkpoint-2 was not saved (see the error above); checkpoint-1 is intact; training goes on." in log
+    # checkpoint-1 stayed until checkpoint-3 was complete; then the limit of 1 removed it.
+    assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-3"]
+
+
+def test_sigterm_saves_and_exits_0_then_resumes(tiny_model, colour_dataset, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
+    command = [sys.executable, "train.py", "--output_dir", str(out), "--model_name_or_path", tiny_model,
+               "--dataset_name", colour_dataset, *RUN, "--max_steps", "200", "--save_steps", "0", "--report_to", "none"]
+    with open(tmp_path / "sigterm.log", "w") as log_file:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert process.poll() is None and time.time() < deadline, (tmp_path / "sigterm.log").read_text()[-3000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 0, (tmp_path / "sigterm.log").read_text()[-3000:]
+    log = (tmp_path / "sigterm.log").read_text()
+    (checkpoint,) = [name for name in os.listdir(out) if name.startswith("checkpoint-")]
+    stopped_at = int(checkpoint.split("-")[1])
+    assert f"SIGTERM: stopped after step {stopped_at}; checkpoint-{stopped_at} resumes it" in log
+    assert 1 <= stopped_at < 200 and not os.path.exists(out / "model.safetensors")
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, stopped_at + 1))
+
+    run_command([*command[:-6], "--max_steps", str(stopped_at + 2), "--save_steps", "0", "--report_to", "none",
+                 "--resume_from_checkpoint", "latest"], tmp_path)
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, stopped_at + 3))
+    assert os.path.exists(out / "model.safetensors")
+
+
+def test_a_non_finite_loss_skips_its_step(format_warmed_model, colour_dataset, tmp_path):
+    """Step 2's loss is NaN: its update is skipped (checkpoint-2 holds checkpoint-1's weights
+    exactly), it is logged, and step 3 trains again."""
+    out = tmp_path / "run"
+    log = _train(out, format_warmed_model, colour_dataset, tmp_path, "--max_steps", "3", "--save_steps", "1",
+                 "--report_to", "none", faults={"nan_loss_steps": [2]})
+    assert "step 2: non-finite loss; the optimizer step was skipped (1 in a row" in log
+    assert [m["optim/skipped_nonfinite"] for m in read_metrics(out)] == [0.0, 1.0, 0.0]
+    one, two, three = (_weights(out / f"checkpoint-{s}") for s in (1, 2, 3))
+    assert _max_difference(one, two) == 0.0
+    assert _max_difference(two, three) > 0.0
+
+
+def test_repeated_non_finite_losses_stop_the_run_with_a_checkpoint(format_warmed_model, colour_dataset, tmp_path):
+    out = tmp_path / "run"
+    log = _train(out, format_warmed_model, colour_dataset, tmp_path, "--max_steps", "20", "--save_steps", "1",
+                 "--max_nonfinite_steps", "2", "--report_to", "none", faults={"nan_loss_steps": [2, 3, 4]},
+                 returncode=1)
+    assert ("train.py: stopped: 2 steps in a row had a non-finite loss (--max_nonfinite_steps 2); none changed "
+            "the weights, and checkpoint-3 holds them.") in log
+    assert "Traceback" not in log
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    assert _max_difference(_weights(out / "checkpoint-1"), _weights(out / "checkpoint-3")) == 0.0
+
+
+def test_a_reward_function_that_raises_costs_only_its_completions(tiny_model, colour_dataset, tmp_path):
+    """tests/faulty_rewards.py:raises_on_b raises for rows whose answer is B (rows 1 and 5 of the
+    colour data): those completions get 0 from it, the run goes on, and the failures are counted."""
+    out = tmp_path / "run"
+    name = "tests.faulty_rewards:raises_on_b"
+    log = _train(out, tiny_model, colour_dataset, tmp_path, "--max_steps", "4", "--save_steps", "0",
+                 "--report_to", "none", "--reward_funcs", "format", name,
+                 faults={"record_prompts": str(tmp_path / "prompts")})
+    (steps,) = _prompts(tmp_path / "prompts", 1)
+    b_rows = [[i for i in step if i % 4 == 1] for step in steps]
+    metrics = read_metrics(out)
+    assert [m[f"reward/{name}_failures"] for m in metrics] == [4.0 * len(rows) for rows in b_rows]
+    first = next(rows[0] for rows in b_rows if rows)
+    assert f"reward function '{name}' failed on dataset row {first}: raised ValueError" in log
+    for m, rows in zip(metrics, b_rows):  # raises_on_b gives 1 to the others: the mean is their share
+        assert m[f"reward/{name}"] == pytest.approx(1.0 - len(rows) / 2)
