@@ -6,6 +6,7 @@ variable GRPO_TEST_FAULTS, a JSON object (it reaches every rank the launcher sta
     kill_during_save: S   rank 0 SIGKILLs itself half-way through writing checkpoint-S
     fail_save: S          every rank's write of checkpoint-S fails as on a full disk (OSError ENOSPC)
     nan_loss_steps: [..]  the loss of these optimizer steps (1-based) is NaN
+    nan_loss_rank: R      ... on rank R only (default: every rank)
     record_prompts: PATH  each step's dataset indices are appended to PATH.<rank> as a JSON line
 """
 
@@ -68,7 +69,7 @@ real_policy_loss = loss.policy_loss
 
 def policy_loss(*args, **kwargs):
     value, stats = real_policy_loss(*args, **kwargs)
-    if update_step in FAULTS.get("nan_loss_steps", []):
+    if update_step in FAULTS.get("nan_loss_steps", []) and FAULTS.get("nan_loss_rank", _rank()) == _rank():
         value = value * float("nan")
     return value, stats
 

@@ -186,3 +186,40 @@ def test_a_reward_function_that_raises_costs_only_its_completions(tiny_model, co
     assert f"reward function '{name}' failed on dataset row {first}: raised ValueError" in log
     for m, rows in zip(metrics, b_rows):  # raises_on_b gives 1 to the others: the mean is their share
         assert m[f"reward/{name}"] == pytest.approx(1.0 - len(rows) / 2)
+
+
+def test_one_ranks_signal_or_nan_stops_or_skips_every_rank(format_warmed_model, colour_dataset, tmp_path):
+    """Two ZeRO-3 ranks. A NaN loss on rank 1 alone skips the step on both (the weights stay as
+    they were; neither rank waits on the other), and SIGTERM sent to rank 1 alone stops both at the
+    same step with a checkpoint, the launcher exiting 0."""
+    import psutil
+
+    out = tmp_path / "run"
+    launcher = ["deepspeed", "--num_gpus", "2"]
+    _train(out, format_warmed_model, colour_dataset, tmp_path, "--deepspeed", "zero3.json", "--max_steps", "3",
+           "--save_steps", "1", "--report_to", "none", launcher=launcher,
+           faults={"nan_loss_steps": [2], "nan_loss_rank": 1})
+    assert [m["optim/skipped_nonfinite"] for m in read_metrics(out)] == [0.0, 1.0, 0.0]  # both ranks skipped
+    one, two, three = (_weights(out / f"checkpoint-{s}") for s in (1, 2, 3))
+    assert _max_difference(one, two) == 0.0 and _max_difference(two, three) > 0.0
+
+    out = tmp_path / "sigterm"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
+    command = [*launcher, "train.py", "--deepspeed", "zero3.json", "--output_dir", str(out), "--model_name_or_path",
+               format_warmed_model, "--dataset_name", colour_dataset, *RUN, "--max_steps", "200", "--save_steps", "0",
+               "--report_to", "none"]
+    with open(tmp_path / "sigterm.log", "w") as log_file:
+        launched = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert launched.poll() is None and time.time() < deadline, (tmp_path / "sigterm.log").read_text()[-3000:]
+            time.sleep(0.2)
+        (rank_1,) = [p for p in psutil.Process(launched.pid).children(recursive=True)
+                     if "--local_rank=1" in p.cmdline()]
+        rank_1.send_signal(signal.SIGTERM)
+        assert launched.wait(timeout=300) == 0, (tmp_path / "sigterm.log").read_text()[-3000:]
+    (checkpoint,) = [name for name in os.listdir(out) if name.startswith("checkpoint-")]
+    stopped_at = int(checkpoint.split("-")[1])
+    assert sorted(os.listdir(out / checkpoint / "deepspeed")) == sorted(
+        [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")])
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, stopped_at + 1))
