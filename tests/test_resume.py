@@ -223,3 +223,34 @@ def test_one_ranks_signal_or_nan_stops_or_skips_every_rank(format_warmed_model, 
     assert sorted(os.listdir(out / checkpoint / "deepspeed")) == sorted(
         [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")])
     assert [m["step"] for m in read_metrics(out)] == list(range(1, stopped_at + 1))
+
+
+def test_a_dataset_with_bad_rows_trains_on_the_good_ones(tiny_model, tmp_path):
+    """Rows with an empty problem, an empty solution, a missing and a corrupt image, and an answer
+    the verifier cannot read, among 4 valid ones: train.py reports each reason with its rows and
+    trains on the 4 (2 steps of 2 prompts are one epoch)."""
+    from conftest import colour_rows
+
+    (tmp_path / "img").mkdir()
+    valid = colour_rows(4)
+    for i, row in enumerate(valid):
+        row["image"].save(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "img" / "broken.png").write_bytes(b"not a picture" * 10)
+    good = [{"image": f"img/{i}.png", "problem": r["problem"], "solution": r["solution"]} for i, r in enumerate(valid)]
+    bad = [{"image": "img/0.png", "problem": " ", "solution": good[0]["solution"]},
+           {"image": "img/0.png", "problem": good[0]["problem"], "solution": ""},
+           {"image": "img/gone.png", "problem": good[0]["problem"], "solution": good[0]["solution"]},
+           {"image": "img/broken.png", "problem": good[0]["problem"], "solution": good[0]["solution"]},
+           {"image": "img/0.png", "problem": good[0]["problem"], "solution": "<answer> </answer>"}]
+    rows = [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], bad[4], good[3]]  # bad: rows 1, 3, 4, 6, 7
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    log = _train(out, tiny_model, str(tmp_path / "rows.jsonl"), tmp_path, "--max_steps", "2", "--save_steps", "0",
+                 "--report_to", "none", faults={"record_prompts": str(tmp_path / "prompts")})
+    assert "dropped 1 of 9 rows: empty problem (row 1)" in log
+    assert "dropped 1 of 9 rows: empty solution (row 3)" in log
+    assert "dropped 2 of 9 rows: unreadable image or video (row 4: FileNotFoundError" in log
+    assert "dropped 1 of 9 rows: unverifiable solution (row 7: no answer in the solution)" in log
+    assert "[data] 4 prompts" in log
+    (steps,) = _prompts(tmp_path / "prompts", 1)
+    assert sorted(i for step in steps for i in step) == [0, 1, 2, 3]  # the 4 usable prompts, each once
