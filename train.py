@@ -181,6 +181,9 @@ def main(argv: list[str]) -> None:
     run = {"step": 0, "rollouts": 0, "log_window": [], "nonfinite_in_a_row": 0}
     if resume_folder is not None:
         run.update(output_dir.load_checkpoint(engine, resume_folder, rank))
+        if run["num_prompts"] != len(dataset):
+            log(f"[train] WARNING: the checkpoint's run had {run['num_prompts']} usable prompts and this one has "
+                f"{len(dataset)}; the prompts from here on differ from those of an uninterrupted run.")
     else:
         seed_this_rank(args.seed, rank)
 
