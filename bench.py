@@ -108,7 +108,7 @@ def build_full_vocab_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from grpo.demo import CHAT_TEMPLATE
+    from demo import CHAT_TEMPLATE
 
     named = {**QWEN_SPECIAL_IDS, **TAG_IDS}
     by_id = {i: token for token, i in named.items()}
@@ -126,14 +126,14 @@ def save_model_folder(name: str, folder: str, dtype: str) -> str:
     """Write a random model of architecture `name` with its tokenizer and processor to `folder`,
     loadable by `from_pretrained` exactly like a real checkpoint."""
     if name == "tiny":
-        from grpo.demo import save_tiny_qwen2_vl
+        from demo import save_tiny_qwen2_vl
 
         return save_tiny_qwen2_vl(folder, hidden_size=256, num_layers=4)
     import torch
     from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLForConditionalGeneration,
                               Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
-    from grpo.demo import CHAT_TEMPLATE
+    from demo import CHAT_TEMPLATE
 
     config = model_config(name)
     model_class, processor_class = {"qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VLProcessor),

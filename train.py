@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo import advantage, config, data, loss, output_dir, rewards, sampler, vlm_adapter
+from grpo import advantage, answers, config, data, loss, output_dir, rewards, sampler, vlm_adapter
 
 
 def parse_args(argv: list[str]) -> config.GRPOArguments:
@@ -162,7 +162,7 @@ def main(argv: list[str]) -> None:
     processor = vlm_adapter.load_processor(args.model_name_or_path, args.min_pixels, args.max_pixels)
     dataset = data.load_prompt_dataset(args.dataset_name, args.dataset_split, processor, family, args.max_prompt_length,
                                        args.system_prompt, log=log, progress=is_main,
-                                       check_solution=rewards.unverifiable_reason if "accuracy" in args.reward_funcs else None)
+                                       check_solution=answers.unverifiable_reason if "accuracy" in args.reward_funcs else None)
     G, B, gas, mu = args.num_generations, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_iterations
     micro_steps_per_epoch = data.steps_per_epoch(len(dataset), B, world_size)
     if micro_steps_per_epoch < gas:
@@ -266,9 +266,11 @@ def main(argv: list[str]) -> None:
                 logger.log(step, metrics)
                 window.clear()
             if args.log_completions_steps > 0 and step % args.log_completions_steps == 0:
-                logger.log_samples(step, [ex["problem"] for ex in rollout.examples for _ in range(G)],
-                                   rollout.completions.texts, rollout.rewards.tolist(),
-                                   [ex["solution"] for ex in rollout.examples for _ in range(G)])
+                records = completion_records(rollout, args, step, rank)
+                gathered = [None] * world_size if is_main else None
+                torch.distributed.gather_object(records, gathered, dst=0)  # every rank's completions, to rank 0
+                if is_main:
+                    logger.log_completions([record for rank_records in gathered for record in rank_records])
             if step >= total_steps or run["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
                 break
         run["rollouts"] += 1
@@ -284,6 +286,7 @@ def main(argv: list[str]) -> None:
                 last_saved = step
                 if is_main:
                     output_dir.rotate_checkpoints(args.output_dir, args.save_total_limit)
+            redraw_plots(logger, args)
         if stopping:
             logger.info(f"[train] SIGTERM: stopped after step {step}; checkpoint-{last_saved} resumes it "
                         f"(--resume_from_checkpoint latest)")
@@ -301,8 +304,41 @@ def main(argv: list[str]) -> None:
         raise RunStopped(f"saving the final model to {args.output_dir!r} failed ({type(e).__name__}: {e}); the "
                          f"newest checkpoint is checkpoint-{last_saved}.") from e
     torch.distributed.barrier()
+    redraw_plots(logger, args)
     logger.info(f"[train] done: {step} steps; final model in {args.output_dir}")
     logger.close()
+
+
+def redraw_plots(logger, args) -> None:
+    """output_dir/plots/*.png from metrics.jsonl (rank 0, once something is logged). A plot that
+    cannot be drawn is reported and never stops the run."""
+    if not logger.enabled or not os.path.getsize(logger.metrics_path):
+        return
+    try:
+        output_dir.plot_runs([logger.metrics_path], os.path.join(args.output_dir, "plots"))
+    except Exception as e:  # noqa: BLE001
+        logger.info(f"[train] WARNING: the plots were not drawn: {type(e).__name__}: {e}")
+
+
+def completion_records(rollout: StepRollout, args, step: int, rank: int) -> list[dict]:
+    """This rank's completions of the step, one readable record each: what the model wrote for
+    which dataset row, what every reward function said, its advantage, and whether its group carried
+    any signal (a group of equal rewards teaches nothing)."""
+    G = args.num_generations
+    signal = advantage.groups_with_signal(rollout.rewards, G).tolist()
+    records = []
+    for i, text in enumerate(rollout.completions.texts):
+        example = rollout.examples[i // G]
+        records.append({
+            "step": step, "rank": rank, "prompt": i // G, "row": example.get("row_index"),
+            "images": len(example["images"]), "videos": len(example["videos"]),
+            "problem": example["problem"], "solution": example["solution"], "completion": text,
+            "truncated": bool(rollout.completions.truncated[i]),
+            "rewards": {name: float(value) for name, value in zip(args.reward_funcs, rollout.reward_per_func[i].tolist())},
+            "reward": float(rollout.rewards[i]), "advantage": float(rollout.advantages[i]),
+            "group_has_signal": signal[i // G],
+        })
+    return records
 
 
 def data_order(args) -> dict:

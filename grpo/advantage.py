@@ -65,14 +65,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return adv.reshape(-1)
 
 
+def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups carry a learning signal: those whose G rewards are not all equal. A group of
+    equal rewards (all right or all wrong) gets A = 0 and contributes no policy gradient.
+
+    rewards: [N]. Returns a bool tensor [N / G].
+    """
+    r = _grouped(rewards, group_size)
+    return (r != r[:, :1]).any(dim=1)
+
+
 def equal_reward_group_fraction(rewards: torch.Tensor, group_size: int) -> float:
-    """Fraction of groups whose G rewards are all equal (all right or all wrong): they get A = 0 and
-    contribute no policy gradient, so a fraction near 1 means the batch teaches nothing.
+    """Fraction of groups whose G rewards are all equal: near 1, the batch teaches nothing.
 
     rewards: [N]. Returns a Python float in [0, 1].
     """
-    r = _grouped(rewards, group_size)
-    return (r == r[:, :1]).all(dim=1).float().mean().item()
+    return 1.0 - groups_with_signal(rewards, group_size).float().mean().item()
 
 
 def combine_rewards(per_func_rewards: torch.Tensor, weights: torch.Tensor | list[float] | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ Every flag is a dataclass field with a one-line help text, parsed by transformer
 (the ecosystem's convention, so the published open-r1-multimodal command runs unchanged). Defaults
 are the real run: Qwen2-VL-2B-Instruct on lmms-lab/multimodal-open-r1-8k-verified with G = 8,
 beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. The CPU demo's values live in
-grpo/demo.py, which passes them to train.py as flags.
+demo.py, which passes them to train.py as flags.
 
 `validate(args)` runs before any model is loaded, so a run that cannot work stops in a second with
 a message naming the argument.

@@ -2,6 +2,7 @@
 
     output_dir/
       metrics.jsonl              every logged step, one JSON object per line
+      completions.jsonl          every --log_completions_steps: each sampled completion, its rewards and advantage
       runs/<run_name>/           TensorBoard scalars and sample completions
       checkpoint-<step>/         Hugging Face layout (from_pretrained loads it), plus the training state:
         model.safetensors, config.json, the processor's files, training_args.json
@@ -10,6 +11,7 @@
         trainer_state.json       the step and the position in the data order; written last
       checkpoint-<step>.tmp/     a save in progress: renamed to checkpoint-<step> only once complete
       model.safetensors, ...     the final model
+      plots/<figure>.png         rewards, completion lengths, loss terms per step (plot_runs)
 
 Only rank 0 writes the logs; the metrics it gets are already averaged over ranks. A checkpoint is
 complete when its trainer_state.json exists, and a kill during a save leaves only a .tmp folder, so
@@ -19,12 +21,17 @@ all ranks share (DeepSpeed's checkpoints assume the same).
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import random
 import re
 import shutil
 import signal
+import sys
+from fnmatch import fnmatchcase
+from typing import NamedTuple
 
 import torch
 
@@ -52,12 +59,15 @@ class RunLogger:
         self.enabled = enabled
         self.writer = self.progress = None
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        self.completions_path = os.path.join(output_dir, "completions.jsonl")
         if not enabled:
             return
         from tqdm.auto import tqdm
 
         os.makedirs(output_dir, exist_ok=True)
-        _keep_metrics_up_to(self.metrics_path, start_step)
+        _keep_lines_up_to(self.metrics_path, start_step)
+        if os.path.exists(self.completions_path):
+            _keep_lines_up_to(self.completions_path, start_step)
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -86,16 +96,20 @@ class RunLogger:
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
-    def log_samples(self, step: int, problems: list[str], completions: list[str], rewards: list[float],
-                    solutions: list[str]) -> None:
-        """A Markdown table of completions with their rewards, under TensorBoard's Text tab."""
-        if not (self.enabled and self.writer):
+    def log_completions(self, records: list[dict]) -> None:
+        """Every sampled completion of a step, one JSON line each in completions.jsonl (its dataset row,
+        what each reward function said, its advantage, whether its group carried a signal), and a
+        Markdown table of them under TensorBoard's Text tab."""
+        if not self.enabled or not records:
             return
-        clean = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731 (one-line table cell)
-        rows = ["| problem | completion | solution | reward |", "|---|---|---|---|"]
-        rows += [f"| {clean(p)} | {clean(c)} | {clean(s)} | {r:.2f} |"
-                 for p, c, s, r in zip(problems, completions, solutions, rewards)]
-        self.writer.add_text("completions", "\n".join(rows), step)
+        with open(self.completions_path, "a") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+        if self.writer:
+            clean = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731 (one-line table cell)
+            rows = ["| row | problem | completion | solution | reward | advantage |", "|---|---|---|---|---|---|"]
+            rows += [f"| {r['row']} | {clean(r['problem'])} | {clean(r['completion'])} | {clean(r['solution'])} | "
+                     f"{r['reward']:.2f} | {r['advantage']:+.2f} |" for r in records]
+            self.writer.add_text("completions", "\n".join(rows), records[0]["step"])
 
     def close(self) -> None:
         if self.progress:
@@ -104,8 +118,8 @@ class RunLogger:
             self.writer.close()
 
 
-def _keep_metrics_up_to(path: str, step: int) -> None:
-    """metrics.jsonl without the lines after `step` (all of them for a fresh run), rewritten atomically."""
+def _keep_lines_up_to(path: str, step: int) -> None:
+    """A JSONL log without the lines after `step` (all of them for a fresh run), rewritten atomically."""
     kept = []
     if step > 0 and os.path.exists(path):
         with open(path) as f:
@@ -156,7 +170,8 @@ def earlier_run_files(output_dir: str) -> list[str]:
     """What an earlier run left in output_dir: checkpoints, logs, a final model."""
     names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
     return [name for name in names
-            if _CHECKPOINT_NAME.fullmatch(name.removesuffix(".tmp")) or name in ("metrics.jsonl", "training_args.json")]
+            if _CHECKPOINT_NAME.fullmatch(name.removesuffix(".tmp"))
+            or name in ("metrics.jsonl", "completions.jsonl", "plots", "training_args.json")]
 
 
 def guard_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -311,3 +326,172 @@ class StopRequest:
     def agreed(self, device) -> bool:
         """Whether any rank received SIGTERM (a collective: the ranks stop at the same step)."""
         return not _all_ranks(not self.received, device)
+
+
+# ---------------------------------------------------------------- plots
+
+class Panel(NamedTuple):
+    """One axes of a figure: metric `key` against the step, one line per run. A `key` with * stands
+    for one panel per logged metric it matches (fnmatch) that no pattern in `skip` matches, in the
+    order they were logged; `band` names two metrics shaded as a range (min to max) behind the line."""
+    key: str
+    band: tuple[str, str] | None = None
+    skip: tuple[str, ...] = ()
+
+
+# The figures of a run, plots/<figure>.png, as data: a new panel goes here, not into the code below.
+# Every metric has an axes of its own (their scales differ); the x axis is the step.
+PLOTS: dict[str, list[Panel]] = {
+    # The weighted sum, then each reward function's mean (accuracy, format, ...), not their failure counts.
+    "rewards": [Panel("reward/mean"), Panel("reward/*", skip=("reward/mean", "reward/std", "reward/*_failures"))],
+    "completion": [Panel("completion/length_mean", band=("completion/length_min", "completion/length_max")),
+                   Panel("completion/truncated_fraction")],
+    "loss": [Panel("loss/kl"), Panel("loss/entropy"), Panel("loss/clip_ratio")],
+}
+
+
+def metrics_file(path: str) -> str:
+    """A run's folder stands for the metrics.jsonl in it."""
+    return os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The logged steps of a metrics.jsonl (or of the run folder holding one), one dict per line."""
+    path = metrics_file(path)
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror}); give a run's output_dir or its metrics.jsonl.") from e
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}, line {number}: not JSON ({e.msg}); a metrics.jsonl holds one JSON "
+                             f"object per line, as train.py writes it.") from e
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+            raise UsageError(f"{path}, line {number}: a metrics line is a JSON object with a numeric \"step\".")
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"{path}: no logged step yet; a run writes its first line after --logging_steps steps.")
+    return rows
+
+
+def _number(value) -> float:
+    """A logged value as a float; NaN (a gap in the line) for a skipped step's non-finite value or a non-number."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return math.nan
+
+
+def _series(rows: list[dict], *keys: str) -> tuple[list[float], ...]:
+    """The steps that logged every one of `keys`, and each key's values at those steps."""
+    rows = [row for row in rows if all(key in row for key in keys)]
+    return ([row["step"] for row in rows], *([_number(row[key]) for row in rows] for key in keys))
+
+
+def _panel_keys(panel: Panel, logged: list[str]) -> list[str]:
+    """The metrics `panel` stands for, of those `logged`."""
+    if "*" not in panel.key:
+        return [panel.key] if panel.key in logged else []
+    return [key for key in logged
+            if fnmatchcase(key, panel.key) and not any(fnmatchcase(key, pattern) for pattern in panel.skip)]
+
+
+def draw_figures(runs: dict[str, list[dict]]) -> dict:
+    """The figures of PLOTS ({name: matplotlib Figure}) for `runs` ({label: logged steps}): one line
+    per run on every panel, a run keeping its colour throughout. A panel no run logged is left out,
+    and a figure with no panel. Drawn on Figure objects, not pyplot, so no global state changes and
+    nothing needs a display; NaN values leave gaps, and markers show steps between gaps."""
+    from matplotlib.figure import Figure
+
+    logged = list(dict.fromkeys(key for rows in runs.values() for row in rows for key in row))
+    figures = {}
+    for name, panels in PLOTS.items():
+        shown = [(key, panel) for panel in panels for key in _panel_keys(panel, logged)]
+        if not shown:
+            continue
+        figure = Figure(figsize=(8, 0.8 + 2.2 * len(shown)), layout="constrained")
+        axes = figure.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0]
+        handles = {}
+        for ax, (key, panel) in zip(axes, shown):
+            ax.set_title(key, loc="left", fontsize="medium")
+            ax.grid(alpha=0.3)
+            for i, (label, rows) in enumerate(runs.items()):
+                colour = f"C{i % 10}"
+                if panel.band and (band := _series(rows, *panel.band))[0]:
+                    ax.fill_between(*band, color=colour, alpha=0.2, linewidth=0)
+                steps, values = _series(rows, key)
+                if steps:
+                    (handles[label],) = ax.plot(steps, values, color=colour, marker=".", markersize=4, label=label)
+        axes[-1].set_xlabel("step")
+        labels = [label for label in runs if label in handles]
+        figure.legend([handles[label] for label in labels], labels, loc="outside upper center",
+                      ncols=min(len(labels), 4), frameon=False)
+        figures[name] = figure
+    return figures
+
+
+def _run_labels(paths: list[str]) -> list[str]:
+    """Each run's folder name; the folders' paths where two names coincide."""
+    folders = [os.path.dirname(os.path.abspath(metrics_file(path))) for path in paths]
+    if len(set(folders)) != len(folders):
+        raise UsageError(f"{paths}: a run is given twice; give each run once.")
+    names = [os.path.basename(folder) for folder in folders]
+    return names if len(set(names)) == len(names) else folders
+
+
+def plot_runs(metrics_files: list[str], out_dir: str, labels: list[str] | None = None) -> list[str]:
+    """Draw PLOTS for the runs whose metrics.jsonl (or run folder) are given, one line per run labelled
+    with its folder's name or `labels`, and write <out_dir>/<figure>.png; returns the paths written.
+    Each PNG is replaced atomically, since train.py redraws them at every save while one may be open."""
+    labels = list(labels) if labels is not None else _run_labels(metrics_files)
+    if len(labels) != len(metrics_files) or len(set(labels)) != len(labels):
+        raise UsageError(f"labels: {labels} for {len(metrics_files)} runs; give one distinct label per run, or None "
+                         f"for their folder names.")
+    figures = draw_figures({label: read_metrics(path) for label, path in zip(labels, metrics_files)})
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, figure in figures.items():
+        path = os.path.join(out_dir, f"{name}.png")
+        figure.savefig(path + ".tmp", format="png", dpi=100)
+        os.replace(path + ".tmp", path)
+        paths.append(path)
+    return paths
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other usage mistake, not the usage text first
+        raise UsageError(message)
+
+
+def cli(argv: list[str]) -> int:
+    """python -m grpo.output_dir plot RUN_DIR_OR_METRICS_JSONL [...] [--out DIR]. A usage mistake is one
+    line on stderr and exit status 2, not a traceback."""
+    parser = _Parser(prog="python -m grpo.output_dir", description="Tools for a run's output_dir.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plot = commands.add_parser("plot", help="Draw the plots of one or more runs.", description=(
+        "Draw each run's rewards, completion lengths and loss terms per step, one line per run (labelled "
+        "with its folder's name), into DIR/rewards.png, completion.png and loss.png."))
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_METRICS_JSONL",
+                      help="A run's --output_dir, or its metrics.jsonl; several runs share each figure.")
+    plot.add_argument("--out", metavar="DIR", help="Where the PNGs go (default: plots/ in the first run's folder).")
+    try:
+        args = parser.parse_args(argv)
+        out = args.out or os.path.join(os.path.dirname(metrics_file(args.runs[0])), "plots")
+        paths = plot_runs(args.runs, out)
+    except (UsageError, OSError) as e:
+        print(f"output_dir: error: {e}", file=sys.stderr)
+        return 2
+    if not paths:
+        plotted = [panel.key for panels in PLOTS.values() for panel in panels]
+        print(f"output_dir: nothing to plot: the runs log none of {plotted}.", file=sys.stderr)
+    print("\n".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

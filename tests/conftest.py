@@ -38,7 +38,7 @@ def colour_rows(n: int):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from grpo.demo import save_tiny_qwen2_vl
+    from demo import save_tiny_qwen2_vl
 
     return save_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen2-vl")))
 
@@ -52,7 +52,7 @@ def tiny_qwen2_5_vl(tmp_path_factory):
         Qwen2VLVideoProcessor,
     )
 
-    from grpo.demo import CHAT_TEMPLATE, _mrope_section, build_tokenizer
+    from demo import CHAT_TEMPLATE, _mrope_section, build_tokenizer
 
     folder = str(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
     tokenizer = build_tokenizer()
@@ -85,7 +85,7 @@ def _family_builders():
     from tiny_llava_onevision import save_tiny_llava_onevision
     from tiny_qwen3_vl import save_tiny_qwen3_vl
 
-    from grpo.demo import save_tiny_qwen2_vl
+    from demo import save_tiny_qwen2_vl
 
     return {"qwen2_vl": save_tiny_qwen2_vl, "qwen3_vl": save_tiny_qwen3_vl, "llava_onevision": save_tiny_llava_onevision,
             "idefics3": save_tiny_idefics3, "smolvlm": save_tiny_smolvlm, "gemma3": save_tiny_gemma3,
@@ -112,7 +112,7 @@ def family_models(tmp_path_factory, tiny_qwen2_5_vl):
 def format_warmed_model(tmp_path_factory):
     """The tiny model after a short warm-up on the answer format (random letters), so that
     rollouts earn format rewards and differing accuracy rewards: a non-zero policy gradient."""
-    from grpo.demo import save_tiny_qwen2_vl, warm_up_format
+    from demo import save_tiny_qwen2_vl, warm_up_format
 
     folder = save_tiny_qwen2_vl(str(tmp_path_factory.mktemp("warmed-qwen2-vl")))
     return warm_up_format(folder, colour_rows(32), lambda row: list("ABCD"), steps=60)

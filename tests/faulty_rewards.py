@@ -6,7 +6,7 @@ cheap, and misbehaves only on rows whose gold answer is B, so a run over the col
 A-D) sees both working and failing rows in most groups of prompts.
 """
 
-from grpo.rewards import extract_answer
+from grpo.answers import extract_answer
 
 NOT_CALLABLE = 0.5  # for the "not callable" error of get_reward_funcs
 

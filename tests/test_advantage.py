@@ -5,7 +5,7 @@ import statistics
 import pytest
 import torch
 
-from grpo.advantage import combine_rewards, equal_reward_group_fraction, group_advantages
+from grpo.advantage import combine_rewards, equal_reward_group_fraction, group_advantages, groups_with_signal
 
 EPS = 1e-4
 
@@ -103,6 +103,7 @@ def test_equal_reward_group_fraction():
     frac = equal_reward_group_fraction(rewards, 2)
     assert isinstance(frac, float) and frac == 0.75
     assert equal_reward_group_fraction(torch.tensor([1.0, 0, 1, 0]), 4) == 0.0
+    assert groups_with_signal(rewards, 2).tolist() == [False, False, True, False]
 
 
 def test_combine_rewards():

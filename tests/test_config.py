@@ -86,7 +86,7 @@ def test_published_open_r1_command_parses():
 
 def test_demo_flags_are_train_flags_and_yield_to_the_users():
     """The demo passes its settings to train.py as flags; a flag the user adds comes after and wins."""
-    from grpo import demo
+    import demo
 
     args = train.parse_args(["--model_name_or_path", "m", "--dataset_name", "d", *demo.DEMO_TRAIN_FLAGS,
                              "--learning_rate", "1e-4"])

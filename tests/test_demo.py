@@ -1,4 +1,4 @@
-"""grpo/demo.py: the bundled visual task and the tiny model it starts from."""
+"""demo.py: the bundled visual task and the tiny model it starts from."""
 
 import json
 import os
@@ -8,7 +8,8 @@ import sys
 from conftest import read_metrics, run_command
 from PIL import Image
 
-from grpo import demo
+import demo
+from grpo import output_dir
 
 
 def _key(row):
@@ -42,28 +43,27 @@ def test_demo_schema_and_answers_follow_the_drawing():
             assert answer == ("left" if sum(white_x) / len(white_x) < image.width / 2 else "right")
 
 
-def test_plot_rewards_draws_a_png(tmp_path):
-    metrics = tmp_path / "metrics.jsonl"
-    with open(metrics, "w") as f:
+def test_plot_rewards_writes_rewards_png_and_the_runs_plots(tmp_path):
+    """demo.main's last step: output_dir/rewards.png (where the README points) is plot_runs' rewards
+    figure, with reward, accuracy and format panels; the run's other figures go to plots/."""
+    with open(tmp_path / "metrics.jsonl", "w") as f:
         for step, acc in [(5, 0.25), (10, 0.5), (15, 0.9)]:
-            f.write(json.dumps({"step": step, "reward/mean": acc + 0.5, "reward/accuracy": acc, "reward/format": 1.0}) + "\n")
-    demo.plot_rewards(str(metrics), str(tmp_path / "rewards.png"))
-    image = Image.open(tmp_path / "rewards.png")
-    assert image.size == (640, 400)
-    red = demo_colour_pixels(image, (200, 50, 50))  # the accuracy line
-    assert red > 50
-
-
-def demo_colour_pixels(image, colour):
-    data = image.convert("RGB").tobytes()
-    return sum(1 for i in range(0, len(data), 3) if tuple(data[i:i + 3]) == colour)
+            f.write(json.dumps({"step": step, "reward/mean": acc + 0.5, "reward/accuracy": acc, "reward/format": 1.0,
+                                "loss/kl": 0.0}) + "\n")
+    png = demo.plot_rewards(str(tmp_path))
+    assert png == str(tmp_path / "rewards.png")
+    assert Image.open(png).format == "PNG"
+    assert (tmp_path / "rewards.png").read_bytes() == (tmp_path / "plots" / "rewards.png").read_bytes()
+    assert sorted(os.listdir(tmp_path / "plots")) == ["loss.png", "rewards.png"]  # no completion/* logged
+    rewards = output_dir.draw_figures({"demo": read_metrics(str(tmp_path))})["rewards"]
+    assert [ax.get_title(loc="left") for ax in rewards.axes] == ["reward/mean", "reward/accuracy", "reward/format"]
 
 
 def test_demo_reward_rises(tmp_path):
     """The README's demo, shortened: GRPO lifts accuracy well above chance, in training and on the
     held-out split. Fixed seeds; measured three times in a row before trusting it (see README)."""
     out = str(tmp_path / "demo")
-    run_command([sys.executable, "-m", "grpo.demo", "--output_dir", out, "--max_steps", "300"], tmp_path)
+    run_command([sys.executable, "demo.py", "--output_dir", out, "--max_steps", "300"], tmp_path)
     accuracy = [m["reward/accuracy"] for m in read_metrics(out)]
     first, last = sum(accuracy[:4]) / 4, sum(accuracy[-4:]) / 4
     # Chance is 0.75 * 1/4 (colour, four options) + 0.25 * 1/2 (left or right) = 0.3125.

@@ -50,7 +50,8 @@ def test_killed_and_resumed_run_ends_where_the_straight_run_does(ranks, iteratio
     launcher = ([sys.executable] if ranks == 1 else
                 ["deepspeed", "--num_gpus", "2"])
     saved_at = 3 if iterations == 1 else 4
-    flags = ["--max_steps", "6", "--save_steps", "3", "--report_to", "tensorboard", "--num_iterations", str(iterations)]
+    flags = ["--max_steps", "6", "--save_steps", "3", "--report_to", "tensorboard", "--num_iterations", str(iterations),
+             "--log_completions_steps", "1"]
     if ranks == 2:
         flags += ["--deepspeed", "zero3.json", "--gradient_accumulation_steps", "1"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
@@ -80,6 +81,9 @@ def test_killed_and_resumed_run_ends_where_the_straight_run_does(ranks, iteratio
         assert a["reward/mean"] == b["reward/mean"] and a["completion/length_mean"] == b["completion/length_mean"]
         assert a["optim/learning_rate"] == pytest.approx(b["optim/learning_rate"], rel=1e-9)
     assert _max_difference(_weights(broken), _weights(straight)) < 1e-5
+    # completions.jsonl too: the killed run's lines after the checkpoint were dropped and redone.
+    completions = [(broken / "completions.jsonl").read_text(), (straight / "completions.jsonl").read_text()]
+    assert completions[0] == completions[1] and completions[0].count("\n") == 6 * 2 * 4 * ranks
     assert _max_difference(_weights(broken), _weights(format_warmed_model)) > 1e-3  # and they did train
 
     # TensorBoard: both runs' event files, read as one, hold one value per step; from step 4 on
@@ -99,7 +103,7 @@ def test_interrupted_save_is_never_resumed(tiny_model, colour_dataset, tmp_path)
     out = tmp_path / "run"
     flags = ["--max_steps", "4", "--save_steps", "2", "--report_to", "none"]
     _train(out, tiny_model, colour_dataset, tmp_path, *flags, faults={"kill_during_save": 4}, returncode=None)
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4.tmp", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4.tmp", "metrics.jsonl", "plots"]
     log = _train(out, tiny_model, colour_dataset, tmp_path, *flags, "--resume_from_checkpoint", "latest")
     assert "removed 1 interrupted save(s): checkpoint-4.tmp" in log
     assert f"resumed from {out / 'checkpoint-2'} at step 2 of 4" in log

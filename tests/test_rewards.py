@@ -1,128 +1,16 @@
-"""Rewards: expected values are worked out by hand from the spec, never copied from the code's output."""
+"""grpo/rewards.py: the reward functions, their registry and import paths, and fault-tolerant
+scoring. Expected values are worked out by hand, never copied from the code's output."""
 
 import math
 import sys
-import time
 
 import pytest
 
-from grpo import rewards
 from grpo.rewards import (REWARD_FUNCS, RewardFaults, accuracy_reward, format_reward, get_reward_funcs,
-                          score_completions, unverifiable_reason, verify)
+                          score_completions)
 from tests import faulty_rewards
 
 ANGLES = "Find the angle x. Choices: A: 30° B: 40° C: 50° D: 60°"
-NUMBERS = "How many apples are there? (A) 12 (B) 15 (C) 18 (D) 21"
-SHAPES = "Which shape is shown?\nA. circle\nB. square\nC. triangle\nD. hexagon"
-PARENS = "What is the length of AB?\nA) 12\nB) 15\nC) 18"
-
-MATH = [
-    # numbers, fractions, decimals
-    ("6", "6", True), ("6.0", "6", True), ("7", "6", False),
-    ("4.5", "9/2", True), ("\\frac{9}{2}", "4.5", True), ("\\dfrac{9}{2}", "9/2", True), ("\\tfrac{9}{2}", "4.5", True),
-    ("4.6", "9/2", False), ("\\frac{9}{4}", "9/2", False), ("0.5", "\\frac12", True),
-    ("4.5000000001", "4.5", True), ("4.51", "4.5", False),
-    # roots and pi
-    ("2\\sqrt{3}", "\\sqrt{12}", True), ("sqrt(12)", "2\\sqrt{3}", True), ("\\sqrt{12}", "3\\sqrt{2}", False),
-    ("\\sqrt[3]{8}", "2", True), ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", True),
-    ("16\\pi", "16*pi", True), ("16π", "16\\pi", True), ("16\\pi", "16", False), ("16 pi", "16", False),
-    # expressions and assignments
-    ("2^{10}", "1024", True), ("3^2 + 4^2", "25", True), ("\\left(\\frac{1}{2}\\right)^2", "0.25", True),
-    ("2x + 2", "2(x+1)", True), ("2x + 3", "2(x+1)", False), ("x", "y", False),
-    ("x = 4.5", "9/2", True), ("x = 4.6", "9/2", False), ("AB = 5", "5", True),
-    # separators, signs, degrees, percent
-    ("1,000", "1000", True), ("1,000,000", "10^6", True), ("1,001", "1000", False),
-    ("1000001", "1000000", False), ("123456789", "123456789", True), ("1000000", "10^6", True),
-    ("−3", "-3", True), ("−3", "3", False),
-    ("40°", "40^\\circ", True), ("40^{\\circ}", "40", True), ("40", "40°", True), ("45°", "40°", False),
-    ("50%", "50\\%", True), ("50\\%", "50", True), ("60%", "50", False),
-    # units and words after the number, number words
-    ("6 apples", "6", True), ("16\\pi cm^2", "16\\pi", True), ("16\\pi \\text{ cm}^2", "16\\pi", True),
-    ("5 cm", "5", True), ("5cm", "5", True), ("40 degrees", "40", True), ("7 apples", "6", False),
-    ("six", "6", True), ("Six.", "6", True), ("thirty", "30", True), ("seven", "6", False),
-    ("$\\frac{9}{2}$", "4.5", True), ("\\$5", "5", True),
-    # text answers
-    ("square", "Square.", True), ("Square", "square", True), ("a  square", "Square", True),
-    ("circle", "square", False),
-]
-
-CHOICE = [
-    # letters in their usual shapes
-    ("B", "B", None, True), ("(B)", "B", None, True), ("B.", "B", None, True), ("B)", "B", None, True),
-    ("B: 40°", "B", ANGLES, True), ("Option B", "B", None, True), ("option (B)", "B", None, True),
-    ("The answer is B", "B", None, True), ("The answer is (B).", "B", None, True),
-    ("\\boxed{B}", "B", None, True), ("\\text{B}", "B", None, True), ("B", "(B)", None, True),
-    ("B", "C", None, False), ("(B)", "C", ANGLES, False), ("Option A", "B", None, False),
-    ("The answer is (C).", "B", None, False), ("E", "B", ANGLES, False),
-    # option text counts as its letter, both ways
-    ("40°", "B", ANGLES, True), ("40", "B", ANGLES, True), ("40^\\circ", "B", ANGLES, True),
-    ("50°", "B", ANGLES, False), ("45", "B", ANGLES, False),
-    ("B", "40°", ANGLES, True), ("C", "40°", ANGLES, False), ("40", "40°", ANGLES, True),
-    ("15", "B", NUMBERS, True), ("fifteen", "B", NUMBERS, True), ("12", "B", NUMBERS, False),
-    ("square", "B", SHAPES, True), ("Square.", "B", SHAPES, True), ("circle", "B", SHAPES, False),
-    ("15", "B", PARENS, True), ("B", "15", PARENS, True), ("A", "15", PARENS, False),
-    # several options named: wrong
-    ("A or B", "A", None, False), ("ABCD", "A", None, False), ("A, B", "A", None, False),
-    ("A and C", "A", None, False), ("(A) or (B)", "A", ANGLES, False), ("A, B, C, D", "B", ANGLES, False),
-    # the article "A" and a lowercase "a" are not option A
-    ("A square", "B", SHAPES, True), ("A square", "A", SHAPES, False), ("a", "A", None, False),
-    # gold text not among the options: the chosen option's text is judged
-    ("B", "40", "Choices: A: 30 B: 40", True), ("A", "40", "Choices: A: 30 B: 40", False),
-]
-
-EXTRACTION = [
-    # only the final answer is judged: the last <answer> block, else the last \boxed{}
-    ("<think>2+4=6</think><answer>6</answer>", "6", True),
-    ("<think>\nlet me see\n</think>\n<answer>\n6\n</answer>", "6", True),
-    ("<think>The answer is 6, surely.</think><answer>7</answer>", "6", False),  # right in reasoning, wrong at the end
-    ("<think>7</think><answer>6</answer>", "6", True),
-    ("<answer>7</answer> no wait <answer>6</answer>", "6", True),
-    ("<answer>6</answer> no wait <answer>7</answer>", "6", False),
-    ("<answer></answer>", "6", False), ("<answer>   </answer>", "6", False), ("", "6", False), ("6", "", False),
-    ("<think>so it is 6</think>", "6", False),
-    ("<answer>\\boxed{6}</answer>", "6", True), ("so the total is \\boxed{6}.", "6", True),
-    ("\\boxed{5} then \\boxed{6}", "6", True), ("\\boxed{6} then \\boxed{5}", "6", False),
-    ("\\boxed{\\frac{9}{2}}", "4.5", True), ("\\boxed{\\boxed{6}}", "6", True),
-    # gold with tags
-    ("6", "<think>2+4</think><answer>6</answer>", True), ("6", "We count. <answer> 6 </answer>", True),
-    ("<answer>B</answer>", "<think>It is blue.</think><answer>B</answer>", True),
-    ("<answer>C</answer>", "<think>It is blue.</think><answer>B</answer>", False),
-]
-
-ADVERSARIAL = [
-    "9^9^9^9^9", "10**10**10**10", "2^{2^{2^{2^{100}}}}", "(" * 500, "\\frac{1}{", "\\sqrt{}",
-    "\\boxed{\\boxed{", "1" * 100_000, "x" * 100_000, "<answer>" * 20_000, "{" * 500 + "}" * 500,
-    "\\frac{" * 300, "(9^999)^999", "9" * 400, "2^" * 150 + "2", "(A) " * 20_000,
-]
-
-
-@pytest.mark.parametrize("prediction, gold, expected", MATH)
-def test_verify_math(prediction, gold, expected):
-    assert verify(prediction, gold) is expected
-
-
-@pytest.mark.parametrize("prediction, gold, question, expected", CHOICE)
-def test_verify_multiple_choice(prediction, gold, question, expected):
-    assert verify(prediction, gold, question) is expected
-
-
-@pytest.mark.parametrize("prediction, gold, expected", EXTRACTION)
-def test_verify_judges_only_the_final_answer(prediction, gold, expected):
-    assert verify(prediction, gold) is expected
-
-
-@pytest.mark.parametrize("text", ADVERSARIAL)
-def test_verify_is_bounded_and_never_raises(text):
-    for prediction, gold, question in [(text, "6", None), (f"<answer>{text}</answer>", "6", None),
-                                       (f"\\boxed{{{text}}}", "6", None), ("6", text, None), (text, "B", text)]:
-        start = time.perf_counter()
-        assert verify(prediction, gold, question) is False
-        assert time.perf_counter() - start < 2.0
-
-
-def test_verify_non_string_input_is_false():
-    assert verify(None, "6") is False and verify("6", None) is False
-
 
 @pytest.mark.parametrize("completion, expected", [
     ("<think>2+4=6</think><answer>6</answer>", 1.0),
@@ -325,25 +213,3 @@ def test_the_counted_line_comes_once_the_limit_is_reached():
     assert "only counted" in lines[3] and all("only counted" not in line for line in lines[:3])
     score_completions([faulty_rewards.raises_on_b], ["f"], ["x"] * 2, letter_columns(["A", "B"]), [10, 11], faults)
     assert len(lines) == 4 and faults.counts["f"] == 4
-
-# ---------------------------------------------------------------- gold answers
-
-
-@pytest.mark.parametrize("solution, problem, reason", [
-    ("<answer>B</answer>", None, None),
-    ("<answer>4.5</answer>", None, None),
-    ("<think>..</think><answer>\\frac{9}{2}</answer>", None, None),
-    ("<think>It is blue.</think><answer>B</answer>", "Colour? A: red B: blue", None),
-    ("<answer></answer>", None, "no answer in the solution"),
-    ("<answer>  </answer>", None, "no answer in the solution"),
-    ("<answer> $ $ </answer>", None, "no answer in the solution"),
-    ("6", None, None),  # no tags: the text itself is the answer
-    ("", None, "no answer in the solution"),
-])
-def test_unverifiable_reason(solution, problem, reason):
-    assert unverifiable_reason(solution, problem) == reason
-
-
-def test_unverifiable_when_the_gold_does_not_match_itself(monkeypatch):
-    monkeypatch.setattr(rewards, "verify", lambda prediction, gold, question=None: False)
-    assert unverifiable_reason("<answer>B</answer>") == "the answer does not verify against itself"

@@ -54,6 +54,23 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
     assert any(m["optim/grad_norm"] > 0.0 for m in metrics)  # a policy gradient reached the weights
     assert metrics[0]["loss/kl"] < 1e-6 < metrics[-1]["loss/kl"]  # the policy leaves the reference after updating
 
+    # completions.jsonl: every completion of both ranks at every step (log_completions_steps 1):
+    # 2 ranks x (2 prompts x 2 accumulation steps) x G=4, each with its rewards, its advantage, and
+    # its group's signal.
+    with open(os.path.join(out, "completions.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [(m["step"], m["rank"]) for m in lines] == [(s, r) for s in (1, 2, 3) for r in (0, 1) for _ in range(16)]
+    for m in lines:
+        assert m["reward"] == pytest.approx(m["rewards"]["accuracy"] + m["rewards"]["format"])
+        assert 0 <= m["row"] < 8 and m["images"] == 1 and m["videos"] == 0
+    for start in range(0, len(lines), 4):  # a group: one prompt's 4 completions
+        group = lines[start:start + 4]
+        assert len({(m["step"], m["rank"], m["prompt"], m["row"]) for m in group}) == 1
+        rewards = [m["reward"] for m in group]
+        assert all(m["group_has_signal"] == (max(rewards) > min(rewards)) for m in group)
+        assert sum(m["advantage"] for m in group) == pytest.approx(0.0, abs=1e-5)  # group-normalised
+    assert sorted(os.listdir(os.path.join(out, "plots"))) == ["completion.png", "loss.png", "rewards.png"]
+
     # save_steps 2 wrote checkpoint-2; the final model is in output_dir; both load.
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -1,6 +1,6 @@
 """A tiny random Aria (rhymes-ai/Aria: a mixture-of-experts text model under an Idefics3 vision tower).
 
-Like grpo/demo.py's tiny Qwen2-VL, it is made in code from transformers' own classes and saved with
+Like demo.py's tiny Qwen2-VL, it is made in code from transformers' own classes and saved with
 `save_pretrained`, so it loads through the same path as the real checkpoint, offline.
 """
 
@@ -28,7 +28,7 @@ def build_aria_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer with Aria's special tokens; eos is the end of an assistant turn."""
     from transformers import PreTrainedTokenizerFast
 
-    from grpo.demo import byte_level_bpe
+    from demo import byte_level_bpe
 
     bpe = byte_level_bpe(ARIA_SPECIAL_TOKENS, vocab_size)
     # AriaProcessor reads `tokenizer.image_token(_id)`: a named extra special token, saved with it.

@@ -46,7 +46,7 @@ def build_gemma3_tokenizer(vocab_size: int = 400):
     """Byte-level BPE (the demo's corpus) with Gemma 3's special tokens and chat template."""
     from transformers import PreTrainedTokenizerFast
 
-    from grpo.demo import byte_level_bpe
+    from demo import byte_level_bpe
 
     bpe = byte_level_bpe(SPECIAL_TOKENS, vocab_size, extra_text=("model\n\n user\n\n",))
     # The processor finds the image tokens by these names (boi_token, eoi_token, image_token), as in

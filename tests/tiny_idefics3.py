@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from grpo.demo import byte_level_bpe
+from demo import byte_level_bpe
 
 # The real checkpoints' format ("User:<image>Q<end_of_utterance>\nAssistant:"), with one change:
 # string content is rendered too, as the SmolVLM processor's own default template does (the hub

@@ -1,6 +1,6 @@
 """A tiny random LLaVA-OneVision made here, saved like llava-hf/llava-onevision-qwen2-0.5b-ov-hf.
 
-The hub is out of reach, so the family is built in code as grpo/demo.py builds Qwen2-VL: transformers'
+The hub is out of reach, so the family is built in code as demo.py builds Qwen2-VL: transformers'
 own config classes (a SigLIP vision tower, a Qwen2 text model), a byte-level BPE tokenizer with the
 checkpoint's special tokens, and the real LlavaOnevisionProcessor, image and video processors.
 """
@@ -33,7 +33,7 @@ def build_tokenizer(vocab_size: int = 400):
     """Byte-level BPE with Qwen2's turn markers and LLaVA's <image>/<video>; like Qwen2, no BOS."""
     from transformers import PreTrainedTokenizerFast
 
-    from grpo.demo import byte_level_bpe
+    from demo import byte_level_bpe
 
     bpe = byte_level_bpe(SPECIAL_TOKENS, vocab_size)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",

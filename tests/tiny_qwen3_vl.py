@@ -10,7 +10,7 @@ def save_tiny_qwen3_vl(folder: str, seed: int = 0) -> str:
         Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor,
     )
 
-    from grpo.demo import CHAT_TEMPLATE, _mrope_section, build_tokenizer
+    from demo import CHAT_TEMPLATE, _mrope_section, build_tokenizer
 
     tokenizer = build_tokenizer()  # Qwen3-VL keeps Qwen2-VL's special tokens and chat format
     token_id = tokenizer.convert_tokens_to_ids

@@ -218,8 +218,8 @@ def warm_up_format(folder: str, rows: list[dict], valid_answers, steps: int = 60
 
     import torch
 
-    from .data import build_conversation
-    from .vlm_adapter import FAMILIES, build_inputs, completion_logps, load_model, load_processor
+    from grpo.data import build_conversation
+    from grpo.vlm_adapter import FAMILIES, build_inputs, completion_logps, load_model, load_processor
 
     processor = load_processor(folder, 56 * 56, 56 * 56)
     tokenizer = processor.tokenizer
@@ -257,7 +257,7 @@ def demo_valid_answers(row: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 # train.py flags of the demo: a tiny model learns the bundled visual task on two CPU cores in
-# minutes. Flags given to `python -m grpo.demo` are passed on after these, so they win.
+# minutes. Flags given to `python demo.py` are passed on after these, so they win.
 DEMO_TRAIN_FLAGS = [
     "--num_generations", "8", "--per_device_train_batch_size", "4", "--max_completion_length", "16",
     "--max_prompt_length", "512", "--learning_rate", "1e-3", "--beta", "0.0", "--max_steps", "500",
@@ -288,7 +288,7 @@ def prepare(output_dir: str) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> None:
-    """python -m grpo.demo [--output_dir outputs/demo] [--num_gpus 2] [train.py flags ...]
+    """python demo.py [--output_dir outputs/demo] [--num_gpus 2] [train.py flags ...]
 
     Writes the demo's data and model, runs `deepspeed --num_gpus N train.py` on them (printed first),
     then draws rewards.png from the run's metrics.jsonl."""
@@ -305,43 +305,29 @@ def main(argv: list[str]) -> None:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     command = ["deepspeed", "--master_port", port, "--num_gpus", str(args.num_gpus),
-               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"),
+               os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
                "--model_name_or_path", model_folder, "--dataset_name", data_folder, "--output_dir", args.output_dir,
                *DEMO_TRAIN_FLAGS, *train_flags]
     print("[demo] " + " ".join(command), flush=True)
     subprocess.run(command, check=True)
-    plot_rewards(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "rewards.png"))
-    print(f"[demo] rewards plotted in {os.path.join(args.output_dir, 'rewards.png')}")
+    png = plot_rewards(args.output_dir)
+    print(f"[demo] rewards plotted in {png}; completion lengths and loss terms in "
+          f"{os.path.join(args.output_dir, 'plots')}")
 
 
-def plot_rewards(metrics_path: str, png_path: str) -> None:
-    """rewards.png: reward, accuracy and format rate per logged step (drawn with PIL)."""
-    import json
+def plot_rewards(output_dir: str) -> str:
+    """The run's plots (grpo.output_dir.plot_runs) in output_dir/plots, and its rewards figure (reward,
+    accuracy and format rate per logged step) copied to output_dir/rewards.png, where the README
+    points. Returns that path."""
+    import shutil
 
-    from PIL import Image, ImageDraw
+    from grpo.output_dir import plot_runs
 
-    with open(metrics_path) as f:
-        logged = [json.loads(line) for line in f if line.strip()]
-    series = {"reward (weighted sum)": ("reward/mean", (40, 40, 40)), "accuracy": ("reward/accuracy", (200, 50, 50)),
-              "format": ("reward/format", (40, 90, 200))}
-    width, height, pad = 640, 400, 50
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    steps = [row["step"] for row in logged] or [0]
-    top = max([1.0] + [row.get(key, 0.0) for row in logged for key, _ in series.values()])
-    x = lambda s: pad + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 2 * pad)  # noqa: E731
-    y = lambda v: height - pad - v / top * (height - 2 * pad)  # noqa: E731
-    draw.rectangle((pad, pad, width - pad, height - pad), outline=(180, 180, 180))
-    for tick in [i * 0.25 for i in range(int(top / 0.25) + 1)]:
-        draw.text((8, y(tick) - 6), f"{tick:.2f}", fill="black")
-    draw.text((pad, height - pad + 10), f"step {steps[0]}", fill="black")
-    draw.text((width - pad - 60, height - pad + 10), f"step {steps[-1]}", fill="black")
-    for i, (label, (key, colour)) in enumerate(series.items()):
-        points = [(x(row["step"]), y(row[key])) for row in logged if key in row]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        draw.text((pad + 170 * i, 18), label, fill=colour)
-    image.save(png_path)
+    plots = os.path.join(output_dir, "plots")
+    plot_runs([os.path.join(output_dir, "metrics.jsonl")], plots)
+    png = os.path.join(output_dir, "rewards.png")
+    shutil.copyfile(os.path.join(plots, "rewards.png"), png)
+    return png
 
 
 if __name__ == "__main__":

@@ -1,0 +1,418 @@
+"""grpo/answers.py: what the final answer is and whether it is the gold's. Expected verdicts are
+worked out by hand, never copied from the code's output."""
+
+import collections
+
+import pytest
+
+from grpo import answers
+from grpo.answers import extract_answer, final_answer, unverifiable_reason, verify
+
+ANGLES = "Find the angle x. Choices: A: 30° B: 40° C: 50° D: 60°"
+NUMBERS = "How many apples are there? (A) 12 (B) 15 (C) 18 (D) 21"
+SHAPES = "Which shape is shown?\nA. circle\nB. square\nC. triangle\nD. hexagon"
+PARENS = "What is the length of AB?\nA) 12\nB) 15\nC) 18"
+
+MATH = [
+    # numbers, fractions, decimals
+    ("6", "6", True), ("6.0", "6", True), ("7", "6", False),
+    ("4.5", "9/2", True), ("\\frac{9}{2}", "4.5", True), ("\\dfrac{9}{2}", "9/2", True), ("\\tfrac{9}{2}", "4.5", True),
+    ("4.6", "9/2", False), ("\\frac{9}{4}", "9/2", False), ("0.5", "\\frac12", True),
+    ("4.5000000001", "4.5", True), ("4.51", "4.5", False),
+    # roots and pi
+    ("2\\sqrt{3}", "\\sqrt{12}", True), ("sqrt(12)", "2\\sqrt{3}", True), ("\\sqrt{12}", "3\\sqrt{2}", False),
+    ("\\sqrt[3]{8}", "2", True), ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", True),
+    ("16\\pi", "16*pi", True), ("16π", "16\\pi", True), ("16\\pi", "16", False), ("16 pi", "16", False),
+    # expressions and assignments
+    ("2^{10}", "1024", True), ("3^2 + 4^2", "25", True), ("\\left(\\frac{1}{2}\\right)^2", "0.25", True),
+    ("2x + 2", "2(x+1)", True), ("2x + 3", "2(x+1)", False), ("x", "y", False),
+    ("x = 4.5", "9/2", True), ("x = 4.6", "9/2", False), ("AB = 5", "5", True),
+    # separators, signs, degrees, percent
+    ("1,000", "1000", True), ("1,000,000", "10^6", True), ("1,001", "1000", False),
+    ("1000001", "1000000", False), ("123456789", "123456789", True), ("1000000", "10^6", True),
+    ("−3", "-3", True), ("−3", "3", False),
+    ("40°", "40^\\circ", True), ("40^{\\circ}", "40", True), ("40", "40°", True), ("45°", "40°", False),
+    ("50%", "50\\%", True), ("50\\%", "50", True), ("60%", "50", False),
+    # units and words after the number, number words
+    ("6 apples", "6", True), ("16\\pi cm^2", "16\\pi", True), ("16\\pi \\text{ cm}^2", "16\\pi", True),
+    ("5 cm", "5", True), ("5cm", "5", True), ("40 degrees", "40", True), ("7 apples", "6", False),
+    ("six", "6", True), ("Six.", "6", True), ("thirty", "30", True), ("seven", "6", False),
+    ("$\\frac{9}{2}$", "4.5", True), ("\\$5", "5", True),
+    # text answers
+    ("square", "Square.", True), ("Square", "square", True), ("a  square", "Square", True),
+    ("circle", "square", False),
+]
+
+CHOICE = [
+    # letters in their usual shapes
+    ("B", "B", None, True), ("(B)", "B", None, True), ("B.", "B", None, True), ("B)", "B", None, True),
+    ("B: 40°", "B", ANGLES, True), ("Option B", "B", None, True), ("option (B)", "B", None, True),
+    ("The answer is B", "B", None, True), ("The answer is (B).", "B", None, True),
+    ("\\boxed{B}", "B", None, True), ("\\text{B}", "B", None, True), ("B", "(B)", None, True),
+    ("B", "C", None, False), ("(B)", "C", ANGLES, False), ("Option A", "B", None, False),
+    ("The answer is (C).", "B", None, False), ("E", "B", ANGLES, False),
+    # option text counts as its letter, both ways
+    ("40°", "B", ANGLES, True), ("40", "B", ANGLES, True), ("40^\\circ", "B", ANGLES, True),
+    ("50°", "B", ANGLES, False), ("45", "B", ANGLES, False),
+    ("B", "40°", ANGLES, True), ("C", "40°", ANGLES, False), ("40", "40°", ANGLES, True),
+    ("15", "B", NUMBERS, True), ("fifteen", "B", NUMBERS, True), ("12", "B", NUMBERS, False),
+    ("square", "B", SHAPES, True), ("Square.", "B", SHAPES, True), ("circle", "B", SHAPES, False),
+    ("15", "B", PARENS, True), ("B", "15", PARENS, True), ("A", "15", PARENS, False),
+    # several options named: wrong
+    ("A or B", "A", None, False), ("ABCD", "A", None, False), ("A, B", "A", None, False),
+    ("A and C", "A", None, False), ("(A) or (B)", "A", ANGLES, False), ("A, B, C, D", "B", ANGLES, False),
+    # the article "A" and a lowercase "a" are not option A
+    ("A square", "B", SHAPES, True), ("A square", "A", SHAPES, False), ("a", "A", None, False),
+    # gold text not among the options: the chosen option's text is judged
+    ("B", "40", "Choices: A: 30 B: 40", True), ("A", "40", "Choices: A: 30 B: 40", False),
+]
+
+EXTRACTION = [
+    # only the final answer is judged: the last <answer> block, else the last \boxed{}
+    ("<think>2+4=6</think><answer>6</answer>", "6", True),
+    ("<think>\nlet me see\n</think>\n<answer>\n6\n</answer>", "6", True),
+    ("<think>The answer is 6, surely.</think><answer>7</answer>", "6", False),  # right in reasoning, wrong at the end
+    ("<think>7</think><answer>6</answer>", "6", True),
+    ("<answer>7</answer> no wait <answer>6</answer>", "6", True),
+    ("<answer>6</answer> no wait <answer>7</answer>", "6", False),
+    ("<answer></answer>", "6", False), ("<answer>   </answer>", "6", False), ("", "6", False), ("6", "", False),
+    ("<think>so it is 6</think>", "6", False),
+    ("<answer>\\boxed{6}</answer>", "6", True), ("so the total is \\boxed{6}.", "6", True),
+    ("\\boxed{5} then \\boxed{6}", "6", True), ("\\boxed{6} then \\boxed{5}", "6", False),
+    ("\\boxed{\\frac{9}{2}}", "4.5", True), ("\\boxed{\\boxed{6}}", "6", True),
+    # gold with tags
+    ("6", "<think>2+4</think><answer>6</answer>", True), ("6", "We count. <answer> 6 </answer>", True),
+    ("<answer>B</answer>", "<think>It is blue.</think><answer>B</answer>", True),
+    ("<answer>C</answer>", "<think>It is blue.</think><answer>B</answer>", False),
+]
+
+ADVERSARIAL = [
+    "9^9^9^9^9", "10**10**10**10", "2^{2^{2^{2^{100}}}}", "(" * 500, "\\frac{1}{", "\\sqrt{}",
+    "\\boxed{\\boxed{", "1" * 100_000, "x" * 100_000, "<answer>" * 20_000, "{" * 500 + "}" * 500,
+    "\\frac{" * 300, "(9^999)^999", "9" * 400, "2^" * 150 + "2", "(A) " * 20_000,
+]
+
+
+# Answers of common math shapes, (shape, prediction, gold, expected), each expectation worked out by hand.
+# test_math_verify_comparison runs the same table through the math-verify library.
+ANSWER_SHAPES = [
+    # tuples and points: order matters, values compared element-wise
+    ("tuple", "(1, 9/2)", "(1,4.5)", True),
+    ("tuple", "(1,2)", "(2,1)", False),
+    ("tuple", "(1, 2, 3)", "(1,2,3)", True),
+    ("tuple", "(1, 2)", "(1, 2, 3)", False),
+    ("tuple", "\\left(\\frac{1}{2}, -3\\right)", "(0.5, -3)", True),
+    ("tuple", "(2\\sqrt{3}, 1)", "(\\sqrt{12}, 1)", True),
+    ("tuple", "(3, 4)", "(3, 5)", False),
+    ("tuple", "(x, y) = (1, 2)", "(1,2)", True),
+    ("tuple", "(1,22)", "(1, 22)", True),       # inside brackets a comma separates items
+    ("tuple", "(1,22)", "1.22", False),
+    ("tuple", "(1,000)", "1000", False),
+    # intervals and unions: brackets matter; a union is a set of intervals
+    ("interval", "[1, 3)", "[1,3)", True),
+    ("interval", "(-\\infty, 2] \\cup (3, \\infty)", "(-oo,2] U (3,oo)", True),
+    ("interval", "[1,3)", "(1,3)", False),
+    ("interval", "[1,3]", "[1,3)", False),
+    ("interval", "(1, 3)", "(1,3)", True),      # point or open interval: the same text either way
+    ("interval", "\\left[ \\frac12, 2 \\right]", "[0.5, 2]", True),
+    ("interval", "(2, \\infty)", "(2,oo)", True),
+    ("interval", "(0, \\infty)", "(0, +\\infty)", True),
+    ("interval", "(-\\infty, 2]", "(-\\infty, 2)", False),
+    ("interval", "(3, \\infty) \\cup (-\\infty, 2]", "(-\\infty, 2] \\cup (3, \\infty)", True),
+    ("interval", "[1,3) \\cup [4,5]", "[4,5] U [1,3)", True),
+    ("interval", "(-\\infty, 2] \\cup [3, \\infty)", "(-oo,2] U (3,oo)", False),
+    ("interval", "(-\\infty, 2]", "(-\\infty, 2] \\cup (3, \\infty)", False),
+    ("interval", "(-\\infty, \\infty)", "(-oo, oo)", True),
+    ("interval", "(2, \\infty)", "(-\\infty, 2)", False),
+    ("interval", "x \\in [1, 3)", "[1,3)", True),
+    # sets: order and repeats do not matter; a bare list of values is a set
+    ("set", "\\{1, 2, 3\\}", "{3,2,1}", True),
+    ("set", "\\{1,2\\}", "\\{1,2,3\\}", False),
+    ("set", "\\{\\frac12, 2\\}", "\\{2, 0.5\\}", True),
+    ("set", "\\{1, 2, 4\\}", "\\{1, 2, 3\\}", False),
+    ("set", "\\{-1, 1\\}", "\\{1, -1\\}", True),
+    ("set", "\\{1,1,2\\}", "\\{1,2\\}", True),
+    ("set", "\\emptyset", "\\{\\}", True),
+    ("set", "\\{5\\}", "5", False),
+    ("set", "\\{1, 2\\}", "(1, 2)", False),
+    ("set", "1, 2, 3", "3, 2, 1", True),
+    ("set", "\\{1, 2\\}", "2, 1", True),
+    ("set", "1, 2", "1, 3", False),
+    ("set", "x = 1, y = 2", "y = 2, x = 1", True),
+    ("set", "x = 1, y = 2", "x = 2, y = 1", False),
+    # vectors and matrices: shape matters, values compared element-wise
+    ("matrix", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{bmatrix}1\\\\2\\end{bmatrix}", True),
+    ("matrix", "\\begin{pmatrix} \\frac12 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 0.5 \\\\ 2 \\end{pmatrix}", True),
+    ("matrix", "\\begin{pmatrix} 1 & 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False),
+    ("matrix", "\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False),
+    ("matrix", "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", True),
+    ("matrix", "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 3 \\\\ 2 & 4 \\end{pmatrix}",
+     False),
+    ("matrix", "\\begin{pmatrix} 1 \\\\ 2 \\\\ 3 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False),
+    ("matrix", "\\begin{pmatrix} \\sqrt{12} \\\\ -1 \\end{pmatrix}", "\\begin{pmatrix} 2\\sqrt3 \\\\ -1 \\end{pmatrix}",
+     True),
+    ("matrix", "\\left(\\begin{array}{c} 1 \\\\ 2 \\end{array}\\right)", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
+    # decimal commas and thousands separators, in a bare number
+    ("comma", "1,22", "1.22", True),
+    ("comma", "1,5", "1.5", True),
+    ("comma", "1,5", "15", False),
+    ("comma", "1,22", "122", False),
+    ("comma", "0,125", "0.125", True),
+    ("comma", "-2,5", "-2.5", True),
+    ("comma", "12,5", "125", False),
+    ("comma", "1{,}5", "1.5", True),
+    ("comma", "1,5 cm", "1.5", True),
+    ("comma", "1 000", "1000", True),
+    ("comma", "1 000", "0", False),
+    ("comma", "1\\,000", "1000", True),
+    ("comma", "1,000", "1000", True),
+    ("comma", "12,345", "12345", True),
+    ("comma", "1,000,000", "1000000", True),
+    ("comma", "1 000 000", "10^6", True),
+    ("comma", "1\\,000\\,000", "10^6", True),
+    ("comma", "1,000.5", "1000.5", True),
+    # LaTeX variants
+    ("latex", "\\cfrac{1}{2}", "0.5", True),
+    ("latex", "\\tfrac{1}{2}", "1/2", True),
+    ("latex", "\\dfrac{1}{2}", "\\frac{1}{2}", True),
+    ("latex", "\\frac3{3}", "1", True),
+    ("latex", "\\frac12", "0.5", True),
+    ("latex", "\\frac{3}4", "0.75", True),
+    ("latex", "\\frac x2", "\\frac{x}{2}", True),
+    ("latex", "\\frac1x", "1/x", True),
+    ("latex", "\\frac{1}{3}", "\\frac12", False),
+    ("latex", "\\frac\\pi2", "\\frac{\\pi}{2}", True),
+    ("latex", "\\dfrac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt2}", True),
+    ("latex", "\\textnormal{5}", "5", True),
+    ("latex", "\\text{5}", "5", True),
+    ("latex", "\\mathrm{7}", "7", True),
+    ("latex", "5\\textnormal{ cm}", "5", True),
+    ("latex", "\\left(\\frac{3}{4}\\right)", "0.75", True),
+    ("latex", "30^\\circ", "30", True),
+    ("latex", "30^{\\circ}", "31", False),
+    ("latex", "25\\%", "25", True),
+    ("latex", "\\textnormal{blue}", "Blue", True),
+    ("latex", "\\mathrm{blue}", "red", False),
+    # identities, checked numerically at sample points
+    ("identity", "\\sec^2 y", "\\tan^2 y + 1", True),
+    ("identity", "\\sin^2 x + \\cos^2 x", "1", True),
+    ("identity", "2\\sin x\\cos x", "\\sin 2x", True),
+    ("identity", "\\sin 2x", "\\cos 2x", False),
+    ("identity", "\\sin 2x", "2\\sin x", False),
+    ("identity", "\\sin^2 x", "\\cos^2 x", False),
+    ("identity", "\\sin(x+1)", "\\sin x + 1", False),
+    ("identity", "\\tan x", "\\frac{\\sin x}{\\cos x}", True),
+    ("identity", "\\cos(2x)", "\\cos^2 x - \\sin^2 x", True),
+    ("identity", "\\csc x", "\\frac{1}{\\sin x}", True),
+    ("identity", "\\cos x", "\\sin x", False),
+    ("identity", "e^{2\\ln x}", "x^2", True),
+    ("identity", "\\ln e", "1", True),
+    ("identity", "\\log_2 8", "3", True),
+    ("identity", "\\log_{2}(8)", "4", False),
+    ("identity", "e^{\\ln 3}", "3", True),
+    ("identity", "\\exp(x)\\exp(y)", "\\exp(x+y)", True),
+    ("identity", "\\arctan(1)", "\\frac{\\pi}{4}", True),
+    ("identity", "\\tan^{-1}(1)", "\\pi/4", True),
+    ("identity", "\\sin^{-1}(1)", "\\frac{\\pi}{2}", True),
+    ("identity", "\\arcsin x", "\\arccos x", False),
+    ("identity", "\\sqrt{x}\\sqrt{x}", "x", True),
+    ("identity", "sin(x)^2 + cos(x)^2", "1", True),
+    ("identity", "\\sin\\left(\\frac{\\pi}{6}\\right)", "\\frac{1}{2}", True),
+    # a final answer stated in free text, no tags or box
+    ("free text", "Adding the cases, so the probability is 2/3.", "<answer>2/3</answer>", True),
+    ("free text", "We add the two counts, so the answer is 6.", "6", True),
+    ("free text", "Counting, the total is 6. Wait, I missed one; the total is 7.", "6", False),
+    ("free text", "At first I got 2/3, but rechecking, the probability is 1/3.", "2/3", False),
+    ("free text", "Therefore, $x = \\frac{9}{2}$.", "4.5", True),
+    ("free text", "Answer: 12", "12", True),
+    ("free text", "The final answer is $x=3$", "3", True),
+    ("free text", "Comparing the options, the answer is A or B.", "A", False),
+    ("free text", "Comparing the options, the answer is (A) and (C).", "A", False),
+    ("free text", "Looking at the figure, it is (B).", "B", True),
+    ("free text", "The shape in the picture is a square.", "square", True),
+    ("free text", "So the area equals 16\\pi cm^2.", "16\\pi", True),
+    ("free text", "<think>The answer is 6.</think> So it is 7.", "6", False),
+    ("free text", "The answer is 6. Let me double-check: 2 + 4 = 6.", "6", True),
+    ("free text", "Hope this helps!", "6", False),
+    ("free text", "So x = 6 or x = 7.", "7", False),  # two values named: no answer
+    ("free text", "<answer>x = 6 or x = 7</answer>", "7", False),
+]
+
+
+@pytest.mark.parametrize("shape, prediction, gold, expected", ANSWER_SHAPES)
+def test_verify_shapes(shape, prediction, gold, expected):
+    assert verify(prediction, gold) is expected
+    if shape != "free text":  # equality is symmetric; a free-text gold would be read differently
+        assert verify(gold, prediction) is expected
+
+
+def _math_verify_verdict(math_verify, prediction: str, gold: str):
+    """math-verify's verdict as it is meant to be called, verify(parse(gold), parse(prediction)); LaTeX
+    wrapped in $..$, which it needs to find it (its parse of a raw text judged fewer cases right)."""
+    def parse(text):
+        return math_verify.parse(f"${text}$") or math_verify.parse(text)
+    try:
+        return math_verify.verify(parse(gold), parse(prediction))
+    except Exception as e:  # it may raise; a raise is a wrong verdict
+        return f"raised {type(e).__name__}"
+
+
+def test_math_verify_comparison():
+    """The library decision in grpo/rewards.py's docstring, on the shared table: ours must be right on every
+    case. Measured 2026-11-25 with math-verify 0.9.0 (latex2sympy2_extended 1.11.0), called as below: 104 of
+    the 130 right (tuple 11/11, interval 12/16, set 12/14, matrix 9/9, comma 8/18, latex 20/21, identity
+    22/24, free text 10/17); 87 when given the raw texts. It is not in requirements.txt, so where it is
+    installed this checks that it still trails ours (else the decision should be revisited)."""
+    ours = {shape: 0 for shape, *_ in ANSWER_SHAPES}
+    for shape, prediction, gold, expected in ANSWER_SHAPES:
+        ours[shape] += verify(prediction, gold) is expected
+    assert ours == dict(collections.Counter(shape for shape, *_ in ANSWER_SHAPES))  # all right, per shape
+    try:
+        import math_verify
+    except ImportError:  # not in requirements.txt: the CI machines compare nothing more
+        return
+    theirs = collections.Counter(shape for shape, prediction, gold, expected in ANSWER_SHAPES
+                                 if _math_verify_verdict(math_verify, prediction, gold) is expected)
+    print("math-verify right:", dict(theirs), sum(theirs.values()), "of", len(ANSWER_SHAPES))
+    assert sum(theirs.values()) < len(ANSWER_SHAPES)
+
+
+FINAL_ANSWERS = [  # text -> (answer, how it was found)
+    ("<think>2+4=6</think><answer>6</answer>", ("6", "answer tag")),
+    ("<answer>\\boxed{7}</answer>", ("7", "answer tag")),
+    ("<answer>6</answer> so \\boxed{7}", ("6", "answer tag")),
+    ("so the total is \\boxed{6}.", ("6", "boxed")),
+    ("The answer is (B).", ("(B)", "answer is")),
+    ("Answer: 12", ("12", "answer is")),
+    ("**Answer:** 12", ("12", "answer is")),
+    ("the final answer is $x=3$", ("x=3", "answer is")),
+    ("The answer is 6, since 2 + 4 = 6.", ("6", "answer is")),
+    ("The answer is 6. Let me double-check: 2 + 4 = 6.", ("6", "answer is")),
+    ("The answer is A or B.", ("A or B", "answer is")),  # found, and judged wrong by verify
+    ("The answer is (A) and (C).", ("(A) and (C)", "answer is")),
+    ("The correct option is C", ("C", "answer is")),
+    ("Adding the cases, so the probability is 2/3.", ("2/3", "last sentence")),
+    ("Counting, the total is 6. Wait, I missed one; the total is 7.", ("7", "last sentence")),
+    ("Therefore, $x = \\frac{9}{2}$.", ("\\frac{9}{2}", "last sentence")),
+    ("The result is 6 which is even.", ("6", "last sentence")),
+    ("It is (B) because the angle is 40°.", ("(B)", "last sentence")),
+    ("The shape is a square.", ("a square", "last sentence")),
+    ("There are 6 apples.", ("6 apples", "last sentence")),
+    ("We count again.\n7", ("7", "last sentence")),
+    ("To find the answer: we count the apples. There are 6.", ("6", "last sentence")),
+    ("<think>The answer is 6.</think> So it is 7.", ("7", "last sentence")),
+    ("6 apples", ("6 apples", "whole text")),
+    ("x = 1, y = 2", ("x = 1, y = 2", "whole text")),
+    ("(1, 9/2)", ("(1, 9/2)", "whole text")),
+    ("A square", ("A square", "whole text")),
+    ("Hope this helps!", ("Hope this helps!", "whole text")),
+    ("", ("", "none")),
+    ("<answer></answer>", ("", "none")),
+    ("<answer> $ $ </answer>", ("", "none")),
+    ("<think>so it is 6</think>", ("", "none")),
+    ("<think>a</think><answer>6", ("", "none")),  # cut off before </answer>
+    ("We count. " * 100, ("", "none")),  # long, and no answer stated
+]
+
+
+@pytest.mark.parametrize("text, found", FINAL_ANSWERS)
+def test_final_answer(text, found):
+    assert final_answer(text) == found
+
+
+@pytest.mark.parametrize("text", [text for text, _ in FINAL_ANSWERS]
+                         + [prediction for shape, prediction, _, _ in ANSWER_SHAPES if shape == "free text"])
+def test_verify_judges_final_answer_text_as_the_completion(text):
+    """eval.py reports final_answer's text and judges it with verify: the same verdict as the completion's."""
+    answer, _ = final_answer(text)
+    for gold in ("6", "7", "2/3", "B", "(B)", "square", "4.5", "12", "3", "A or B", "(1,4.5)"):
+        assert verify(answer, gold) is verify(text, gold), gold
+
+
+def test_extract_answer_is_unchanged_for_training():
+    """Training reads tags, then the box, then the whole text; only verify reads untagged text further."""
+    assert extract_answer("<think>a</think><answer> 6 </answer>") == "6"
+    assert extract_answer("so the total is \\boxed{6}.") == "6"
+    assert extract_answer(" so the probability is 2/3. ") == "so the probability is 2/3."
+    assert verify("<answer>so the probability is 2/3.</answer>", "2/3") is False  # a tagged answer is taken as is
+    assert verify("so the probability is 2/3.", "2/3") is True
+
+
+@pytest.mark.parametrize("prediction, gold, question, expected", [
+    ("Comparing the angles, it is 40°.", "B", ANGLES, True),
+    ("Comparing the angles, it is 50°.", "B", ANGLES, False),
+    ("Comparing the angles, the answer is (A) or (B).", "B", ANGLES, False),
+    ("Counting them, there are 15.", "B", NUMBERS, True),
+    ("The shape shown is a square.", "B", SHAPES, True),
+    ("Option (B) is correct.", "B", ANGLES, True),
+])
+def test_free_text_multiple_choice(prediction, gold, question, expected):
+    assert verify(prediction, gold, question) is expected
+
+
+HOSTILE = [
+    "9**9**9**9", "9^{9^{9^{9}}}", "e^{e^{e^{e^{e^{10}}}}}", "\\exp(\\exp(\\exp(100)))", "\\sin(10^{400})",
+    "x" * 10_000, "1,000," * 2_000, "is " * 5_000 + "7", "The answer is " * 1_000, "(" * 1_000 + "1" + ")" * 1_000,
+    "\\{" * 300 + "\\}" * 300, "(1," * 1_000, "\\sin(" * 60 + "x" + ")" * 60, "\\sin^" * 80, "\\log_{" * 50,
+    "\\begin{pmatrix}" * 100, "(1,2) \\cup " * 60 + "(1,2)", "\\{" + "1," * 140 + "1\\}", "{" * 200 + "1,2" + "}" * 200,
+    "\\frac{1}{0}", "\\log_0 0", "0^{-1}",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE, ids=[f"hostile{i}" for i in range(len(HOSTILE))])
+def test_verify_hostile_inputs(text):
+    """Structural bounds (lengths, items, nesting, float evaluation) keep these fast; each returns a verdict."""
+    assert verify(text, "6") is False and verify("6", text) is False
+    assert verify(text, "(1,2)") is False and verify(text, "\\sin x") is False and verify(text, "B", text) is False
+    assert verify(text, text) in (True, False)  # True for the short ones; a long text may state no answer
+    answer, how = final_answer(text)
+    assert isinstance(answer, str) and how in ("answer is", "last sentence", "whole text", "none")
+
+
+@pytest.mark.parametrize("prediction, gold, expected", MATH)
+def test_verify_math(prediction, gold, expected):
+    assert verify(prediction, gold) is expected
+
+
+@pytest.mark.parametrize("prediction, gold, question, expected", CHOICE)
+def test_verify_multiple_choice(prediction, gold, question, expected):
+    assert verify(prediction, gold, question) is expected
+
+
+@pytest.mark.parametrize("prediction, gold, expected", EXTRACTION)
+def test_verify_judges_only_the_final_answer(prediction, gold, expected):
+    assert verify(prediction, gold) is expected
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL)
+def test_verify_is_bounded_and_never_raises(text):
+    for prediction, gold, question in [(text, "6", None), (f"<answer>{text}</answer>", "6", None),
+                                       (f"\\boxed{{{text}}}", "6", None), ("6", text, None), (text, "B", text)]:
+        assert verify(prediction, gold, question) is False  # bounded by structure, not by a clock
+
+
+def test_verify_non_string_input_is_false():
+    assert verify(None, "6") is False and verify("6", None) is False
+
+
+# ---------------------------------------------------------------- gold answers
+
+
+@pytest.mark.parametrize("solution, problem, reason", [
+    ("<answer>B</answer>", None, None),
+    ("<answer>4.5</answer>", None, None),
+    ("<think>..</think><answer>\\frac{9}{2}</answer>", None, None),
+    ("<think>It is blue.</think><answer>B</answer>", "Colour? A: red B: blue", None),
+    ("<answer></answer>", None, "no answer in the solution"),
+    ("<answer>  </answer>", None, "no answer in the solution"),
+    ("<answer> $ $ </answer>", None, "no answer in the solution"),
+    ("6", None, None),  # no tags: the text itself is the answer
+    ("", None, "no answer in the solution"),
+])
+def test_unverifiable_reason(solution, problem, reason):
+    assert unverifiable_reason(solution, problem) == reason
+
+
+def test_unverifiable_when_the_gold_does_not_match_itself(monkeypatch):
+    monkeypatch.setattr(answers, "verify", lambda prediction, gold, question=None: False)
+    assert unverifiable_reason("<answer>B</answer>") == "the answer does not verify against itself"
