@@ -30,11 +30,9 @@ and writes the outputs. One process without a launcher needs no process group.
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import json
 import os
-import string
 import sys
 import tempfile
 
@@ -46,11 +44,10 @@ from grpo.config import UsageError, bad
 MODES = ("reasoning", "direct")
 DIRECT_SYSTEM_PROMPT = ("Answer the question with only the final answer: a number, an expression, "
                         "or the letter of the option.")
-MMMU_IMAGE_COLUMNS = [f"image_{i}" for i in range(1, 8)]
 PLURAL = {"completion": "completions", "answer": "answers"}  # record keys when k answers are sampled
 FORMATS = {  # name: (columns that tell it apart, columns it needs)
     "MathVista": (("choices", "question_type"), ("question", "choices", "answer", "question_type")),
-    "MMMU": (("options", *MMMU_IMAGE_COLUMNS), ("question", "options", "answer")),
+    "MMMU": (("options", *data.MMMU_IMAGE_COLUMNS), ("question", "options", "answer")),
 }
 
 
@@ -82,45 +79,6 @@ def dataset_format(columns: list[str], dataset_name: str) -> str:
         "question, options, answer.")
 
 
-def with_options(question: str, options: list, row: int) -> str:
-    """The question followed by its options, lettered one per line as answers.parse_options reads them."""
-    if len(options) > 26:
-        bad("dataset_name", f"row {row} has {len(options)} options; at most 26 can be lettered A to Z.")
-    lines = [f"({letter}) {' '.join(str(option).split())}" for letter, option in zip(string.ascii_uppercase, options)]
-    return question.rstrip() + "\nChoices:\n" + "\n".join(lines)
-
-
-def _letter_of(answer: str, options: list) -> str:
-    """The letter of the option equal to the answer; else the answer itself, which verify matches to an option's text."""
-    texts = [str(option).strip() for option in options]
-    return string.ascii_uppercase[texts.index(answer.strip())] if answer.strip() in texts else answer
-
-
-def mathvista_row(row: dict, index: int) -> dict:
-    question, answer = row["question"] or "", str(row["answer"] or "")
-    if row["question_type"] == "multi_choice" and row["choices"]:
-        question, answer = with_options(question, row["choices"], index), _letter_of(answer, row["choices"])
-    picture = row.get("decoded_image") if row.get("decoded_image") is not None else row.get("image")
-    return {"problem": question, "solution": f"<answer>{answer}</answer>", "images": [] if picture is None else [picture]}
-
-
-def mmmu_row(row: dict, index: int) -> dict:
-    options = row["options"] or []
-    if isinstance(options, str):  # MMMU stores the list as its text: "['1', '2']"
-        try:
-            options = ast.literal_eval(options)
-        except (ValueError, SyntaxError):
-            options = None
-    if not isinstance(options, (list, tuple)):
-        bad("dataset_name", f"row {index}: options {str(row['options'])[:80]!r} is not a list (nor its text, "
-            "like \"['1', '2']\").")
-    question = row["question"] or ""
-    if options:
-        question = with_options(question, options, index)
-    images = [row[c] for c in MMMU_IMAGE_COLUMNS if row.get(c) is not None]
-    return {"problem": question, "solution": f"<answer>{str(row['answer'] or '').strip()}</answer>", "images": images}
-
-
 def to_training_schema(rows, fmt: str, folder: str, base_dir: str | None = None):
     """MathVista- or MMMU-style rows as a Dataset of (problem, solution, images), one row per row (so
     row indices stay the source's), written under `folder` rather than next to the source data. Images
@@ -130,7 +88,7 @@ def to_training_schema(rows, fmt: str, folder: str, base_dir: str | None = None)
     for column in rows.column_names:
         if isinstance(rows.features[column], datasets.Image):
             rows = rows.cast_column(column, datasets.Image(decode=False))
-    convert = {"MathVista": mathvista_row, "MMMU": mmmu_row}[fmt]
+    convert = {"MathVista": data.mathvista_row, "MMMU": data.mmmu_row}[fmt]
 
     def row_in_schema(row, index):
         converted = convert(row, index)

@@ -14,9 +14,11 @@ cutting them breaks the forward, trap 6). The text checks come first, before any
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import random
+import string
 from typing import Callable
 
 from PIL import Image
@@ -198,8 +200,10 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
         log(_drop_line(reason, found, len(rows), max_prompt_length))
     if not keep:
         counts = ", ".join(f"{reason}: {len(found)}" for reason, found in drops.items())
-        raise UsageError(f"--dataset_name {dataset_name!r}: no usable rows out of {len(rows)}"
-                         + (f" ({counts})." if counts else "."))
+        error = UsageError(f"--dataset_name {dataset_name!r}: no usable rows out of {len(rows)}"
+                           + (f" ({counts})." if counts else "."))
+        error.dropped = {reason: [i for i, _ in found] for reason, found in drops.items()}  # for data_tools.py
+        raise error
     text_only = sum(1 for i in keep if not any(rows[i].get(c) for c in (*IMAGE_COLUMNS, "video")))
     log(f"[data] {len(keep)} prompts from {dataset_name!r} (split {split!r})"
         + (f", {text_only} of them text-only" if text_only else ""))
@@ -221,3 +225,51 @@ def rank_batches(num_rows: int, batch_size: int, rank: int, world_size: int, see
 
 def steps_per_epoch(num_rows: int, batch_size: int, world_size: int) -> int:
     return num_rows // (batch_size * world_size)
+
+
+# ---------------------------------------------------------------- other layouts, as training rows
+# Benchmarks and VQA sets keep their options in a column of their own; eval.py and data_tools.py
+# write them into the problem with letters, as the training data does, and the gold becomes the letter.
+
+MMMU_IMAGE_COLUMNS = [f"image_{i}" for i in range(1, 8)]
+
+
+def with_options(question: str, options: list, row: int) -> str:
+    """The question followed by its options, lettered one per line as answers.parse_options reads them."""
+    if len(options) > 26:
+        raise UsageError(f"--dataset_name: row {row} has {len(options)} options; at most 26 can be lettered A to Z.")
+    lines = [f"({letter}) {' '.join(str(option).split())}" for letter, option in zip(string.ascii_uppercase, options)]
+    return question.rstrip() + "\nChoices:\n" + "\n".join(lines)
+
+
+def letter_of(answer: str, options: list) -> str:
+    """The letter of the option equal to the answer; else the answer itself, which verify matches to an option's text."""
+    texts = [str(option).strip() for option in options]
+    return string.ascii_uppercase[texts.index(answer.strip())] if answer.strip() in texts else answer
+
+
+def mathvista_row(row: dict, index: int) -> dict:
+    """A MathVista-style row (question, choices, answer, question_type, decoded_image) as a training row."""
+    question, answer = row["question"] or "", str(row["answer"] or "")
+    if row["question_type"] == "multi_choice" and row["choices"]:
+        question, answer = with_options(question, row["choices"], index), letter_of(answer, row["choices"])
+    picture = row.get("decoded_image") if row.get("decoded_image") is not None else row.get("image")
+    return {"problem": question, "solution": f"<answer>{answer}</answer>", "images": [] if picture is None else [picture]}
+
+
+def mmmu_row(row: dict, index: int) -> dict:
+    """An MMMU-style row (question, options as a list or its text, answer letter, image_1 ... image_7) as a training row."""
+    options = row["options"] or []
+    if isinstance(options, str):  # MMMU stores the list as its text: "['1', '2']"
+        try:
+            options = ast.literal_eval(options)
+        except (ValueError, SyntaxError):
+            options = None
+    if not isinstance(options, (list, tuple)):
+        raise UsageError(f"--dataset_name: row {index}: options {str(row['options'])[:80]!r} is not a list (nor its text, "
+            "like \"['1', '2']\").")
+    question = row["question"] or ""
+    if options:
+        question = with_options(question, options, index)
+    images = [row[c] for c in MMMU_IMAGE_COLUMNS if row.get(c) is not None]
+    return {"problem": question, "solution": f"<answer>{str(row['answer'] or '').strip()}</answer>", "images": images}
