@@ -2,6 +2,7 @@
 
     python data_tools.py inspect DATASET [--split train] [--model_name_or_path M] [--html PAGE.html] [--samples N]
     python data_tools.py convert SOURCE OUT.parquet [--split train] [--format auto|vqa|mathvista|scienceqa|mmmu]
+    python data_tools.py rollouts RUN_DIR [--html PAGE.html] [--steps N]
 
 `inspect` answers, before any GPU time is spent, what training will make of a dataset: its rows and
 columns, pictures per row and their sizes, what kind of gold answers it holds and how many of them the
@@ -16,6 +17,12 @@ answer type and drop reason) that opens offline, with no server.
 exactly as eval.py writes them, `solution` "<answer>X</answer>") from plain VQA, MathVista-, ScienceQA-
 and MMMU-style rows, keeping only the rows whose gold answer the reward can judge and whose pictures
 decode: a row no completion can be rewarded on only costs generations. What it drops is reported.
+
+`rollouts` shows what a run's model wrote: a page of RUN_DIR/completions.jsonl (train.py
+--log_completions_steps), one card per group, the G completions of one prompt at one step, with the
+prompt's pictures (read again from the run's dataset, as training_args.json names it), each
+completion's reward per function, total and advantage, and the groups whose rewards were all equal
+marked: those teach the policy nothing, and a run made mostly of them is not learning.
 
 Usage errors print one line, `data_tools.py: error: ...`, and exit with status 2.
 """
@@ -609,12 +616,175 @@ def convert(args, log=print) -> dict:
                          f"{args.out!r}. The report {report_path!r} names the first rows of each reason.")
     return report
 
+# ---------------------------------------------------------------- rollouts
+
+RECORD_KEYS = ("step", "rank", "prompt", "completion", "rewards", "reward", "advantage", "group_has_signal")
+NO_SIGNAL = "no signal: all rewards equal"
+
+
+def read_completions(run_dir: str) -> list[dict]:
+    """The records of RUN_DIR/completions.jsonl (train.py's completion_records), checked line by line:
+    a bad line is named, not a traceback half-way through the page."""
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"RUN_DIR {run_dir!r}: no such folder; give a train.py --output_dir.")
+    path = os.path.join(run_dir, "completions.jsonl")
+    if not os.path.isfile(path):
+        raise UsageError(f"RUN_DIR {run_dir!r} holds no completions.jsonl; run train.py with --log_completions_steps N "
+                         "(N > 0) to log every N-th step's completions there.")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path!r} line {number}: not JSON ({e.msg}).") from None
+            missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+            if missing:
+                raise UsageError(f"{path!r} line {number}: not a completion record (no {', '.join(missing)}).")
+            records.append(record)
+    if not records:
+        raise UsageError(f"{path!r} is empty: no step's completions were logged (the run stopped before its first "
+                         "--log_completions_steps step?).")
+    return records
+
+
+def run_dataset(run_dir: str):
+    """(rows still encoded, base_dir, None), or (None, None, why not) when the run's training dataset
+    cannot be read: the page is still worth having without its pictures."""
+    try:
+        with open(os.path.join(run_dir, "training_args.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        name, split = saved["dataset_name"], saved.get("dataset_split", "train")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        where = os.path.join(run_dir, "training_args.json")
+        return None, None, f"no thumbnails: the run's dataset is unknown ({where}: {type(e).__name__})."
+    try:
+        rows = data.load_rows(name, split).with_format("arrow")  # pictures still encoded, as in raw_rows
+    except Exception as e:  # gone, moved, offline hub id: one line
+        first = (str(e).splitlines() or [""])[0]
+        return None, None, f"no thumbnails: the run's dataset {name!r} (split {split!r}) cannot be read: {type(e).__name__}: {first}"
+    return rows, base_dir_of(name), None
+
+
+def group_records(records: list[dict], steps: int | None) -> list[list[dict]]:
+    """The records in groups (same step, rank and prompt: the G completions of one prompt), by step,
+    rank and prompt; with `steps`, the last that many logged steps only."""
+    groups = {}
+    for record in records:
+        groups.setdefault((record["step"], record["rank"], record["prompt"]), []).append(record)
+    kept_steps = sorted({step for step, _, _ in groups})[-steps:] if steps else None
+    return [groups[key] for key in sorted(groups) if kept_steps is None or key[0] in kept_steps]
+
+
+def group_card(group: list[dict], thumbs: list[str], picture_error: str | None) -> str:
+    first = group[0]
+    names = list(dict.fromkeys(name for record in group for name in record["rewards"]))
+    signal = "yes" if first["group_has_signal"] else "no"
+    pictures = "".join(f'<img src="{uri}" alt="row {esc(first.get("row"))} picture {n + 1}">' for n, uri in enumerate(thumbs))
+    if picture_error:
+        pictures = f'<p class="reason">picture: {esc(picture_error)}</p>'
+    meta = f"step {first['step']} · rank {first['rank']} · prompt {first['prompt']} · row {first.get('row')} · {len(group)} completions"
+    head = "".join(f"<th>{esc(h)}</th>" for h in ["completion", *names, "reward", "advantage", "truncated"])
+    body = []
+    for record in group:
+        scores = "".join(f'<td class="score">{float(record["rewards"][n]):.2f}</td>' if n in record["rewards"] else "<td>-</td>"
+                         for n in names)
+        body.append(f'<tr class="completion"><td><pre>{esc(shorten(record["completion"]))}</pre></td>{scores}'
+                    f'<td class="reward">{float(record["reward"]):.2f}</td>'
+                    f'<td class="advantage">{float(record["advantage"]):+.2f}</td>'
+                    f'<td class="truncated">{"yes" if record.get("truncated") else "no"}</td></tr>')
+    solution = first.get("solution")
+    gold = answers.final_answer(solution)[0] if isinstance(solution, str) else ""
+    return (f'<div class="card" data-step="{esc(first["step"])}" data-rank="{esc(first["rank"])}" '
+            f'data-prompt="{esc(first["prompt"])}" data-row="{esc(first.get("row"))}" data-signal="{signal}">'
+            f'<div class="pictures">{pictures}</div><p class="meta">{esc(meta)}</p>'
+            + ("" if signal == "yes" else f'<p class="reason nosignal">{NO_SIGNAL}</p>')
+            + f'<pre class="problem">{esc(shorten(first.get("problem")))}</pre>'
+            f'<p>gold answer: <code>{esc(gold)}</code></p>'
+            f'<details><summary>solution</summary><pre>{esc(shorten(solution))}</pre></details>'
+            f'<table class="completions"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
+
+
+ROLLOUT_STYLE = """
+#cards { grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); }
+.card[data-signal] { border-left: 5px solid #3a3; background: none; }
+.card[data-signal="no"] { border-left-color: #999; background: #f5f5f5; }
+table.completions { border-collapse: collapse; width: 100%; font-size: 0.85em; }
+table.completions th, table.completions td { border: 1px solid #ddd; padding: 2px 5px; text-align: left; vertical-align: top; }
+table.completions td pre { margin: 0; max-height: 12em; overflow: auto; }
+"""
+
+# As the inspect page's: hide the cards whose step or signal does not match the selects.
+ROLLOUT_SCRIPT = """
+const byStep = document.getElementById("filter-step"), bySignal = document.getElementById("filter-signal");
+function applyFilters() {
+  let shown = 0;
+  const cards = document.querySelectorAll(".card");
+  for (const card of cards) {
+    card.hidden = (byStep.value !== "all" && card.dataset.step !== byStep.value) ||
+                  (bySignal.value !== "all" && card.dataset.signal !== bySignal.value);
+    if (!card.hidden) shown += 1;
+  }
+  document.getElementById("shown").textContent = shown + " of " + cards.length + " groups shown";
+}
+byStep.addEventListener("change", applyFilters);
+bySignal.addEventListener("change", applyFilters);
+applyFilters();
+"""
+
+
+def rollouts(args, log=print) -> dict:
+    """The page of a run's logged completions, one card per group; returns what it shows."""
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps is {args.steps}; give 1 or more (the last N logged steps).")
+    page = args.html or os.path.join(args.run_dir, "rollouts.html")
+    records = read_completions(args.run_dir)
+    writable(page, "--html")
+    groups = group_records(records, args.steps)
+    rows, base_dir, notice = run_dataset(args.run_dir)
+    thumbs = {}  # row -> (data URIs, error): a row sampled at several steps is decoded once
+    for group in groups:
+        row = group[0].get("row")
+        if rows is not None and row is not None and row not in thumbs:
+            try:
+                thumbs[row] = [thumbnail_uri(image) for image in data.row_images(rows[row].to_pylist()[0], base_dir)], None
+            except Exception as e:
+                thumbs[row] = [], f"{type(e).__name__}: {' '.join(str(e).split())}"
+    steps = sorted({group[0]["step"] for group in groups})
+    silent = sum(not group[0]["group_has_signal"] for group in groups)
+    completions = sum(len(group) for group in groups)
+    summary = [("run", args.run_dir), ("steps shown", f"{len(steps)}: {', '.join(map(str, steps))}"),
+               ("groups", len(groups)), ("completions", completions), ("groups with no signal", silent)]
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{esc(args.run_dir)}: rollouts</title><style>{STYLE}{ROLLOUT_STYLE}</style></head><body>",
+             f"<h1>{esc(args.run_dir)}: rollouts</h1>", '<table id="summary">']
+    parts += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary]
+    parts.append("</table>")
+    if notice:
+        parts.append(f'<p class="reason" id="notice">{esc(notice)}</p>')
+    parts += ['<div id="filters">',
+              '<label>step <select id="filter-step"><option value="all">all</option>'
+              + "".join(f'<option value="{esc(s)}">{esc(s)}</option>' for s in steps) + "</select></label>",
+              '<label>signal <select id="filter-signal"><option value="all">all</option>'
+              '<option value="yes">yes</option><option value="no">no</option></select></label>',
+              '<span id="shown"></span></div>', '<div id="cards">']
+    parts += [group_card(group, *thumbs.get(group[0].get("row"), ([], None))) for group in groups]
+    parts += ["</div>", f"<script>{ROLLOUT_SCRIPT}</script>", "</body></html>"]
+    with open(page, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    log(f"[rollouts] {len(groups)} groups ({completions} completions, {silent} with no signal) of {len(steps)} steps: {page}"
+        + (f"\n[rollouts] {notice}" if notice else ""))
+    return {"html": page, "steps": steps, "groups": len(groups), "completions": completions, "no_signal": silent,
+            "notice": notice}
+
 # ---------------------------------------------------------------- the command line
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = Parser(prog="data_tools.py", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert,rollouts}")
     look = commands.add_parser("inspect", help="Report what training will make of a dataset, and write a page of sample rows.",
                                description="Report rows, pictures, gold answer types, verifiable share, prompt lengths "
                                "and the rows training would drop (and why); write it as JSON and an offline HTML page.")
@@ -638,12 +808,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     change.add_argument("--format", default="auto", choices=["auto", *LAYOUTS],
                         help="Layout of SOURCE (default auto: told from its columns).")
     change.add_argument("--report", default=None, help="The JSON report (default: OUT's name with .report.json).")
+    show = commands.add_parser("rollouts", help="Write a page of a run's logged completions, grouped by step and prompt.",
+                               description="Write an offline HTML page of RUN_DIR/completions.jsonl: one card per group "
+                               "(the G completions of one prompt at one step) with the prompt's pictures, its rewards and "
+                               "advantages, and whether the group carried any signal.")
+    show.add_argument("run_dir", metavar="RUN_DIR", help="A train.py --output_dir that logged completions (--log_completions_steps).")
+    show.add_argument("--html", default=None, help="The page to write (default RUN_DIR/rollouts.html).")
+    show.add_argument("--steps", type=int, default=None, help="Only the last N logged steps (default all).")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str], log=print) -> dict:
     args = parse_args(argv)
-    return inspect(args, log) if args.command == "inspect" else convert(args, log)
+    return {"inspect": inspect, "convert": convert, "rollouts": rollouts}[args.command](args, log)
 
 
 def cli(argv: list[str]) -> int:

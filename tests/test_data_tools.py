@@ -327,7 +327,7 @@ def odd_sources(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], "the following arguments are required: {inspect,convert}"),
+    ([], "the following arguments are required: {inspect,convert,rollouts}"),
     (["inspect"], "the following arguments are required: DATASET"),
     (["inspect", "no/such/file.parquet"], "DATASET 'no/such/file.parquet': no such file or folder"),
     (["inspect", "{mathvista}"], "missing column(s) ['problem', 'solution']"),
@@ -366,3 +366,184 @@ def test_help_and_the_script(tmp_path, capsys):
     log = run_command([sys.executable, "data_tools.py", "inspect", str(tmp_path / "none.jsonl")], tmp_path, returncode=2)
     assert log.strip().splitlines() == [f"data_tools.py: error: DATASET {str(tmp_path / 'none.jsonl')!r}: no such file "
                                         "or folder (give a .parquet / .jsonl file, a save_to_disk folder, or a hub id owner/name)."]
+
+# ---------------------------------------------------------------- rollouts
+
+ACC, FMT = "accuracy", "format"
+# (step, rank, prompt, row, [(accuracy, format, advantage), ...]): 3 completions a group; the
+# rank 1 group at step 2 has the same prompt index as rank 0's and is a group of its own.
+GROUPS = [
+    (1, 0, 0, 5, [(1.0, 1.0, 1.15), (0.0, 1.0, -0.58), (0.0, 1.0, -0.58)]),
+    (1, 0, 1, 2, [(0.0, 0.0, -1.15), (1.0, 0.5, 0.62), (1.0, 0.0, 0.53)]),
+    (2, 0, 0, 0, [(0.0, 1.0, 0.0), (0.0, 1.0, 0.0), (0.0, 1.0, 0.0)]),   # equal rewards: no signal
+    (2, 1, 0, 3, [(1.0, 1.0, 0.58), (1.0, 1.0, 0.58), (0.0, 1.0, -1.15)]),
+]
+
+
+def write_run(folder, dataset: str, lines: list[str] | None = None) -> str:
+    """A run folder as train.py leaves it: training_args.json and completions.jsonl (GROUPS by default)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "training_args.json").write_text(json.dumps({"dataset_name": dataset, "dataset_split": "train"}))
+    if lines is None:
+        lines = []
+        for step, rank, prompt, row, scores in GROUPS:
+            for n, (acc, fmt, adv) in enumerate(scores):
+                lines.append(json.dumps({
+                    "step": step, "rank": rank, "prompt": prompt, "row": row, "images": 1, "videos": 0,
+                    "problem": f"What colour? <b>row {row}</b>", "solution": "<answer>A</answer>",
+                    "completion": f"<think>try {n}</think><answer>{'AB'[n % 2]}</answer>", "truncated": n == 2,
+                    "rewards": {ACC: acc, FMT: fmt}, "reward": acc + fmt, "advantage": adv,
+                    "group_has_signal": len({a + f for a, f, _ in scores}) > 1}))
+    (folder / "completions.jsonl").write_text("".join(line + "\n" for line in lines))
+    return str(folder)
+
+
+class RolloutPage(HTMLParser):
+    """The cards of a rollouts page, each with its pictures, its label and its table's rows of cells."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.cards, self.selects, self.scripts, self.notices, self.tags = [], {}, [], [], []
+        self._select, self._cell, self._into = None, None, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        card = self.cards[-1] if self.cards else None
+        if tag == "div" and attrs.get("class") == "card":
+            self.cards.append({"attrs": attrs, "images": [], "rows": [], "labels": [], "text": ""})
+        elif tag == "img":
+            card["images"].append(attrs["src"])
+        elif tag == "tr" and attrs.get("class") == "completion":
+            card["rows"].append([])
+        elif tag == "td" and card and card["rows"]:
+            self._cell = card["rows"][-1]
+            self._cell.append("")
+        elif tag == "p" and attrs.get("class") == "reason nosignal":
+            card["labels"].append("")
+            self._into = card["labels"]
+        elif tag == "p" and attrs.get("id") == "notice":
+            self.notices.append("")
+            self._into = self.notices
+        elif tag == "select":
+            self._select = attrs["id"]
+            self.selects[self._select] = []
+        elif tag == "option" and self._select:
+            self.selects[self._select].append(attrs["value"])
+        elif tag == "script":
+            self.scripts.append("")
+            self._into = self.scripts
+
+    def handle_endtag(self, tag):
+        self._select = None if tag == "select" else self._select
+        self._cell = None if tag == "td" else self._cell
+        self._into = None if tag in ("p", "script") else self._into
+
+    def handle_data(self, text):
+        if self._cell is not None:
+            self._cell[-1] += text
+        if self._into is not None:
+            self._into[-1] += text
+        if self.cards:
+            self.cards[-1]["text"] += text
+
+
+def test_rollouts_page(colour_dataset, tmp_path):
+    from PIL import Image
+
+    from conftest import colour_rows
+
+    run = write_run(tmp_path / "run", colour_dataset)
+    shown = data_tools.main(["rollouts", run], log=lambda _: None)
+    assert shown["html"] == f"{run}/rollouts.html"
+    parsed = RolloutPage(open(f"{run}/rollouts.html", encoding="utf-8").read())
+    # 4 groups: (step 1, rank 0, prompts 0 and 1), (step 2, rank 0, prompt 0), (step 2, rank 1, prompt 0)
+    keys = [(c["attrs"]["data-step"], c["attrs"]["data-rank"], c["attrs"]["data-prompt"]) for c in parsed.cards]
+    assert keys == [("1", "0", "0"), ("1", "0", "1"), ("2", "0", "0"), ("2", "1", "0")]
+    assert [c["attrs"]["data-signal"] for c in parsed.cards] == ["yes", "yes", "no", "yes"]
+    assert [c["labels"] for c in parsed.cards] == [[], [], ["no signal: all rewards equal"], []]
+    assert parsed.notices == []
+    pixels = [row["image"].getpixel((0, 0)) for row in colour_rows(8)]
+    for card, (step, rank, prompt, row, scores) in zip(parsed.cards, GROUPS):
+        assert card["attrs"]["data-row"] == str(row)
+        assert len(card["rows"]) == 3  # G
+        # cells: completion, accuracy, format, reward, advantage, truncated
+        for n, (cells, (acc, fmt, adv)) in enumerate(zip(card["rows"], scores)):
+            assert cells[0] == f"<think>try {n}</think><answer>{'AB'[n % 2]}</answer>"
+            assert [float(c) for c in cells[1:5]] == [acc, fmt, acc + fmt, adv]
+            assert cells[4][0] in "+-" and cells[5] == ("yes" if n == 2 else "no")
+        assert f"What colour? <b>row {row}</b>" in card["text"]  # escaped: text, not a tag
+        (uri,) = card["images"]
+        head, encoded = uri.split(",", 1)
+        assert head == "data:image/jpeg;base64"
+        image = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")
+        got = image.getpixel((image.width // 2, image.height // 2))
+        assert max(abs(a - b) for a, b in zip(got, pixels[row])) <= 6, (got, pixels[row])  # JPEG: near, not exact
+    assert not [t for t, _ in parsed.tags if t == "b"]
+    assert not [t for t, attrs in parsed.tags if t in ("link", "iframe") or (t == "script" and "src" in attrs)]
+    assert parsed.selects == {"filter-step": ["all", "1", "2"], "filter-signal": ["all", "yes", "no"]}
+    (script,) = parsed.scripts
+    assert "card.hidden" in script and "dataset.step" in script and "dataset.signal" in script
+
+    page = str(tmp_path / "last.html")
+    assert data_tools.main(["rollouts", run, "--steps", "1", "--html", page], log=lambda _: None)["groups"] == 2
+    last = RolloutPage(open(page, encoding="utf-8").read())
+    assert [c["attrs"]["data-step"] for c in last.cards] == ["2", "2"]
+    assert last.selects["filter-step"] == ["all", "2"]
+
+
+def test_rollouts_without_the_dataset_still_shows_the_cards(tmp_path):
+    run = write_run(tmp_path / "run", str(tmp_path / "gone"))
+    data_tools.main(["rollouts", run], log=lambda _: None)
+    parsed = RolloutPage(open(f"{run}/rollouts.html", encoding="utf-8").read())
+    assert len(parsed.cards) == 4 and not [c for c in parsed.cards if c["images"]]
+    (notice,) = parsed.notices
+    assert notice.startswith("no thumbnails: the run's dataset") and "gone" in notice
+
+
+GOOD = json.dumps({"step": 1, "rank": 0, "prompt": 0, "row": 0, "problem": "p", "solution": "<answer>A</answer>",
+                   "completion": "A", "truncated": False, "rewards": {ACC: 1.0}, "reward": 1.0, "advantage": 0.0,
+                   "group_has_signal": False})
+
+
+@pytest.mark.parametrize("lines, argv, expected", [
+    (None, [], "holds no completions.jsonl; run train.py with --log_completions_steps N"),
+    ([], [], "completions.jsonl' is empty"),
+    (["", "   "], [], "completions.jsonl' is empty"),
+    ([GOOD, "", "{not json"], [], "completions.jsonl' line 3: not JSON"),
+    (['{"step": 1}'], [], "completions.jsonl' line 1: not a completion record (no rank, prompt, completion"),
+    (["[1, 2]"], [], "line 1: not a completion record"),
+    ([GOOD], ["--steps", "0"], "--steps is 0"),
+    ([GOOD], ["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+])
+def test_rollouts_usage_errors(lines, argv, expected, colour_dataset, tmp_path, capsys):
+    run = write_run(tmp_path / "run", colour_dataset, lines or [])
+    if lines is None:
+        (tmp_path / "run" / "completions.jsonl").unlink()
+    assert data_tools.cli(["rollouts", run, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("data_tools.py: error: "), err
+    assert expected in err
+    assert not (tmp_path / "run" / "rollouts.html").exists()
+
+
+def test_rollouts_of_a_missing_folder(tmp_path, capsys):
+    assert data_tools.cli(["rollouts", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_rollouts_of_a_real_run(tiny_model, colour_dataset, tmp_path):
+    out = str(tmp_path / "run")
+    run_command([sys.executable, "train.py", "--output_dir", out, "--model_name_or_path", tiny_model,
+                 "--dataset_name", colour_dataset, "--max_steps", "2", "--num_generations", "2",
+                 "--per_device_train_batch_size", "2", "--max_completion_length", "4", "--beta", "0",
+                 "--report_to", "none", "--save_steps", "0", "--max_pixels", "3136", "--log_completions_steps", "1"], tmp_path)
+    log = run_command([sys.executable, "data_tools.py", "rollouts", out], tmp_path)
+    assert "[rollouts] 4 groups" in log
+    parsed = RolloutPage(open(f"{out}/rollouts.html", encoding="utf-8").read())
+    # one rank, --per_device_train_batch_size 2 prompts a step, logged every step: 2 groups in each of 2 steps
+    assert [c["attrs"]["data-step"] for c in parsed.cards] == ["1", "1", "2", "2"]
+    assert [len(c["rows"]) for c in parsed.cards] == [2, 2, 2, 2]  # --num_generations 2
+    assert all(len(c["images"]) == 1 for c in parsed.cards) and parsed.notices == []
