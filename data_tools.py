@@ -362,21 +362,21 @@ table#summary th, table#summary td { border: 1px solid #ccc; padding: 3px 8px; t
 [hidden] { display: none !important; }
 """
 
-# A few lines, no library: hide the cards whose answer type or drop reason does not match the selects.
+# A few lines, no library, for both pages: each <select data-filter="KEY"> hides the cards whose
+# data-KEY differs from its value; the #shown line counts what is left, in its data-unit.
 SCRIPT = """
-const byType = document.getElementById("filter-type"), byReason = document.getElementById("filter-reason");
+const selects = document.querySelectorAll("select[data-filter]");
 function applyFilters() {
   let shown = 0;
   const cards = document.querySelectorAll(".card");
   for (const card of cards) {
-    card.hidden = (byType.value !== "all" && card.dataset.type !== byType.value) ||
-                  (byReason.value !== "all" && card.dataset.reason !== byReason.value);
+    card.hidden = [...selects].some(s => s.value !== "all" && card.dataset[s.dataset.filter] !== s.value);
     if (!card.hidden) shown += 1;
   }
-  document.getElementById("shown").textContent = shown + " of " + cards.length + " rows shown";
+  const counter = document.getElementById("shown");
+  counter.textContent = shown + " of " + cards.length + " " + counter.dataset.unit + " shown";
 }
-byType.addEventListener("change", applyFilters);
-byReason.addEventListener("change", applyFilters);
+for (const s of selects) s.addEventListener("change", applyFilters);
 applyFilters();
 """
 
@@ -409,11 +409,11 @@ def html_page(report: dict, shown: list[dict]) -> str:
              f"<h1>{esc(report['dataset'])}</h1>", '<table id="summary">']
     parts += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary]
     parts += ["</table>", '<div id="filters">',
-              '<label>answer type <select id="filter-type"><option value="all">all</option>'
+              '<label>answer type <select id="filter-type" data-filter="type"><option value="all">all</option>'
               + "".join(f'<option value="{esc(t)}">{esc(t)}</option>' for t in types) + "</select></label>",
-              '<label>drop reason <select id="filter-reason"><option value="all">all</option>'
+              '<label>drop reason <select id="filter-reason" data-filter="reason"><option value="all">all</option>'
               + "".join(f'<option value="{esc(r)}">{esc(r)}</option>' for r in reasons) + "</select></label>",
-              '<span id="shown"></span></div>', '<div id="cards">']
+              '<span id="shown" data-unit="rows"></span></div>', '<div id="cards">']
     for card in shown:
         pictures = "".join(f'<img src="{uri}" alt="row {card["row"]} picture {n + 1}">' for n, uri in enumerate(card["thumbs"]))
         if card["picture_error"]:
@@ -716,23 +716,6 @@ table.completions th, table.completions td { border: 1px solid #ddd; padding: 2p
 table.completions td pre { margin: 0; max-height: 12em; overflow: auto; }
 """
 
-# As the inspect page's: hide the cards whose step or signal does not match the selects.
-ROLLOUT_SCRIPT = """
-const byStep = document.getElementById("filter-step"), bySignal = document.getElementById("filter-signal");
-function applyFilters() {
-  let shown = 0;
-  const cards = document.querySelectorAll(".card");
-  for (const card of cards) {
-    card.hidden = (byStep.value !== "all" && card.dataset.step !== byStep.value) ||
-                  (bySignal.value !== "all" && card.dataset.signal !== bySignal.value);
-    if (!card.hidden) shown += 1;
-  }
-  document.getElementById("shown").textContent = shown + " of " + cards.length + " groups shown";
-}
-byStep.addEventListener("change", applyFilters);
-bySignal.addEventListener("change", applyFilters);
-applyFilters();
-"""
 
 
 def rollouts(args, log=print) -> dict:
@@ -765,13 +748,13 @@ def rollouts(args, log=print) -> dict:
     if notice:
         parts.append(f'<p class="reason" id="notice">{esc(notice)}</p>')
     parts += ['<div id="filters">',
-              '<label>step <select id="filter-step"><option value="all">all</option>'
+              '<label>step <select id="filter-step" data-filter="step"><option value="all">all</option>'
               + "".join(f'<option value="{esc(s)}">{esc(s)}</option>' for s in steps) + "</select></label>",
-              '<label>signal <select id="filter-signal"><option value="all">all</option>'
+              '<label>signal <select id="filter-signal" data-filter="signal"><option value="all">all</option>'
               '<option value="yes">yes</option><option value="no">no</option></select></label>',
-              '<span id="shown"></span></div>', '<div id="cards">']
+              '<span id="shown" data-unit="groups"></span></div>', '<div id="cards">']
     parts += [group_card(group, *thumbs.get(group[0].get("row"), ([], None))) for group in groups]
-    parts += ["</div>", f"<script>{ROLLOUT_SCRIPT}</script>", "</body></html>"]
+    parts += ["</div>", f"<script>{SCRIPT}</script>", "</body></html>"]
     with open(page, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
     log(f"[rollouts] {len(groups)} groups ({completions} completions, {silent} with no signal) of {len(steps)} steps: {page}"

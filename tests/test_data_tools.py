@@ -144,8 +144,11 @@ def test_inspect_without_a_model_counts_and_page(inspect_source, tmp_path):
     assert parsed.selects["filter-type"] == ["all", "option letter", "number", "expression", "no answer"]
     assert parsed.selects["filter-reason"] == ["all", "kept", "empty problem", "unverifiable solution", UNREADABLE]
     (script,) = parsed.scripts
-    assert "card.hidden" in script and "filter-type" in script and "filter-reason" in script
-    assert "dataset.type" in script and "dataset.reason" in script
+    # The script hides a card whose data-<key> differs from a select's value, the key being the
+    # select's data-filter: here the answer type and the drop reason.
+    assert "card.hidden" in script and "card.dataset[s.dataset.filter]" in script
+    filters = {attrs["id"]: attrs.get("data-filter") for tag, attrs in parsed.tags if tag == "select"}
+    assert filters == {"filter-type": "type", "filter-reason": "reason"}
     # Self-contained and escaped: no external resource, the problem's <b> is text, not a tag.
     assert not [t for t, attrs in parsed.tags if t in ("link", "iframe") or (t == "script" and "src" in attrs)]
     assert not [t for t, _ in parsed.tags if t == "b"]
@@ -484,7 +487,9 @@ def test_rollouts_page(colour_dataset, tmp_path):
     assert not [t for t, attrs in parsed.tags if t in ("link", "iframe") or (t == "script" and "src" in attrs)]
     assert parsed.selects == {"filter-step": ["all", "1", "2"], "filter-signal": ["all", "yes", "no"]}
     (script,) = parsed.scripts
-    assert "card.hidden" in script and "dataset.step" in script and "dataset.signal" in script
+    assert "card.hidden" in script and "card.dataset[s.dataset.filter]" in script
+    filters = {attrs["id"]: attrs.get("data-filter") for tag, attrs in parsed.tags if tag == "select"}
+    assert filters == {"filter-step": "step", "filter-signal": "signal"}
 
     page = str(tmp_path / "last.html")
     assert data_tools.main(["rollouts", run, "--steps", "1", "--html", page], log=lambda _: None)["groups"] == 2

@@ -123,17 +123,23 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_model, colour_dataset, t
     assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-3"]
 
 
+def _start_and_wait_for_a_step(command, out, log_file):
+    """Start a training command (offline, logging to log_file) and return once it logged a step."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.time() < deadline, open(log_file.name).read()[-3000:]
+        time.sleep(0.2)
+    return process
+
+
 def test_sigterm_saves_and_exits_0_then_resumes(tiny_model, colour_dataset, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
     command = [sys.executable, "train.py", "--output_dir", str(out), "--model_name_or_path", tiny_model,
                "--dataset_name", colour_dataset, *RUN, "--max_steps", "200", "--save_steps", "0", "--report_to", "none"]
     with open(tmp_path / "sigterm.log", "w") as log_file:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
-            assert process.poll() is None and time.time() < deadline, (tmp_path / "sigterm.log").read_text()[-3000:]
-            time.sleep(0.2)
+        process = _start_and_wait_for_a_step(command, out, log_file)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=300) == 0, (tmp_path / "sigterm.log").read_text()[-3000:]
     log = (tmp_path / "sigterm.log").read_text()
@@ -208,16 +214,11 @@ def test_one_ranks_signal_or_nan_stops_or_skips_every_rank(format_warmed_model, 
     assert _max_difference(one, two) == 0.0 and _max_difference(two, three) > 0.0
 
     out = tmp_path / "sigterm"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
     command = [*launcher, "train.py", "--deepspeed", "zero3.json", "--output_dir", str(out), "--model_name_or_path",
                format_warmed_model, "--dataset_name", colour_dataset, *RUN, "--max_steps", "200", "--save_steps", "0",
                "--report_to", "none"]
     with open(tmp_path / "sigterm.log", "w") as log_file:
-        launched = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
-            assert launched.poll() is None and time.time() < deadline, (tmp_path / "sigterm.log").read_text()[-3000:]
-            time.sleep(0.2)
+        launched = _start_and_wait_for_a_step(command, out, log_file)
         (rank_1,) = [p for p in psutil.Process(launched.pid).children(recursive=True)
                      if "--local_rank=1" in p.cmdline()]
         rank_1.send_signal(signal.SIGTERM)
