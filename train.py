@@ -54,10 +54,28 @@ def init_distributed():
     deepspeed.init_distributed(verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        unlink_cpu_allreduce_buffer()
     if accelerator.device_name() == "cuda":
         accelerator.set_device(local_rank)
     device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() == "cuda" else "cpu")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def unlink_cpu_allreduce_buffer() -> None:
+    """DeepSpeed's CPU accelerator, under its launcher, gives each rank a 66 MB POSIX shared-memory
+    all-reduce buffer, /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, and never
+    unlinks it: /dev/shm is RAM, so every CPU run would leave world_size of them behind until reboot
+    (a day of test runs filled a 24 GB machine). Once every rank has mapped every other rank's buffer
+    (init_distributed has returned on all of them: the barrier), each rank unlinks its own name; the
+    mappings stay valid, and the memory goes back when the processes end, however they end."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    torch.distributed.barrier()
+    try:
+        os.remove(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # no launcher (no LOCAL_SIZE), or not Linux: DeepSpeed made no buffer
+        pass
 
 
 def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
