@@ -11,7 +11,7 @@ The loop, once per optimizer step:
   7. at the end of a rollout: save a checkpoint every --save_steps, and on SIGTERM (then stop)
 A checkpoint holds everything a resumed run needs to continue as if never stopped: weights,
 optimizer, LR schedule, random generators and the position in the data order (grpo/output_dir.py).
-A step whose loss is not finite is skipped; --max_nonfinite_steps in a row stop the run.
+A step whose loss or gradient is not finite is skipped; --max_nonfinite_steps in a row stop the run.
 Each prompt (and image) is encoded once per group, in generate and in every log-prob forward
 (--share_prompt, grpo/vlm_adapter.py). The step's data travels as one StepRollout.
 Model-family details are in grpo/vlm_adapter.py, arguments in grpo/config.py.
@@ -154,7 +154,7 @@ def score(reward_funcs, names: list[str], weights, texts: list[str], examples: l
 
 
 class RunStopped(RuntimeError):
-    """The run cannot go on (repeated non-finite losses, a failed final save): one line, exit 1."""
+    """The run cannot go on (repeated non-finite steps, a failed final save): one line, exit 1."""
 
 
 def main(argv: list[str]) -> None:
@@ -267,7 +267,7 @@ def main(argv: list[str]) -> None:
             logger.advance()
             run["nonfinite_in_a_row"] = run["nonfinite_in_a_row"] + 1 if skipped else 0
             if skipped:
-                logger.info(f"[train] step {step}: non-finite loss; the optimizer step was skipped "
+                logger.info(f"[train] step {step}: non-finite loss or gradient; the optimizer step was skipped "
                             f"({run['nonfinite_in_a_row']} in a row, the run stops at --max_nonfinite_steps "
                             f"{args.max_nonfinite_steps})")
 
@@ -312,7 +312,7 @@ def main(argv: list[str]) -> None:
             return
         if diverged:
             logger.close()
-            raise RunStopped(f"{run['nonfinite_in_a_row']} steps in a row had a non-finite loss (--max_nonfinite_steps "
+            raise RunStopped(f"{run['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient (--max_nonfinite_steps "
                              f"{args.max_nonfinite_steps}); none changed the weights, and checkpoint-{last_saved} holds "
                              f"them. Lower --learning_rate, check the reward functions, or try --bf16 false.")
 
@@ -443,7 +443,7 @@ def learn_from(rollout: StepRollout, engine, ref_engine, args, world_size: int, 
     (beta > 0) are computed once, from the weights as they are before the first update, then the
     policy is updated num_iterations times on the same rollout. Yields after each update:
     (per-micro-batch loss stats, the learning rate it used, seconds and peak memory per phase,
-    whether the update was skipped for a non-finite loss)."""
+    whether the update was skipped for a non-finite loss or gradient)."""
     t0 = time.time()
     reset_peak_memory(device)
     rollout.old_logps = rollout_logps(engine, rollout, args) if args.num_iterations > 1 else None
@@ -482,7 +482,10 @@ def policy_update(engine, rollout: StepRollout, args, world_size: int, active_to
     every rank: the backward still runs everywhere (ZeRO's hooks and DeepSpeed's counters stay in
     step), its gradient is exactly 0 (no NaN reaches a weight), and the step then runs with a
     learning rate of 0, so the weights do not change (the step's other micro-batches still enter
-    Adam's moment estimates)."""
+    Adam's moment estimates). A finite loss can still give a non-finite gradient (an overflow in
+    backward, in bf16 most likely): before the optimizer step the accumulated gradient is checked on
+    every rank, and if any is not finite, it is set to 0 and the step runs with a learning rate of 0
+    the same way."""
     G, stats_per_micro_batch, skipped = args.num_generations, [], False
     scale = loss_scale(args.loss_type, world_size, args.gradient_accumulation_steps)
     for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, G, engine.module.config):
@@ -501,13 +504,46 @@ def policy_update(engine, rollout: StepRollout, args, world_size: int, active_to
                                               torch.distributed.ReduceOp.MIN) == 1.0
         engine.backward(micro_loss * scale if finite_everywhere else (logps * 0.0).sum(), scale_wrt_gas=False)
         skipped = skipped or not finite_everywhere
-        if skipped and engine.is_gradient_accumulation_boundary():
-            for group in engine.optimizer.param_groups:  # the LR schedule sets it again after the step
-                group["lr"] = 0.0
+        if engine.is_gradient_accumulation_boundary():
+            if reduce_over_ranks(float(gradients_finite(engine)), device, torch.distributed.ReduceOp.MIN) < 1.0:
+                zero_gradients(engine)  # a finite loss whose backward overflowed: same skip
+                skipped = True
+            if skipped:
+                for group in engine.optimizer.param_groups:  # the LR schedule sets it again after the step
+                    group["lr"] = 0.0
         engine.step()
         stats.update(loss=micro_loss.item(), entropy=((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
         stats_per_micro_batch.append(stats)
     return stats_per_micro_batch, skipped
+
+
+def _gradients(engine):
+    """(parameter, this rank's gradient of it) for every trained parameter: under ZeRO-3 the rank's
+    partition (DeepSpeed's safe_get_local_grad), else the whole gradient (safe_get_full_grad)."""
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+    for param in engine.module.parameters():
+        if param.requires_grad:
+            grad = safe_get_local_grad(param) if hasattr(param, "ds_id") else safe_get_full_grad(param)
+            if grad is not None:
+                yield param, grad
+
+
+def gradients_finite(engine) -> bool:
+    """Whether this rank's share of the accumulated gradient is all finite (one device sync)."""
+    flags = [torch.isfinite(grad).all() for _, grad in _gradients(engine)]
+    return bool(torch.stack(flags).all().item()) if flags else True
+
+
+def zero_gradients(engine) -> None:
+    """Set this rank's share of the accumulated gradient to 0, through DeepSpeed's setters."""
+    from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
+
+    for param, grad in list(_gradients(engine)):
+        if hasattr(param, "ds_id"):
+            safe_set_local_grad(param, torch.zeros_like(grad))
+        else:
+            safe_set_full_grad(param, torch.zeros_like(grad))
 
 
 def reset_peak_memory(device) -> None:

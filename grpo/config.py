@@ -80,7 +80,7 @@ class GRPOArguments:
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints (oldest removed; never the newest complete one)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint-<step> folder, or `latest` (the newest complete one in output_dir; none yet: start at step 0)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds an earlier run, deleting its checkpoints and logs (with --resume_from_checkpoint latest: only when there is nothing to resume)."})
-    max_nonfinite_steps: int = field(default=3, metadata={"help": "A step with a non-finite loss is skipped; this many in a row save a checkpoint and stop the run."})
+    max_nonfinite_steps: int = field(default=3, metadata={"help": "A step with a non-finite loss or gradient is skipped; this many in a row save a checkpoint and stop the run."})
 
 
 class UsageError(ValueError):

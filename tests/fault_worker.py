@@ -7,6 +7,7 @@ variable GRPO_TEST_FAULTS, a JSON object (it reaches every rank the launcher sta
     fail_save: S          every rank's write of checkpoint-S fails as on a full disk (OSError ENOSPC)
     nan_loss_steps: [..]  the loss of these optimizer steps (1-based) is NaN
     nan_loss_rank: R      ... on rank R only (default: every rank)
+    nan_grad_steps: [..]  the loss of these steps stays finite and its gradient is not (on nan_loss_rank)
     record_prompts: PATH  each step's dataset indices are appended to PATH.<rank> as a JSON line
 """
 
@@ -15,6 +16,8 @@ import json
 import os
 import signal
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,6 +74,8 @@ def policy_loss(*args, **kwargs):
     value, stats = real_policy_loss(*args, **kwargs)
     if update_step in FAULTS.get("nan_loss_steps", []) and FAULTS.get("nan_loss_rank", _rank()) == _rank():
         value = value * float("nan")
+    if update_step in FAULTS.get("nan_grad_steps", []) and FAULTS.get("nan_loss_rank", _rank()) == _rank():
+        value = value + torch.sqrt(value - value.detach())  # adds sqrt(0) = 0; its derivative is inf
     return value, stats
 
 

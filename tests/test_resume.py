@@ -3,6 +3,7 @@ reward functions that raise, through train.py as a user runs it. Faults are put 
 tests/fault_worker.py (train.py plus a few wrapped functions)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -155,13 +156,16 @@ def test_sigterm_saves_and_exits_0_then_resumes(tiny_model, colour_dataset, tmp_
     assert os.path.exists(out / "model.safetensors")
 
 
-def test_a_non_finite_loss_skips_its_step(format_warmed_model, colour_dataset, tmp_path):
-    """Step 2's loss is NaN: its update is skipped (checkpoint-2 holds checkpoint-1's weights
-    exactly), it is logged, and step 3 trains again."""
+@pytest.mark.parametrize("fault", ["nan_loss_steps", "nan_grad_steps"])
+def test_a_non_finite_loss_or_gradient_skips_its_step(fault, format_warmed_model, colour_dataset, tmp_path):
+    """Step 2's loss is NaN, or finite with a gradient that is not: its update is skipped
+    (checkpoint-2 holds checkpoint-1's weights exactly), it is logged, and step 3 trains again."""
     out = tmp_path / "run"
     log = _train(out, format_warmed_model, colour_dataset, tmp_path, "--max_steps", "3", "--save_steps", "1",
-                 "--report_to", "none", faults={"nan_loss_steps": [2]})
-    assert "step 2: non-finite loss; the optimizer step was skipped (1 in a row" in log
+                 "--report_to", "none", faults={fault: [2]})
+    assert "step 2: non-finite loss or gradient; the optimizer step was skipped (1 in a row" in log
+    losses = [m["loss/loss"] for m in read_metrics(out)]
+    assert math.isfinite(losses[1]) == (fault == "nan_grad_steps")
     assert [m["optim/skipped_nonfinite"] for m in read_metrics(out)] == [0.0, 1.0, 0.0]
     one, two, three = (_weights(out / f"checkpoint-{s}") for s in (1, 2, 3))
     assert _max_difference(one, two) == 0.0
@@ -173,7 +177,7 @@ def test_repeated_non_finite_losses_stop_the_run_with_a_checkpoint(format_warmed
     log = _train(out, format_warmed_model, colour_dataset, tmp_path, "--max_steps", "20", "--save_steps", "1",
                  "--max_nonfinite_steps", "2", "--report_to", "none", faults={"nan_loss_steps": [2, 3, 4]},
                  returncode=1)
-    assert ("train.py: stopped: 2 steps in a row had a non-finite loss (--max_nonfinite_steps 2); none changed "
+    assert ("train.py: stopped: 2 steps in a row had a non-finite loss or gradient (--max_nonfinite_steps 2); none changed "
             "the weights, and checkpoint-3 holds them.") in log
     assert "Traceback" not in log
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
@@ -199,19 +203,21 @@ def test_a_reward_function_that_raises_costs_only_its_completions(tiny_model, co
 
 
 def test_one_ranks_signal_or_nan_stops_or_skips_every_rank(format_warmed_model, colour_dataset, tmp_path):
-    """Two ZeRO-3 ranks. A NaN loss on rank 1 alone skips the step on both (the weights stay as
-    they were; neither rank waits on the other), and SIGTERM sent to rank 1 alone stops both at the
-    same step with a checkpoint, the launcher exiting 0."""
+    """Two ZeRO-3 ranks. A NaN loss on rank 1 alone (step 2), or a non-finite gradient in rank 1's
+    backward alone (step 3: under ZeRO-3 it reaches both ranks' partitions), skips the step on both
+    (the weights stay as they were; neither rank waits on the other), and SIGTERM sent to rank 1
+    alone stops both at the same step with a checkpoint, the launcher exiting 0."""
     import psutil
 
     out = tmp_path / "run"
     launcher = ["deepspeed", "--num_gpus", "2"]
-    _train(out, format_warmed_model, colour_dataset, tmp_path, "--deepspeed", "zero3.json", "--max_steps", "3",
+    _train(out, format_warmed_model, colour_dataset, tmp_path, "--deepspeed", "zero3.json", "--max_steps", "4",
            "--save_steps", "1", "--report_to", "none", launcher=launcher,
-           faults={"nan_loss_steps": [2], "nan_loss_rank": 1})
-    assert [m["optim/skipped_nonfinite"] for m in read_metrics(out)] == [0.0, 1.0, 0.0]  # both ranks skipped
-    one, two, three = (_weights(out / f"checkpoint-{s}") for s in (1, 2, 3))
-    assert _max_difference(one, two) == 0.0 and _max_difference(two, three) > 0.0
+           faults={"nan_loss_steps": [2], "nan_grad_steps": [3], "nan_loss_rank": 1})
+    assert [m["optim/skipped_nonfinite"] for m in read_metrics(out)] == [0.0, 1.0, 1.0, 0.0]  # both ranks skipped
+    one, two, three, four = (_weights(out / f"checkpoint-{s}") for s in (1, 2, 3, 4))
+    assert _max_difference(one, two) == 0.0 and _max_difference(two, three) == 0.0
+    assert _max_difference(three, four) > 0.0
 
     out = tmp_path / "sigterm"
     command = [*launcher, "train.py", "--deepspeed", "zero3.json", "--output_dir", str(out), "--model_name_or_path",
