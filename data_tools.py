@@ -1,7 +1,7 @@
 """Look at a dataset before training on it, and bring common VQA layouts into the training schema.
 
     python data_tools.py inspect DATASET [--split train] [--model_name_or_path M] [--html PAGE.html] [--samples N]
-    python data_tools.py convert SOURCE OUT.parquet [--split train] [--format auto|vqa|mathvista|scienceqa|mmmu]
+    python data_tools.py convert SOURCE OUT.parquet [--split train] [--format auto|vqa|mathvista|scienceqa|mmmu|training]
     python data_tools.py rollouts RUN_DIR [--html PAGE.html] [--steps N]
 
 `inspect` answers, before any GPU time is spent, what training will make of a dataset: its rows and
@@ -17,6 +17,8 @@ answer type and drop reason) that opens offline, with no server.
 exactly as eval.py writes them, `solution` "<answer>X</answer>") from plain VQA, MathVista-, ScienceQA-
 and MMMU-style rows, keeping only the rows whose gold answer the reward can judge and whose pictures
 decode: a row no completion can be rewarded on only costs generations. What it drops is reported.
+Rows already in the training schema go through the same checks unchanged, their pictures packed into
+the one file: the usable part of a dataset, ready to copy to a cluster.
 
 `rollouts` shows what a run's model wrote: a page of RUN_DIR/completions.jsonl (train.py
 --log_completions_steps), one card per group, the G completions of one prompt at one step, with the
@@ -438,6 +440,7 @@ LAYOUTS = {  # name: (the columns it needs, the optional ones it reads)
     "mathvista": (("question", "choices", "answer", "question_type"), "decoded_image or image"),
     "scienceqa": (("question", "choices", "answer"), "image, hint (the answer is the right choice's index)"),
     "mmmu": (("question", "options", "answer"), "image_1 ... image_7"),
+    "training": (("problem", "solution"), "image or images: the rows training would keep, as they are"),
 }
 
 
@@ -449,9 +452,8 @@ def detect_layout(rows, source: str, asked: str) -> str:
         answer = rows.features.get("answer")
         integer_answer = getattr(answer, "dtype", "").startswith(("int", "uint"))
         if "problem" in columns and "solution" in columns:
-            raise UsageError(f"SOURCE {source!r} already has the training schema (problem, solution; columns {columns}): "
-                             "train on it as it is, or look at it with `python data_tools.py inspect`.")
-        if any(c in columns for c in MMMU_IMAGE_COLUMNS):
+            layout = "training"
+        elif any(c in columns for c in MMMU_IMAGE_COLUMNS):
             layout = "mmmu"
         elif "question_type" in columns:
             layout = "mathvista"
@@ -466,6 +468,10 @@ def detect_layout(rows, source: str, asked: str) -> str:
     missing = [c for c in LAYOUTS[layout][0] if c not in columns]
     if missing:
         raise UsageError(f"--format {layout}: SOURCE {source!r} has no column(s) {missing}; it has {columns}.")
+    if layout == "training" and "video" in columns:  # the parquet convert writes holds images only
+        raise UsageError(f"SOURCE {source!r} has a `video` column, which convert does not carry; train on it as it is "
+                         "(train.py drops the rows it cannot use and reports them), or look at it with "
+                         "`python data_tools.py inspect`.")
     return layout
 
 
@@ -519,7 +525,14 @@ def scienceqa_row(row: dict, index: int) -> dict:
             "images": [] if row.get("image") is None else [row["image"]]}
 
 
-CONVERTERS = {"vqa": vqa_row, "mathvista": mathvista_row, "scienceqa": scienceqa_row, "mmmu": mmmu_row}
+def training_row(row: dict, index: int) -> dict:
+    """Already the training schema: the problem and solution as they are, the pictures packed into
+    the parquet file (a .jsonl with an image folder becomes one file), the row kept only if usable."""
+    pictures = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
+    return {"problem": row["problem"] or "", "solution": row["solution"] or "", "images": pictures}
+
+
+CONVERTERS = {"training": training_row, "vqa": vqa_row, "mathvista": mathvista_row, "scienceqa": scienceqa_row, "mmmu": mmmu_row}
 
 
 def png(value, base_dir) -> dict:
@@ -782,9 +795,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     look.add_argument("--report", default=None, help="The JSON report (default: the page's name with .json).")
     look.add_argument("--samples", type=int, default=200, help="Rows shown on the page: the first N, plus every dropped row "
                       "after them, up to N more (default 200).")
-    change = commands.add_parser("convert", help="Write VQA / MathVista / ScienceQA / MMMU rows as training rows (parquet).",
+    change = commands.add_parser("convert", help="Write VQA / MathVista / ScienceQA / MMMU (or training) rows as training rows (parquet).",
                                  description="Write rows of a common VQA layout in the training schema (images, problem with "
-                                 "lettered options, solution <answer>X</answer>), keeping those the reward can judge.")
+                                 "lettered options, solution <answer>X</answer>), keeping those the reward can judge and whose pictures "
+                                 "decode; rows already in that schema are checked and kept as they are.")
     change.add_argument("source", metavar="SOURCE", help="Hub id, save_to_disk folder, or .parquet / .jsonl file.")
     change.add_argument("out", metavar="OUT.parquet", help="The parquet file to write.")
     change.add_argument("--split", default="train", help="Split of SOURCE (default train).")

@@ -539,7 +539,7 @@ def zero_gradients(engine) -> None:
     """Set this rank's share of the accumulated gradient to 0, through DeepSpeed's setters."""
     from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
 
-    for param, grad in list(_gradients(engine)):
+    for param, grad in _gradients(engine):
         if hasattr(param, "ds_id"):
             safe_set_local_grad(param, torch.zeros_like(grad))
         else:

@@ -6,6 +6,7 @@ Every count below is worked out by hand from the rows written here, never read f
 import base64
 import io
 import json
+import os
 import sys
 from html.parser import HTMLParser
 
@@ -298,6 +299,23 @@ def test_convert_layout(name, tmp_path, tiny_model):
     assert len(prompts) == len(kept) and prompts.dropped == {}
 
 
+def test_convert_rows_already_in_the_training_schema(inspect_source, tmp_path):
+    """INSPECT_ROWS go through unchanged but for the rows training could not use, their pictures
+    (files beside the .jsonl) packed into the parquet file."""
+    out = str(tmp_path / "clean.parquet")
+    report = data_tools.main(["convert", inspect_source, out], log=lambda _: None)
+    assert report["format"] == "training" and report["rows_read"] == 11 and report["kept"] == 6
+    # Row 9's solution is blank: no answer in it, so it counts as unverifiable here.
+    dropped = {reason: [d["row"] for d in found["first"]] for reason, found in report["dropped"].items()}
+    assert dropped == {"empty problem": [4], "unverifiable solution": [5, 9], UNREADABLE: [6, 7]}
+    converted = data.load_rows(out)
+    kept = [0, 1, 2, 3, 8, 10]
+    assert [(r["problem"], r["solution"]) for r in converted] == [INSPECT_ROWS[i][1:] for i in kept]
+    sizes = {"ok.png": (56, 56), "wide.png": (400, 100), "tall.png": (30, 90)}
+    assert [[image.size for image in r["images"]] for r in converted] == [[sizes[p] for p in INSPECT_ROWS[i][0]] for i in kept]
+    assert data_tools.main(["inspect", out, "--html", str(tmp_path / "page.html")], log=lambda _: None)["kept"] == 6
+
+
 def test_options_written_as_eval_writes_them():
     assert answers.parse_options(COLOURS) == {"A": "red", "B": "green", "C": "blue"}
     from grpo.data import with_options
@@ -325,7 +343,7 @@ def odd_sources(tmp_path_factory):
     folder = tmp_path_factory.mktemp("odd")
     return {"unknown": write_source(folder, "unknown", [{"text": "hi", "label": 1}]),
             "mathvista": write_source(folder, "mathvista", LAYOUTS["mathvista"][0], ["decoded_image"]),
-            "training": write_source(folder, "training", [{"problem": "p", "solution": "<answer>1</answer>"}]),
+            "video": write_source(folder, "video", [{"problem": "p", "solution": "<answer>1</answer>", "video": "v.mp4"}]),
             "unjudgeable": write_source(folder, "unjudgeable", [{"question": "q", "answer": ""}])}
 
 
@@ -340,7 +358,7 @@ def odd_sources(tmp_path_factory):
     (["convert", "{mathvista}", "{tmp}/out.parquet", "--format", "mmmu"], "--format mmmu: SOURCE"),
     (["convert", "{mathvista}", "{tmp}/out.parquet", "--format", "csv"], "argument --format: invalid choice: 'csv'"),
     (["convert", "{mathvista}", "{tmp}/out.csv"], "must be a .parquet file"),
-    (["convert", "{training}", "{tmp}/out.parquet"], "already has the training schema"),
+    (["convert", "{video}", "{tmp}/out.parquet"], "has a `video` column, which convert does not carry"),
     (["convert", "{unjudgeable}", "{tmp}/out.parquet"], "no row of 1 kept (unverifiable solution: 1)"),
 ])
 def test_usage_errors_are_one_line_and_status_2(argv, expected, odd_sources, tmp_path, capsys):
@@ -552,3 +570,100 @@ def test_rollouts_of_a_real_run(tiny_model, colour_dataset, tmp_path):
     assert [c["attrs"]["data-step"] for c in parsed.cards] == ["1", "1", "2", "2"]
     assert [len(c["rows"]) for c in parsed.cards] == [2, 2, 2, 2]  # --num_generations 2
     assert all(len(c["images"]) == 1 for c in parsed.cards) and parsed.notices == []
+
+# ---------------------------------------------------------------- the pages in a real browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Debian's headless Chromium driven through its ChromeDriver (Selenium), the page's console
+    recorded. .ci/run installs both and sets GRPO_BROWSER_TESTS=required, so CI cannot skip these."""
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        why = f"no {CHROMIUM} or {CHROMEDRIVER}: apt-get install chromium chromium-driver (as .ci/run does)"
+        if os.environ.get("GRPO_BROWSER_TESTS") == "required":
+            pytest.fail(why)
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # Root in a sandbox with no network: no Chromium sandbox, no background connections to refuse.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, path: str) -> list[dict]:
+    """Load the page from disk (file://, no server) and return what its console said at error level."""
+    import pathlib
+
+    browser.get(pathlib.Path(path).resolve().as_uri())
+    assert browser.execute_script("return document.readyState") == "complete"
+    return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def thumbnails(browser) -> list[tuple]:
+    """(loaded, natural width, natural height) of every <img>: a picture that did not decode is 0 wide."""
+    return [tuple(t) for t in browser.execute_script(
+        "return [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight])")]
+
+
+def choose(browser, select_id: str, value: str) -> list[str]:
+    """Pick `value` in a filter menu; the data-row of each card still displayed, and the counter line."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(By.ID, select_id)).select_by_value(value)
+    cards = browser.find_elements(By.CSS_SELECTOR, ".card")
+    return [card.get_attribute("data-row") for card in cards if card.is_displayed()], \
+        browser.find_element(By.ID, "shown").text
+
+
+def test_inspect_page_in_a_browser(inspect_source, browser, tmp_path):
+    page = str(tmp_path / "page.html")
+    report = data_tools.main(["inspect", inspect_source, "--html", page, "--samples", "20"], log=lambda _: None)
+    assert open_page(browser, page) == []
+    # Every row is on the page (11 of them, --samples 20); thumbnails as INSPECT_ROWS has them: ok.png
+    # in rows 0 1 3 4 5 8 9 10, wide.png in row 1, tall.png in row 8; rows 6 and 7 do not decode.
+    assert sorted(thumbnails(browser)) == sorted([(True, 56, 56)] * 8 + [(True, 160, 40), (True, 30, 90)])
+    everything = [str(row) for row in range(11)]
+    assert choose(browser, "filter-type", "all") == (everything, "11 of 11 rows shown")
+    # Each menu entry leaves exactly the rows the report counts under it (and the hand count above).
+    by_type = {t: [str(r) for r, e in enumerate(EXPECTED_TYPES) if e == t] for t in report["answer_types"]}
+    for answer_type, rows in by_type.items():
+        shown, counter = choose(browser, "filter-type", answer_type)
+        assert shown == rows and len(rows) == report["answer_types"][answer_type]
+        assert counter == f"{len(rows)} of 11 rows shown"
+    choose(browser, "filter-type", "all")
+    for reason, found in report["dropped"].items():
+        shown, _ = choose(browser, "filter-reason", reason)
+        assert shown == [str(r) for r, why in REASONS_WITHOUT_MODEL.items() if why == reason]
+        assert len(shown) == found["count"]
+    shown, _ = choose(browser, "filter-reason", "kept")
+    assert shown == ["0", "1", "2", "3", "8", "10"] and len(shown) == report["kept"]
+    # Both menus at once: kept numbers are rows 1 and 10 (row 6 is a number too, but dropped).
+    assert choose(browser, "filter-type", "number") == (["1", "10"], "2 of 11 rows shown")
+    assert open_page(browser, page) == []  # nothing went wrong while filtering either
+
+
+def test_rollouts_page_in_a_browser(colour_dataset, browser, tmp_path):
+    run = write_run(tmp_path / "run", colour_dataset)
+    data_tools.main(["rollouts", run], log=lambda _: None)
+    assert open_page(browser, f"{run}/rollouts.html") == []
+    # One picture per group, rows 5 2 0 3 of colour_rows: 72, 72, 56 and 56 pixels wide, 56 high.
+    assert thumbnails(browser) == [(True, 72, 56), (True, 72, 56), (True, 56, 56), (True, 56, 56)]
+    rows = [str(row) for _, _, _, row, _ in GROUPS]
+    assert choose(browser, "filter-signal", "all") == (rows, "4 of 4 groups shown")
+    assert choose(browser, "filter-signal", "no") == (["0"], "1 of 4 groups shown")  # step 2, rank 0: equal rewards
+    assert choose(browser, "filter-signal", "yes") == (["5", "2", "3"], "3 of 4 groups shown")
+    assert choose(browser, "filter-step", "2") == (["3"], "1 of 4 groups shown")
+    assert choose(browser, "filter-signal", "all") == (["0", "3"], "2 of 4 groups shown")
+    assert open_page(browser, f"{run}/rollouts.html") == []
