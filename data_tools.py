@@ -53,6 +53,7 @@ EMPTY_PROBLEM, EMPTY_SOLUTION, UNVERIFIABLE, UNREADABLE, TOO_LONG = data.DROP_RE
 BAD_OPTIONS = "bad options or answer index"
 FIRST_DROPS = 5      # rows named per drop reason in a report
 THUMBNAIL = 160      # longest side of a thumbnail on the page, pixels
+MAX_FRAMES = 4       # frames of a video shown on a card, evenly spaced, first and last included
 MAX_SHOWN_TEXT = 2000  # characters of a problem or solution shown on a card
 
 
@@ -132,7 +133,10 @@ def picture_count(row: dict) -> int:
 
 
 def spread(values: list) -> dict | None:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
+    if not values:
+        return None
+    median = statistics.median(values)  # of an even count, a mean: 4.0 is written 4, 4.5 stays
+    return {"min": min(values), "median": int(median) if float(median).is_integer() else median, "max": max(values)}
 
 
 def drop_summary(drops: dict[str, list[tuple[int, object]]]) -> dict:
@@ -152,11 +156,13 @@ def check_row(row: dict, base_dir, model) -> dict:
     processor, family, limit = model or (None, None, None)
     problem, solution = row.get("problem"), row.get("solution")
     info = {"pictures": picture_count(row), "type": answer_type(solution, problem), "sizes": [], "tokens": None,
+            "video": row.get("video") not in (None, []), "frames": None,
             "unverifiable": answers.unverifiable_reason(solution, problem), "reason": None, "detail": None}
     error = None
     try:
         images, videos = data.row_images(row, base_dir), data.row_videos(row, base_dir)
         info["sizes"] = [image.size for image in images]
+        info["frames"] = next((len(video) for video in videos if not isinstance(video, str)), None)
         if model is not None and not blank(problem):
             conversation = data.build_conversation(problem, None, len(images), len(videos))
             info["tokens"] = count_prompt_tokens(processor, conversation, images, family, videos)
@@ -269,6 +275,8 @@ def inspect(args, log=print) -> dict:
         "dataset": args.dataset, "split": args.split, "rows": len(rows), "columns": rows.column_names,
         "images_per_row": {str(n): count for n, count in sorted(collections.Counter(i["pictures"] for i in infos).items())},
         "image_size": {"images": len(sizes), "width": spread([w for w, _ in sizes]), "height": spread([h for _, h in sizes])},
+        "videos": {"rows": sum(info["video"] for info in infos),
+                   "frames": spread([info["frames"] for info in infos if info["frames"] is not None])},
         "answer_types": {kind: sum(info["type"] == kind for info in infos) for kind in ANSWER_TYPES},
         "verifiable": {"rows": verifiable, "share": round(verifiable / len(rows), 4)},
         "model": args.model_name_or_path,
@@ -299,6 +307,8 @@ def report_text(report: dict) -> str:
     lines = [f"[inspect] {report['dataset']!r} (split {report['split']!r}): {report['rows']} rows, columns {report['columns']}",
              "  images per row: " + ", ".join(f"{n}: {count}" for n, count in report["images_per_row"].items()),
              f"  image width min / median / max: {triple(size['width'])}, height: {triple(size['height'])} ({size['images']} images)",
+             f"  rows with a video: {report['videos']['rows']}"
+             + (f" (frames min / median / max: {triple(report['videos']['frames'])})" if report["videos"]["frames"] else ""),
              "  gold answer types: " + ", ".join(f"{kind} {n}" for kind, n in report["answer_types"].items()),
              f"  gold answers verify can read: {report['verifiable']['rows']} of {report['rows']} "
              f"({100 * report['verifiable']['share']:.1f}%)"]
@@ -325,6 +335,28 @@ def thumbnail_uri(image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def row_pictures(row: dict, base_dir) -> tuple[list[tuple[str, str]], list[str]]:
+    """What a card shows of a row's pictures: (thumbnail data URI, label) for each image and for up
+    to MAX_FRAMES frames of its video, and the name of a video given as a file (not decoded here)."""
+    shown = [(thumbnail_uri(image), f"picture {n + 1}") for n, image in enumerate(data.row_images(row, base_dir))]
+    files = []
+    for video in data.row_videos(row, base_dir):
+        if isinstance(video, str):
+            files.append(video)
+            continue
+        count = min(MAX_FRAMES, len(video))
+        picks = [round(k * (len(video) - 1) / (count - 1)) for k in range(count)] if count > 1 else [0]
+        shown += [(thumbnail_uri(video[k]), f"video frame {k + 1} of {len(video)}") for k in picks]
+    return shown, files
+
+
+def pictures_html(row, shown: list[tuple[str, str]], files: list[str], error: str | None) -> str:
+    if error:
+        return f'<p class="reason">picture: {esc(error)}</p>'
+    return ("".join(f'<img src="{uri}" alt="row {esc(row)} {esc(label)}" title="{esc(label)}">' for uri, label in shown)
+            + "".join(f'<p class="meta">video file: {esc(name)}</p>' for name in files))
+
+
 def shorten(text, limit: int = MAX_SHOWN_TEXT) -> str:
     text = "" if text is None else str(text)
     return text if len(text) <= limit else text[:limit] + " …"
@@ -336,15 +368,15 @@ def cards(rows, shown: list[int], infos: list[dict], base_dir) -> list[dict]:
     for i in shown:
         row, info = rows[i].to_pylist()[0], infos[i]
         try:
-            thumbs, error = [thumbnail_uri(image) for image in data.row_images(row, base_dir)], None
+            (thumbs, files), error = row_pictures(row, base_dir), None
         except Exception as e:
-            thumbs, error = [], f"{type(e).__name__}: {' '.join(str(e).split())}"
+            (thumbs, files), error = ([], []), f"{type(e).__name__}: {' '.join(str(e).split())}"
         solution = row.get("solution")
         out.append({"row": i, "type": info["type"], "verifiable": info["unverifiable"] is None,
                     "unverifiable": info["unverifiable"], "reason": info["reason"] or "kept", "detail": info["detail"],
                     "problem": row.get("problem"), "solution": solution, "tokens": info["tokens"],
                     "gold": answers.final_answer(solution)[0] if isinstance(solution, str) else "",
-                    "thumbs": thumbs, "picture_error": error})
+                    "thumbs": thumbs, "video_files": files, "picture_error": error})
     return out
 
 
@@ -398,6 +430,8 @@ def html_page(report: dict, shown: list[dict]) -> str:
                ("images per row", ", ".join(f"{n}: {c}" for n, c in report["images_per_row"].items())),
                ("image width", spread_text(report["image_size"]["width"])),
                ("image height", spread_text(report["image_size"]["height"])),
+               ("rows with a video", report["videos"]["rows"]),
+               ("frames per video", spread_text(report["videos"]["frames"])),
                ("gold answer types", ", ".join(f"{k}: {n}" for k, n in report["answer_types"].items())),
                ("gold answers verify can read", f"{report['verifiable']['rows']} ({100 * report['verifiable']['share']:.1f}%)"),
                ("prompt tokens", spread_text(report["prompt_tokens"]) if report["prompt_tokens"] else "-"),
@@ -417,9 +451,7 @@ def html_page(report: dict, shown: list[dict]) -> str:
               + "".join(f'<option value="{esc(r)}">{esc(r)}</option>' for r in reasons) + "</select></label>",
               '<span id="shown" data-unit="rows"></span></div>', '<div id="cards">']
     for card in shown:
-        pictures = "".join(f'<img src="{uri}" alt="row {card["row"]} picture {n + 1}">' for n, uri in enumerate(card["thumbs"]))
-        if card["picture_error"]:
-            pictures = f'<p class="reason">picture: {esc(card["picture_error"])}</p>'
+        pictures = pictures_html(card["row"], card["thumbs"], card["video_files"], card["picture_error"])
         verdict = "verify can read it" if card["verifiable"] else f"verify cannot read it: {card['unverifiable']}"
         meta = f"row {card['row']} · {card['type']} · {verdict}" + (f" · {card['tokens']} prompt tokens" if card["tokens"] else "")
         dropped = "" if card["reason"] == "kept" else (
@@ -691,13 +723,11 @@ def group_records(records: list[dict], steps: int | None) -> list[list[dict]]:
     return [groups[key] for key in sorted(groups) if kept_steps is None or key[0] in kept_steps]
 
 
-def group_card(group: list[dict], thumbs: list[str], picture_error: str | None) -> str:
+def group_card(group: list[dict], pictures: tuple[list, list], picture_error: str | None) -> str:
     first = group[0]
     names = list(dict.fromkeys(name for record in group for name in record["rewards"]))
     signal = "yes" if first["group_has_signal"] else "no"
-    pictures = "".join(f'<img src="{uri}" alt="row {esc(first.get("row"))} picture {n + 1}">' for n, uri in enumerate(thumbs))
-    if picture_error:
-        pictures = f'<p class="reason">picture: {esc(picture_error)}</p>'
+    pictures = pictures_html(first.get("row"), *pictures, picture_error)
     meta = f"step {first['step']} · rank {first['rank']} · prompt {first['prompt']} · row {first.get('row')} · {len(group)} completions"
     head = "".join(f"<th>{esc(h)}</th>" for h in ["completion", *names, "reward", "advantage", "truncated"])
     body = []
@@ -740,14 +770,14 @@ def rollouts(args, log=print) -> dict:
     writable(page, "--html")
     groups = group_records(records, args.steps)
     rows, base_dir, notice = run_dataset(args.run_dir)
-    thumbs = {}  # row -> (data URIs, error): a row sampled at several steps is decoded once
+    thumbs = {}  # row -> ((thumbnails, video files), error): a row sampled at several steps is decoded once
     for group in groups:
         row = group[0].get("row")
         if rows is not None and row is not None and row not in thumbs:
             try:
-                thumbs[row] = [thumbnail_uri(image) for image in data.row_images(rows[row].to_pylist()[0], base_dir)], None
+                thumbs[row] = row_pictures(rows[row].to_pylist()[0], base_dir), None
             except Exception as e:
-                thumbs[row] = [], f"{type(e).__name__}: {' '.join(str(e).split())}"
+                thumbs[row] = ([], []), f"{type(e).__name__}: {' '.join(str(e).split())}"
     steps = sorted({group[0]["step"] for group in groups})
     silent = sum(not group[0]["group_has_signal"] for group in groups)
     completions = sum(len(group) for group in groups)
@@ -766,7 +796,7 @@ def rollouts(args, log=print) -> dict:
               '<label>signal <select id="filter-signal" data-filter="signal"><option value="all">all</option>'
               '<option value="yes">yes</option><option value="no">no</option></select></label>',
               '<span id="shown" data-unit="groups"></span></div>', '<div id="cards">']
-    parts += [group_card(group, *thumbs.get(group[0].get("row"), ([], None))) for group in groups]
+    parts += [group_card(group, *thumbs.get(group[0].get("row"), (([], []), None))) for group in groups]
     parts += ["</div>", f"<script>{SCRIPT}</script>", "</body></html>"]
     with open(page, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))

@@ -180,6 +180,42 @@ def test_inspect_with_a_model_uses_the_trainers_drops(inspect_source, tiny_model
     assert report["dropped"]["prompt over --max_prompt_length"]["count"] == 6  # and row 10
 
 
+@pytest.mark.parametrize("frames, shown", [(1, [1]), (2, [1, 2]), (4, [1, 2, 3, 4]), (5, [1, 2, 4, 5]), (10, [1, 4, 7, 10])])
+def test_a_videos_frames_on_a_card_are_evenly_spaced(frames, shown):
+    from PIL import Image
+
+    video = [Image.new("RGB", (20 + n, 20), "blue") for n in range(frames)]  # frame n is 20 + n wide
+    thumbs, files = data_tools.row_pictures({"video": video, "image": Image.new("RGB", (30, 30))}, None)
+    assert files == [] and [label for _, label in thumbs] == ["picture 1"] + [f"video frame {k} of {frames}" for k in shown]
+    widths = [Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).width for uri, _ in thumbs]
+    assert widths == [30] + [20 + k - 1 for k in shown]
+
+
+def test_inspect_shows_video_rows(video_dataset, tmp_path):
+    from PIL import Image
+
+    from conftest import COLOURS
+
+    page = str(tmp_path / "page.html")
+    report = data_tools.main(["inspect", video_dataset, "--html", page], log=lambda _: None)
+    # video_dataset: rows 0 and 3 a video of 4 frames (the row's colour, white, colour, white),
+    # rows 1 and 4 an image, rows 2 and 5 neither.
+    assert report["videos"] == {"rows": 2, "frames": {"min": 4, "median": 4, "max": 4}}
+    assert report["images_per_row"] == {"0": 4, "1": 2}
+    parsed = Page(open(page, encoding="utf-8").read())
+    images = [(attrs["alt"], attrs["src"]) for tag, attrs in parsed.tags if tag == "img"]
+    assert [alt for alt, _ in images] == [f"row 0 video frame {k} of 4" for k in (1, 2, 3, 4)] + ["row 1 picture 1"] + \
+        [f"row 3 video frame {k} of 4" for k in (1, 2, 3, 4)] + ["row 4 picture 1"]
+    names = list(COLOURS)  # colour_rows: row i has colour names[i % 4]
+    expected = [COLOURS[names[0]], (255, 255, 255)] * 2 + [COLOURS[names[1]]] + [COLOURS[names[3]], (255, 255, 255)] * 2 \
+        + [COLOURS[names[0]]]
+    for (_, uri), colour in zip(images, expected):
+        image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+        got = image.getpixel((image.width // 2, image.height // 2))
+        assert max(abs(a - b) for a, b in zip(got, colour)) <= 6, (got, colour)
+    assert "rows with a video: 2 (frames min / median / max: 4 / 4 / 4)" in data_tools.report_text(report)
+
+
 def test_inspect_save_to_disk_folder_with_corrupt_image_bytes(tmp_path_factory, tmp_path):
     import datasets
     from conftest import colour_rows, save_rows
@@ -667,3 +703,11 @@ def test_rollouts_page_in_a_browser(colour_dataset, browser, tmp_path):
     assert choose(browser, "filter-step", "2") == (["3"], "1 of 4 groups shown")
     assert choose(browser, "filter-signal", "all") == (["0", "3"], "2 of 4 groups shown")
     assert open_page(browser, f"{run}/rollouts.html") == []
+
+
+def test_video_frames_on_the_page_in_a_browser(video_dataset, browser, tmp_path):
+    page = str(tmp_path / "page.html")
+    data_tools.main(["inspect", video_dataset, "--html", page], log=lambda _: None)
+    assert open_page(browser, page) == []
+    # Rows 0 and 3: 4 frames of 56 x 56; rows 1 and 4: one image, 64 x 56 (colour_rows: 56 + 8 * (i % 3) wide).
+    assert thumbnails(browser) == [(True, 56, 56)] * 4 + [(True, 64, 56)] + [(True, 56, 56)] * 4 + [(True, 64, 56)]
