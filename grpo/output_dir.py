@@ -219,7 +219,19 @@ def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: b
 
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
     if is_main:
-        engine.module.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        model = engine.module
+        # save_pretrained writes the key layout the weights were read from, by reverting the renames
+        # from_pretrained recorded in _weight_conversions. Loaded under ZeRO-3 (HfDeepSpeedConfig) it
+        # records extra ones, and their reversal wrote Qwen2-VL's layers as model.model.layers.*
+        # (transformers 5.24), which other readers (vLLM) do not know. Without a record it reverts the
+        # family's default renames: exactly what a save after a plain load writes.
+        recorded = getattr(model, "_weight_conversions", None)
+        if zero_stage == 3:
+            model._weight_conversions = None
+        try:
+            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        finally:
+            model._weight_conversions = recorded
         processor.save_pretrained(folder)
         with open(os.path.join(folder, "training_args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=1)

@@ -79,6 +79,8 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
         assert glob.glob(os.path.join(folder, "*.safetensors"))
         model = AutoModelForImageTextToText.from_pretrained(folder)
         AutoProcessor.from_pretrained(folder)
+    # Saved in the layout a plain save writes (the starting model's file), not ZeRO-3 loading's.
+    assert _saved_keys(out) == _saved_keys(os.path.join(out, "checkpoint-2")) == _saved_keys(format_warmed_model)
     # The final weights moved away from the initial ones.
     start = AutoModelForImageTextToText.from_pretrained(format_warmed_model)
     moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), start.parameters()))
@@ -142,6 +144,18 @@ def test_text_only_micro_batch_beside_images_under_zero3(family, family_models, 
                        "true", *extra], tmp_path, timeout=240)
     assert "ZeRO stage 3" in log and "2 rank(s)" in log and "1 of them text-only" in log
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert _saved_keys(out) == _saved_keys(family_models(family))  # the family's own layout
+
+
+def _saved_keys(folder: str) -> list[str]:
+    """The tensor names in a model folder's safetensors files, as another reader (vLLM) sees them."""
+    from safetensors import safe_open
+
+    keys = []
+    for path in glob.glob(os.path.join(folder, "*.safetensors")):
+        with safe_open(path, "pt") as f:
+            keys += f.keys()
+    return sorted(keys)
 
 
 def test_video_rows_train(family_models, video_dataset, tmp_path):
