@@ -597,13 +597,23 @@ def cli(argv: list[str]) -> int:
     """The command line: a usage error is one line on stderr and exit status 2, not a traceback."""
     try:
         main(argv)
+        status = 0
     except config.UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        status = 2
     except RunStopped as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    end_distributed()
+    return status
+
+
+def end_distributed() -> None:
+    """Destroy the process group before the interpreter exits: left to the exit, gloo's worker
+    threads can still hold work while Python tears down, and the process aborts ("terminate called
+    without an active exception", pytorch/pytorch#190489) after a run that finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

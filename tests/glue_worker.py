@@ -323,6 +323,7 @@ def main() -> None:
         with open(cli.out, "w") as f:
             json.dump(results, f, indent=1)
     torch.distributed.barrier()
+    train.end_distributed()
 
 
 if __name__ == "__main__":
