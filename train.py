@@ -519,7 +519,9 @@ def policy_update(engine, rollout: StepRollout, args, world_size: int, active_to
 
 def _gradients(engine):
     """(parameter, this rank's gradient of it) for every trained parameter: under ZeRO-3 the rank's
-    partition (DeepSpeed's safe_get_local_grad), else the whole gradient (safe_get_full_grad)."""
+    partition (DeepSpeed's safe_get_local_grad), else the whole gradient (safe_get_full_grad). Under
+    ZeRO-1/2 the whole gradient is gathered parameter by parameter, an all-reduce of the model's size
+    per step; ZeRO-0 and ZeRO-3 (zero3.json) read what the rank holds."""
     from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
     for param in engine.module.parameters():
