@@ -22,6 +22,7 @@ all ranks share (DeepSpeed's checkpoints assume the same).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -244,6 +245,27 @@ def _all_ranks(ok: bool, device) -> bool:
     return bool(flag.item())
 
 
+@contextlib.contextmanager
+def writes_kept_going(checkpoint_engine, errors: list):
+    """DeepSpeed's checkpoint writes (its checkpoint engine's save and makedirs) with their errors
+    kept in `errors` instead of raised. engine.save_checkpoint waits in barriers between writes: a
+    rank whose write raised (its disk full) would leave the others waiting there until the process
+    group times out. This way every rank goes through DeepSpeed's save, and then all agree."""
+    def kept(write):
+        def call(*args, **kwargs):
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        return call
+
+    checkpoint_engine.save, checkpoint_engine.makedirs = kept(checkpoint_engine.save), kept(checkpoint_engine.makedirs)
+    try:
+        yield
+    finally:  # the instance attributes go; the class's methods show through again
+        del checkpoint_engine.save, checkpoint_engine.makedirs
+
+
 def save_checkpoint(engine, processor, args, step: int, trainer_state: dict, zero_stage: int, rank: int,
                     device, log) -> bool:
     """checkpoint-<step>: written into checkpoint-<step>.tmp, renamed when every rank's part is on
@@ -262,7 +284,11 @@ def save_checkpoint(engine, processor, args, step: int, trainer_state: dict, zer
         error = e
     if _all_ranks(error is None, device):
         try:
-            engine.save_checkpoint(temporary, tag=DEEPSPEED_TAG, save_latest=False)
+            write_errors = []
+            with writes_kept_going(engine.checkpoint_engine, write_errors):
+                engine.save_checkpoint(temporary, tag=DEEPSPEED_TAG, save_latest=False)
+            if write_errors:
+                raise write_errors[0]
             torch.save(rng_state(), os.path.join(temporary, f"rng_state_{rank}.pth"))
         except Exception as e:  # noqa: BLE001
             error = e

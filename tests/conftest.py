@@ -5,6 +5,7 @@ Both are used through the same paths as real ones (--model_name_or_path, --datas
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -202,10 +203,20 @@ def run_command(cmd: list[str], tmp_path, timeout: int = 1200, returncode: int |
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             cmd = [cmd[0], "--master_port", str(s.getsockname()[1]), *cmd[1:]]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    log = result.stdout + result.stderr
+    # A session of its own: on a timeout the launcher's ranks are killed with it, not left waiting
+    # in a collective (holding memory) for the rest of the suite.
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        (tmp_path / "log.txt").write_text(stdout + stderr)
+        pytest.fail(f"{' '.join(cmd[:4])} ... still running after {timeout} s (killed):\n{(stdout + stderr)[-6000:]}")
+    log = stdout + stderr
     (tmp_path / "log.txt").write_text(log)
-    assert returncode is None or result.returncode == returncode, log[-6000:]
+    assert returncode is None or process.returncode == returncode, log[-6000:]
     return log
 
 

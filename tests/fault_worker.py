@@ -5,6 +5,7 @@ variable GRPO_TEST_FAULTS, a JSON object (it reaches every rank the launcher sta
     kill_after_save: S    rank 0 SIGKILLs itself once checkpoint-S is complete
     kill_during_save: S   rank 0 SIGKILLs itself half-way through writing checkpoint-S
     fail_save: S          every rank's write of checkpoint-S fails as on a full disk (OSError ENOSPC)
+    fail_deepspeed_write: [S, R]  on rank R alone, DeepSpeed's first write of checkpoint-S fails so
     nan_loss_steps: [..]  the loss of these optimizer steps (1-based) is NaN
     nan_loss_rank: R      ... on rank R only (default: every rank)
     nan_grad_steps: [..]  the loss of these steps stays finite and its gradient is not (on nan_loss_rank)
@@ -89,6 +90,18 @@ def step_prompts(*args, **kwargs):
         yield indices
 
 
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+
+real_write = TorchCheckpointEngine.save
+
+
+def deepspeed_write(self, state_dict, path):
+    if [saving_step, _rank()] == FAULTS.get("fail_deepspeed_write"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_write(self, state_dict, path)
+
+
+TorchCheckpointEngine.save = deepspeed_write
 output_dir.save_checkpoint, output_dir.rng_state = save_checkpoint, rng_state
 train.policy_update, loss.policy_loss = policy_update, policy_loss
 if "record_prompts" in FAULTS:

@@ -18,10 +18,11 @@ RUN = ["--num_generations", "4", "--per_device_train_batch_size", "2", "--max_co
        "--log_completions_steps", "0"]
 
 
-def _train(out, model, dataset, tmp_path, *flags, faults=None, returncode=0, launcher=(sys.executable,)):
+def _train(out, model, dataset, tmp_path, *flags, faults=None, returncode=0, launcher=(sys.executable,), timeout=1200):
     env = {"GRPO_TEST_FAULTS": json.dumps(faults or {})}
     return run_command([*launcher, "tests/fault_worker.py", "--output_dir", str(out), "--model_name_or_path", model,
-                        "--dataset_name", dataset, *RUN, *flags], tmp_path, returncode=returncode, env=env)
+                        "--dataset_name", dataset, *RUN, *flags], tmp_path, returncode=returncode, env=env,
+                       timeout=timeout)
 
 
 def _weights(folder):
@@ -122,6 +123,21 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_model, colour_dataset, t
     assert "checkpoint-2 was not saved (see the error above); checkpoint-1 is intact; training goes on." in log
     # checkpoint-1 stayed until checkpoint-3 was complete; then the limit of 1 removed it.
     assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-3"]
+
+
+def test_a_write_failing_on_one_rank_alone_fails_the_save_on_every_rank(format_warmed_model, colour_dataset, tmp_path):
+    """Two ZeRO-3 ranks; rank 1's first DeepSpeed write of checkpoint-2 fails (its disk full), rank
+    0's succeeds. Neither rank is left waiting in DeepSpeed's barriers: both report checkpoint-2 as
+    not saved, checkpoint-1 stays, and the run goes on to checkpoint-3 and its end, in seconds."""
+    out = tmp_path / "run"
+    log = _train(out, format_warmed_model, colour_dataset, tmp_path, "--deepspeed", "zero3.json", "--max_steps", "3",
+                 "--save_steps", "1", "--report_to", "none", launcher=["deepspeed", "--num_gpus", "2"],
+                 faults={"fail_deepspeed_write": [2, 1]}, timeout=240)
+    assert "rank 1: saving checkpoint-2 failed: OSError: [Errno 28] No space left on device" in log
+    assert "rank 0: saving checkpoint-2 failed" not in log
+    assert "checkpoint-2 was not saved (see the error above); checkpoint-1 is intact; training goes on." in log
+    assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-3"]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
 
 
 def _start_and_wait_for_a_step(command, out, log_file):
