@@ -32,7 +32,6 @@ Usage errors print one line, `data_tools.py: error: ...`, and exit with status 2
 from __future__ import annotations
 
 import argparse
-import ast
 import base64
 import collections
 import html
@@ -45,7 +44,7 @@ import sys
 import tempfile
 
 from grpo import answers, data
-from grpo.data import MMMU_IMAGE_COLUMNS, mathvista_row, mmmu_row, with_options
+from grpo.data import MMMU_IMAGE_COLUMNS, letter_of, mathvista_row, mmmu_row, option_list, with_options
 from grpo.config import UsageError, looks_like_hub_id
 
 ANSWER_TYPES = ("option letter", "number", "expression", "free text", "no answer")
@@ -507,45 +506,22 @@ def detect_layout(rows, source: str, asked: str) -> str:
     return layout
 
 
-def as_options(value, index: int) -> list:
-    """The options of a row: a list, or its text ("['1', '2']", as MMMU stores them); none when absent."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        try:
-            value = ast.literal_eval(value) if value.strip() else []
-        except (ValueError, SyntaxError):
-            value = None
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"row {index}: options {str(value)[:80]!r} are not a list (nor its text, like \"['1', '2']\")")
-    return list(value)
-
-
-def letter_for(answer: str, options: list) -> str:
-    """The option letter of a gold given as an option's text ("green") or as a letter ("B", "(B)");
-    else the answer as it is, which verify still matches to an option's text."""
-    texts = [" ".join(str(option).split()) for option in options]  # as eval.with_options writes them
-    if " ".join(answer.split()) in texts:
-        return string.ascii_uppercase[texts.index(" ".join(answer.split()))]
-    return answers.as_letter(answer, string.ascii_uppercase[min(len(options), 26) - 1]) or answer
-
-
 def answer_text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
 def vqa_row(row: dict, index: int) -> dict:
-    options = as_options(row["options"] if row.get("options") is not None else row.get("choices"), index)
+    options = option_list(row["options"] if row.get("options") is not None else row.get("choices"), index)
     question, answer = row["question"] or "", answer_text(row["answer"])
     if options:
-        question, answer = with_options(question, options, index), letter_for(answer, options)
+        question, answer = with_options(question, options, index), letter_of(answer, options)
     pictures = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
     return {"problem": question, "solution": f"<answer>{answer}</answer>", "images": pictures}
 
 
 def scienceqa_row(row: dict, index: int) -> dict:
     """The hint, when there is one, is the question's context (ScienceQA's own prompt puts it first)."""
-    choices, answer = as_options(row["choices"], index), row["answer"]
+    choices, answer = option_list(row["choices"], index), row["answer"]
     if isinstance(answer, str) and answer.strip().isdigit():
         answer = int(answer)
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):

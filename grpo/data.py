@@ -24,6 +24,7 @@ from typing import Callable
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import answers
 from .config import UsageError
 from .vlm_adapter import count_prompt_tokens
 
@@ -242,10 +243,29 @@ def with_options(question: str, options: list, row: int) -> str:
     return question.rstrip() + "\nChoices:\n" + "\n".join(lines)
 
 
+def option_list(value, row: int) -> list:
+    """A row's options: a list, or its text ("['1', '2']", as MMMU stores them); [] when absent."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value) if value.strip() else []
+        except (ValueError, SyntaxError):
+            value = None
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"--dataset_name: row {row}: options {str(value)[:80]!r} are not a list (nor its text, "
+                         "like \"['1', '2']\").")
+    return list(value)
+
+
 def letter_of(answer: str, options: list) -> str:
-    """The letter of the option equal to the answer; else the answer itself, which verify matches to an option's text."""
-    texts = [str(option).strip() for option in options]
-    return string.ascii_uppercase[texts.index(answer.strip())] if answer.strip() in texts else answer
+    """The letter of the option whose text is the answer (spacing aside, as with_options writes it), or
+    of an answer given as a letter already ("B", "(B)"); else the answer itself, which verify still
+    matches to an option's text."""
+    texts = [" ".join(str(option).split()) for option in options]
+    if " ".join(answer.split()) in texts:
+        return string.ascii_uppercase[texts.index(" ".join(answer.split()))]
+    return answers.as_letter(answer, string.ascii_uppercase[min(len(options), 26) - 1]) or answer
 
 
 def mathvista_row(row: dict, index: int) -> dict:
@@ -259,15 +279,7 @@ def mathvista_row(row: dict, index: int) -> dict:
 
 def mmmu_row(row: dict, index: int) -> dict:
     """An MMMU-style row (question, options as a list or its text, answer letter, image_1 ... image_7) as a training row."""
-    options = row["options"] or []
-    if isinstance(options, str):  # MMMU stores the list as its text: "['1', '2']"
-        try:
-            options = ast.literal_eval(options)
-        except (ValueError, SyntaxError):
-            options = None
-    if not isinstance(options, (list, tuple)):
-        raise UsageError(f"--dataset_name: row {index}: options {str(row['options'])[:80]!r} is not a list (nor its text, "
-            "like \"['1', '2']\").")
+    options = option_list(row["options"], index)
     question = row["question"] or ""
     if options:
         question = with_options(question, options, index)
