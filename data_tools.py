@@ -45,7 +45,7 @@ import tempfile
 
 from grpo import answers, data
 from grpo.data import MMMU_IMAGE_COLUMNS, letter_of, mathvista_row, mmmu_row, option_list, with_options
-from grpo.config import UsageError, looks_like_hub_id
+from grpo.config import UsageError, UsageParser, looks_like_hub_id
 
 ANSWER_TYPES = ("option letter", "number", "expression", "free text", "no answer")
 EMPTY_PROBLEM, EMPTY_SOLUTION, UNVERIFIABLE, UNREADABLE, TOO_LONG = data.DROP_REASONS
@@ -54,14 +54,6 @@ FIRST_DROPS = 5      # rows named per drop reason in a report
 THUMBNAIL = 160      # longest side of a thumbnail on the page, pixels
 MAX_FRAMES = 4       # frames of a video shown on a card, evenly spaced, first and last included
 MAX_SHOWN_TEXT = 2000  # characters of a problem or solution shown on a card
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one line and status 2 like every other usage error,
-    instead of the usage text followed by the error."""
-
-    def error(self, message):
-        raise UsageError(message)
 
 
 # ---------------------------------------------------------------- reading a dataset
@@ -122,13 +114,14 @@ def answer_type(solution, problem) -> str:
     return "number" if value.is_Number else "expression"
 
 
-def picture_count(row: dict) -> int:
-    """Pictures the row holds, decodable or not, read as data.row_images reads them."""
+def picture_values(row: dict) -> list:
+    """The row's pictures as stored, decoded or not, read as data.row_images reads them: its
+    `images` list, else its one `image`."""
     for column in data.IMAGE_COLUMNS:
         value = row.get(column)
         if value is not None and value != []:
-            return len(value) if column == "images" else 1
-    return 0
+            return list(value) if column == "images" else [value]
+    return []
 
 
 def spread(values: list) -> dict | None:
@@ -154,7 +147,7 @@ def check_row(row: dict, base_dir, model) -> dict:
 
     processor, family, limit = model or (None, None, None)
     problem, solution = row.get("problem"), row.get("solution")
-    info = {"pictures": picture_count(row), "type": answer_type(solution, problem), "sizes": [], "tokens": None,
+    info = {"pictures": len(picture_values(row)), "type": answer_type(solution, problem), "sizes": [], "tokens": None,
             "video": row.get("video") not in (None, []), "frames": None,
             "unverifiable": answers.unverifiable_reason(solution, problem), "reason": None, "detail": None}
     error = None
@@ -515,8 +508,7 @@ def vqa_row(row: dict, index: int) -> dict:
     question, answer = row["question"] or "", answer_text(row["answer"])
     if options:
         question, answer = with_options(question, options, index), letter_of(answer, options)
-    pictures = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
-    return {"problem": question, "solution": f"<answer>{answer}</answer>", "images": pictures}
+    return {"problem": question, "solution": f"<answer>{answer}</answer>", "images": picture_values(row)}
 
 
 def scienceqa_row(row: dict, index: int) -> dict:
@@ -536,8 +528,7 @@ def scienceqa_row(row: dict, index: int) -> dict:
 def training_row(row: dict, index: int) -> dict:
     """Already the training schema: the problem and solution as they are, the pictures packed into
     the parquet file (a .jsonl with an image folder becomes one file), the row kept only if usable."""
-    pictures = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
-    return {"problem": row["problem"] or "", "solution": row["solution"] or "", "images": pictures}
+    return {"problem": row["problem"] or "", "solution": row["solution"] or "", "images": picture_values(row)}
 
 
 CONVERTERS = {"training": training_row, "vqa": vqa_row, "mathvista": mathvista_row, "scienceqa": scienceqa_row, "mmmu": mmmu_row}
@@ -785,7 +776,7 @@ def rollouts(args, log=print) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = Parser(prog="data_tools.py", description=__doc__.split("\n")[0])
+    parser = UsageParser(prog="data_tools.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert,rollouts}")
     look = commands.add_parser("inspect", help="Report what training will make of a dataset, and write a page of sample rows.",
                                description="Report rows, pictures, gold answer types, verifiable share, prompt lengths "

@@ -12,6 +12,7 @@ a message naming the argument.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -86,6 +87,14 @@ class GRPOArguments:
 class UsageError(ValueError):
     """A mistake in the command line or its files: train.py prints the message on one line, with no
     traceback, and exits with status 2."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse for the tools (data_tools.py, python -m grpo.output_dir): a bad command line is a
+    UsageError, one line and status 2 like every other, instead of the usage text and the error."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 def bad(flag: str, why: str):

@@ -21,7 +21,6 @@ all ranks share (DeepSpeed's checkpoints assume the same).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -36,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import UsageError
+from .config import UsageError, UsageParser
 
 TRAINER_STATE = "trainer_state.json"
 DEEPSPEED_TAG = "deepspeed"
@@ -501,15 +500,10 @@ def plot_runs(metrics_files: list[str], out_dir: str, labels: list[str] | None =
     return paths
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other usage mistake, not the usage text first
-        raise UsageError(message)
-
-
 def cli(argv: list[str]) -> int:
     """python -m grpo.output_dir plot RUN_DIR_OR_METRICS_JSONL [...] [--out DIR]. A usage mistake is one
     line on stderr and exit status 2, not a traceback."""
-    parser = _Parser(prog="python -m grpo.output_dir", description="Tools for a run's output_dir.")
+    parser = UsageParser(prog="python -m grpo.output_dir", description="Tools for a run's output_dir.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plot = commands.add_parser("plot", help="Draw the plots of one or more runs.", description=(
         "Draw each run's rewards, completion lengths and loss terms per step, one line per run (labelled "
