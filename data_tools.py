@@ -114,16 +114,6 @@ def answer_type(solution, problem) -> str:
     return "number" if value.is_Number else "expression"
 
 
-def picture_values(row: dict) -> list:
-    """The row's pictures as stored, decoded or not, read as data.row_images reads them: its
-    `images` list, else its one `image`."""
-    for column in data.IMAGE_COLUMNS:
-        value = row.get(column)
-        if value is not None and value != []:
-            return list(value) if column == "images" else [value]
-    return []
-
-
 def spread(values: list) -> dict | None:
     if not values:
         return None
@@ -147,7 +137,7 @@ def check_row(row: dict, base_dir, model) -> dict:
 
     processor, family, limit = model or (None, None, None)
     problem, solution = row.get("problem"), row.get("solution")
-    info = {"pictures": len(picture_values(row)), "type": answer_type(solution, problem), "sizes": [], "tokens": None,
+    info = {"pictures": len(data.picture_values(row)), "type": answer_type(solution, problem), "sizes": [], "tokens": None,
             "video": row.get("video") not in (None, []), "frames": None,
             "unverifiable": answers.unverifiable_reason(solution, problem), "reason": None, "detail": None}
     error = None
@@ -508,7 +498,7 @@ def vqa_row(row: dict, index: int) -> dict:
     question, answer = row["question"] or "", answer_text(row["answer"])
     if options:
         question, answer = with_options(question, options, index), letter_of(answer, options)
-    return {"problem": question, "solution": f"<answer>{answer}</answer>", "images": picture_values(row)}
+    return {"problem": question, "solution": f"<answer>{answer}</answer>", "images": data.picture_values(row)}
 
 
 def scienceqa_row(row: dict, index: int) -> dict:
@@ -528,7 +518,7 @@ def scienceqa_row(row: dict, index: int) -> dict:
 def training_row(row: dict, index: int) -> dict:
     """Already the training schema: the problem and solution as they are, the pictures packed into
     the parquet file (a .jsonl with an image folder becomes one file), the row kept only if usable."""
-    return {"problem": row["problem"] or "", "solution": row["solution"] or "", "images": picture_values(row)}
+    return {"problem": row["problem"] or "", "solution": row["solution"] or "", "images": data.picture_values(row)}
 
 
 CONVERTERS = {"training": training_row, "vqa": vqa_row, "mathvista": mathvista_row, "scienceqa": scienceqa_row, "mmmu": mmmu_row}

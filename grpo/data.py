@@ -80,13 +80,19 @@ def to_pil(value, base_dir: str | None = None) -> Image.Image:
     return value.convert("RGB")
 
 
-def row_images(row: dict, base_dir: str | None = None) -> list[Image.Image]:
-    """The row's pictures, in order: its `images` list, else its `image`, else none (text-only)."""
+def picture_values(row: dict) -> list:
+    """The row's pictures as stored, not decoded, in order: its `images` list, else its `image`,
+    else none (text-only)."""
     for column in IMAGE_COLUMNS:
         value = row.get(column)
         if value is not None and value != []:
-            return [to_pil(v, base_dir) for v in (value if column == "images" else [value])]
+            return list(value) if column == "images" else [value]
     return []
+
+
+def row_images(row: dict, base_dir: str | None = None) -> list[Image.Image]:
+    """The row's pictures, decoded (picture_values)."""
+    return [to_pil(value, base_dir) for value in picture_values(row)]
 
 
 def row_videos(row: dict, base_dir: str | None = None) -> list:
