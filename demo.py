@@ -75,6 +75,48 @@ def build_tokenizer(vocab_size: int = 400):
     return tokenizer
 
 
+# What each family's published checkpoint ships in generation_config.json, with token names for ids
+# (each tiny model maps them to its own tokenizer's ids). Tiny models carry these, so every test meets
+# what a real checkpoint puts in front of `generate`: a list of end ids (trap 14) and sampling defaults
+# that must not reach the rollouts (trap 13). The sources, as far as public material shows (the hub
+# files themselves cannot be read from this offline machine):
+#   qwen2_vl    Qwen/Qwen2-VL-2B-Instruct: end ids <|im_end|>, <|endoftext|>; top_k 1, top_p 0.001,
+#               temperature 0.01 (the hub file as recalled; the same greedy-like triple as Qwen2.5-VL's).
+#   qwen2_5_vl  Qwen/Qwen2.5-VL-7B-Instruct: top_k 1 and top_p 0.001 (QwenLM/Qwen3-VL issue 722, which links
+#               the file), repetition_penalty 1.05 (Qwen2.5 Instruct checkpoints: prime-rl PR 886; a public
+#               copy of a Qwen2.5-VL derivative's file carries 1.05, top_k 1, top_p 0.001, temperature 0.1
+#               and end ids [151645, 151643]).
+#   qwen3_vl    Qwen/Qwen3-VL-8B-Instruct: top_k 20, top_p 0.8, temperature 0.7, end ids <|im_end|>, <|endoftext|>.
+#   gemma3      google/gemma-3-4b-it: end ids <eos> (1) and <end_of_turn> (106), top_k 64, top_p 0.95.
+#   llava_onevision (llava-hf/llava-onevision-qwen2-0.5b-ov-hf), idefics3, smolvlm, aria: ids only, as
+#               far as read here; their tiny models keep their tokenizer's eos.
+PUBLISHED_GENERATION_CONFIGS = {
+    "qwen2_vl": dict(eos_token_id=["<|im_end|>", "<|endoftext|>"], pad_token_id="<|endoftext|>",
+                     bos_token_id="<|endoftext|>", do_sample=True, top_k=1, top_p=0.001, temperature=0.01),
+    "qwen2_5_vl": dict(eos_token_id=["<|im_end|>", "<|endoftext|>"], pad_token_id="<|endoftext|>",
+                       bos_token_id="<|endoftext|>", do_sample=True, repetition_penalty=1.05, top_k=1, top_p=0.001,
+                       temperature=0.1),
+    "qwen3_vl": dict(eos_token_id=["<|im_end|>", "<|endoftext|>"], pad_token_id="<|endoftext|>",
+                     bos_token_id="<|endoftext|>", do_sample=True, top_k=20, top_p=0.8, temperature=0.7),
+    "gemma3": dict(eos_token_id=["<eos>", "<end_of_turn>"], pad_token_id="<pad>", bos_token_id="<bos>",
+                   do_sample=True, top_k=64, top_p=0.95),
+}
+
+
+def carry_published_generation_config(model, tokenizer, family: str) -> None:
+    """Set `model.generation_config` to what the family's published checkpoint ships
+    (PUBLISHED_GENERATION_CONFIGS), its token names turned into this tokenizer's ids."""
+    from transformers import GenerationConfig
+
+    def ids(value):
+        return [tokenizer.convert_tokens_to_ids(v) for v in value] if isinstance(value, list) \
+            else tokenizer.convert_tokens_to_ids(value)
+
+    fields = {key: ids(value) if key.endswith("token_id") else value
+              for key, value in PUBLISHED_GENERATION_CONFIGS[family].items()}
+    model.generation_config = GenerationConfig(**fields)
+
+
 def save_tiny_qwen2_vl(folder: str, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> str:
     """Build a random Qwen2-VL (text `hidden_size` wide, `num_layers` deep, a 1-layer vision tower)
     with its tokenizer and processor, and save all three to `folder`. Returns `folder`."""
@@ -105,8 +147,7 @@ def save_tiny_qwen2_vl(folder: str, hidden_size: int = 64, num_layers: int = 2, 
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = token_id("<|im_end|>")
-    model.generation_config.pad_token_id = token_id("<|endoftext|>")
+    carry_published_generation_config(model, tokenizer, "qwen2_vl")
     # Small images keep the demo fast: 56x56 to 112x112 pixels is 4 to 16 image tokens.
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,

@@ -148,11 +148,8 @@ def answer_batch(model, processor, family, examples: list[dict], system_prompt: 
     inputs = {key: value.to(device) for key, value in inputs.items()}
     tokenizer, suppress = processor.tokenizer, vlm_adapter.forbidden_token_ids(processor, model.config)
     if args.num_samples is None:
-        with torch.no_grad():
-            output = model.generate(**inputs, do_sample=False, max_new_tokens=args.max_new_tokens, suppress_tokens=suppress,
-                                    eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token),
-                                    pad_token_id=tokenizer.pad_token_id)
-        rollout = sampler.to_rollout(output[:, inputs["input_ids"].shape[1]:].cpu(), tokenizer)
+        rollout = sampler.greedy_completions(model, inputs, tokenizer, max_new_tokens=args.max_new_tokens,
+                                             suppress_token_ids=suppress)
     else:  # ranks run independently here (no ZeRO, no lockstep), so no blank picture is needed
         rollout = sampler.sample_groups(model, inputs, tokenizer, group_size=args.num_samples,
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,

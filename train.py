@@ -223,6 +223,10 @@ def main(argv: list[str]) -> None:
                     "while its gradient is the full policy gradient (see grpo/loss.py)")
 
     suppress = vlm_adapter.forbidden_token_ids(processor, engine.module.config)
+    end_ids = sampler.end_token_ids(engine.module, processor.tokenizer)
+    logger.info(f"[train] a completion ends at the first of {processor.tokenizer.convert_ids_to_tokens(end_ids)} "
+                f"(ids {end_ids}: the checkpoint's generation_config and the tokenizer's eos); sampling uses "
+                f"--temperature {args.temperature} and --top_p {args.top_p} only, never the checkpoint's sampling defaults")
     blank_prompt = vlm_adapter.blank_picture_prompt(processor, family, device)
     weights = args.reward_weights or [1.0] * len(reward_funcs)
     reward_faults = rewards.RewardFaults(lambda message: print(f"[rank {rank}] {message}", flush=True))
@@ -242,7 +246,7 @@ def main(argv: list[str]) -> None:
         prompt_inputs = {key: value.to(device) for key, value in prompt_inputs.items()}
         reset_peak_memory(device)
         completions = sampler.sample_groups(
-            engine.module, prompt_inputs, processor.tokenizer, group_size=G, max_new_tokens=args.max_completion_length,
+            engine, prompt_inputs, processor.tokenizer, group_size=G, max_new_tokens=args.max_completion_length,
             temperature=args.temperature, top_p=args.top_p, suppress_token_ids=suppress, share_prompt=args.share_prompt,
             generation_batch_size=args.generation_batch_size, ignore_eos=args.ignore_eos, blank_prompt=blank_prompt,
             zero_stage=zero_stage,

@@ -53,7 +53,7 @@ def tiny_qwen2_5_vl(tmp_path_factory):
         Qwen2VLVideoProcessor,
     )
 
-    from demo import CHAT_TEMPLATE, _mrope_section, build_tokenizer
+    from demo import CHAT_TEMPLATE, _mrope_section, build_tokenizer, carry_published_generation_config
 
     folder = str(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
     tokenizer = build_tokenizer()
@@ -71,7 +71,9 @@ def tiny_qwen2_5_vl(tmp_path_factory):
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    carry_published_generation_config(model, tokenizer, "qwen2_5_vl")
+    model.save_pretrained(folder)
     Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
                         tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
                         chat_template=CHAT_TEMPLATE).save_pretrained(folder)

@@ -56,7 +56,7 @@ def test_forbidden_tokens_are_the_placeholders(model_and_processor):
 def test_completion_mask_through_first_eos():
     eos = 7
     ids = torch.tensor([[1, 2, 7, 3, 7], [7, 1, 1, 1, 1], [1, 2, 3, 4, 5]])
-    mask, truncated = sampler.completion_mask_through_eos(ids, eos)
+    mask, truncated = sampler.completion_mask_through_eos(ids, [eos])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert truncated.tolist() == [False, False, True]
 

@@ -69,6 +69,8 @@ def save_tiny_gemma3(folder: str, seed: int = 0) -> str:
         SiglipVisionConfig,
     )
 
+    from demo import carry_published_generation_config
+
     tokenizer = build_gemma3_tokenizer()
     token_id = tokenizer.convert_tokens_to_ids
     text_config = Gemma3TextConfig(
@@ -93,10 +95,8 @@ def save_tiny_gemma3(folder: str, seed: int = 0) -> str:
     # transformers starts the image projection at zero (its _init_weights): every image would embed
     # as zeros and never reach the text model. Random instead, on the scale of the word embeddings.
     torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range)
-    # Like the real generation_config: a turn ends at <end_of_turn>, and <eos> stops too.
-    model.generation_config.eos_token_id = [token_id("<end_of_turn>"), token_id("<eos>")]
-    model.generation_config.pad_token_id = token_id("<pad>")
-    model.generation_config.bos_token_id = token_id("<bos>")
+    # As the real generation_config: a turn ends at <end_of_turn>, and <eos> stops too; top_k 64, top_p 0.95.
+    carry_published_generation_config(model, tokenizer, "gemma3")
     # Pan-and-scan off (as the real default): one 56x56 crop per image, whatever its size.
     image_processor = Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_pan_and_scan=False,
                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])

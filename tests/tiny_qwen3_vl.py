@@ -10,7 +10,7 @@ def save_tiny_qwen3_vl(folder: str, seed: int = 0) -> str:
         Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor,
     )
 
-    from demo import CHAT_TEMPLATE, _mrope_section, build_tokenizer
+    from demo import CHAT_TEMPLATE, _mrope_section, build_tokenizer, carry_published_generation_config
 
     tokenizer = build_tokenizer()  # Qwen3-VL keeps Qwen2-VL's special tokens and chat format
     token_id = tokenizer.convert_tokens_to_ids
@@ -29,8 +29,7 @@ def save_tiny_qwen3_vl(folder: str, seed: int = 0) -> str:
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = token_id("<|im_end|>")
-    model.generation_config.pad_token_id = token_id("<|endoftext|>")
+    carry_published_generation_config(model, tokenizer, "qwen3_vl")
     model.save_pretrained(folder)
     Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14),
                      tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(patch_size=14),
