@@ -285,3 +285,79 @@ def test_a_completion_ends_at_any_end_id_the_checkpoint_lists(loaded, monkeypatc
         assert text == tokenizer.decode(ids[:length], skip_special_tokens=True)
         ended += length == 1
     assert ended > 64 / 3  # the likeliest tokens ended many at once: the list was used, not the tokenizer's eos alone
+
+
+def test_generate_never_compiles_the_decode_step(loaded, monkeypatch):
+    """On a GPU, transformers compiles the decode step (CUDA graphs) whenever generate is given a static
+    cache, as the shared prompt's generate is: minutes of compiling, and a recompile whenever the cache
+    length changes. The hazard is real for transformers' own defaults, and the sampler's config turns it off."""
+    from transformers import GenerationConfig, StaticCache
+
+    model, _ = loaded
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=8)
+    assert model._valid_auto_compile_criteria({"cache": cache}, GenerationConfig()) is True
+    ours = sampler.generation_config(max_new_tokens=4, end_ids=[1], pad_token_id=0, suppress_token_ids=[],
+                                     temperature=1.0)
+    assert model._valid_auto_compile_criteria({"cache": cache}, ours) is False
+
+
+def _host_syncs_while_sampling(folder: str, max_new_tokens: int, share_prompt: bool) -> int:
+    """How many times sample_groups reads a tensor's value on the host (aten::_local_scalar_dense: .item(),
+    bool(), int() of a tensor; on a GPU each one waits for every kernel queued before it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountSyncs(TorchDispatchMode):
+        syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountSyncs.syncs += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    processor = vlm_adapter.load_processor(folder, 56 * 56, 56 * 56)
+    model = vlm_adapter.load_model(folder, torch.float32, "sdpa")
+    inputs = vlm_adapter.build_inputs(processor, [build_conversation("What colour?"), build_conversation("Which side is it on?")],
+                                      [[Image.new("RGB", (56, 56))]] * 2, vlm_adapter.FAMILIES["qwen2_vl"])
+    with CountSyncs():
+        sampler.sample_groups(model, inputs, processor.tokenizer, group_size=3, max_new_tokens=max_new_tokens,
+                              temperature=1.0, top_p=1.0, suppress_token_ids=[], ignore_eos=True, share_prompt=share_prompt)
+    return CountSyncs.syncs
+
+
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "plain"])
+def test_decoding_syncs_the_host_per_step_not_per_layer(tmp_path, share_prompt):
+    """Host syncs while sampling do not grow with the model's depth, and at most two come with each decode
+    step (transformers' stopping check; the plain path's mask once more); flash-attention-2 would add one
+    per layer per step, which is why decoding runs on sdpa (next test)."""
+    from demo import save_tiny_qwen2_vl
+
+    syncs = {(layers, tokens): _host_syncs_while_sampling(save_tiny_qwen2_vl(str(tmp_path / f"{layers}"), num_layers=layers),
+                                                          tokens, share_prompt)
+             for layers in (2, 4) for tokens in (4, 12)}
+    assert syncs[2, 4] == syncs[4, 4] and syncs[2, 12] == syncs[4, 12]
+    assert syncs[2, 12] - syncs[2, 4] <= 2 * 8
+
+
+def test_decoding_runs_on_sdpa_when_the_model_runs_flash_attention(loaded, monkeypatch):
+    """flash-attention-2 unpads a padded batch in every layer at every decode step (a host sync each
+    time); the sampler decodes on sdpa and gives the model back its flash-attention-2 for training."""
+    from transformers import PreTrainedModel
+
+    model, _ = loaded
+    # flash-attn is not installed on this CPU machine: accept the name without checking the package.
+    monkeypatch.setattr(PreTrainedModel, "_check_and_adjust_attn_implementation",
+                        lambda self, implementation, **kwargs: implementation)
+
+    def implementations():
+        return {model.config._attn_implementation, model.config.get_text_config()._attn_implementation,
+                model.config.vision_config._attn_implementation}
+
+    model.set_attn_implementation("flash_attention_2")
+    try:
+        assert implementations() == {"flash_attention_2"}
+        with sampler.decode_attention(model):
+            inside = implementations()
+        after = implementations()
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert inside == {"sdpa"} and after == {"flash_attention_2"}
