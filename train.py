@@ -36,6 +36,8 @@ def parse_args(argv: list[str]) -> config.GRPOArguments:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(config.GRPOArguments, description=__doc__.split("\n")[0])
+    bf16 = parser._option_string_actions["--bf16"]  # unset (None) means "on a GPU": `--bf16` alone still means true
+    bf16.nargs, bf16.const = "?", True
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     args.run_name = args.run_name or os.path.basename(os.path.normpath(args.output_dir))
     return args
@@ -160,6 +162,7 @@ class RunStopped(RuntimeError):
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     config.validate(args)  # bad arguments stop here, before anything loads
+    config.settle_precision_and_attention(args, on_gpu=torch.cuda.is_available(), flash_attn=config.flash_attn_version())
     raw_ds_config = config.read_deepspeed_config(args.deepspeed)
     reward_funcs = rewards.get_reward_funcs(args.reward_funcs)
     config.check_paths(args)

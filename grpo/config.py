@@ -36,7 +36,7 @@ class GRPOArguments:
     max_prompt_length: int = field(default=8192, metadata={"help": "Rows whose prompt (image tokens included) is longer are dropped at load time, never truncated."})
     min_pixels: int = field(default=3136, metadata={"help": "Qwen families: smallest image area after resizing (pixels); others use their processor's sizes."})
     max_pixels: int = field(default=12845056, metadata={"help": "Qwen families: largest image area after resizing (pixels); fewer pixels, fewer image tokens."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "flash_attention_2, sdpa or eager; default flash_attention_2 when installed on a GPU, else sdpa."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "flash_attention_2 (16-bit weights on a GPU, flash-attn >= 2.1), sdpa or eager; default flash_attention_2 where it can run, else sdpa."})
     share_prompt: bool = field(default=True, metadata={"help": "Encode each prompt and image once per group and share its keys/values with its G completions (false: repeat it G times, the plain path)."})
     generation_batch_size: int = field(default=0, metadata={"help": "Most completions per generate call (0: the whole optimizer step's prompts x G in one call)."})
     ignore_eos: bool = field(default=False, metadata={"help": "Sample exactly max_completion_length tokens, never stopping at EOS (for benchmarks)."})
@@ -68,7 +68,7 @@ class GRPOArguments:
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the dataset (ignored when --max_steps > 0)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; > 0 overrides --num_train_epochs."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, init and sampling (each rank samples with seed + rank)."})
-    bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 (the published run uses --bf16)."})
+    bf16: bool | None = field(default=None, metadata={"help": "Train in bfloat16 (`--bf16` alone means true); default: true on a GPU (the published run), false (float32) on the CPU."})
     freeze_vision_tower: bool = field(default=False, metadata={"help": "The vision encoder keeps its weights (Qwen's includes its patch merger); the rest trains."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward to save memory."})
     deepspeed: str | None = field(default=None, metadata={"help": f"DeepSpeed JSON config; default {os.path.basename(DEFAULT_DEEPSPEED_CONFIG)} next to train.py."})
@@ -175,6 +175,58 @@ def validate(args: GRPOArguments) -> None:
         bad("num_train_epochs", "must be positive when --max_steps is not set.")
 
 
+ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
+# flash-attn before 2.1 aligns a causal mask of fewer queries than keys to the top left; the completion
+# pass (T queries over P + T keys) needs the bottom right, and would be wrong without any error.
+MIN_FLASH_ATTN = (2, 1)
+
+
+def flash_attn_version() -> str | None:
+    """The installed flash-attn's version, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("flash-attn")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def settle_precision_and_attention(args: GRPOArguments, on_gpu: bool, flash_attn: str | None) -> None:
+    """Fill --bf16 and --attn_implementation when unset, and refuse what cannot run, before loading.
+
+    --bf16 unset: true on a GPU (the published run), false on the CPU (bf16 matmuls there are slow
+    and the tests compare float32 numbers). --attn_implementation unset: flash_attention_2 on a GPU
+    with 16-bit weights and flash-attn >= 2.1 installed, else sdpa. Asked for, flash_attention_2
+    needs all three: flash-attn rejects float32 at the first forward, and one older than 2.1 aligns
+    the completion pass's causal mask wrongly (MIN_FLASH_ATTN)."""
+    if args.bf16 is None:
+        args.bf16 = on_gpu
+    if args.attn_implementation is not None and args.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        bad("attn_implementation", f"{args.attn_implementation!r} is unknown; choose one of {list(ATTN_IMPLEMENTATIONS)}.")
+    version = tuple(int(part) for part in re.findall(r"\d+", flash_attn or "")[:2])
+    too_old = (f"flash-attn {flash_attn} is installed, and before 2.1 it aligns a causal mask of fewer queries "
+               "than keys to the top left (the completion pass would be wrong without any error); upgrade it "
+               "(pip install -U flash-attn --no-build-isolation) or use sdpa.")
+    if args.attn_implementation is None:
+        if not (on_gpu and args.bf16 and flash_attn is not None):
+            args.attn_implementation = "sdpa"
+            return
+        if version < MIN_FLASH_ATTN:
+            bad("attn_implementation", too_old)
+        args.attn_implementation = "flash_attention_2"
+    elif args.attn_implementation == "flash_attention_2":
+        if not on_gpu:
+            bad("attn_implementation", "flash_attention_2 runs on a CUDA GPU only; use sdpa here.")
+        if not args.bf16:
+            bad("attn_implementation", "flash_attention_2 takes 16-bit weights only, and --bf16 is false; "
+                "drop --bf16 false, or use sdpa.")
+        if flash_attn is None:
+            bad("attn_implementation", "flash_attention_2 needs flash-attn (pip install flash-attn "
+                "--no-build-isolation); or use sdpa.")
+        if version < MIN_FLASH_ATTN:
+            bad("attn_implementation", too_old)
+
+
 def read_deepspeed_config(path: str | None) -> dict:
     """The DeepSpeed JSON as a dict; an unreadable file stops the run before anything loads."""
     path = path or DEFAULT_DEEPSPEED_CONFIG
@@ -205,7 +257,7 @@ def fill_deepspeed_config(ds_config: dict, args: GRPOArguments, world_size: int,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "train_batch_size": micro_batch * args.gradient_accumulation_steps * world_size,
         "gradient_clipping": args.max_grad_norm,
-        "bf16.enabled": args.bf16,
+        "bf16.enabled": bool(args.bf16),
         "fp16.enabled": False,
         "optimizer.params.lr": args.learning_rate,
         "optimizer.params.betas": [args.adam_beta1, args.adam_beta2],

@@ -14,7 +14,6 @@ A new family is a new set of these few functions, not a branch in the training l
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -136,19 +135,20 @@ def load_processor(model_name_or_path: str, min_pixels: int, max_pixels: int):
     return processor
 
 
-def default_attn_implementation() -> str:
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
 def load_model(model_name_or_path: str, dtype: torch.dtype, attn_implementation: str | None = None):
-    """The model, in `dtype`. Under ZeRO-3 call this while an HfDeepSpeedConfig is alive, so that
-    from_pretrained partitions the weights as it loads them."""
+    """The model, in `dtype`, with the given attention (None: flash_attention_2 where it can run, else
+    sdpa; config.settle_precision_and_attention). Under ZeRO-3 call this while an HfDeepSpeedConfig
+    is alive, so that from_pretrained partitions the weights as it loads them."""
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(
-        model_name_or_path, dtype=dtype, attn_implementation=attn_implementation or default_attn_implementation())
+    from .config import GRPOArguments, flash_attn_version, settle_precision_and_attention
+
+    if attn_implementation is None:
+        chosen = GRPOArguments(bf16=dtype in (torch.bfloat16, torch.float16))
+        settle_precision_and_attention(chosen, on_gpu=torch.cuda.is_available(), flash_attn=flash_attn_version())
+        attn_implementation = chosen.attn_implementation
+    return AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype,
+                                                       attn_implementation=attn_implementation)
 
 
 def forbidden_token_ids(processor, config) -> list[int]:

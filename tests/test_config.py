@@ -105,6 +105,7 @@ def test_demo_flags_are_train_flags_and_yield_to_the_users():
     (["--output_dir", "A_FILE/run"], "--output_dir"),
     (["EARLIER_RUN"], "--output_dir"),
     (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "--resume_from_checkpoint"),
+    (["--attn_implementation", "flash_attention_2"], "--attn_implementation"),  # no GPU here
     (["WRONG_WORLD", "--resume_from_checkpoint", "latest"], "--resume_from_checkpoint"),
 ])
 def test_usage_errors_exit_2_with_one_line(flags, named, tiny_model, colour_dataset, tmp_path):
@@ -129,3 +130,32 @@ def test_usage_errors_exit_2_with_one_line(flags, named, tiny_model, colour_data
     lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(lines) == 1 and named in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, on_gpu, flash_attn, bf16, attention", [
+    ([], False, None, False, "sdpa"),                              # the CPU: float32, sdpa
+    ([], True, None, True, "sdpa"),                                # a GPU without flash-attn: bf16, sdpa
+    ([], True, "2.7.4", True, "flash_attention_2"),                # a GPU with flash-attn: the published run
+    (["--bf16", "false"], True, "2.7.4", False, "sdpa"),           # float32 asked for: flash-attn cannot take it
+    (["--bf16"], False, "2.7.4", True, "sdpa"),                    # bf16 asked for on the CPU: given, with sdpa
+    (["--attn_implementation", "eager"], True, "2.7.4", True, "eager"),
+    (["--attn_implementation", "flash_attention_2"], True, "2.1.0", True, "flash_attention_2"),
+])
+def test_precision_and_attention_defaults(flags, on_gpu, flash_attn, bf16, attention):
+    args = train.parse_args(flags)
+    config.settle_precision_and_attention(args, on_gpu=on_gpu, flash_attn=flash_attn)
+    assert (args.bf16, args.attn_implementation) == (bf16, attention)
+
+
+@pytest.mark.parametrize("flags, on_gpu, flash_attn, says", [
+    (["--attn_implementation", "flash_attention_2"], False, "2.7.4", "CUDA GPU only"),
+    (["--attn_implementation", "flash_attention_2", "--bf16", "false"], True, "2.7.4", "16-bit weights only"),
+    (["--attn_implementation", "flash_attention_2"], True, None, "needs flash-attn"),
+    (["--attn_implementation", "flash_attention_2"], True, "2.0.9", "before 2.1"),
+    ([], True, "2.0.4", "before 2.1"),                             # the default would pick an old flash-attn: refused
+    (["--attn_implementation", "flash"], True, "2.7.4", "unknown"),
+])
+def test_flash_attention_that_cannot_run_is_a_usage_error(flags, on_gpu, flash_attn, says):
+    args = train.parse_args(flags)
+    with pytest.raises(config.UsageError, match=f"^--attn_implementation: .*{says}"):
+        config.settle_precision_and_attention(args, on_gpu=on_gpu, flash_attn=flash_attn)
