@@ -47,66 +47,74 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
-    """logp = z_id - logsumexp(z), with a backward that recomputes softmax instead of storing it."""
+    """logp = z_id / T - logsumexp(z / T), with a backward that recomputes softmax instead of storing it."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, temperature: float, overwrite: bool) -> torch.Tensor:
         dtype = _compute_dtype(logits)
         lse = torch.empty(logits.shape[:2], dtype=dtype, device=logits.device)
         for index in _chunks(logits.shape):
-            lse[index] = torch.logsumexp(logits[index].to(dtype), dim=-1)
-        chosen = logits.gather(-1, ids[..., None]).squeeze(-1).to(dtype)
+            lse[index] = torch.logsumexp(logits[index].to(dtype) / temperature, dim=-1)
+        chosen = logits.gather(-1, ids[..., None]).squeeze(-1).to(dtype) / temperature
         # logits is the caller's tensor (no copy) and lse is [N, T]: the float32 softmax that
-        # backward needs is exp(z - lse), one chunk at a time, instead of a saved [N, T, V] block.
+        # backward needs is exp(z / T - lse), one chunk at a time, instead of a saved [N, T, V] block.
         ctx.save_for_backward(logits, ids, lse)
+        ctx.temperature, ctx.overwrite = temperature, overwrite
         return chosen - lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         logits, ids, lse = ctx.saved_tensors
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_out = grad_out.to(lse.dtype)
+        T = ctx.temperature
+        # overwrite: the gradient takes the logits' own memory, chunk by chunk (each chunk is read before
+        # it is written), so the backward makes no second [N, T, V] tensor.
+        grad = logits if ctx.overwrite else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_out = grad_out.to(lse.dtype) / T
         for index in _chunks(logits.shape):
             g = grad_out[index][:, None]
-            # g * (onehot(id) - softmax(z)): softmax in place on a float32 copy of the chunk (copy=True
-            # so that float32 logits are not overwritten), then +g at the chosen token.
-            block = logits[index].to(lse.dtype, copy=True).sub_(lse[index][:, None]).exp_().mul_(-g)
+            # (g / T) * (onehot(id) - softmax(z / T)): softmax on a float32 copy of the chunk (copy=True so
+            # that float32 logits are not changed before they are read), then + g / T at the chosen token.
+            block = logits[index].to(lse.dtype, copy=True).div_(T).sub_(lse[index][:, None]).exp_().mul_(-g)
             block.scatter_add_(-1, ids[index][:, None], g)
             grad[index] = block
-        return grad, None
+        return grad, None, None, None
 
 
-def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[ids]: the log-prob of each chosen token, and its gradient.
+def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                          overwrite_logits: bool = False) -> torch.Tensor:
+    """log softmax(logits / T)[ids]: the log-prob of each chosen token at the sampling temperature, and
+    its gradient.
 
-        logp_{i,t} = z_{i,t,id} - logsumexp_v z_{i,t,v}            with id = ids_{i,t}
-        d logp_{i,t} / d z_{i,t,v} = 1[v = id] - softmax(z_{i,t})_v
+        logp_{i,t} = z_{i,t,id} / T - logsumexp_v (z_{i,t,v} / T)            with id = ids_{i,t}
+        d logp_{i,t} / d z_{i,t,v} = (1[v = id] - softmax(z_{i,t} / T)_v) / T
 
     logits: [N, T, V] (any float dtype, any strides), ids: [N, T] (int32 or int64). Returns [N, T]:
-    logits' dtype for float32/float64, float32 for bf16/fp16 (their logsumexp is computed in float32).
+    logits' dtype for float32/float64, float32 for bf16/fp16. The division by T happens in float32,
+    chunk by chunk, as generate's sampler divides: dividing bf16 logits by T = 0.7 first rounds them
+    again (about 0.03 nats of mean error).
 
     Memory at Qwen2-VL's vocabulary of 151,936 words: for 8 x 256 completion tokens a float32
     [N, T, V] block is 1.2 GB, twice the bf16 logits the model returns. autograd through log_softmax
-    would save such a block (its output) for backward. Here nothing float32 of that size is ever
-    alive: forward and backward walk over chunks of at most CHUNK_ELEMENTS (64 MiB in float32), and
-    backward is given only
-      - logits, the input itself (no copy; the model's logits exist anyway),
-      - ids and the [N, T] logsumexp (a few KB),
-    from which it recomputes softmax(z) = exp(z - logsumexp(z)) chunk by chunk and writes the
-    gradient, in logits' dtype, one chunk at a time.
+    would save such a block (its output) for backward, and a division by T or a torch.cat of logits
+    another bf16 one each. Here nothing of that size is made: forward and backward walk over chunks of
+    at most CHUNK_ELEMENTS (64 MiB in float32), backward is given only logits itself (no copy), ids and
+    the [N, T] logsumexp, and recomputes softmax(z / T) = exp(z / T - logsumexp) chunk by chunk. With
+    `overwrite_logits` it writes the gradient into the logits' own memory: the one [N, T, V] tensor of
+    the forward is the one of the backward too. Only for logits nothing else reads after this call (the
+    model's fresh output; a view that repeats memory, such as expand, cannot be overwritten).
     """
     if logits.dim() != 3 or ids.shape != logits.shape[:2]:
         raise ValueError(f"expected logits [N, T, V] and ids [N, T], got logits {tuple(logits.shape)} "
                          f"and ids {tuple(ids.shape)}.")
-    return _SelectiveLogSoftmax.apply(logits, ids.long())
+    return _SelectiveLogSoftmax.apply(logits, ids.long(), float(temperature), overwrite_logits)
 
 
 @torch.no_grad()
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """The policy's entropy at each position, without gradient (a statistic to log).
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The policy's entropy at each position, at the sampling temperature, without gradient (a statistic to log).
 
-        H_{i,t} = -sum_v p_v log p_v = logsumexp_v z_v - sum_v p_v z_v,    p = softmax(z_{i,t})
+        H_{i,t} = -sum_v p_v log p_v = logsumexp_v y_v - sum_v p_v y_v,    p = softmax(y),  y = z_{i,t} / T
 
     logits: [N, T, V] (any float dtype). Returns [N, T] float32, between 0 (one token certain) and
     log V (uniform). Chunked like selective_log_softmax, so no float32 [N, T, V] block is made.
@@ -116,7 +124,7 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(logits)
     entropy = torch.empty(logits.shape[:2], dtype=dtype, device=logits.device)
     for index in _chunks(logits.shape):
-        z = logits[index].to(dtype, copy=True)
+        z = logits[index].to(dtype, copy=True).div_(temperature)
         log_p = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
         entropy[index] = -(log_p.exp() * log_p).sum(-1)
     return entropy.float()

@@ -424,29 +424,39 @@ def completion_logps(model, prompt_inputs: dict, completion_ids: torch.Tensor, c
 
 def _shared_completion_logps(model, prompt_inputs: dict, completion_ids, completion_mask, temperature, group_size,
                              with_entropy):
-    """Each prompt forwarded once, its keys/values read by its G completions (see completion_logps)."""
+    """Each prompt forwarded once, its keys/values read by its G completions (see completion_logps).
+
+    One [B*G, T-1, V] logits tensor lives through forward and backward (the completion pass's, whose
+    gradient overwrites it; selective_log_softmax), plus the prompt pass's [B, 1, V]; no copy, slice or
+    division of a full-vocabulary tensor is made."""
     G, T = group_size, completion_ids.shape[1]
+    B = prompt_inputs["input_ids"].shape[0]
     config = unwrap(model).config.get_text_config()
     prompt_cache = Cache(layers=[PromptKV() for _ in range(config.num_hidden_layers)])
     shared_cache = Cache(layers=[SharedPromptKV(layer, G) for layer in prompt_cache.layers])
     positions = prompt_positions(model, prompt_inputs)
-    # 1. The prompt, once per prompt: fills the cache; its last logit predicts every completion's first token.
+    # 1. The prompt, once per prompt: fills the cache; its last logit predicts every completion's first
+    # token, read by its G completions through a view (expand), not a copy.
     first_logits = model(**prompt_inputs, position_ids=positions, cache=prompt_cache, use_cache=True,
                          logits_to_keep=1).logits  # [B, 1, V]
+    first_logits = first_logits.expand(B, G, first_logits.shape[-1])  # [B, G, V]
+    first_logps = selective_log_softmax(first_logits, completion_ids[:, 0].view(B, G), temperature).view(B * G, 1)
     # 2. The completions on top of the shared prompt. The attention mask is each prompt's padding
-    # (per row), then the completion's. Token t's logit predicts token t + 1, so the last token's is
-    # not needed; it is still fed, so that this pass never has zero length (under ZeRO-3 every rank
-    # must run the same forwards, whatever its completions' lengths).
+    # (per row), then the completion's. Token t's logit predicts token t + 1: logits are made for
+    # positions 0 .. T-2 only. The last token is still fed, so that this pass never has zero length
+    # (under ZeRO-3 every rank must run the same forwards, whatever its completions' lengths).
     rest_logits = model(
         input_ids=completion_ids,
         attention_mask=torch.cat([prompt_inputs["attention_mask"].repeat_interleave(G, dim=0),
                                   completion_mask.to(prompt_inputs["attention_mask"].dtype)], dim=1),
         position_ids=continuation_positions(positions, G, T), cache=shared_cache, use_cache=True,
-        logits_to_keep=T,
-    ).logits  # [B*G, T, V]
-    logits = torch.cat([first_logits.repeat_interleave(G, dim=0), rest_logits[:, :-1]], dim=1) / temperature
-    logps = selective_log_softmax(logits, completion_ids)
-    return (logps, token_entropy(logits)) if with_entropy else logps
+        logits_to_keep=torch.arange(T - 1, device=completion_ids.device),
+    ).logits  # [B*G, T-1, V]
+    entropy = torch.cat([token_entropy(first_logits, temperature).view(B * G, 1), token_entropy(rest_logits, temperature)],
+                        dim=1) if with_entropy else None  # before the backward overwrites rest_logits
+    rest_logps = selective_log_softmax(rest_logits, completion_ids[:, 1:], temperature, overwrite_logits=True)
+    logps = torch.cat([first_logps, rest_logps], dim=1)
+    return (logps, entropy) if with_entropy else logps
 
 
 def _plain_completion_logps(model, prompt_inputs: dict, completion_ids, completion_mask, temperature, group_size,
@@ -463,12 +473,13 @@ def _plain_completion_logps(model, prompt_inputs: dict, completion_ids, completi
     # Positions over the real tokens, as generate numbered them (the model's own default would count
     # left padding in some families, and reuse a stale rope_deltas in Qwen's for a text-only batch).
     inputs["position_ids"] = prompt_positions(model, inputs)
-    num_completion = completion_ids.shape[1]
-    logits = model(**inputs, logits_to_keep=num_completion + 1, use_cache=False).logits
-    # The logit at position p predicts token p + 1: drop the last, keep the T that predict completions.
-    logits = logits[:, :-1, :] / temperature
-    logps = selective_log_softmax(logits, completion_ids)
-    return (logps, token_entropy(logits)) if with_entropy else logps
+    # The logit at position p predicts token p + 1: logits for the T positions before each completion token.
+    P, T = prompt_inputs["input_ids"].shape[1], completion_ids.shape[1]
+    logits = model(**inputs, logits_to_keep=torch.arange(P - 1, P + T - 1, device=completion_ids.device),
+                   use_cache=False).logits  # [B*G, T, V]
+    entropy = token_entropy(logits, temperature) if with_entropy else None
+    logps = selective_log_softmax(logits, completion_ids, temperature, overwrite_logits=True)
+    return (logps, entropy) if with_entropy else logps
 
 
 def allow_checkpointing_with_shared_prompt(model) -> None:

@@ -351,6 +351,53 @@ def test_selective_log_softmax_matches_naive_float64(dtype, ids_dtype, positions
     torch.testing.assert_close(grad.double(), closed_form, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("overwrite", [False, True], ids=["copy", "overwrite"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selective_log_softmax_at_a_temperature(dtype, overwrite, positions_per_chunk):
+    """log softmax(z / T)[id] and its gradient (onehot(id) - softmax(z / T)) / T, at T = 0.7; with
+    overwrite_logits the gradient is written into the logits' own memory and is the same."""
+    T = 0.7
+    leaf = random_logits((3, 5, VOCAB), dtype, seed=20).requires_grad_(True)
+    logits = leaf * 1  # a fresh tensor nothing else reads, as the model's logits are
+    ids = random_ids((3, 5), VOCAB, torch.int64, seed=21)
+    weights = torch.randn(3, 5, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    out = selective_log_softmax(logits, ids, temperature=T, overwrite_logits=overwrite)
+    (grad,) = torch.autograd.grad((out * weights.to(dtype)).sum(), leaf)
+
+    z = leaf.detach().double()
+    exact = torch.log_softmax(z / T, -1).gather(-1, ids[..., None]).squeeze(-1)
+    onehot = torch.nn.functional.one_hot(ids, VOCAB).double()
+    closed_form = weights[..., None] * (onehot - torch.softmax(z / T, -1)) / T
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
+    # rtol as well: at T = 0.7 the chosen token's gradient reaches about 4, where float32 steps are 5e-7.
+    torch.testing.assert_close(grad.double(), closed_form, rtol=tol, atol=tol)
+    if overwrite:  # the gradient took the logits' memory: it holds the gradient now
+        torch.testing.assert_close(logits.detach().double(), closed_form, rtol=tol, atol=tol)
+
+
+def test_the_temperature_divides_in_float32():
+    """Dividing bf16 logits by T = 0.7 in bf16 rounds them a second time; selective_log_softmax divides
+    each float32 chunk, as generate's sampler does, and matches float64 to float32 precision."""
+    T = 0.7
+    logits = random_logits((4, 64, VOCAB), torch.bfloat16, seed=23)
+    ids = random_ids((4, 64), VOCAB, torch.int64, seed=24)
+    exact = torch.log_softmax(logits.double() / T, -1).gather(-1, ids[..., None]).squeeze(-1)
+    ours = selective_log_softmax(logits, ids, temperature=T).double()
+    divided_in_bf16 = selective_log_softmax(logits / T, ids).double()
+    assert (ours - exact).abs().max() < 1e-5
+    assert (divided_in_bf16 - exact).abs().mean() > 100 * (ours - exact).abs().mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_entropy_at_a_temperature(dtype, positions_per_chunk):
+    T = 0.7
+    logits = random_logits((3, 5, VOCAB), dtype, seed=25)
+    p = torch.softmax(logits.double() / T, -1)
+    torch.testing.assert_close(token_entropy(logits, temperature=T).double(), -torch.special.xlogy(p, p).sum(-1),
+                               rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_selective_log_softmax_low_precision_gradient(dtype, positions_per_chunk):
     logits = random_logits((3, 5, VOCAB), dtype, seed=3).requires_grad_(True)

@@ -322,3 +322,61 @@ def test_pixel_limits_size_qwen_images(tiny_model, max_pixels, tokens):
                                       vlm_adapter.FAMILIES["qwen2_vl"])
     assert int(inputs["image_grid_thw"].prod()) == 4 * tokens
     assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == tokens
+
+
+class LiveVocabularyTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Follows every tensor an operation returns whose last dimension is the vocabulary and that holds
+    at least `min_elements`, by its memory (views share it), and records the most of them alive at once
+    and the largest. Alive: some tensor on that memory is still referenced (by the caller, or saved for
+    backward)."""
+
+    def __init__(self, vocab: int, min_elements: int):
+        super().__init__()
+        self.vocab, self.min_elements = vocab, min_elements
+        self.alive: dict[int, list] = {}  # memory address -> weak references to the tensors on it
+        self.most_alive, self.largest = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[-1] == self.vocab \
+                    and tensor.numel() >= self.min_elements:
+                self.alive.setdefault(tensor.untyped_storage().data_ptr(), []).append(weakref.ref(tensor))
+                self.largest = max(self.largest, tensor.numel())
+        self.alive = {ptr: refs for ptr, refs in self.alive.items() if any(ref() is not None for ref in refs)}
+        self.most_alive = max(self.most_alive, len(self.alive))
+        return out
+
+
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "plain"])
+def test_one_full_vocabulary_tensor_in_the_log_prob_forward_and_backward(model_and_processor, share_prompt,
+                                                                         monkeypatch):
+    """The logits of the completion tokens are the only [N, T, V] tensor alive at any time, forward and
+    backward, entropy included: no slice, concatenation or division by the temperature copies them, and
+    the backward writes its gradient into their memory (at Qwen2-VL's 151,936 words and N x T = 8 x
+    1,024 each copy is 2.5 GB in bf16). The float32 chunks stay far below the size counted here."""
+    model, processor = model_and_processor
+    monkeypatch.setattr("grpo.loss.CHUNK_ELEMENTS", 2 * model.config.get_text_config().vocab_size)
+    text = model.config.get_text_config()
+    G, T, V = 4, 40, text.vocab_size
+    # Counted: tensors of at least half the completion logits, more than the lm_head weight [V, hidden]
+    # (or its transpose), which is a parameter and not an activation.
+    min_elements = G * (T - 1) * V // 2
+    assert min_elements > text.hidden_size * V
+    inputs = _inputs(processor, [Image.new("RGB", (56, 56), "red")])
+    special = len(processor.tokenizer.all_special_ids)  # the special tokens (placeholders among them) come first
+    ids = torch.randint(special, 300, (G, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    with LiveVocabularyTensors(V, min_elements) as tracked:
+        logps, entropy = vlm_adapter.completion_logps(model, inputs, ids, mask, temperature=0.7, group_size=G,
+                                                      share_prompt=share_prompt, with_entropy=True)
+        (-(logps * advantages[:, None]).sum()).backward()
+    model.zero_grad(set_to_none=True)
+    assert tracked.most_alive == 1
+    assert tracked.largest == G * (T - 1) * V if share_prompt else G * T * V  # the shared path's first token comes from the prompt pass
+    assert torch.isfinite(entropy).all() and entropy.shape == (G, T)
