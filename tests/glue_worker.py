@@ -302,6 +302,68 @@ def check_seeds(model_dir, processor, rank, seed: int) -> dict:
             "first_completion_per_rank": [f[0].tolist() for f in firsts]}
 
 
+# ---------------------------------------------------------------------------------------------
+# (d) ZeRO-3: the weights gathered once per sample_groups call
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def counting_gathers():
+    """Counts the elements every all-gather of the block receives (DeepSpeed's ZeRO-3 gathers go
+    through torch.distributed's all_gather_into_tensor or all_gather)."""
+    from deepspeed.comm import comm
+
+    count = {"elements": 0}
+    into, listed = comm.cdb.all_gather_function, torch.distributed.all_gather  # DeepSpeed keeps the former
+
+    def all_gather_into_tensor(output_tensor, *args, **kwargs):
+        count["elements"] += output_tensor.numel()
+        return into(output_tensor, *args, **kwargs)
+
+    def all_gather(tensor_list, *args, **kwargs):
+        count["elements"] += sum(t.numel() for t in tensor_list)
+        return listed(tensor_list, *args, **kwargs)
+
+    comm.cdb.all_gather_function, torch.distributed.all_gather = all_gather_into_tensor, all_gather
+    try:
+        yield count
+    finally:
+        comm.cdb.all_gather_function, torch.distributed.all_gather = into, listed
+
+
+def check_gathers(model_dir, processor, rank) -> dict:
+    """Elements gathered by one sample_groups call on a ZeRO-3 engine, on each path, next to the
+    model's size; and the weights partitioned again afterwards, with training still working."""
+    engine = sgd_engine(model_dir, 3, lr=0.0)
+    conversations, images = zip(*[prompt(rank * 2 + j) for j in range(2)])  # different prompts on each rank
+    inputs = vlm_adapter.build_inputs(processor, list(conversations), [[image] for image in images],
+                                      vlm_adapter.FAMILIES["qwen2_vl"])
+    result = {"parameter_elements": sum(p.ds_numel for p in engine.module.parameters()),
+              "parameter_tensors": len(list(engine.module.parameters()))}
+    for share_prompt in (True, False):
+        with counting_gathers() as count:
+            sampler.sample_groups(engine, inputs, processor.tokenizer, group_size=3, max_new_tokens=6,
+                                  temperature=1.0, top_p=1.0, share_prompt=share_prompt, zero_stage=3, synced_ranks=True,
+                                  suppress_token_ids=vlm_adapter.forbidden_token_ids(processor, engine.module.config))
+        name = "shared" if share_prompt else "plain"
+        result[f"gathered_{name}"] = count["elements"]
+        result[f"released_after_{name}"] = released(engine)
+    # The hooks are back: a training forward and backward gather and release the weights as before.
+    logps = vlm_adapter.completion_logps(engine, inputs, torch.full((6, 3), 20), torch.ones(6, 3, dtype=torch.long),
+                                         temperature=1.0, group_size=3)
+    engine.backward(logps.sum())
+    engine.step()
+    result["released_after_training_step"] = released(engine)
+    return result
+
+
+def released(engine) -> list[str]:
+    """The weights that are gathered now (not partitioned), leaving out those ZeRO-3 keeps whole on purpose."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [name for name, p in engine.module.named_parameters()
+            if p.ds_status != ZeroParamStatus.NOT_AVAILABLE and not p.ds_persist]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -313,7 +375,8 @@ def main() -> None:
     rank, world_size, device = train.init_distributed()
     assert world_size == W, f"launch with --num_gpus {W}"
     processor = vlm_adapter.load_processor(cli.model, 56 * 56, 56 * 112)
-    results = {"seeds": check_seeds(cli.model, processor, rank, seed=1234)}
+    results = {"gathers": check_gathers(cli.model, processor, rank),
+               "seeds": check_seeds(cli.model, processor, rank, seed=1234)}
     results["scale"] = {f"stage{s}": {lt: check_scale(cli.model, processor, rank, world_size, device, int(s), lt)
                                       for lt in LOSS_TYPES} for s in cli.stages.split(",") if s}
     # lr 0.3 moves the completions' log-probs by ~0.2 nats on average: ratios well away from 1,
