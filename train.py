@@ -556,18 +556,30 @@ def zero_gradients(engine) -> None:
 
 
 def reset_peak_memory(device) -> None:
+    """Start a new peak: the GPU's allocated memory, or on the CPU the process's resident memory
+    (Linux: writing 5 to /proc/self/clear_refs resets VmHWM, the peak resident size)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the peak stays the run's peak so far
+        pass
 
 
 def peak_memory_gb(device) -> float:
-    """The device's peak allocated memory since the last reset (CUDA), else the process's peak
-    resident memory (CPU: it never resets, so it is the run's peak so far)."""
+    """The peak since the last reset_peak_memory: the device's allocated memory (CUDA), else the
+    process's resident memory (VmHWM; where it cannot be read, the run's peak so far)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def step_metrics(rollout: StepRollout, loss_stats, args, engine, timing: dict, memory: dict, step_seconds: float,
