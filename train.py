@@ -93,6 +93,55 @@ def reduce_over_ranks(value: float, device, op) -> float:
     return tensor.item()
 
 
+def rank0_decides(decide):
+    """decide() run on rank 0 alone, its result (or its usage error) given to every rank.
+
+    For the decisions that read files (the checkpoint to resume, whether --output_dir holds an earlier
+    run, which rows are usable): made once, so ranks on different machines cannot disagree and wait
+    for each other forever, and the work (decoding every picture of the dataset) is not repeated."""
+    outcome = [None, None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            outcome[0] = decide()
+        except config.UsageError as e:
+            outcome[1] = str(e)
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        error = config.UsageError(outcome[1])
+        error.shared = True  # every rank raises it: rank 0 alone prints it
+        raise error
+    return outcome[0]
+
+
+def starting_checkpoint(args, world_size: int) -> str | None:
+    """The checkpoint folder this run resumes (None: a fresh run, which never writes over an earlier
+    one unless asked)."""
+    folder = output_dir.checkpoint_to_resume(args.resume_from_checkpoint, args.output_dir)
+    if folder is None:
+        output_dir.guard_output_dir(args.output_dir, overwrite=args.overwrite_output_dir)
+    else:
+        check_resumable(output_dir.read_trainer_state(folder), args, world_size, folder)
+    return folder
+
+
+def load_dataset_once(args, processor, family, log, is_main: bool) -> data.PromptDataset:
+    """The usable prompts: rank 0 checks every row (each picture decoded once) and reports the drops;
+    the other ranks take its list of usable rows and check nothing."""
+    checked = {}
+
+    def check_rows():
+        checked["dataset"] = data.load_prompt_dataset(
+            args.dataset_name, args.dataset_split, processor, family, args.max_prompt_length, args.system_prompt,
+            log=log, progress=is_main,
+            check_solution=answers.unverifiable_reason if "accuracy" in args.reward_funcs else None)
+        return checked["dataset"].keep, checked["dataset"].dropped
+
+    usable = rank0_decides(check_rows)
+    return checked.get("dataset") or data.load_prompt_dataset(
+        args.dataset_name, args.dataset_split, processor, family, args.max_prompt_length, args.system_prompt,
+        usable=usable)
+
+
 def seed_this_rank(seed: int, rank: int) -> None:
     """Sampling draws from torch's generator: seeded with seed + rank, so that ranks given the same
     prompt sample different completions (one seed for all ranks gave identical groups, trap 7)."""
@@ -166,24 +215,21 @@ def main(argv: list[str]) -> None:
     raw_ds_config = config.read_deepspeed_config(args.deepspeed)
     reward_funcs = rewards.get_reward_funcs(args.reward_funcs)
     config.check_paths(args)
-    resume_folder = output_dir.checkpoint_to_resume(args.resume_from_checkpoint, args.output_dir)
-    if resume_folder is None:  # a fresh run: never over an earlier one unless asked
-        output_dir.guard_output_dir(args.output_dir, overwrite=args.overwrite_output_dir)
     rank, world_size, device = init_distributed()
     is_main = rank == 0
     log = print if is_main else (lambda *_: None)
-    if resume_folder is not None:
-        check_resumable(output_dir.read_trainer_state(resume_folder), args, world_size, resume_folder)
-    elif args.overwrite_output_dir and is_main:
+    # What every rank must agree on is decided by rank 0 and broadcast (rank0_decides): ranks on
+    # machines that see different files can never disagree on the checkpoint to resume or the rows to
+    # train on. First, that the ranks see one --output_dir at all.
+    output_dir.check_seen_by_every_rank(args.output_dir, rank, world_size)
+    resume_folder = rank0_decides(lambda: starting_checkpoint(args, world_size))
+    if resume_folder is None and args.overwrite_output_dir and is_main:
         output_dir.clear_earlier_run(args.output_dir, args.run_name)
     if is_main and (unfinished := output_dir.remove_unfinished_saves(args.output_dir)):
         log(f"[train] removed {len(unfinished)} interrupted save(s): {', '.join(unfinished)}")
-    torch.distributed.barrier()
     family = vlm_adapter.check_model_type(args.model_name_or_path)
     processor = vlm_adapter.load_processor(args.model_name_or_path, args.min_pixels, args.max_pixels)
-    dataset = data.load_prompt_dataset(args.dataset_name, args.dataset_split, processor, family, args.max_prompt_length,
-                                       args.system_prompt, log=log, progress=is_main,
-                                       check_solution=answers.unverifiable_reason if "accuracy" in args.reward_funcs else None)
+    dataset = load_dataset_once(args, processor, family, log, is_main)
     G, B, gas, mu = args.num_generations, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_iterations
     micro_steps_per_epoch = data.steps_per_epoch(len(dataset), B, world_size)
     if micro_steps_per_epoch < gas:
@@ -379,7 +425,7 @@ def check_resumable(state: dict, args, world_size: int, folder: str) -> None:
         raise config.UsageError(f"--resume_from_checkpoint: {folder!r} was written by {state['world_size']} rank(s) and "
                                 f"this run has {world_size}; resume with --num_gpus {state['world_size']}.")
     changed = {k: (v, state["data_order"][k]) for k, v in data_order(args).items() if state["data_order"].get(k) != v}
-    if changed and torch.distributed.get_rank() == 0:
+    if changed:
         print(f"[train] WARNING: resuming with different {', '.join(f'--{k} {now} (was {was})' for k, (now, was) in changed.items())}; "
               "the prompts from here on differ from those of an uninterrupted run.", flush=True)
 
@@ -620,7 +666,8 @@ def cli(argv: list[str]) -> int:
         main(argv)
         status = 0
     except config.UsageError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if not getattr(e, "shared", False) or torch.distributed.get_rank() == 0:
+            print(f"train.py: error: {e}", file=sys.stderr)
         status = 2
     except RunStopped as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)

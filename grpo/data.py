@@ -163,12 +163,16 @@ def _drop_line(reason: str, drops: list[tuple[int, object]], total: int, max_pro
 
 def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_prompt_length: int,
                         system_prompt: str | None = None, log=print, progress: bool = False,
-                        check_solution: Callable[[str, str | None], str | None] | None = None) -> PromptDataset:
-    """Load, check every row once, and report what was dropped and why (one log line per reason).
+                        check_solution: Callable[[str, str | None], str | None] | None = None,
+                        usable: tuple[list[int], dict[str, list[int]]] | None = None) -> PromptDataset:
+    """Load, check every row once (each picture decoded once), and report what was dropped and why
+    (one log line per reason).
 
     `processor` is the model's (vlm_adapter sets its pixel limits), used to count the prompt's text
     tokens plus the image tokens the image will expand to. `check_solution(solution, problem)`, if
     given, returns None when the gold answer can be judged, else a short reason the row is dropped.
+    `usable` = (kept rows, dropped rows by reason) of an earlier check of the same rows (another
+    rank's: `PromptDataset.keep` and `.dropped`): then no row is checked again and nothing is decoded.
     """
     rows = load_rows(dataset_name, split)
     check_columns(rows, dataset_name)
@@ -176,6 +180,10 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
         raise UsageError(f"--dataset_name {dataset_name!r} has a `video` column, and this model's family takes no "
                          "video (the Qwen families do); drop the column or use a Qwen-VL model.")
     base_dir = os.path.dirname(os.path.abspath(dataset_name)) if os.path.isfile(dataset_name) else None
+    if usable is not None:
+        return PromptDataset(rows, list(usable[0]), base_dir, system_prompt, dict(usable[1]))
+
+    text_only = []  # kept rows without pictures, noted while their pictures are looked at
 
     def drop_reason(index: int, problem, solution) -> tuple[str, object] | None:
         """(reason, detail or None) for a row to drop, or None to keep it: text first, pictures last."""
@@ -192,7 +200,11 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
             length = count_prompt_tokens(processor, conversation, images, family, videos)
         except Exception as e:  # any decoding failure: the row is dropped and reported
             return "unreadable image or video", f"{type(e).__name__}: {e}"
-        return (TOO_LONG, length) if length > max_prompt_length else None
+        if length > max_prompt_length:
+            return TOO_LONG, length
+        if not images and not videos:
+            text_only.append(index)
+        return None
 
     keep, drops = [], {reason: [] for reason in DROP_REASONS}  # reason -> [(row, detail)]
     texts = rows.select_columns(list(REQUIRED_COLUMNS))  # no picture decoded for the text checks
@@ -211,9 +223,8 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
                            + (f" ({counts})." if counts else "."))
         error.dropped = {reason: [i for i, _ in found] for reason, found in drops.items()}  # for data_tools.py
         raise error
-    text_only = sum(1 for i in keep if not any(rows[i].get(c) for c in (*IMAGE_COLUMNS, "video")))
     log(f"[data] {len(keep)} prompts from {dataset_name!r} (split {split!r})"
-        + (f", {text_only} of them text-only" if text_only else ""))
+        + (f", {len(text_only)} of them text-only" if text_only else ""))
     return PromptDataset(rows, keep, base_dir, system_prompt,
                          {reason: [i for i, _ in found] for reason, found in drops.items()})
 

@@ -192,6 +192,35 @@ def clear_earlier_run(output_dir: str, run_name: str) -> None:
     shutil.rmtree(os.path.join(output_dir, "runs", run_name), ignore_errors=True)
 
 
+def check_seen_by_every_rank(output_dir: str, rank: int, world_size: int) -> None:
+    """Stop unless every rank sees the same --output_dir: rank 0 writes a file there and every rank
+    looks for it (a collective). Checkpoints (DeepSpeed writes one shard per rank into the same
+    folder), the logs and the choice of the checkpoint to resume assume one folder on a file system
+    all nodes share; on folders local to each node the run would resume different checkpoints, or
+    none, on different ranks."""
+    if world_size == 1:
+        return
+    name = [f".seen-by-every-rank-{os.urandom(8).hex()}" if rank == 0 else None]
+    torch.distributed.broadcast_object_list(name, src=0)
+    marker = os.path.join(output_dir, name[0])
+    if rank == 0:
+        with open(marker, "w") as f:
+            f.write("written by rank 0 to check that every rank sees this folder\n")
+    torch.distributed.barrier()
+    seen = [None] * world_size
+    torch.distributed.all_gather_object(seen, os.path.isfile(marker))
+    torch.distributed.barrier()
+    if rank == 0:
+        os.remove(marker)
+    blind = [r for r, saw in enumerate(seen) if not saw]
+    if blind:
+        error = UsageError(f"--output_dir: {output_dir!r} is not one folder for every rank: rank(s) {blind} cannot "
+                           "see the file rank 0 wrote there (a folder local to each node). Checkpoints, logs and "
+                           "resuming need a file system every node shares (NFS, Lustre, ...): give a path on one.")
+        error.shared = True
+        raise error
+
+
 def remove_unfinished_saves(output_dir: str) -> list[str]:
     """Delete the .tmp folders of saves that a kill interrupted; returns their names."""
     names = [name for name in earlier_run_files(output_dir) if name.endswith(".tmp")]

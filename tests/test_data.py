@@ -207,3 +207,33 @@ def test_video_column_needs_a_family_that_takes_video(video_dataset, processor):
     assert kinds == [(1, 0), (0, 1), (0, 0)] * 2
     assert [len(frames) for frames in ds[0]["videos"]] == [4]
     assert [item["type"] for item in ds[0]["prompt"][1]["content"]] == ["video", "text"]
+
+
+def test_each_picture_is_decoded_once_and_a_second_rank_decodes_none(colour_dataset, mixed_dataset, processor,
+                                                                    monkeypatch):
+    """Checking the rows decodes each picture once (8 rows of one image: 8 decodes); a rank given rank 0's
+    decision (`usable`) decodes none at start, and holds the same prompts (the mixed set: rows of 1, 2 and
+    0 images). datasets itself decodes the first picture of an `images` list twice when it reads a row
+    (its decode_nested_example probes the first element), so the exact count uses the `image` column."""
+    from PIL import ImageFile
+
+    decoded = []
+    load = ImageFile.ImageFile.load
+
+    def counting_load(image):
+        if image.tile:  # pixels not decoded yet (PIL clears the tiles once it has)
+            decoded.append(image.size)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    data.load_prompt_dataset(colour_dataset, "train", processor, QWEN, 4096, log=lambda _: None)
+    assert len(decoded) == 8
+    messages = []
+    checked = data.load_prompt_dataset(mixed_dataset, "train", processor, QWEN, 4096, log=messages.append)
+    assert any("8 prompts" in m and "2 of them text-only" in m for m in messages), messages
+    decoded.clear()
+    trusted = data.load_prompt_dataset(mixed_dataset, "train", processor, QWEN, 4096, log=messages.append,
+                                       usable=(checked.keep, checked.dropped))
+    assert decoded == []
+    assert trusted.keep == checked.keep and trusted.dropped == checked.dropped
+    assert [len(trusted[i]["images"]) for i in range(8)] == [1, 2, 0, 1, 2, 0, 1, 2]

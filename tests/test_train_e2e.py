@@ -31,6 +31,9 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
     # The shared-prompt path (the default) under ZeRO-3 on two ranks, with gradient checkpointing.
     assert "ZeRO stage 3" in log and "2 rank(s)" in log and "prompts shared by their group" in log
     assert "sampled in 1 generate call(s) per rank; 2 micro-batch(es) of 2 prompts each" in log
+    # The tiny checkpoint lists Qwen2-VL's two end ids (and its sampling defaults, which are not used).
+    assert "a completion ends at the first of ['<|im_end|>', '<|endoftext|>']" in log
+    assert "never the checkpoint's sampling defaults" in log
 
     scalars = _scalars(out)
     tags = set(scalars.Tags()["scalars"])
@@ -166,3 +169,64 @@ def test_video_rows_train(family_models, video_dataset, tmp_path):
                       tmp_path)
     assert "6 prompts" in log and "2 of them text-only" in log
     assert [m["step"] for m in read_metrics(out)] == [1]
+
+
+def _torchrun_two_nodes(args: list[str], cwds: list[str], tmp_path, timeout: int = 900) -> list[tuple[int, str]]:
+    """train.py as two single-process nodes of one torchrun job on this machine (`torchrun --nnodes 2
+    --node_rank 0|1 --nproc_per_node 1`), node i started in cwds[i]; (exit status, output) per node."""
+    import signal
+    import socket
+    import subprocess
+
+    from conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
+    nodes = [subprocess.Popen(["torchrun", "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
+                               "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               os.path.join(REPO, "train.py"), *args],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for i, cwd in enumerate(cwds)]
+    results = []
+    for node in nodes:
+        try:
+            output, _ = node.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in nodes:
+                os.killpg(other.pid, signal.SIGKILL)
+            pytest.fail("torchrun nodes still running after the timeout (killed)")
+        results.append((node.returncode, output))
+    (tmp_path / "log.txt").write_text("\n\n".join(output for _, output in results))
+    return results
+
+
+def test_torchrun_two_nodes(tiny_model, colour_dataset, tmp_path):
+    """open-r1-multimodal launched with torchrun: two nodes of one process each (here both on this
+    machine, the rendezvous on localhost) train under zero3.json's ZeRO-3, as the deepspeed launcher does."""
+    out = str(tmp_path / "run")
+    results = _torchrun_two_nodes(["--model_name_or_path", tiny_model, "--dataset_name", colour_dataset,
+                                   "--output_dir", out, "--max_steps", "2", "--beta", "0", "--save_steps", "0",
+                                   *COMMON], [str(tmp_path)] * 2, tmp_path)
+    assert [status for status, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert "2 rank(s)" in results[0][1] and "ZeRO stage 3" in results[0][1]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_an_output_dir_the_nodes_do_not_share_stops_the_run(tiny_model, colour_dataset, tmp_path):
+    """Two nodes whose --output_dir are different folders (the same relative path from different
+    working folders, as a node-local disk would be) stop before loading anything, with one line that
+    says so, instead of resuming different checkpoints or waiting on each other forever."""
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    results = _torchrun_two_nodes(["--model_name_or_path", tiny_model, "--dataset_name", colour_dataset,
+                                   "--output_dir", "out", "--max_steps", "2", *COMMON],
+                                  [str(cwd) for cwd in cwds], tmp_path, timeout=300)
+    assert all(status != 0 for status, _ in results)
+    errors = [line for line in results[0][1].splitlines() if "train.py: error:" in line]
+    assert len(errors) == 1 and "--output_dir: 'out' is not one folder for every rank: rank(s) [1]" in errors[0], \
+        results[0][1][-3000:]
+    assert "train.py: error:" not in results[1][1]  # said once, by rank 0
+    assert not (cwds[0] / "out" / "metrics.jsonl").exists() and not (cwds[1] / "out" / "metrics.jsonl").exists()
