@@ -160,6 +160,7 @@ def load_engine(args, ds_config: dict, dtype, total_steps: int, train: bool):
         ds_config.pop("scheduler", None)
         if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
             ds_config["zero_optimization"] = {"stage": 0}
+    vlm_adapter.define_model_classes(args.model_name_or_path)  # before ZeRO-3's class patching: see there
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (a weakref inside transformers reads it)
     model = vlm_adapter.load_model(args.model_name_or_path, dtype, args.attn_implementation)
     if train and args.freeze_vision_tower:

@@ -135,6 +135,21 @@ def load_processor(model_name_or_path: str, min_pixels: int, max_pixels: int):
     return processor
 
 
+def define_model_classes(model_name_or_path: str) -> None:
+    """Import every module class the model is built from, by building it once on the meta device (no
+    memory). Call it before a ZeRO-3 load (HfDeepSpeedConfig): DeepSpeed's zero.Init wraps the
+    __init__ of every class defined while it is active and puts back what it wrapped when it exits,
+    which undoes what a class decorator did in between. transformers (5.25, with `kernels` installed)
+    decorates attention classes (Qwen2Attention: use_kernelized_func); LLaVA-OneVision and Aria import
+    their text model's module inside their own __init__, so under ZeRO-3 the first load defined it
+    inside zero.Init, and every later instance (the reference model) lost its decorated __init__ and
+    failed at its first forward ("'Qwen2Attention' object has no attribute '_kernel_funcs'")."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_name_or_path))
+
+
 def load_model(model_name_or_path: str, dtype: torch.dtype, attn_implementation: str | None = None):
     """The model, in `dtype`, with the given attention (None: flash_attention_2 where it can run, else
     sdpa; config.settle_precision_and_attention). Under ZeRO-3 call this while an HfDeepSpeedConfig
