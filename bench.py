@@ -691,9 +691,11 @@ def profile_summary(averages, wall_seconds: float, device_time: bool) -> dict:
     for event in averages:
         seconds = getattr(event, attribute) / 1e6
         classes[op_class(event.key)] += seconds
-        ops.append((seconds, event.key))
+        shapes = [shape for shape in getattr(event, "input_shapes", None) or [] if shape]  # when grouped by shape
+        ops.append((seconds, event.key, shapes, getattr(event, "count", None)))
     classes["outside ops"] = max(0.0, wall_seconds - sum(classes.values()))
-    top = [dict(op=name, seconds=seconds, op_class=op_class(name)) for seconds, name in sorted(ops, reverse=True)[:12]]
+    top = [dict(op=name, seconds=seconds, op_class=op_class(name), shapes=shapes, calls=calls)
+           for seconds, name, shapes, calls in sorted(ops, key=lambda op: -op[0])[:12]]
     return dict(wall_seconds=wall_seconds, classes=classes, top_ops=top)
 
 
@@ -741,13 +743,13 @@ def train_worker(spec_path: str) -> None:
                 state["step"] += phase == "generate"  # each step starts with its one sample_groups call
                 if state["step"] != spec["profile_step"]:
                     return function(*args, **kwargs)
-                with torch.profiler.profile(activities=activities) as profiler:
+                with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
                     start = time.perf_counter()
                     result = function(*args, **kwargs)
                     if on_gpu:
                         torch.cuda.synchronize()
                     wall = time.perf_counter() - start
-                summary = profile_summary(profiler.key_averages(), wall, device_time=on_gpu)
+                summary = profile_summary(profiler.key_averages(group_by_input_shape=True), wall, device_time=on_gpu)
                 if phase in state["phases"]:  # logps: the reference and the old log-probs, summed
                     earlier = state["phases"][phase]
                     summary["wall_seconds"] += earlier["wall_seconds"]
@@ -863,8 +865,10 @@ def print_profile(profile: dict) -> None:
                       *(f"{p['classes'][c] / p['wall_seconds']:.1%}" if p["wall_seconds"] else "n/a" for c in classes)])
     print_rows(lines)
     for phase, p in profile["phases"].items():
-        top = ", ".join(f"{o['op']} {o['seconds']:.3f}" for o in sorted(p["top_ops"], key=lambda o: -o["seconds"])[:6])
-        print(f"  {phase} top ops (self s): {top}")
+        top = sorted(p["top_ops"], key=lambda o: -o["seconds"])[:5]
+        print(f"  {phase}, the top ops by self time: "
+              + "; ".join(f"{o['op']} {' x '.join(map(str, o['shapes']))} {o['seconds']:.3f} s in {o['calls']} call(s)"
+                          for o in top))
 
 
 def machine() -> dict:
