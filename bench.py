@@ -1010,8 +1010,9 @@ def main(argv: list[str]) -> None:
                                         and importlib.util.find_spec("flash_attn") else "sdpa")
     on_gpu = torch.cuda.is_available()
     device = device_peaks(info["gpu"], args.device_bandwidth_gbs, args.device_tflops)
-    # The denominator of each phase's FLOP/s: a known GPU's dense bf16 peak, else the one measured here.
-    flop_peak, peak_label = ((device[1] * 1e12, "device peak") if device[1] else
+    # The denominator of each phase's FLOP/s: a known GPU's dense bf16 peak for a bf16 run, else the
+    # matmul peak measured here in the run's dtype.
+    flop_peak, peak_label = ((device[1] * 1e12, "device bf16 peak") if device[1] and args.dtype == "bfloat16" else
                              (peaks[args.dtype]["peak"], f"measured {args.dtype} matmul peak"))
     setup = dict(folder=folder, data=data, attn=attn, counts=counts, config=config, prompt_tokens=prompt_tokens,
                  on_gpu=on_gpu, decode_bytes=decode_weight_bytes(counts, 2 if args.dtype == "bfloat16" else 4),
@@ -1063,6 +1064,9 @@ def main(argv: list[str]) -> None:
           + (" -- other work was running; these numbers are not clean" if load > 1.5 * args.threads * args.ranks else ""))
     print()
     print_table(results)
+    if args.ranks > 1:
+        print(f"(rollouts/s and tokens/s: all {args.ranks} ranks together; peak GB: on the CPU the largest rank's "
+              "resident memory, on a GPU the mean over ranks of its largest phase peak)")
     names = list(results)
     if len(names) == 2:
         ratio = results[names[1]]["step"] / results[names[0]]["step"]
