@@ -462,7 +462,7 @@ def run_process(command: list[str], log_path: str, threads: int) -> float:
             tail = f.read()[-4000:]
         raise RuntimeError(f"{' '.join(command[:3])} ... failed (exit {process.returncode}); "
                            f"the end of {log_path}:\n{tail}")
-    return usage.ru_maxrss / 1e6  # kilobytes on Linux
+    return usage.ru_maxrss * 1024 / 1e9  # KiB on Linux
 
 
 PHASES = ("generate", "logps", "update")
