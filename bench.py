@@ -202,26 +202,30 @@ def save_model_folder(name: str, folder: str, dtype: str, layers: int | None = N
 def param_counts(config) -> dict[str, int]:
     """Parameters by part, counted on the `meta` device (no memory): `text` (the decoder layers and
     final norm), `embedding` and `lm_head` (V x hidden each, the same tensor when tied), `vision`
-    (the whole vision tower: patch embedding, blocks, merger), and `total` (each tensor once). Two
-    parts of `vision` are also given alone, for the FLOP count: `vision_blocks` (the transformer
-    blocks, which gradient checkpointing recomputes) and `merger` (which runs once per 2 x 2 patches)."""
+    (the whole vision tower: patch embedding, blocks, merger), and `total` (each tensor once). For
+    the FLOP count, some parts alone: `vision_blocks` (the transformer blocks, which gradient
+    checkpointing recomputes), `merger` (it runs once per 2 x 2 patches), and `text_mlp_out` and
+    `vision_mlp_out`, the MLP's output projection of every decoder layer and of every vision block
+    (down_proj, or fc2 in Qwen2-VL's tower): the last matmul of a layer, which the recompute skips."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     counts = dict(text=0, embedding=0, lm_head=0, vision=0)
-    vision_blocks = merger = 0
+    parts = dict(vision_blocks=0, merger=0, text_mlp_out=0, vision_mlp_out=0)
     for name, p in model.named_parameters():  # tied weights are listed once
         part = ("vision" if ".visual." in name else "embedding" if "embed_tokens" in name
                 else "lm_head" if name.startswith("lm_head") else "text")
         counts[part] += p.numel()
-        vision_blocks += p.numel() if ".visual.blocks." in name else 0
-        merger += p.numel() if ".visual.merger." in name else 0
+        mlp_out = ".mlp.down_proj." in name or ".mlp.fc2." in name
+        for key, found in (("vision_blocks", ".visual.blocks." in name), ("merger", ".visual.merger." in name),
+                           ("text_mlp_out", part == "text" and mlp_out),
+                           ("vision_mlp_out", ".visual.blocks." in name and mlp_out)):
+            parts[key] += p.numel() if found else 0
     counts["total"] = sum(counts.values())
     counts["lm_head"] = model.get_output_embeddings().weight.numel()  # used for FLOPs even when tied
-    counts.update(vision_blocks=vision_blocks, merger=merger)
-    return counts
+    return {**counts, **parts}
 
 # ---------------------------------------------------------------------------------------------
 # The arithmetic: FLOPs per phase, decode bandwidth, and this machine's matmul peak.
@@ -248,6 +252,11 @@ class StepShape:
     @property
     def completions(self) -> int:
         return self.prompts * self.group_size
+
+    @property
+    def text_tokens(self) -> int:
+        """Token positions through the decoder layers: the prompt copies and every completion token."""
+        return self.prompt_copies * self.prompt_tokens + self.completions * self.completion_tokens
 
 
 def image_tokens(image_size: int, patch: int = 14, merge: int = 2) -> tuple[int, int]:
@@ -315,7 +324,7 @@ def forward_flops(counts: dict[str, int], config, step: StepShape) -> dict[str, 
                                    config.vision_config.spatial_merge_size)
     C, completion_tokens = step.prompt_copies, step.completions * step.completion_tokens
     patch_embedding = counts["vision"] - counts["vision_blocks"] - counts["merger"]
-    return dict(text=2.0 * counts["text"] * (C * step.prompt_tokens + completion_tokens),
+    return dict(text=2.0 * counts["text"] * step.text_tokens,
                 lm_head=2.0 * counts["lm_head"] * completion_tokens,
                 vision_blocks=2.0 * counts["vision_blocks"] * patches * C,
                 vision_rest=2.0 * (patch_embedding * patches + counts["merger"] * merged) * C,
@@ -341,20 +350,28 @@ def update_flops(counts: dict[str, int], config, step: StepShape, checkpointing:
     layer's input and of its weight, 2 each), attention's backward likewise twice its forward; so
     3 x forward_flops. With gradient checkpointing (train.py: transformers'
     activation_checkpointing_enable, non-reentrant torch.utils.checkpoint around every decoder
-    layer and every vision block) the backward first runs each checkpointed layer's forward again:
-    + 2 per parameter per token for the text layers and the vision blocks, + their attention, and
-    nothing for the lm_head, the patch embedding and the merger, which are not checkpointed:
+    layer and every vision block) the backward first runs each checkpointed layer's forward again,
+    up to the last tensor its backward needs: torch stops the recompute there (its default "early
+    stop"), which is the input of the layer's last matmul, the MLP's output projection, so that
+    matmul is not run again. Nothing is recomputed for the lm_head, the patch embedding and the
+    merger, which are not checkpointed:
 
-      update = 3 x forward + (checkpointing: text + vision_blocks + text_attention + vision_attention)
-             = 8 per parameter per token in the checkpointed layers, 6 in the rest
+      recompute = 2 x (text params - text_mlp_out) x text tokens
+                + 2 x (vision block params - vision_mlp_out) x patches x C + text and vision attention
+      update    = 3 x forward + recompute (checkpointing) or 3 x forward
+                = 8 per parameter per token in a checkpointed layer (6 for its MLP output), 6 elsewhere
 
+    (Checked by counting the matmul FLOPs a tiny Qwen2-VL runs in its backward with and without
+    checkpointing: the difference is its layers' and blocks' forward less their down_proj / fc2.)
     A frozen lm_head (train_lm_head=False: bench's --freeze_embeddings) still passes the gradient to
     its input, 2 per parameter per token, but computes none for its weight: 4 instead of 6. Counted
-    in full although it is a little less: the backward of the patch embedding (its input, the
-    pixels, needs no gradient), and a recompute that stops after the layer's last saved tensor."""
+    in full although it is a little less: the backward of the patch embedding, whose input (the
+    pixels) needs no gradient."""
     parts = forward_flops(counts, config, step)
-    recompute = (parts["text"] + parts["vision_blocks"] + parts["text_attention"] + parts["vision_attention"]
-                 if checkpointing else 0.0)
+    patches, _ = image_tokens(step.image_size, config.vision_config.patch_size, config.vision_config.spatial_merge_size)
+    recompute = (2.0 * (counts["text"] - counts["text_mlp_out"]) * step.text_tokens
+                 + 2.0 * (counts["vision_blocks"] - counts["vision_mlp_out"]) * patches * step.prompt_copies
+                 + parts["text_attention"] + parts["vision_attention"]) if checkpointing else 0.0
     frozen_lm_head = 0.0 if train_lm_head else 2.0 * counts["lm_head"] * step.completions * step.completion_tokens
     return 3.0 * sum(parts.values()) + recompute - frozen_lm_head
 

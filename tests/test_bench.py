@@ -80,6 +80,8 @@ def test_cut_qwen2_vl_2b_by_hand():
     merger = 2 * 1280 + (5120 * 5120 + 5120) + (5120 * 1536 + 1536)  # LayerNorm, then 4 patches' 5120 -> 5120 -> 1536
     assert counts["vision_blocks"] == 2 * block
     assert counts["merger"] == merger
+    assert counts["text_mlp_out"] == 2 * 8960 * 1536  # down_proj, no bias
+    assert counts["vision_mlp_out"] == 2 * (5120 * 1280 + 1280)  # fc2 with its bias
     assert counts["vision"] == 2 * block + patch_embedding + merger
     assert counts["total"] == 2 * layer + 1536 + counts["vision"] + 151_936 * 1536
 
@@ -94,6 +96,8 @@ def test_cut_qwen2_5_vl_7b_by_hand():
     block = 2 * 1280 + (1280 * 3840 + 3840) + (1280 * 1280 + 1280) + 2 * (1280 * 3420 + 3420) + (3420 * 1280 + 1280)
     merger = 1280 + (5120 * 5120 + 5120) + (5120 * 3584 + 3584)
     assert counts["vision"] == block + 1280 * 3 * 2 * 14 * 14 + merger
+    assert counts["text_mlp_out"] == 18944 * 3584
+    assert counts["vision_mlp_out"] == 3420 * 1280 + 1280
     assert counts["total"] == counts["text"] + counts["vision"] + 2 * 152_064 * 3584
     assert config.vision_config.fullatt_block_indexes == [0]
 
@@ -138,8 +142,8 @@ def test_threads_default_to_the_cores_divided_among_ranks(monkeypatch):
 TEXT = SimpleNamespace(num_hidden_layers=2, num_attention_heads=2, head_dim=4, hidden_size=8)
 FULL_VISION = SimpleNamespace(depth=3, embed_dim=6, hidden_size=99, patch_size=14, spatial_merge_size=2)
 CONFIG = SimpleNamespace(text_config=TEXT, vision_config=FULL_VISION)
-# Parameters: patch embedding 12 = 50 - 30 - 8.
-COUNTS = dict(text=100, lm_head=10, vision=50, vision_blocks=30, merger=8)
+# Parameters: patch embedding 12 = 50 - 30 - 8; the layers' and blocks' MLP output projections 40 and 10.
+COUNTS = dict(text=100, lm_head=10, vision=50, vision_blocks=30, merger=8, text_mlp_out=40, vision_mlp_out=10)
 # B = 2 prompts, G = 3, P = 10 prompt tokens, T = 4 completion tokens, 56-px images: 4 x 4 = 16 patches, 4 tokens.
 STEP = bench.StepShape(prompts=2, group_size=3, prompt_tokens=10, completion_tokens=4, image_size=56)
 
@@ -195,22 +199,24 @@ def test_update_flops_by_hand():
     forward = 75_200
     # Forward 2 + backward 4 per parameter per token: 3 forwards.
     assert bench.update_flops(COUNTS, CONFIG, STEP, checkpointing=False) == 3 * forward
-    # Checkpointing recomputes the text layers, the vision blocks and their attention; not the
-    # lm_head (480), the patch embedding or the merger (896).
-    recompute = 8_800 + 1_920 + 26_240 + 36_864
+    # Checkpointing recomputes the text layers (but their MLP output, 40 of 100, on 44 tokens), the
+    # vision blocks (but theirs, 10 of 30, on 16 patches of 2 images) and their attention; not the
+    # lm_head, the patch embedding or the merger.
+    recompute = 2 * 60 * 44 + 2 * 20 * 16 * 2 + 26_240 + 36_864
     assert bench.update_flops(COUNTS, CONFIG, STEP, checkpointing=True) == 3 * forward + recompute
     # A frozen lm_head: forward 2 + input gradient 2, no weight gradient: 2 x 10 x 24 less.
     assert bench.update_flops(COUNTS, CONFIG, STEP, checkpointing=True, train_lm_head=False) == (
         3 * forward + recompute - 480)
 
 
-def test_update_flops_is_8_per_parameter_per_token_in_checkpointed_layers():
-    text_only = dict(text=1_000, lm_head=0, vision=0, vision_blocks=0, merger=0)
+def test_update_flops_is_8_per_parameter_per_token_in_checkpointed_layers_but_their_last_matmul():
+    # 1,000 text parameters, 300 of them the MLP's output projection; 5 prompt and 2 x 3 completion tokens.
+    text_only = dict(text=1_000, lm_head=0, vision=0, vision_blocks=0, merger=0, text_mlp_out=300, vision_mlp_out=0)
     no_attention = SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=1, num_attention_heads=0, head_dim=1),
                                    vision_config=FULL_VISION)
     step = bench.StepShape(prompts=1, group_size=2, prompt_tokens=5, completion_tokens=3, image_size=0)
     tokens = 5 + 2 * 3
-    assert bench.update_flops(text_only, no_attention, step, checkpointing=True) == 8 * 1_000 * tokens
+    assert bench.update_flops(text_only, no_attention, step, checkpointing=True) == (8 * 700 + 6 * 300) * tokens
     assert bench.update_flops(text_only, no_attention, step, checkpointing=False) == 6 * 1_000 * tokens
 
 
