@@ -428,7 +428,7 @@ def matmul_peak(dtype: str, threads: int, target_seconds: float = 0.5, repeats: 
                 seconds = timing()
                 if seconds >= target_seconds:
                     break
-                grow = (target_seconds / seconds) ** (1 / 3)  # time grows as n^3: aim at the target
+                grow = (target_seconds / max(seconds, 1e-6)) ** (1 / 3)  # time grows as n^3: aim at the target
                 if n < max_size:
                     n = min(max_size, max(n + 256, int(n * grow / 256 + 1) * 256))
                 else:
