@@ -37,7 +37,7 @@ MAX_RAW_CHARS = 300   # answers longer than this are compared as text only
 MAX_ITEMS = 64        # elements of a tuple, set or matrix compared one by one; more are compared as text
 MAX_NESTING = 4       # tuples of tuples ...: deeper structures are compared as text
 REL_TOL = 1e-6        # numeric equality: relative, so 4.5 == 4.5000001 but 4.5 != 4.6
-VERIFY_SECONDS = 1.2  # math-verify's share of one verify call, all its questions together
+VERIFY_SECONDS = 1.0  # math-verify's share of one verify call, all its questions together
 
 # ---------------------------------------------------------------- the final answer
 
@@ -377,9 +377,9 @@ def _compare(a: str, b: str, precision: int | None, ask, depth: int = 0) -> bool
         x, y = x or _structure(a, decimal_comma=False), y or _structure(b, decimal_comma=False)
     if x is not None and y is not None:
         return depth < MAX_NESTING and _same_structure(x, y, ask, depth + 1)
-    if x is not None or y is not None:  # a structure against one value: an inequality or a product may match it
+    if x is not None or y is not None:  # a structure against a number never; against a relation or a product, maybe
         other = b if x is not None else a
-        return not _values(other) and _infinity(other) is None and ask(a, b)
+        return not any(map(_number, _values(other))) and _infinity(other) is None and ask(a, b)
     signs = _infinity(a), _infinity(b)
     if signs != (None, None):
         return signs[0] == signs[1]
