@@ -1,25 +1,21 @@
 """Answers: what a completion's final answer is, and whether it is the gold answer (`verify`).
 
 `verify(prediction, gold, question)` is the accuracy reward's judge and eval.py's; it never raises.
-  extracted here   the final answer (`final_answer`: the last <answer> block, else the last \\boxed{}, with
-                   boxes listed right before it, else what the free text states), an option letter, and
-                   the gold's reading (`read_gold`, once for the G completions of a group).
-  compared here    what benchmark conventions decide: option letters and texts; text answers; a structure's
-                   shape in the gold's notation (tuples are ordered, sets and bare lists are not, [1,3) is
-                   not (1,3), items parted by commas, semicolons or "and"); numbers with their units,
-                   degrees, percent, currency, decimal commas and thousands (1,22 is 1.22, 11,\\!111 is
-                   11111, 4.5 == 9/2); a precision the question states.
-  math-verify      (Hugging Face's, time-bounded in grpo/math_verify_worker.py) whether two values are
-                   equal where those rules cannot say: expressions and identities, relations (x \\geq 5 ==
-                   5 \\leq x, an inequality against the gold's interval), equations as equations ("0" is
-                   not the answer "a + 3z = 0"), matrices and their products, "= ... \\approx" chains.
-
-The policy optimises whatever the reward measures, holes included. Traps avoided here: judging the
-reasoning (only the final answer counts, never a number from the middle of the text); comparing strings
-(4.5, 9/2 and \\frac{9}{2} are one answer, so are 40°, 40^\\circ and 40); rewarding several options ("A or
-B") or a hedge ("x = 6 or x = 7"); reading the article in "A square" as option A; handing words to
-math-verify, whose symbols make "lube" equal "blue"; hangs (texts longer than MAX_RAW_CHARS are compared
-as text, structures stop at MAX_ITEMS items and MAX_NESTING levels, math-verify gets VERIFY_SECONDS a call).
+  extracted here   the final answer (`final_answer`: the last <answer> block, else the last \\boxed{}, else
+                   what the free text states), an option letter, the gold (`read_gold`, once per group).
+  compared here    what benchmark conventions decide: option letters and texts; text; a structure's shape
+                   in the gold's notation (tuples are ordered, sets and bare lists are not, [1,3) is not
+                   (1,3), items parted by commas, semicolons or "and"); numbers with units, degrees,
+                   percent, currency, decimal commas and thousands (1,22 is 1.22, 11,\\!111 is 11111); a
+                   precision the question states.
+  math-verify      (Hugging Face's; grpo/math_verify_worker.py bounds its time) the rest: expressions,
+                   identities, relations, an inequality against the gold's interval, equations as
+                   equations ("0" is not the answer "a + 3z = 0"), matrix products, \\approx chains.
+Traps avoided: judging the reasoning (only the final answer counts); comparing strings (4.5, 9/2 and
+\\frac{9}{2} are one answer); rewarding several options ("A or B") or a hedge ("x = 6 or x = 7"); reading
+the article in "A square" as option A; handing words to math-verify, whose symbols make "lube" equal
+"blue"; hangs (texts over MAX_RAW_CHARS are compared as text, structures stop at MAX_ITEMS items and
+MAX_NESTING levels, math-verify gets VERIFY_SECONDS a call and is stopped there).
 """
 
 from __future__ import annotations
@@ -61,18 +57,13 @@ _BOX_GAP = re.compile(r"(?:\s|[,;$]|\\[,;:! ()]|\\q?quad|\\text\{\s*(?:and|,)?\s
 def _last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...}, nested braces included, with the boxes right before it that only
     separators part (\\boxed{1}, \\boxed{2} -> "1, 2"); None when absent or unclosed."""
-    start = text.rfind("\\boxed")  # the last one is also the innermost of \boxed{\boxed{..}}
-    box = _box_at(text, start) if start != -1 else None
-    if box is None:
-        return None
-    found = [box[0]]
+    found, start = [], len(text)  # the last box is also the innermost of \boxed{\boxed{..}}
     while len(found) < MAX_ITEMS and (before := text.rfind("\\boxed", 0, start)) != -1:
         box = _box_at(text, before)
-        if box is None or box[1] > start or not _BOX_GAP.fullmatch(text, box[1], start):
+        if box is None or found and (box[1] > start or not _BOX_GAP.fullmatch(text, box[1], start)):
             break
-        found.append(box[0])
-        start = before
-    return ", ".join(reversed(found))
+        found, start = found + [box[0]], before
+    return ", ".join(reversed(found)) if found else None
 
 
 def _tagged(text: str) -> tuple[str, str] | None:
@@ -184,19 +175,17 @@ def _concluding_value(text: str) -> str:
 def final_answer(text: str) -> tuple[str, str]:
     """(the final answer, how it was found), how being one of
         "answer tag"     the last <answer>...</answer> (a \\boxed{} inside it unwrapped)
-        "boxed"          the last \\boxed{}
+        "boxed"          the last \\boxed{}, with the boxes listed right before it
         "answer is"      what follows the last "The answer is" / "Answer:" / "the correct option is"
         "whole text"     a text that is itself a value ("6 apples", "x = 1, y = 2", "(B)"), or a short
                          text where nothing below is found either ("A square"), taken as is
         "last sentence"  what the concluding sentence states: the value after is / = / equals / so /
-                         therefore ... ("so the probability is 2/3."), or the option it names
+                         therefore ... ("so the probability is 2/3."), its last $...$, or the option it names
         "none"           nothing usable: empty, an empty or unclosed <answer>, only reasoning, or a long
                          text without a stated answer (answer "").
-    Only the end counts: a right number mid-reasoning and a different one in the last sentence is the
-    latter. Past the tags and the box, text inside <think> is never read. verify(final_answer(t)[0], gold)
-    judges as verify(t, gold) does, except for prose inside a tag: verify(t) takes "<answer>so it is
-    6</answer>" as is (as training always has), while its answer "so it is 6" alone reads as 6.
-    Bounded: linear scans of the text, values checked on short candidates only."""
+    Only the end counts, and text inside <think> is never read past the tags and the box. verify judges
+    final_answer(t)[0] as it judges t, except prose inside a tag: "<answer>so it is 6</answer>" is taken as
+    is (as training always has), while "so it is 6" alone reads as 6. Bounded: linear scans of the text."""
     if not isinstance(text, str):
         return "", "none"
     found = _tagged(text)

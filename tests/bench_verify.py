@@ -90,19 +90,27 @@ def timing(groups) -> dict:
 
 
 def held_out(repo: str) -> None:
-    """Math-Verify's own test cases (tests/test_all.py: core; test_numina_cases.py, test_open_thoughts.py:
-    hard), judged by verify and by math-verify alone."""
+    """tests/test_answers.py's multiple-choice cases, and Math-Verify's own test cases (tests/test_all.py:
+    core; test_numina_cases.py, test_open_thoughts.py: hard), judged by verify and by math-verify alone."""
     import importlib.util
     import sys
 
     import math_verify
 
-    sys.path.insert(0, repo)  # its test modules import one another as tests.*
+    from tests.test_answers import CHOICE, test_free_text_multiple_choice
+
+    def alone(gold, pred):
+        return bool(math_verify.verify(math_verify.parse(gold), math_verify.parse(pred)))
+
+    choice = CHOICE + list(test_free_text_multiple_choice.pytestmark[0].args[1])  # its parametrize table
+    ours = sum(answers.verify(p, g, q) is e for p, g, q, e in choice)
+    theirs = sum(alone(g, p) is e for p, g, q, e in choice)
+    print(f"multiple choice ({len(choice)}): verify {ours / len(choice):.2f}, math-verify alone {theirs / len(choice):.2f}")
     for name, files in (("core", ["test_all"]), ("hard", ["test_numina_cases", "test_open_thoughts"])):
         cases = []
         for file in files:
             spec = importlib.util.spec_from_file_location(f"tests.{file}", f"{repo}/tests/{file}.py")
-            module = importlib.util.module_from_spec(spec)
+            module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # they import tests.test_all
             spec.loader.exec_module(module)
             for fn in vars(module).values():
                 for mark in getattr(fn, "pytestmark", []):
@@ -110,8 +118,7 @@ def held_out(repo: str) -> None:
                         keys = [k.strip() for k in mark.args[0].split(",")]
                         cases += [dict(zip(keys, getattr(v, "values", v))) for v in mark.args[1]]
         ours = sum(answers.verify(c["pred"], c["gold"]) == bool(c["expected"]) for c in cases)
-        theirs = sum(bool(math_verify.verify(math_verify.parse(c["gold"]), math_verify.parse(c["pred"])))
-                     == bool(c["expected"]) for c in cases)
+        theirs = sum(alone(c["gold"], c["pred"]) == bool(c["expected"]) for c in cases)
         print(f"math-verify's {name} cases ({len(cases)}): verify {ours / len(cases):.2f}, math-verify alone "
               f"{theirs / len(cases):.2f}")
 
