@@ -33,7 +33,7 @@ _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _idle: list[_Worker] = []       # workers waiting for a question
 _live: dict[int, _Worker] = {}  # every worker of this process, by pid
-_warm = False                   # math-verify has parsed once in this process
+_warm = False                   # math-verify has compared once in this process
 _timeouts = 0
 # A tower of numeric powers (9^{9^9}), a huge factorial or exponent: never worth a worker's time
 _HOPELESS = re.compile(r"\d\s*(?:\^|\*\*)\s*[{(\s]*\d+\s*(?:\^|\*\*)|\d{4,}\s*!|(?:\^|\*\*)\s*[{(\s]*-?\d{4,}")
@@ -52,25 +52,32 @@ def equal(gold: str, answer: str, set_relation: bool, deadline: float) -> bool:
     """math-verify's verdict on gold and answer (LaTeX): verify(parse(gold), parse(answer)) with
     `allow_set_relation_comp=set_relation`, else equal at three sample points; False when no verdict comes
     by `deadline` (time.monotonic(); a timeout, counted and logged) or the worker fails."""
-    global _timeouts
+    if _warm_up():  # once per process, math-verify's lazy imports: the question still gets half a second
+        deadline = max(deadline, time.monotonic() + 0.5)
+    if time.monotonic() >= deadline:  # the call's time went to earlier questions: this one is not asked
+        return _timed_out(gold, answer)
     with _lock:
         worker = _idle.pop() if _idle else None
-    if worker is None:  # a fork, and once per process a warm-up; the question still gets half a second
-        worker = _Worker()
-        deadline = max(deadline, time.monotonic() + 0.5)
+    worker = worker or _Worker()
     reply = worker.ask((gold, answer, set_relation), deadline - time.monotonic())
     if reply is None:  # overran or died: a wrong answer, and a new worker next time
         worker.stop()
-        with _lock:
-            _timeouts += 1
-            n = _timeouts
-        if n <= 3 or math.log10(n).is_integer():
-            _log.warning(f"verify: no verdict from math-verify in time on answer {answer[:80]!r} against gold "
-                         f"{gold[:80]!r}; judged wrong ({n} so far in this process: math_verify_worker.timeouts()).")
-        return False
+        return _timed_out(gold, answer)
     with _lock:
-        _idle.append(worker)
+        if worker.pid in _live:  # not stopped meanwhile by shutdown() in another thread
+            _idle.append(worker)
     return reply
+
+
+def _timed_out(gold: str, answer: str) -> bool:
+    global _timeouts
+    with _lock:
+        _timeouts += 1
+        n = _timeouts
+    if n <= 3 or math.log10(n).is_integer():
+        _log.warning(f"verify: no verdict from math-verify in time on answer {answer[:80]!r} against gold "
+                     f"{gold[:80]!r}; judged wrong ({n} so far in this process: math_verify_worker.timeouts()).")
+    return False
 
 
 def timeouts() -> int:
@@ -84,6 +91,19 @@ def shutdown() -> None:
         workers, _idle[:] = list(_live.values()), []
     for worker in workers:
         worker.stop()
+
+
+def _warm_up() -> bool:
+    """Compare once in this process (0.4 to 0.7 s: lazy imports), so that every worker forked from it starts
+    warm; True when it did so now."""
+    global _warm
+    with _lock:
+        if _warm:
+            return False
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # "Timeout is disabled": ours bounds it
+        x, y = _parse("\\frac{1}{2}+x^{2}"), _parse("(x+1)^2 - 2x - \\frac{1}{2}")
+        _warm = math_verify.verify(x, y, timeout_seconds=None) or _same_at_points(x[0], y[0]) or True
+        return True
 
 
 @functools.lru_cache(maxsize=1024)  # a group's gold is parsed once, whatever its G answers
@@ -111,12 +131,6 @@ class _Worker:
     """A forked process answering (gold, answer, set_relation) -> bool."""
 
     def __init__(self):
-        global _warm
-        with _lock:
-            if not _warm:  # compare once here (0.4 to 0.7 s: lazy imports), so that every worker starts warm
-                logging.getLogger("math_verify").setLevel(logging.ERROR)  # "Timeout is disabled": ours bounds it
-                x, y = _parse("\\frac{1}{2}+x^{2}"), _parse("(x+1)^2 - 2x - \\frac{1}{2}")
-                _warm = math_verify.verify(x, y, timeout_seconds=None) or _same_at_points(x[0], y[0]) or True
         self.conn, there = multiprocessing.connection.Pipe()
         with warnings.catch_warnings():  # Python 3.12 warns on fork with threads: the child runs _serve only
             warnings.simplefilter("ignore", DeprecationWarning)

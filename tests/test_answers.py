@@ -528,6 +528,9 @@ def test_the_bound_on_the_main_thread():
     assert timeouts >= 1  # (x+1)^{999} runs into the bound; the towers, factorials and long texts never start
     verdicts, worst, timeouts = timed_verdicts([OVERRUNS])
     assert verdicts == [False] and timeouts == 1 and worst < 2.0  # counted, each time
+    start = time.monotonic()  # the questions of one call share its second: those after it are not asked
+    assert verify("\\{(x+1)^{999}, (x+2)^{999}, (x+3)^{999}\\}", "\\{4, 5, 6\\}") is False
+    assert time.monotonic() - start < 2.0
     assert verify("<answer>2x + 2</answer>", "<answer>2(x+1)</answer>") is True  # a new worker answers next
 
 
