@@ -265,9 +265,13 @@ def parse_options(question: str | None) -> dict[str, str]:
 
 
 def _option_for(answer: str, options: dict[str, str], precision: int | None, deadline: float) -> str | None:
-    """The letter whose option text equals the answer ("40" -> B when B is "40°"); None unless exactly one."""
-    hits = [letter for letter, text in options.items() if text and _equal(answer, text, precision, deadline)]
-    return hits[0] if len(hits) == 1 else None
+    """The letter whose option text equals the answer ("40" -> B when B is "40°"); None unless exactly one.
+    By our rules first; math-verify is asked only when they find no option."""
+    for asking in (None, deadline):
+        hits = [letter for letter, text in options.items() if text and _equal(answer, text, precision, asking)]
+        if hits:
+            return hits[0] if len(hits) == 1 else None
+    return None
 
 # ---------------------------------------------------------------- verify
 
@@ -299,6 +303,8 @@ def judge(prediction: str, gold: Gold) -> bool:
         answer = final_answer(prediction)[0]
         if not _clean(answer) or not gold.answer:
             return False
+        if _clean(answer) == gold.answer:  # the gold's own text, whatever the options
+            return True
         deadline = time.monotonic() + VERIFY_SECONDS
         options, precision = gold.options, gold.precision
         letter = as_letter(answer, max(options) if options else "E")
@@ -334,11 +340,11 @@ def _precision(question: str | None) -> int | None:
 # ================================================================ when two answers are equal (private)
 
 
-def _equal(answer: str, gold: str, precision: int | None, deadline: float) -> bool:
-    """Our rules (_compare), with math-verify asked where they cannot decide, on two values."""
+def _equal(answer: str, gold: str, precision: int | None, deadline: float | None) -> bool:
+    """Our rules (_compare), with math-verify asked where they cannot decide (unless deadline is None)."""
     def ask(a: str, b: str) -> bool:
-        return _sendable(a) and _sendable(b) and math_verify_worker.equal(_as_sent(b), _as_sent(a),
-                                                                         _is_interval(b), deadline)
+        return deadline is not None and _sendable(a) and _sendable(b) and math_verify_worker.equal(
+            _as_sent(b), _as_sent(a), _is_interval(b), deadline)
     return _compare(answer, gold, precision, ask)
 
 
