@@ -114,13 +114,13 @@ def _parse(latex: str) -> list:
 
 
 def _same_at_points(x, y, rel_tol: float = 1e-6) -> bool:
-    """Expressions with variables equal at three points where each variable is positive: what
-    math-verify's real-valued symbols miss (\\sqrt{x}\\sqrt{x} == x)."""
+    """Expressions with variables equal, in complex numbers, at three points of mixed signs: what
+    math-verify's real-valued symbols miss (\\sqrt{x}\\sqrt{x} == x), without |x| == x or \\sqrt{x^2} == x."""
     import sympy
     both = isinstance(x, sympy.Expr) and isinstance(y, sympy.Expr)
     symbols = sorted(x.free_symbols | y.free_symbols, key=str) if both else []
     for k in range(3 if symbols else 0):
-        point = {s: sympy.Rational(53 + 37 * i + 29 * k, 100) for i, s in enumerate(symbols)}
+        point = {s: sympy.Rational((-1) ** (i + k) * (53 + 37 * i + 29 * k), 100) for i, s in enumerate(symbols)}
         u, v = (complex(sympy.N(e.doit().subs(point), 20)) for e in (x, y))
         if not (cmath.isfinite(u) and cmath.isfinite(v) and abs(u - v) <= max(rel_tol * max(abs(u), abs(v)), 1e-12)):
             return False

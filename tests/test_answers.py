@@ -469,6 +469,9 @@ NOTATIONS = [
     ("precision", "3.14159", "3.14", None, False),  # no precision stated: 3.14159 is not 3.14
     ("precision", "12.4", "12", "Give the answer to the nearest whole number.", True),
     ("precision", "0.33", "\\frac{1}{3}", "Answer to the nearest hundredth.", True),
+    ("identity", "|x|", "x", None, False),  # equal for x > 0 only: the sample points have both signs
+    ("identity", "\\sqrt{x^2}", "x", None, False),
+    ("identity", "(x+1)^2", "x^2 + 2x + 1", None, True),
     ("words", "lube", "blue", None, False),  # as symbols, l*u*b*e == b*l*u*e: words are compared as text
     ("words", "der", "red", None, False),
     ("words", "xy", "yx", None, False),
