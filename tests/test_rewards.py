@@ -62,9 +62,11 @@ def test_accuracy_reward_reads_each_gold_once(monkeypatch):
     assert read == [("<answer>4.5</answer>", "Halve 9."), ("<answer>B</answer>", ANGLES)]
 
 
-def test_accuracy_reward_counts_a_comparison_past_its_time(caplog):
+def test_accuracy_reward_counts_a_comparison_past_its_time(caplog, monkeypatch):
     """(x+1)^{999} against 4 sends math-verify's simplify() into an expansion it would not leave for minutes:
-    the worker is stopped after VERIFY_SECONDS, the answer scores 0.0, and the timeout is counted and logged."""
+    the worker is stopped after VERIFY_SECONDS, the answer scores 0.0, and the timeout is counted and logged
+    (the first three of a process are, then the 10th, 100th, ...: the count starts at 0 here)."""
+    monkeypatch.setattr(math_verify_worker, "_timeouts", 0)
     before = math_verify_worker.timeouts()
     start = time.monotonic()
     scores = accuracy_reward(["<answer>(x+1)^{999}</answer>", "<answer>4</answer>"], ["<answer>4</answer>"] * 2)
