@@ -100,7 +100,7 @@ def answer_type(solution, problem) -> str:
     """What kind of gold answer a row holds, from the answer verify reads (answers.final_answer):
     "option letter" (answers.as_letter, up to the last option the problem lists, else E), "number" (a
     single numeric literal once answers' normalisation drops units, degrees and percent: 12, -3, 4.5,
-    1,000, 40°), "expression" (anything else answers.to_sympy parses: 9/2, \\frac{1}{2}, 2x, \\pi),
+    1,000, 40°), "expression" (any other single value, answers.value_kind: 9/2, \\frac{1}{2}, 2x, \\pi),
     "free text" (the rest: words, tuples, sets), or "no answer" (empty)."""
     answer = answers.final_answer(solution)[0] if isinstance(solution, str) else ""
     if not answer.strip():
@@ -108,10 +108,7 @@ def answer_type(solution, problem) -> str:
     options = answers.parse_options(problem if isinstance(problem, str) else None)
     if answers.as_letter(answer, max(options) if options else "E") is not None:
         return "option letter"
-    value = answers.to_sympy(answer)
-    if value is None:
-        return "free text"
-    return "number" if value.is_Number else "expression"
+    return answers.value_kind(answer) or "free text"
 
 
 def spread(values: list) -> dict | None:

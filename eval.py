@@ -165,8 +165,9 @@ def judge(examples: list[dict], mode: str, texts: list[str], lengths: list[int],
         found = [answers.final_answer(text) for text in texts[group]]
         # The verdict is training's: verify reads the whole completion (its answer tag, else its box,
         # else the final answer of its free text), so eval and the accuracy reward never disagree.
+        gold = answers.read_gold(ex["solution"], ex["problem"])  # once for the example's k answers
         fields = {"completion": texts[group], "answer": [a for a, _ in found], "extracted_by": [how for _, how in found],
-                  "correct": [answers.verify(text, ex["solution"], ex["problem"]) for text in texts[group]],
+                  "correct": [answers.judge(text, gold) for text in texts[group]],
                   "format": [f == 1.0 for f in rewards.format_reward(texts[group])], "tokens": lengths[group]}
         record = {"id": ex["row_index"], "mode": mode, "question": ex["problem"], "gold": answers.extract_answer(ex["solution"])}
         if k is None:

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from .answers import verify
+from . import answers
 
 # ---------------------------------------------------------------- reward functions
 
@@ -42,13 +42,18 @@ def format_reward(completions: list[str], **kwargs) -> list[float]:
 
 def accuracy_reward(completions: list[str], solution: list[str], problem: list[str] | None = None,
                     **kwargs) -> list[float]:
-    """1.0 when completion i's final answer equals solution i's (options read from problem i)."""
+    """1.0 when completion i's final answer equals solution i's (options read from problem i), as
+    answers.verify judges. Each gold is read once for all the completions that share it (a group's G).
+    A comparison that math-verify does not finish in time is 0.0, logged and counted
+    (math_verify_worker.timeouts())."""
     for name, column in (("solution", solution), ("problem", problem)):
         if column is not None and len(column) != len(completions):
             raise ValueError(f"accuracy_reward: {len(completions)} completions but {len(column)} {name} values; "
                              "dataset columns must have one row per completion.")
     problems = problem if problem is not None else [None] * len(completions)
-    return [1.0 if verify(c, s, q) else 0.0 for c, s, q in zip(completions, solution, problems)]
+    keys = [(s if isinstance(s, str) else None, q if isinstance(q, str) else None) for s, q in zip(solution, problems)]
+    golds = {key: answers.read_gold(*key) for key in dict.fromkeys(keys)}  # not text: no answer, as verify reads it
+    return [1.0 if answers.judge(c, golds[key]) else 0.0 for c, key in zip(completions, keys)]
 
 
 REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {"accuracy": accuracy_reward, "format": format_reward}

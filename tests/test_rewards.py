@@ -3,9 +3,11 @@ scoring. Expected values are worked out by hand, never copied from the code's ou
 
 import math
 import sys
+import time
 
 import pytest
 
+from grpo import answers, math_verify_worker
 from grpo.rewards import (REWARD_FUNCS, RewardFaults, accuracy_reward, format_reward, get_reward_funcs,
                           score_completions)
 from tests import faulty_rewards
@@ -46,6 +48,31 @@ def test_accuracy_reward_rows_are_aligned():
     assert accuracy_reward(completions, solutions, problems) == [1.0, 0.0, 1.0]
     assert accuracy_reward(completions, solution=solutions, problem=problems, image=[None] * 3) == [1.0, 0.0, 1.0]
     assert accuracy_reward(completions, solutions) == [1.0, 0.0, 0.0]  # without problem, 40° is not B
+
+
+def test_accuracy_reward_reads_each_gold_once(monkeypatch):
+    """Completions i*G .. i*G+G-1 share a gold: two groups of G = 4 are two gold readings, not eight."""
+    read = []
+    real = answers.read_gold
+    monkeypatch.setattr(answers, "read_gold", lambda *args: read.append(args) or real(*args))
+    completions = [f"<answer>{a}</answer>" for a in ("9/2", "4.5", "5", "\\frac{9}{2}", "B", "40", "A", "(B)")]
+    solutions = ["<answer>4.5</answer>"] * 4 + ["<answer>B</answer>"] * 4
+    problems = ["Halve 9."] * 4 + [ANGLES] * 4
+    assert accuracy_reward(completions, solutions, problems) == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]
+    assert read == [("<answer>4.5</answer>", "Halve 9."), ("<answer>B</answer>", ANGLES)]
+
+
+def test_accuracy_reward_counts_a_comparison_past_its_time(caplog, monkeypatch):
+    """(x+1)^{999} against 4 sends math-verify's simplify() into an expansion it would not leave for minutes:
+    the worker is stopped after VERIFY_SECONDS, the answer scores 0.0, and the timeout is counted and logged
+    (the first three of a process are, then the 10th, 100th, ...: the count starts at 0 here)."""
+    monkeypatch.setattr(math_verify_worker, "_timeouts", 0)
+    before = math_verify_worker.timeouts()
+    start = time.monotonic()
+    scores = accuracy_reward(["<answer>(x+1)^{999}</answer>", "<answer>4</answer>"], ["<answer>4</answer>"] * 2)
+    assert scores == [0.0, 1.0] and time.monotonic() - start < 2.0
+    assert math_verify_worker.timeouts() == before + 1
+    assert "no verdict from math-verify in time on answer '(x+1)^{999}'" in caplog.text
 
 
 def test_accuracy_reward_length_mismatch():
