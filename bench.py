@@ -176,7 +176,7 @@ def save_model_folder(name: str, folder: str, dtype: str, layers: int | None = N
     from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLForConditionalGeneration,
                               Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
-    from demo import CHAT_TEMPLATE
+    from demo import CHAT_TEMPLATE, carry_published_generation_config
 
     config = model_config(name, layers, vision_layers)
     model_class, processor_class = {"qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
@@ -187,8 +187,7 @@ def save_model_folder(name: str, folder: str, dtype: str, layers: int | None = N
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = model_class(config)
     torch.set_default_dtype(torch.float32)
-    model.generation_config.eos_token_id = QWEN_SPECIAL_IDS["<|im_end|>"]
-    model.generation_config.pad_token_id = QWEN_SPECIAL_IDS["<|endoftext|>"]
+    carry_published_generation_config(model, tokenizer, config.model_type)  # as the hub checkpoint ships it
     processor = processor_class(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
                                 video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
     model.save_pretrained(folder)
@@ -1093,8 +1092,8 @@ def main(argv: list[str]) -> None:
           + f"; FLOPs by the formulas in bench.py, peak {_fmt(flop_peak and flop_peak / 1e9, '.1f')} GFLOP/s:")
     print_phase_table(results, peak_label)
     if not on_gpu:
-        print("(on the CPU each phase's peak memory is the process's peak resident memory so far unless train.py "
-              "resets it per phase)")
+        print("(on the CPU a phase's peak memory is the process's peak resident memory during that phase: "
+              "train.py resets it at each phase's start)")
     if profile:
         print(f"\nWhere the time goes, rank 0's profiled step ({'self device' if profile[0]['device_time'] else 'self CPU'}"
               " time per op class, as a share of each phase's wall time):")
