@@ -44,8 +44,7 @@ def accuracy_reward(completions: list[str], solution: list[str], problem: list[s
                     **kwargs) -> list[float]:
     """1.0 when completion i's final answer equals solution i's (options read from problem i), as
     answers.verify judges. Each gold is read once for all the completions that share it (a group's G).
-    A comparison that math-verify does not finish in time is 0.0, logged and counted
-    (math_verify_worker.timeouts())."""
+    A comparison that math-verify does not finish in time is 0.0, logged and counted (answers.timeouts())."""
     for name, column in (("solution", solution), ("problem", problem)):
         if column is not None and len(column) != len(completions):
             raise ValueError(f"accuracy_reward: {len(completions)} completions but {len(column)} {name} values; "

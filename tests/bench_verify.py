@@ -16,7 +16,7 @@ import random
 import statistics
 import time
 
-from grpo import answers, math_verify_worker, rewards
+from grpo import answers, rewards
 
 G = 8
 
@@ -63,20 +63,20 @@ def timing(groups) -> dict:
     """Mean ms per completion through accuracy_reward, the slowest single judge, and how many of the
     comparisons went to math-verify."""
     asked = []
-    equal = math_verify_worker.equal
+    ask = answers._math_verify
 
     def counted(*args):
         asked.append(1)
-        return equal(*args)
+        return ask(*args)
 
-    math_verify_worker.equal = counted
+    answers._math_verify = counted
     try:
         start, right = time.perf_counter(), 0
         for solution, problem, texts in groups:
             right += sum(rewards.accuracy_reward(texts, [solution] * G, [problem] * G))
         total = time.perf_counter() - start
     finally:
-        math_verify_worker.equal = equal
+        answers._math_verify = ask
     single = []
     for solution, problem, texts in groups:
         gold = answers.read_gold(solution, problem)
@@ -86,7 +86,7 @@ def timing(groups) -> dict:
             single.append(time.perf_counter() - t)
     n = len(single)
     return {"completions": n, "right": int(right), "mean_ms": 1000 * total / n, "median_ms": 1000 * statistics.median(single),
-            "worst_ms": 1000 * max(single), "to_math_verify": len(asked), "timeouts": math_verify_worker.timeouts()}
+            "worst_ms": 1000 * max(single), "to_math_verify": len(asked), "timeouts": answers.timeouts()}
 
 
 def held_out(repo: str) -> None:
@@ -136,7 +136,7 @@ def main():
               f"comparisons asked math-verify, {r['timeouts']} timeouts")
     if args.math_verify_repo:
         held_out(args.math_verify_repo)
-    math_verify_worker.shutdown()
+    answers.shutdown()
 
 
 if __name__ == "__main__":

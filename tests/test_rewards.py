@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from grpo import answers, math_verify_worker
+from grpo import answers
 from grpo.rewards import (REWARD_FUNCS, RewardFaults, accuracy_reward, format_reward, get_reward_funcs,
                           score_completions)
 from tests import faulty_rewards
@@ -66,12 +66,12 @@ def test_accuracy_reward_counts_a_comparison_past_its_time(caplog, monkeypatch):
     """(x+1)^{999} against 4 sends math-verify's simplify() into an expansion it would not leave for minutes:
     the worker is stopped after VERIFY_SECONDS, the answer scores 0.0, and the timeout is counted and logged
     (the first three of a process are, then the 10th, 100th, ...: the count starts at 0 here)."""
-    monkeypatch.setattr(math_verify_worker, "_timeouts", 0)
-    before = math_verify_worker.timeouts()
+    monkeypatch.setattr(answers, "_timeouts", 0)
+    before = answers.timeouts()
     start = time.monotonic()
     scores = accuracy_reward(["<answer>(x+1)^{999}</answer>", "<answer>4</answer>"], ["<answer>4</answer>"] * 2)
     assert scores == [0.0, 1.0] and time.monotonic() - start < 2.0
-    assert math_verify_worker.timeouts() == before + 1
+    assert answers.timeouts() == before + 1
     assert "no verdict from math-verify in time on answer '(x+1)^{999}'" in caplog.text
 
 
