@@ -117,10 +117,9 @@ def _concluding_value(text: str) -> str:
 def final_answer(text: str) -> tuple[str, str]:
     """(the final answer, how it was found): "answer tag" (the last <answer> block), "boxed" (the last \\boxed{}
     and the boxes listed before it), "answer is" (after the last "The answer is" / "Answer:"), "whole text" (a
-    text that is a value, "6 apples", or short and stating nothing else, "A square"), "last sentence"
-    (_concluding_value), or "none" with "" (empty, an empty or unclosed <answer>, only reasoning, a long text
-    stating no answer). <think> blocks are never read. verify judges final_answer(t)[0] as t, but for prose in
-    a tag: "<answer>so it is 6</answer>" is taken as is, "so it is 6" alone reads as 6."""
+    text that is a value, "6 apples", or a short one stating nothing else, "A square"), "last sentence"
+    (_concluding_value), or "none" with "" (nothing stated, or only in <think>, never read, or an unclosed
+    <answer>). verify judges final_answer(t)[0] as t, but "<answer>so it is 6</answer>" is taken as is."""
     if not isinstance(text, str):
         return "", "none"
     if found := _tagged(text):
@@ -262,14 +261,14 @@ def value_kind(answer: str) -> str | None:
 # ---------------------------------------------------------------- when two answers are equal
 
 _NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
-                                            "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
-_NUMBER_WORDS.update({w: 10 * i for i, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), 3)})
+                                            "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+_NUMBER_WORDS |= {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
 _FUNCTIONS = "arcsin|arccos|arctan|asin|acos|atan|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|log|ln|exp|sqrt"
 # 6 apples, 16\pi cm^2; words of two letters or more, so "2x + y" keeps its y and "16 pi" its pi
 _TRAILING_WORDS = re.compile(rf"(?:\s+(?!(?:pi|{_FUNCTIONS})\b)[a-zA-Z]{{2,}}(?:\^\{{?[23]\}}?)?)+\s*$")
 _GLUED_UNIT = re.compile(r"(?<=\d)\s*(?:(?:cm|mm|km|kg|mg|ml|mL|min|units?)(?:\^\{?[23]\}?)?|m\^[23])$")  # 5cm, 3m²
 _EQUALS = r"(?<![<>!\\])=(?!=)"
-_NAMED = re.compile(rf"^\s*(?:(?:[A-Za-z]{{1,3}}|\\[a-zA-Z]+)(?:_\{{?\w+\}}?)?|\([A-Za-z\s,]+\))\s*{_EQUALS}\s*")  # x =
+_NAMED = re.compile(rf"^\s*(?:(?:[A-Za-z]{{1,3}}|\\[a-zA-Z]+)(?:_\{{?\w+\}}?)?|\([A-Za-z\s,]+\))\s*{_EQUALS}\s*")  # x=
 _SPACING = re.compile(r"\\(?:displaystyle|left|right|[,;:! ]|q?quad)|\s|~")  # "16 \pi" == "16\pi"
 _NUMBER = re.compile(r"(-?)(?:(\d+\.?\d*|\.\d+)|\\frac\{(\d+)\}\{(\d+)\}|(\d+)/(\d+))(?:\^\{?\\circ\}?|\\?%|\\degree)?")
 
@@ -355,8 +354,6 @@ def _same(x: str, y: str, precision: int | None, deadline: float | None) -> bool
     1000000), within REL_TOL when a decimal is involved, rounded to a stated precision. A set is not a tuple
     and neither is a number; an equation gold is matched only by an equation. The rest by math-verify (unless
     deadline is None), which may read an inequality as the gold's interval when the gold is written as one."""
-    if _SPACING.sub("", x) == _SPACING.sub("", y):
-        return True
     (nx, ny), (sx, sy) = (_number(x), _number(y)), (_shape(x), _shape(y))
     if nx and ny:
         (u, exact_u), (v, exact_v) = nx, ny
