@@ -321,7 +321,8 @@ def _top_commas(s: str) -> int | None:
 
 def _shape(s: str) -> str | None:
     """"set" for \\{..\\}, {1, 2}, \\emptyset, a bare list (x = 1, y = 2); "seq" for (1, 2), [1, 3); else None."""
-    t = (s := _SPACING.sub("", s))[1:] if s.startswith("\\{") else s
+    s = _SPACING.sub("", s)
+    t = s[1:] if s.startswith("\\{") else s
     if t[:1] in "([{" and t[-1:] in ")]}" and (n := _top_commas(t[1:-1])) is not None:  # one bracket around all
         return "set" if t != s or t[0] == "{" and n else "seq" if n and t[0] != "{" else None
     return "set" if _top_commas(s) or s in ("\\emptyset", "\\varnothing") else None
@@ -329,7 +330,7 @@ def _shape(s: str) -> str | None:
 
 def _number(s: str) -> tuple[Fraction, bool] | None:
     """(value, written exactly) of a number or fraction, a name, degrees, percent aside ("x = 4.5", "40^\\circ")."""
-    if (m := _NUMBER.fullmatch(_SPACING.sub("", _NAMED.sub("", s, count=1)))) is None or "0" in (m[4], m[6]):
+    if (m := _NUMBER.fullmatch(_SPACING.sub("", _NAMED.sub("", s, count=1)))) is None or int(m[4] or m[6] or 1) == 0:
         return None
     value = Fraction(m[2]) if m[2] else Fraction(int(m[3] or m[5]), int(m[4] or m[6]))
     return -value if m[1] else value, "." not in m[0]

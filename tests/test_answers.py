@@ -419,6 +419,8 @@ NOTATIONS = [
     ("list", "6,8", "(6, 8)", None, False),  # a bare list is not a tuple
     ("list", "\\{1, 2\\}", "(1, 2)", None, False),
     ("list", "(1, 2)", "\\{1, 2\\}", None, False),
+    ("list", "\\left\\{1, 2\\right\\}", "(1, 2)", None, False),  # \\left and \\right change no bracket
+    ("list", "\\left(1, 2\\right)", "\\{1, 2\\}", None, False),
     ("list", "\\boxed{1}, \\boxed{2}", "\\{1, 2\\}", None, True),  # boxes listed together are one answer
     ("list", "\\boxed{-2} \\quad \\text{and} \\quad \\boxed{1}", "1, -2", None, True),
     ("list", "\\boxed{1} then \\boxed{2}", "\\{1, 2\\}", None, False),  # not listed: the last box, 2
