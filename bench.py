@@ -655,8 +655,8 @@ def trl_worker(spec_path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 # The function train.py calls for each phase, found by name (train.py is not edited for the bench).
-PHASE_FUNCTIONS = {"generate": ("grpo.sampler", "sample_groups"), "logps": ("train", "rollout_logps"),
-                   "update": ("train", "policy_update")}
+PHASE_FUNCTIONS = {"generate": ("grpo.policy", "sample_groups"), "logps": ("grpo.policy", "rollout_logps"),
+                   "update": ("train", "update")}
 
 # Where time outside the matmuls goes: op classes, by the op's name without "aten::" and a trailing
 # "_" (in-place), the first class that matches wins. Anything else is "other".
@@ -722,7 +722,7 @@ def train_worker(spec_path: str) -> None:
     - profile_step k: the phases of the k-th step (PHASE_FUNCTIONS) each run in a torch.profiler
       window; each rank writes its per-phase op classes to profile_out.rank<r>.json.
     - freeze_embeddings: the input embedding and the lm_head get no gradient and no optimizer state
-      (the policy's; grpo.vlm_adapter.load_model is wrapped).
+      (the policy's; grpo.families.load_model is wrapped).
     A name train.py or the package no longer has stops the run with a message naming it."""
     import importlib
 
@@ -740,7 +740,7 @@ def train_worker(spec_path: str) -> None:
         return module, getattr(module, name)
 
     if spec["freeze_embeddings"]:
-        adapter, load_model = find("grpo.vlm_adapter", "load_model")
+        adapter, load_model = find("grpo.families", "load_model")
 
         def load_frozen(*args, **kwargs):
             model = load_model(*args, **kwargs)
@@ -983,7 +983,7 @@ def main(argv: list[str]) -> None:
     from PIL import Image
     from transformers import AutoConfig
 
-    from grpo import vlm_adapter
+    from grpo import families
     from grpo.data import build_conversation
 
     info = machine()
@@ -1012,10 +1012,10 @@ def main(argv: list[str]) -> None:
     counts = param_counts(config)
     # The prompt as train.py builds it (its processor, the same pixel limits): counted, not assumed.
     pixels = args.image_size ** 2
-    processor = vlm_adapter.load_processor(folder, pixels, pixels)
-    prompt = vlm_adapter.build_inputs(processor, [build_conversation(" ".join(["red"] * args.prompt_words))],
+    processor = families.load_processor(folder, pixels, pixels)
+    prompt = families.build_inputs(processor, [build_conversation(" ".join(["red"] * args.prompt_words))],
                                       [[Image.new("RGB", (args.image_size, args.image_size))]],
-                                      vlm_adapter.family_of(config))
+                                      families.family_of(config))
     patches, image_toks = image_tokens(args.image_size)
     measured_image_tokens = int((prompt["input_ids"] == config.image_token_id).sum())
     if measured_image_tokens != image_toks:

@@ -3,6 +3,7 @@
     python data_tools.py inspect DATASET [--split train] [--model_name_or_path M] [--html PAGE.html] [--samples N]
     python data_tools.py convert SOURCE OUT.parquet [--split train] [--format auto|vqa|mathvista|scienceqa|mmmu|training]
     python data_tools.py rollouts RUN_DIR [--html PAGE.html] [--steps N]
+    python data_tools.py plot RUN_DIR [RUN_DIR ...] [--out DIR]
 
 `inspect` answers, before any GPU time is spent, what training will make of a dataset: its rows and
 columns, pictures per row and their sizes, what kind of gold answers it holds and how many of them the
@@ -26,6 +27,10 @@ prompt's pictures (read again from the run's dataset, as training_args.json name
 completion's reward per function, total and advantage, and the groups whose rewards were all equal
 marked: those teach the policy nothing, and a run made mostly of them is not learning.
 
+`plot` draws a run's metrics.jsonl (rewards, completion lengths, loss terms per step; several runs on
+one figure) as RUN_DIR/plots/*.png. train.py runs it in the background at each save and at the end,
+so the training processes never load matplotlib.
+
 Usage errors print one line, `data_tools.py: error: ...`, and exit with status 2.
 """
 
@@ -37,11 +42,14 @@ import collections
 import html
 import io
 import json
+import math
 import os
 import statistics
 import string
 import sys
 import tempfile
+from fnmatch import fnmatchcase
+from typing import NamedTuple
 
 from grpo import answers, data
 from grpo.data import MMMU_IMAGE_COLUMNS, letter_of, mathvista_row, mmmu_row, option_list, with_options
@@ -130,7 +138,7 @@ def check_row(row: dict, base_dir, model) -> dict:
     """One row as training sees it: its pictures (sizes), answer type, whether verify can read its
     gold, its prompt length (with a model), and the first reason training would drop it, in the
     order load_prompt_dataset checks them."""
-    from grpo.vlm_adapter import count_prompt_tokens
+    from grpo.families import count_prompt_tokens
 
     processor, family, limit = model or (None, None, None)
     problem, solution = row.get("problem"), row.get("solution")
@@ -177,7 +185,7 @@ def trainer_drops(args, model) -> dict[int, str]:
 
 def load_model(args):
     """(processor, family, max_prompt_length), or None without --model_name_or_path."""
-    from grpo import vlm_adapter
+    from grpo import families
 
     name = args.model_name_or_path
     if name is None:
@@ -188,8 +196,8 @@ def load_model(args):
     if not os.path.isdir(name) and not looks_like_hub_id(name):
         raise UsageError(f"--model_name_or_path: {name!r} is neither a model folder (no such folder) nor a hub id.")
     try:
-        family = vlm_adapter.check_model_type(name)
-        processor = vlm_adapter.load_processor(name, args.min_pixels, args.max_pixels)
+        family = families.check_model_type(name)
+        processor = families.load_processor(name, args.min_pixels, args.max_pixels)
     except OSError as e:
         raise UsageError(f"--model_name_or_path: cannot read {name!r}: {(str(e).splitlines() or [''])[0]}") from None
     return processor, family, args.max_prompt_length
@@ -759,12 +767,162 @@ def rollouts(args, log=print) -> dict:
     return {"html": page, "steps": steps, "groups": len(groups), "completions": completions, "no_signal": silent,
             "notice": notice}
 
+# ---------------------------------------------------------------- plots
+
+class Panel(NamedTuple):
+    """One axes of a figure: metric `key` against the step, one line per run. A `key` with * stands
+    for one panel per logged metric it matches (fnmatch) that no pattern in `skip` matches, in the
+    order they were logged; `band` names two metrics shaded as a range (min to max) behind the line."""
+    key: str
+    band: tuple[str, str] | None = None
+    skip: tuple[str, ...] = ()
+
+
+# The figures of a run, plots/<figure>.png, as data: a new panel goes here, not into the code below.
+# Every metric has an axes of its own (their scales differ); the x axis is the step.
+PLOTS: dict[str, list[Panel]] = {
+    # The weighted sum, then each reward function's mean (accuracy, format, ...), not their failure counts.
+    "rewards": [Panel("reward/mean"), Panel("reward/*", skip=("reward/mean", "reward/std", "reward/*_failures",
+                                                              "reward/verify_timeouts"))],
+    "completion": [Panel("completion/length_mean", band=("completion/length_min", "completion/length_max")),
+                   Panel("completion/truncated_fraction")],
+    "loss": [Panel("loss/kl"), Panel("loss/entropy"), Panel("loss/clip_ratio")],
+}
+
+
+def metrics_file(path: str) -> str:
+    """A run's folder stands for the metrics.jsonl in it."""
+    return os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The logged steps of a metrics.jsonl (or of the run folder holding one), one dict per line."""
+    path = metrics_file(path)
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror}); give a run's output_dir or its metrics.jsonl.") from e
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}, line {number}: not JSON ({e.msg}); a metrics.jsonl holds one JSON "
+                             f"object per line, as train.py writes it.") from e
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+            raise UsageError(f"{path}, line {number}: a metrics line is a JSON object with a numeric \"step\".")
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"{path}: no logged step yet; a run writes its first line after --logging_steps steps.")
+    return rows
+
+
+def _number(value) -> float:
+    """A logged value as a float; NaN (a gap in the line) for a skipped step's non-finite value or a non-number."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return math.nan
+
+
+def _series(rows: list[dict], *keys: str) -> tuple[list[float], ...]:
+    """The steps that logged every one of `keys`, and each key's values at those steps."""
+    rows = [row for row in rows if all(key in row for key in keys)]
+    return ([row["step"] for row in rows], *([_number(row[key]) for row in rows] for key in keys))
+
+
+def _panel_keys(panel: Panel, logged: list[str]) -> list[str]:
+    """The metrics `panel` stands for, of those `logged`."""
+    if "*" not in panel.key:
+        return [panel.key] if panel.key in logged else []
+    return [key for key in logged
+            if fnmatchcase(key, panel.key) and not any(fnmatchcase(key, pattern) for pattern in panel.skip)]
+
+
+def draw_figures(runs: dict[str, list[dict]]) -> dict:
+    """The figures of PLOTS ({name: matplotlib Figure}) for `runs` ({label: logged steps}): one line
+    per run on every panel, a run keeping its colour throughout. A panel no run logged is left out,
+    and a figure with no panel. Drawn on Figure objects, not pyplot, so no global state changes and
+    nothing needs a display; NaN values leave gaps, and markers show steps between gaps."""
+    from matplotlib.figure import Figure
+
+    logged = list(dict.fromkeys(key for rows in runs.values() for row in rows for key in row))
+    figures = {}
+    for name, panels in PLOTS.items():
+        shown = [(key, panel) for panel in panels for key in _panel_keys(panel, logged)]
+        if not shown:
+            continue
+        figure = Figure(figsize=(8, 0.8 + 2.2 * len(shown)), layout="constrained")
+        axes = figure.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0]
+        handles = {}
+        for ax, (key, panel) in zip(axes, shown):
+            ax.set_title(key, loc="left", fontsize="medium")
+            ax.grid(alpha=0.3)
+            for i, (label, rows) in enumerate(runs.items()):
+                colour = f"C{i % 10}"
+                if panel.band and (band := _series(rows, *panel.band))[0]:
+                    ax.fill_between(*band, color=colour, alpha=0.2, linewidth=0)
+                steps, values = _series(rows, key)
+                if steps:
+                    (handles[label],) = ax.plot(steps, values, color=colour, marker=".", markersize=4, label=label)
+        axes[-1].set_xlabel("step")
+        labels = [label for label in runs if label in handles]
+        figure.legend([handles[label] for label in labels], labels, loc="outside upper center",
+                      ncols=min(len(labels), 4), frameon=False)
+        figures[name] = figure
+    return figures
+
+
+def _run_labels(paths: list[str]) -> list[str]:
+    """Each run's folder name; the folders' paths where two names coincide."""
+    folders = [os.path.dirname(os.path.abspath(metrics_file(path))) for path in paths]
+    if len(set(folders)) != len(folders):
+        raise UsageError(f"{paths}: a run is given twice; give each run once.")
+    names = [os.path.basename(folder) for folder in folders]
+    return names if len(set(names)) == len(names) else folders
+
+
+def plot_runs(metrics_files: list[str], out_dir: str, labels: list[str] | None = None) -> list[str]:
+    """Draw PLOTS for the runs whose metrics.jsonl (or run folder) are given, one line per run labelled
+    with its folder's name or `labels`, and write <out_dir>/<figure>.png; returns the paths written.
+    Each PNG is replaced atomically, since train.py redraws them at every save while one may be open."""
+    labels = list(labels) if labels is not None else _run_labels(metrics_files)
+    if len(labels) != len(metrics_files) or len(set(labels)) != len(labels):
+        raise UsageError(f"labels: {labels} for {len(metrics_files)} runs; give one distinct label per run, or None "
+                         f"for their folder names.")
+    figures = draw_figures({label: read_metrics(path) for label, path in zip(labels, metrics_files)})
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, figure in figures.items():
+        path = os.path.join(out_dir, f"{name}.png")
+        figure.savefig(path + ".tmp", format="png", dpi=100)
+        os.replace(path + ".tmp", path)
+        paths.append(path)
+    return paths
+
+
+def plot(args, log=print) -> dict:
+    """`plot`: each run's rewards, completion lengths and loss terms per step, one line per run."""
+    out = args.out or os.path.join(os.path.dirname(metrics_file(args.runs[0])), "plots")
+    try:
+        paths = plot_runs(args.runs, out)
+    except OSError as e:
+        raise UsageError(f"--out: {e}") from e
+    if not paths:
+        plotted = [panel.key for panels in PLOTS.values() for panel in panels]
+        print(f"data_tools.py: nothing to plot: the runs log none of {plotted}.", file=sys.stderr)
+    log("\n".join(paths))
+    return {"written": paths}
+
+
 # ---------------------------------------------------------------- the command line
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = UsageParser(prog="data_tools.py", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert,rollouts}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert,rollouts,plot}")
     look = commands.add_parser("inspect", help="Report what training will make of a dataset, and write a page of sample rows.",
                                description="Report rows, pictures, gold answer types, verifiable share, prompt lengths "
                                "and the rows training would drop (and why); write it as JSON and an offline HTML page.")
@@ -796,12 +954,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     show.add_argument("run_dir", metavar="RUN_DIR", help="A train.py --output_dir that logged completions (--log_completions_steps).")
     show.add_argument("--html", default=None, help="The page to write (default RUN_DIR/rollouts.html).")
     show.add_argument("--steps", type=int, default=None, help="Only the last N logged steps (default all).")
+    draw = commands.add_parser("plot", help="Draw the plots of one or more runs.", description=(
+        "Draw each run's rewards, completion lengths and loss terms per step, one line per run (labelled "
+        "with its folder's name), into DIR/rewards.png, completion.png and loss.png."))
+    draw.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_METRICS_JSONL",
+                      help="A run's --output_dir, or its metrics.jsonl; several runs share each figure.")
+    draw.add_argument("--out", metavar="DIR", help="Where the PNGs go (default: plots/ in the first run's folder).")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str], log=print) -> dict:
     args = parse_args(argv)
-    return {"inspect": inspect, "convert": convert, "rollouts": rollouts}[args.command](args, log)
+    return {"inspect": inspect, "convert": convert, "rollouts": rollouts, "plot": plot}[args.command](args, log)
 
 
 def cli(argv: list[str]) -> int:

@@ -77,8 +77,8 @@ def build_tokenizer(vocab_size: int = 400):
 
 # What each family's published checkpoint ships in generation_config.json, with token names for ids
 # (each tiny model maps them to its own tokenizer's ids). Tiny models carry these, so every test meets
-# what a real checkpoint puts in front of `generate`: a list of end ids (trap 14) and sampling defaults
-# that must not reach the rollouts (trap 13). The sources, as far as public material shows (the hub
+# what a real checkpoint puts in front of `generate`: a list of end ids ([end ids]) and sampling defaults
+# that must not reach the rollouts ([checkpoint sampling defaults]). The sources, as far as public material shows (the hub
 # files themselves cannot be read from this offline machine):
 #   qwen2_vl    Qwen/Qwen2-VL-2B-Instruct: end ids <|im_end|>, <|endoftext|>; top_k 1, top_p 0.001,
 #               temperature 0.01 (the hub file as recalled; the same greedy-like triple as Qwen2.5-VL's).
@@ -260,7 +260,8 @@ def warm_up_format(folder: str, rows: list[dict], valid_answers, steps: int = 60
     import torch
 
     from grpo.data import build_conversation
-    from grpo.vlm_adapter import FAMILIES, build_inputs, completion_logps, load_model, load_processor
+    from grpo.families import FAMILIES, build_inputs, load_model, load_processor
+    from grpo.policy import completion_logps
 
     processor = load_processor(folder, 56 * 56, 56 * 56)
     tokenizer = processor.tokenizer
@@ -301,7 +302,7 @@ def demo_valid_answers(row: dict) -> list[str]:
 # minutes. Flags given to `python demo.py` are passed on after these, so they win.
 DEMO_TRAIN_FLAGS = [
     "--num_generations", "8", "--per_device_train_batch_size", "4", "--max_completion_length", "16",
-    "--max_prompt_length", "512", "--learning_rate", "1e-3", "--beta", "0.0", "--max_steps", "500",
+    "--max_prompt_length", "512", "--learning_rate", "1e-3", "--beta", "0.0", "--max_steps", "300",
     "--lr_scheduler_type", "constant", "--temperature", "1.0", "--reward_funcs", "accuracy", "format",
     "--reward_weights", "1.0", "0.5", "--logging_steps", "5", "--save_steps", "0",
     "--min_pixels", str(56 * 56), "--max_pixels", str(56 * 56), "--system_prompt", DEMO_SYSTEM_PROMPT,
@@ -357,12 +358,12 @@ def main(argv: list[str]) -> None:
 
 
 def plot_rewards(output_dir: str) -> str:
-    """The run's plots (grpo.output_dir.plot_runs) in output_dir/plots, and its rewards figure (reward,
+    """The run's plots (data_tools.plot_runs) in output_dir/plots, and its rewards figure (reward,
     accuracy and format rate per logged step) copied to output_dir/rewards.png, where the README
     points. Returns that path."""
     import shutil
 
-    from grpo.output_dir import plot_runs
+    from data_tools import plot_runs
 
     plots = os.path.join(output_dir, "plots")
     plot_runs([os.path.join(output_dir, "metrics.jsonl")], plots)

@@ -38,7 +38,7 @@ import tempfile
 
 import torch
 
-from grpo import answers, config, data, rewards, sampler, vlm_adapter
+from grpo import answers, config, data, families, policy, rewards
 from grpo.config import UsageError, bad
 
 MODES = ("reasoning", "direct")
@@ -143,15 +143,15 @@ def answer_batch(model, processor, family, examples: list[dict], system_prompt: 
     """k completions per example (rows i*k .. i*k+k-1 for example i) and their lengths in tokens."""
     conversations = [data.build_conversation(ex["problem"], system_prompt, len(ex["images"]), len(ex["videos"]))
                      for ex in examples]
-    inputs = vlm_adapter.build_inputs(processor, conversations, [ex["images"] for ex in examples], family,
+    inputs = families.build_inputs(processor, conversations, [ex["images"] for ex in examples], family,
                                       [ex["videos"] for ex in examples])
     inputs = {key: value.to(device) for key, value in inputs.items()}
-    tokenizer, suppress = processor.tokenizer, vlm_adapter.forbidden_token_ids(processor, model.config)
+    tokenizer, suppress = processor.tokenizer, families.forbidden_token_ids(processor, model.config)
     if args.num_samples is None:
-        rollout = sampler.greedy_completions(model, inputs, tokenizer, max_new_tokens=args.max_new_tokens,
+        rollout = policy.greedy_completions(model, inputs, tokenizer, max_new_tokens=args.max_new_tokens,
                                              suppress_token_ids=suppress)
     else:  # ranks run independently here (no ZeRO, no lockstep), so no blank picture is needed
-        rollout = sampler.sample_groups(model, inputs, tokenizer, group_size=args.num_samples,
+        rollout = policy.sample_groups(model, inputs, tokenizer, group_size=args.num_samples,
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
                                         suppress_token_ids=suppress, share_prompt=True, zero_stage=0, synced_ranks=False)
     return rollout.texts, rollout.completion_mask.sum(1).tolist()
@@ -307,14 +307,14 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
     if args.num_samples is not None and args.temperature is None:
         args.temperature = 1.0
     try:
-        family = vlm_adapter.check_model_type(args.model_name_or_path)
+        family = families.check_model_type(args.model_name_or_path)
     except OSError as e:
         bad("model_name_or_path", f"cannot read {args.model_name_or_path!r}: {str(e).splitlines()[0]}")
-    processor = vlm_adapter.load_processor(args.model_name_or_path, args.min_pixels, args.max_pixels)
+    processor = families.load_processor(args.model_name_or_path, args.min_pixels, args.max_pixels)
     with tempfile.TemporaryDirectory(prefix="eval-rows-") as folder:
         dataset = load_examples(args, processor, family, prompts["reasoning"], folder, log, progress=rank == 0)
         count = len(dataset) if args.max_samples is None else min(args.max_samples, len(dataset))
-        model = vlm_adapter.load_model(args.model_name_or_path, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = families.load_model(args.model_name_or_path, torch.bfloat16 if device.type == "cuda" else torch.float32)
         model.to(device).eval()
         if world_size > 1:
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -8,6 +8,7 @@ number, 6,8 a list against a list), brackets (\\{1, 2\\} is not (1, 2), \\{5\\} 
 only by an equation ("0" is not "a + b = 0"). Words and hedges never reach math-verify (Hugging Face's), whose
 symbols make "lube" equal "blue"; it judges the rest (expressions, tuples, intervals, sets, matrices,
 relations) in a forked worker, VERIFY_SECONDS per verify call: an overrun is a wrong answer (`timeouts()`).
+Only the final answer is read, never the reasoning ([judging the reasoning]).
 """
 
 import atexit

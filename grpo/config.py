@@ -84,6 +84,18 @@ class GRPOArguments:
     max_nonfinite_steps: int = field(default=3, metadata={"help": "A step with a non-finite loss or gradient is skipped; this many in a row save a checkpoint and stop the run."})
 
 
+def parse_args(argv: list[str]) -> GRPOArguments:
+    """The command line as GRPOArguments (transformers' HfArgumentParser, the ecosystem's convention)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(GRPOArguments, description="GRPO for vision-language models (train.py).")
+    bf16 = parser._option_string_actions["--bf16"]  # unset (None) means "on a GPU": `--bf16` alone still means true
+    bf16.nargs, bf16.const = "?", True
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args.run_name = args.run_name or os.path.basename(os.path.normpath(args.output_dir))
+    return args
+
+
 class UsageError(ValueError):
     """A mistake in the command line or its files: train.py prints the message on one line, with no
     traceback, and exits with status 2."""
@@ -130,8 +142,7 @@ def check_paths(args: GRPOArguments) -> None:
 
 def validate(args: GRPOArguments) -> None:
     """Stop before any model is loaded when the arguments cannot work."""
-    from .advantage import SCALES
-    from .loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+    from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALES
     from .rewards import REWARD_FUNCS, get_reward_funcs
 
     if args.num_generations < 2:

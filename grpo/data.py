@@ -9,13 +9,16 @@ Everything that could break a run mid-way is checked here, at load time, and eac
 counted under the first reason that holds, in this order: an empty problem, an empty solution, a
 gold answer the reward cannot judge (when a `check_solution` is given), an unreadable image or
 video, a prompt longer than --max_prompt_length (a prompt holding image tokens is never truncated:
-cutting them breaks the forward, trap 6). The text checks come first, before any picture is decoded.
+cutting them breaks the forward: [truncated prompts]). The text checks come first, before any picture
+is decoded, and each picture is decoded once. Then the order in which a rank meets the prompts, step by
+step, a function of the step count alone (a resumed run continues it exactly).
 """
 
 from __future__ import annotations
 
 import ast
 import io
+import itertools
 import os
 import random
 import string
@@ -26,7 +29,6 @@ from tqdm.auto import tqdm
 
 from . import answers
 from .config import UsageError
-from .vlm_adapter import count_prompt_tokens
 
 REQUIRED_COLUMNS = ("problem", "solution")
 IMAGE_COLUMNS = ("images", "image")  # a list of images, or one; a row may leave both empty
@@ -164,15 +166,15 @@ def _drop_line(reason: str, drops: list[tuple[int, object]], total: int, max_pro
 def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_prompt_length: int,
                         system_prompt: str | None = None, log=print, progress: bool = False,
                         check_solution: Callable[[str, str | None], str | None] | None = None,
-                        usable: tuple[list[int], dict[str, list[int]]] | None = None) -> PromptDataset:
+                        decide=lambda check: check()) -> PromptDataset:
     """Load, check every row once (each picture decoded once), and report what was dropped and why
     (one log line per reason).
 
-    `processor` is the model's (vlm_adapter sets its pixel limits), used to count the prompt's text
+    `processor` is the model's (families.load_processor sets its pixel limits), used to count the prompt's text
     tokens plus the image tokens the image will expand to. `check_solution(solution, problem)`, if
     given, returns None when the gold answer can be judged, else a short reason the row is dropped.
-    `usable` = (kept rows, dropped rows by reason) of an earlier check of the same rows (another
-    rank's: `PromptDataset.keep` and `.dropped`): then no row is checked again and nothing is decoded.
+    `decide(check)` runs the check, which returns (kept rows, dropped rows by reason): here, or on one
+    rank alone, its result given to the others (distributed.rank0_decides), which check nothing.
     """
     rows = load_rows(dataset_name, split)
     check_columns(rows, dataset_name)
@@ -180,9 +182,15 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
         raise UsageError(f"--dataset_name {dataset_name!r} has a `video` column, and this model's family takes no "
                          "video (the Qwen families do); drop the column or use a Qwen-VL model.")
     base_dir = os.path.dirname(os.path.abspath(dataset_name)) if os.path.isfile(dataset_name) else None
-    if usable is not None:
-        return PromptDataset(rows, list(usable[0]), base_dir, system_prompt, dict(usable[1]))
+    keep, dropped = decide(lambda: _check_rows(rows, dataset_name, split, processor, family, max_prompt_length,
+                                               system_prompt, base_dir, log, progress, check_solution))
+    return PromptDataset(rows, keep, base_dir, system_prompt, dropped)
 
+
+def _check_rows(rows, dataset_name, split, processor, family, max_prompt_length, system_prompt, base_dir, log,
+                progress, check_solution) -> tuple[list[int], dict[str, list[int]]]:
+    """Every row checked once: (the usable rows, the dropped rows by reason), each reason logged."""
+    from .families import count_prompt_tokens  # here, so that reading rows (data_tools.py) needs no torch
     text_only = []  # kept rows without pictures, noted while their pictures are looked at
 
     def drop_reason(index: int, problem, solution) -> tuple[str, object] | None:
@@ -225,8 +233,7 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
         raise error
     log(f"[data] {len(keep)} prompts from {dataset_name!r} (split {split!r})"
         + (f", {len(text_only)} of them text-only" if text_only else ""))
-    return PromptDataset(rows, keep, base_dir, system_prompt,
-                         {reason: [i for i, _ in found] for reason, found in drops.items()})
+    return keep, {reason: [i for i, _ in found] for reason, found in drops.items()}
 
 
 def rank_batches(num_rows: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int):
@@ -243,6 +250,43 @@ def rank_batches(num_rows: int, batch_size: int, rank: int, world_size: int, see
 
 def steps_per_epoch(num_rows: int, batch_size: int, world_size: int) -> int:
     return num_rows // (batch_size * world_size)
+
+
+def optimizer_steps(num_prompts: int, args, world_size: int) -> tuple[int, int]:
+    """(the run's optimizer steps, the prompts per epoch left out so that every rank takes as many):
+    --max_steps, else --num_train_epochs passes, each rollout giving --num_iterations steps."""
+    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    batches = steps_per_epoch(num_prompts, per_device, world_size)
+    if batches < accumulation:
+        raise UsageError(f"--dataset_name: {num_prompts} prompts are fewer than one optimizer step needs "
+                         f"({per_device} per device x {world_size} ranks x {accumulation} accumulation steps).")
+    rollouts = max(1, int(args.num_train_epochs * (batches // accumulation)))
+    total = args.max_steps if args.max_steps > 0 else rollouts * args.num_iterations
+    return total, num_prompts - batches * per_device * world_size
+
+
+def step_prompts(num_rows: int, per_device: int, accumulation_steps: int, rank: int, world_size: int, seed: int,
+                 start_rollout: int = 0):
+    """Endless dataset indices for this rank, one optimizer step's worth (per_device x accumulation
+    steps prompts) at a time; a new shuffled order each epoch (rank_batches deals them out).
+    start_rollout skips the steps a resumed run has already taken: the order is a function of the
+    step count alone, so nothing is skipped or repeated."""
+    batches_per_epoch = steps_per_epoch(num_rows, per_device, world_size)
+    skip = start_rollout * accumulation_steps
+    epoch = skip // batches_per_epoch
+    batches = itertools.islice(rank_batches(num_rows, per_device, rank, world_size, seed, epoch),
+                               skip % batches_per_epoch, None)
+    step = []
+    while True:
+        batch = next(batches, None)
+        if batch is None:  # epoch over: a new order
+            epoch += 1
+            batches = rank_batches(num_rows, per_device, rank, world_size, seed, epoch)
+            continue
+        step.extend(batch)
+        if len(step) == per_device * accumulation_steps:
+            yield step
+            step = []
 
 
 # ---------------------------------------------------------------- other layouts, as training rows

@@ -1,135 +1,51 @@
-"""Everything a run keeps in --output_dir, and reads back to resume.
+"""What a run keeps in --output_dir: where a run starts, its checkpoints' bookkeeping, and its logs.
 
     output_dir/
-      metrics.jsonl              every logged step, one JSON object per line
-      completions.jsonl          every --log_completions_steps: each sampled completion, its rewards and advantage
-      runs/<run_name>/           TensorBoard scalars and sample completions
-      checkpoint-<step>/         Hugging Face layout (from_pretrained loads it), plus the training state:
-        model.safetensors, config.json, the processor's files, training_args.json
-        deepspeed/               DeepSpeed's checkpoint: weights, optimizer, LR schedule (a shard per rank under ZeRO-3)
-        rng_state_<rank>.pth     each rank's Python, NumPy and torch generators
-        trainer_state.json       the step and the position in the data order; written last
+      metrics.jsonl              every logged step, one JSON object per line (RunLogger)
+      completions.jsonl          every --log_completions_steps: each completion of every rank, its rewards and advantage
+      runs/<run_name>/           TensorBoard scalars, and sample completions under its Text tab
+      plots/<figure>.png         rewards, completion lengths, loss terms per step (`data_tools.py plot`, at each save)
+      checkpoint-<step>/         Hugging Face layout (from_pretrained loads it), plus the training state
+                                 (distributed.save_checkpoint): DeepSpeed's shards, each rank's random
+                                 generators, and trainer_state.json, the loop's Progress, written last
       checkpoint-<step>.tmp/     a save in progress: renamed to checkpoint-<step> only once complete
       model.safetensors, ...     the final model
-      plots/<figure>.png         rewards, completion lengths, loss terms per step (plot_runs)
 
-Only rank 0 writes the logs; the metrics it gets are already averaged over ranks. A checkpoint is
-complete when its trainer_state.json exists, and a kill during a save leaves only a .tmp folder, so
-`--resume_from_checkpoint latest` never picks a half-written one. The folders live on a file system
-all ranks share (DeepSpeed's checkpoints assume the same).
+A checkpoint is complete when its trainer_state.json exists, so `--resume_from_checkpoint latest`
+never picks a half-written one. Every rank must see the one folder, and rank 0 alone decides where the
+run starts ([ranks that disagree]). Every number is averaged over the ranks before rank 0 writes it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import os
-import random
 import re
 import shutil
-import signal
+import subprocess
 import sys
-from fnmatch import fnmatchcase
-from typing import NamedTuple
 
 import torch
 
-from .config import UsageError, UsageParser
+from . import answers, distributed, objective
+from .config import UsageError
 
-TRAINER_STATE = "trainer_state.json"
-DEEPSPEED_TAG = "deepspeed"
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
-# The console line: (metric key, short label, format).
-CONSOLE_FIELDS = [
-    ("reward/mean", "reward", ".3f"), ("reward/accuracy", "acc", ".3f"), ("reward/format", "format", ".3f"),
-    ("completion/length_mean", "len", ".1f"), ("loss/kl", "kl", ".4f"), ("loss/clip_ratio", "clip", ".3f"),
-    ("time/step_seconds", "s/step", ".2f"),
-]
+# ---------------------------------------------------------------- where a run starts
 
+@dataclasses.dataclass
+class Progress:
+    """Where the loop stands: what a checkpoint's trainer_state.json keeps besides the weights."""
 
-class RunLogger:
-    """A progress bar, one console line per logged step, TensorBoard and metrics.jsonl. A resumed
-    run (start_step > 0) continues all of them: lines and events after start_step, from the steps the
-    interrupted run did not checkpoint, are dropped, since those steps run again."""
+    num_prompts: int = 0         # the run's usable prompts (a resume with another count is told so)
+    step: int = 0                # optimizer steps taken
+    rollouts: int = 0            # rollouts taken: the position in each rank's prompt order (data.step_prompts)
+    nonfinite_in_a_row: int = 0  # the latest optimizer steps skipped for a non-finite loss or gradient
+    unlogged: list = dataclasses.field(default_factory=list)  # the metrics of steps not logged yet
 
-    def __init__(self, output_dir: str, run_name: str, report_to: str, total_steps: int, enabled: bool,
-                 start_step: int = 0):
-        self.enabled = enabled
-        self.writer = self.progress = None
-        self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
-        self.completions_path = os.path.join(output_dir, "completions.jsonl")
-        if not enabled:
-            return
-        from tqdm.auto import tqdm
-
-        os.makedirs(output_dir, exist_ok=True)
-        _keep_lines_up_to(self.metrics_path, start_step)
-        if os.path.exists(self.completions_path):
-            _keep_lines_up_to(self.completions_path, start_step)
-        if report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: TensorBoard hides the earlier run's events from this step on.
-            self.writer = SummaryWriter(os.path.join(output_dir, "runs", run_name),
-                                        purge_step=start_step + 1 if start_step else None)
-        self.progress = tqdm(total=total_steps, initial=start_step, desc="GRPO", unit="step", dynamic_ncols=True)
-
-    def info(self, message: str) -> None:
-        if self.enabled:
-            (self.progress.write if self.progress else print)(message)
-
-    def advance(self) -> None:
-        if self.progress:
-            self.progress.update(1)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        parts = [f"step {step}"] + [f"{label} {metrics[key]:{fmt}}" for key, label, fmt in CONSOLE_FIELDS if key in metrics]
-        self.info(" | ".join(parts))
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.writer:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, step)
-            self.writer.flush()
-
-    def log_completions(self, records: list[dict]) -> None:
-        """Every sampled completion of a step, one JSON line each in completions.jsonl (its dataset row,
-        what each reward function said, its advantage, whether its group carried a signal), and a
-        Markdown table of them under TensorBoard's Text tab."""
-        if not self.enabled or not records:
-            return
-        with open(self.completions_path, "a") as f:
-            f.writelines(json.dumps(record) + "\n" for record in records)
-        if self.writer:
-            clean = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731 (one-line table cell)
-            rows = ["| row | problem | completion | solution | reward | advantage |", "|---|---|---|---|---|---|"]
-            rows += [f"| {r['row']} | {clean(r['problem'])} | {clean(r['completion'])} | {clean(r['solution'])} | "
-                     f"{r['reward']:.2f} | {r['advantage']:+.2f} |" for r in records]
-            self.writer.add_text("completions", "\n".join(rows), records[0]["step"])
-
-    def close(self) -> None:
-        if self.progress:
-            self.progress.close()
-        if self.writer:
-            self.writer.close()
-
-
-def _keep_lines_up_to(path: str, step: int) -> None:
-    """A JSONL log without the lines after `step` (all of them for a fresh run), rewritten atomically."""
-    kept = []
-    if step > 0 and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-# ---------------------------------------------------------------- finding checkpoints
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """(step, folder) of every complete checkpoint, oldest first."""
@@ -137,7 +53,7 @@ def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
         match = _CHECKPOINT_NAME.fullmatch(name)
         folder = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(folder, TRAINER_STATE)):
+        if match and os.path.isfile(os.path.join(folder, distributed.TRAINER_STATE)):
             found.append((int(match.group(1)), folder))
     return sorted(found)
 
@@ -154,15 +70,15 @@ def checkpoint_to_resume(resume_from: str | None, output_dir: str) -> str | None
     if not os.path.isdir(resume_from):
         raise UsageError(f"--resume_from_checkpoint: {resume_from!r} is not a folder; give a checkpoint-<step> "
                          f"folder, or `latest` for the newest one in --output_dir.")
-    if not os.path.isfile(os.path.join(resume_from, TRAINER_STATE)):
-        raise UsageError(f"--resume_from_checkpoint: {resume_from!r} is incomplete (no {TRAINER_STATE}: a save that "
+    if not os.path.isfile(os.path.join(resume_from, distributed.TRAINER_STATE)):
+        raise UsageError(f"--resume_from_checkpoint: {resume_from!r} is incomplete (no {distributed.TRAINER_STATE}: a save that "
                          f"was interrupted, or weights saved without their training state); pick an earlier "
                          f"checkpoint, or `latest`.")
     return resume_from
 
 
 def read_trainer_state(folder: str) -> dict:
-    with open(os.path.join(folder, TRAINER_STATE)) as f:
+    with open(os.path.join(folder, distributed.TRAINER_STATE)) as f:
         return json.load(f)
 
 
@@ -238,321 +154,276 @@ def rotate_checkpoints(output_dir: str, limit: int | None) -> None:
         shutil.rmtree(folder)
 
 
-# ---------------------------------------------------------------- saving and loading
-
-def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: bool) -> None:
-    """Hugging Face format (safetensors + processor) that from_pretrained loads, and the run's
-    arguments (training_args.json: eval.py prompts the model as it was trained). Under ZeRO-3 the
-    shards are gathered into one 16-bit state dict on rank 0 (a collective: every rank calls this)."""
-    import dataclasses
-
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
-    if is_main:
-        model = engine.module
-        # save_pretrained writes the key layout the weights were read from, by reverting the renames
-        # from_pretrained recorded in _weight_conversions. Loaded under ZeRO-3 (HfDeepSpeedConfig) it
-        # records extra ones, and their reversal wrote Qwen2-VL's layers as model.model.layers.*
-        # (transformers 5.24), which other readers (vLLM) do not know. Without a record it reverts the
-        # family's default renames: exactly what a save after a plain load writes.
-        recorded = getattr(model, "_weight_conversions", None)
-        if zero_stage == 3:
-            model._weight_conversions = None
-        try:
-            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        finally:
-            model._weight_conversions = recorded
-        processor.save_pretrained(folder)
-        with open(os.path.join(folder, "training_args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
-
-
-def _all_ranks(ok: bool, device) -> bool:
-    """True when `ok` holds on every rank (a collective)."""
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-@contextlib.contextmanager
-def writes_kept_going(checkpoint_engine, errors: list):
-    """DeepSpeed's checkpoint writes (its checkpoint engine's save and makedirs) with their errors
-    kept in `errors` instead of raised. engine.save_checkpoint waits in barriers between writes: a
-    rank whose write raised (its disk full) would leave the others waiting there until the process
-    group times out. This way every rank goes through DeepSpeed's save, and then all agree."""
-    def kept(write):
-        def call(*args, **kwargs):
-            try:
-                return write(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001
-                errors.append(e)
-        return call
-
-    checkpoint_engine.save, checkpoint_engine.makedirs = kept(checkpoint_engine.save), kept(checkpoint_engine.makedirs)
-    try:
-        yield
-    finally:  # the instance attributes go; the class's methods show through again
-        del checkpoint_engine.save, checkpoint_engine.makedirs
-
-
-def save_checkpoint(engine, processor, args, step: int, trainer_state: dict, zero_stage: int, rank: int,
-                    device, log) -> bool:
-    """checkpoint-<step>: written into checkpoint-<step>.tmp, renamed when every rank's part is on
-    disk and trainer_state.json is written. A failed save (a full disk) is reported and removed;
-    the previous checkpoints stay as they were. Returns whether it was saved. Every rank calls it."""
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    temporary = final + ".tmp"
-    is_main = rank == 0
-    if is_main:
-        shutil.rmtree(temporary, ignore_errors=True)
+def start(args, rank: int, world_size: int, log) -> str | None:
+    """Where this run starts: the checkpoint folder it resumes, or None for step 0, after checking
+    that every rank sees --output_dir, never over an earlier run unless asked (then cleared), and
+    without the .tmp folders of interrupted saves. Decided on rank 0 and given to every rank."""
+    check_seen_by_every_rank(args.output_dir, rank, world_size)
+    folder = distributed.rank0_decides(lambda: _starting_checkpoint(args, world_size))
+    if rank == 0:
+        if folder is None and args.overwrite_output_dir:
+            clear_earlier_run(args.output_dir, args.run_name)
+        if unfinished := remove_unfinished_saves(args.output_dir):
+            log(f"[train] removed {len(unfinished)} interrupted save(s): {', '.join(unfinished)}")
     torch.distributed.barrier()
-    error = None
-    try:
-        save_model(engine, processor, args, temporary, zero_stage, is_main)
-    except Exception as e:  # noqa: BLE001 (a full disk surfaces as OSError or as the writer's own error)
-        error = e
-    if _all_ranks(error is None, device):
-        try:
-            write_errors = []
-            with writes_kept_going(engine.checkpoint_engine, write_errors):
-                engine.save_checkpoint(temporary, tag=DEEPSPEED_TAG, save_latest=False)
-            if write_errors:
-                raise write_errors[0]
-            torch.save(rng_state(), os.path.join(temporary, f"rng_state_{rank}.pth"))
-        except Exception as e:  # noqa: BLE001
-            error = e
-    if _all_ranks(error is None, device) and is_main:
-        try:
-            with open(os.path.join(temporary, TRAINER_STATE), "w") as f:
-                json.dump(trainer_state, f, indent=1)
-            if os.path.exists(final):  # a checkpoint of this step from an overwritten run
-                shutil.rmtree(final)
-            os.replace(temporary, final)
-        except Exception as e:  # noqa: BLE001
-            error = e
-    saved = _all_ranks(error is None, device)
-    if not saved:
-        if error is not None:
-            print(f"[train] rank {rank}: saving checkpoint-{step} failed: {type(error).__name__}: {error}", flush=True)
-        if is_main:
-            shutil.rmtree(temporary, ignore_errors=True)
-            kept = complete_checkpoints(args.output_dir)
-            log(f"[train] WARNING: checkpoint-{step} was not saved (see the error above); "
-                + (f"{os.path.basename(kept[-1][1])} is intact" if kept else "there is no earlier checkpoint")
-                + "; training goes on.")
-    torch.distributed.barrier()
+    return folder
+
+
+def _starting_checkpoint(args, world_size: int) -> str | None:
+    folder = checkpoint_to_resume(args.resume_from_checkpoint, args.output_dir)
+    if folder is None:
+        guard_output_dir(args.output_dir, overwrite=args.overwrite_output_dir)
+    else:
+        check_resumable(read_trainer_state(folder), args, world_size, folder)
+    return folder
+
+
+def check_resumable(state: dict, args, world_size: int, folder: str) -> None:
+    """A checkpoint resumes with the world size that wrote it (DeepSpeed's shards are per rank);
+    other changes to the data order are allowed, and said (rank 0 alone calls it)."""
+    if state["world_size"] != world_size:
+        raise UsageError(f"--resume_from_checkpoint: {folder!r} was written by {state['world_size']} rank(s) and "
+                         f"this run has {world_size}; resume with --num_gpus {state['world_size']}.")
+    changed = {k: (v, state["data_order"][k]) for k, v in data_order(args).items() if state["data_order"].get(k) != v}
+    if changed:
+        print(f"[train] WARNING: resuming with different {', '.join(f'--{k} {now} (was {was})' for k, (now, was) in changed.items())}; "
+              "the prompts from here on differ from those of an uninterrupted run.", flush=True)
+
+
+def data_order(args) -> dict:
+    """The arguments that decide which prompts each step sees: a resume with others changes the order."""
+    return {name: getattr(args, name) for name in ("dataset_name", "dataset_split", "seed", "per_device_train_batch_size",
+                                                   "gradient_accumulation_steps", "max_prompt_length")}
+
+# ---------------------------------------------------------------- checkpoints
+
+def save(model, processor, args, progress: Progress, zero_stage: int, rank: int, device, log) -> bool:
+    """checkpoint-<step> (distributed.save_checkpoint), then the oldest beyond --save_total_limit removed,
+    never before the new one is complete. A failed save is reported and training goes on. Every rank calls it."""
+    trainer_state = dict(dataclasses.asdict(progress), world_size=torch.distributed.get_world_size(),
+                         data_order=data_order(args))
+    folder = os.path.join(args.output_dir, f"checkpoint-{progress.step}")
+    saved = distributed.save_checkpoint(model, processor, args, folder, trainer_state, zero_stage, rank, device)
+    if rank == 0 and saved:
+        rotate_checkpoints(args.output_dir, args.save_total_limit)
+    elif rank == 0:
+        kept = complete_checkpoints(args.output_dir)
+        log(f"[train] WARNING: checkpoint-{progress.step} was not saved (see the error above); "
+            + (f"{os.path.basename(kept[-1][1])} is intact" if kept else "there is no earlier checkpoint")
+            + "; training goes on.")
     return saved
 
 
-def load_checkpoint(engine, folder: str, rank: int) -> dict:
-    """Restore weights, optimizer and LR schedule (DeepSpeed's checkpoint), this rank's random
-    generators, and return the trainer state (step, data position, ...)."""
-    load_path, _ = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
-    if load_path is None:
-        raise UsageError(f"--resume_from_checkpoint: DeepSpeed found no checkpoint under {folder!r}/{DEEPSPEED_TAG}.")
-    rng_file = os.path.join(folder, f"rng_state_{rank}.pth")
-    if not os.path.isfile(rng_file):
-        raise UsageError(f"--resume_from_checkpoint: {folder!r} has no {os.path.basename(rng_file)}; it was written "
-                         "by fewer ranks than this run has. Resume with the same number of ranks.")
-    set_rng_state(torch.load(rng_file, weights_only=False))
-    return read_trainer_state(folder)
+def resume(model, folder: str, rank: int, num_prompts: int, log) -> Progress:
+    """The run's weights, optimizer, LR schedule and random generators as `folder` holds them, and the
+    loop's Progress: where it was, what it had not logged yet."""
+    state = distributed.load_checkpoint(model, folder, rank)
+    progress = Progress(**{key: state[key] for key in Progress.__dataclass_fields__})
+    if progress.num_prompts != num_prompts:
+        log(f"[train] WARNING: the checkpoint's run had {progress.num_prompts} usable prompts and this one has "
+            f"{num_prompts}; the prompts from here on differ from those of an uninterrupted run.")
+        progress.num_prompts = num_prompts
+    return progress
+
+# ---------------------------------------------------------------- logs
+
+# The console line: (metric key, short label, format).
+CONSOLE_FIELDS = [
+    ("reward/mean", "reward", ".3f"), ("reward/accuracy", "acc", ".3f"), ("reward/format", "format", ".3f"),
+    ("completion/length_mean", "len", ".1f"), ("loss/kl", "kl", ".4f"), ("loss/clip_ratio", "clip", ".3f"),
+    ("time/step_seconds", "s/step", ".2f"),
+]
 
 
-def rng_state() -> dict:
-    import numpy as np
+class RunLogger:
+    """The run's logs, continued by a resumed run (start_step > 0): lines and events after start_step,
+    from the steps the interrupted run did not checkpoint, are dropped, since those steps run again.
+    Every rank calls `record` and `record_completions` (collectives); rank 0 (`writes`) writes."""
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    def __init__(self, args, total_steps: int, rank: int, device, start_step: int = 0, unlogged: list | None = None):
+        self.args, self.total_steps, self.rank, self.device = args, total_steps, rank, device
+        self.writes = rank == 0
+        self.unlogged = unlogged if unlogged is not None else []  # this rank's metrics of the steps since the last log
+        self.writer = self.progress = self.plotting = None
+        self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        self.completions_path = os.path.join(args.output_dir, "completions.jsonl")
+        if not self.writes:
+            return
+        from tqdm.auto import tqdm
+
+        os.makedirs(args.output_dir, exist_ok=True)
+        _keep_lines_up_to(self.metrics_path, start_step)
+        if os.path.exists(self.completions_path):
+            _keep_lines_up_to(self.completions_path, start_step)
+        if args.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides the earlier run's events from this step on.
+            self.writer = SummaryWriter(os.path.join(args.output_dir, "runs", args.run_name),
+                                        purge_step=start_step + 1 if start_step else None)
+        self.progress = tqdm(total=total_steps, initial=start_step, desc="GRPO", unit="step", dynamic_ncols=True)
+
+    def info(self, message: str) -> None:
+        if self.writes:
+            (self.progress.write if self.progress else print)(message)
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        """This rank's numbers for optimizer step `step`; at every --logging_steps-th step (and the last)
+        their mean over the steps since the last log and over the ranks is logged (min and max for the
+        length's extremes)."""
+        if self.progress:
+            self.progress.update(1)
+        self.unlogged.append(metrics)
+        if step % self.args.logging_steps and step != self.total_steps:
+            return
+        window, self.unlogged = self.unlogged, []
+        mean = distributed.mean_over_ranks({key: sum(m[key] for m in window) / len(window) for key in window[0]},
+                                           self.device)
+        for key, op, pick in (("completion/length_min", torch.distributed.ReduceOp.MIN, min),
+                              ("completion/length_max", torch.distributed.ReduceOp.MAX, max)):
+            mean[key] = distributed.reduce_over_ranks(pick(m[key] for m in window), self.device, op)
+        if self.writes:
+            self._write(step, mean)
+
+    def _write(self, step: int, metrics: dict[str, float]) -> None:
+        parts = [f"step {step}"] + [f"{label} {metrics[key]:{fmt}}" for key, label, fmt in CONSOLE_FIELDS if key in metrics]
+        self.info(" | ".join(parts))
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def record_completions(self, step: int, records: list[dict]) -> None:
+        """At every --log_completions_steps-th step: every rank's completions (completion_records), one
+        JSON line each in completions.jsonl, and a Markdown table of them under TensorBoard's Text tab."""
+        if self.args.log_completions_steps <= 0 or step % self.args.log_completions_steps:
+            return
+        gathered = [None] * torch.distributed.get_world_size() if self.writes else None
+        torch.distributed.gather_object(records, gathered, dst=0)
+        if not self.writes:
+            return
+        records = [record for rank_records in gathered for record in rank_records]
+        with open(self.completions_path, "a") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+        if self.writer and records:
+            clean = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731 (one-line table cell)
+            rows = ["| row | problem | completion | solution | reward | advantage |", "|---|---|---|---|---|---|"]
+            rows += [f"| {r['row']} | {clean(r['problem'])} | {clean(r['completion'])} | {clean(r['solution'])} | "
+                     f"{r['reward']:.2f} | {r['advantage']:+.2f} |" for r in records]
+            self.writer.add_text("completions", "\n".join(rows), step)
+
+    def redraw_plots(self, wait: bool = False) -> None:
+        """output_dir/plots/*.png redrawn from metrics.jsonl by `python data_tools.py plot` in a process
+        of its own (rank 0, once something is logged): the training processes never load matplotlib, and
+        do not wait for it unless `wait` (the run's end). One at a time; a plot that cannot be drawn is
+        reported, and never stops the run."""
+        if not self.writes or not os.path.getsize(self.metrics_path):
+            return
+        self._plotted(self.plotting)
+        tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_tools.py")
+        self.plotting = subprocess.Popen([sys.executable, tool, "plot", self.args.output_dir],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if wait:
+            self._plotted(self.plotting)
+
+    def _plotted(self, process) -> None:
+        if process is None:
+            return
+        error = process.communicate()[1]
+        if process.returncode:
+            self.info(f"[train] WARNING: the plots were not drawn: {(error.strip().splitlines() or ['?'])[-1]}")
+        self.plotting = None
+
+    def close(self) -> None:
+        self._plotted(self.plotting)
+        if self.progress:
+            self.progress.close()
+        if self.writer:
+            self.writer.close()
 
 
-def set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# ---------------------------------------------------------------- pre-emption
-
-class StopRequest:
-    """SIGTERM, which SLURM and Kubernetes send before they kill a job, asks the run to stop. The
-    handler only notes it; the loop saves a checkpoint at the next step boundary and exits 0."""
-
-    def __init__(self):
-        self.received = False
-        signal.signal(signal.SIGTERM, self._note)
-
-    def _note(self, signum, frame) -> None:
-        self.received = True
-
-    def agreed(self, device) -> bool:
-        """Whether any rank received SIGTERM (a collective: the ranks stop at the same step)."""
-        return not _all_ranks(not self.received, device)
-
-
-# ---------------------------------------------------------------- plots
-
-class Panel(NamedTuple):
-    """One axes of a figure: metric `key` against the step, one line per run. A `key` with * stands
-    for one panel per logged metric it matches (fnmatch) that no pattern in `skip` matches, in the
-    order they were logged; `band` names two metrics shaded as a range (min to max) behind the line."""
-    key: str
-    band: tuple[str, str] | None = None
-    skip: tuple[str, ...] = ()
-
-
-# The figures of a run, plots/<figure>.png, as data: a new panel goes here, not into the code below.
-# Every metric has an axes of its own (their scales differ); the x axis is the step.
-PLOTS: dict[str, list[Panel]] = {
-    # The weighted sum, then each reward function's mean (accuracy, format, ...), not their failure counts.
-    "rewards": [Panel("reward/mean"), Panel("reward/*", skip=("reward/mean", "reward/std", "reward/*_failures"))],
-    "completion": [Panel("completion/length_mean", band=("completion/length_min", "completion/length_max")),
-                   Panel("completion/truncated_fraction")],
-    "loss": [Panel("loss/kl"), Panel("loss/entropy"), Panel("loss/clip_ratio")],
-}
-
-
-def metrics_file(path: str) -> str:
-    """A run's folder stands for the metrics.jsonl in it."""
-    return os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
-
-
-def read_metrics(path: str) -> list[dict]:
-    """The logged steps of a metrics.jsonl (or of the run folder holding one), one dict per line."""
-    path = metrics_file(path)
-    try:
+def _keep_lines_up_to(path: str, step: int) -> None:
+    """A JSONL log without the lines after `step` (all of them for a fresh run), rewritten atomically."""
+    kept = []
+    if step > 0 and os.path.exists(path):
         with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read it ({e.strerror}); give a run's output_dir or its metrics.jsonl.") from e
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}, line {number}: not JSON ({e.msg}); a metrics.jsonl holds one JSON "
-                             f"object per line, as train.py writes it.") from e
-        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
-            raise UsageError(f"{path}, line {number}: a metrics line is a JSON object with a numeric \"step\".")
-        rows.append(row)
-    if not rows:
-        raise UsageError(f"{path}: no logged step yet; a run writes its first line after --logging_steps steps.")
-    return rows
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
-def _number(value) -> float:
-    """A logged value as a float; NaN (a gap in the line) for a skipped step's non-finite value or a non-number."""
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return math.nan
+def run_summary(args, world_size: int, total_steps: int, zero_stage: int, left_out: int, resumed_from: str | None,
+                start_step: int, end_tokens: list[str], end_ids: list[int]) -> list[str]:
+    """The lines a run starts with: what a step is, what ends a completion, and what the logged loss means."""
+    B, accumulation, G = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_generations
+    per_call = B * accumulation if args.generation_batch_size <= 0 else max(1, args.generation_batch_size // G)
+    lines = [f"[train] resumed from {resumed_from} at step {start_step} of {total_steps}"] if resumed_from else []
+    lines.append(
+        f"[train] {world_size} rank(s) x {B * accumulation} prompts x G={G} = {world_size * B * accumulation * G} "
+        f"completions per optimizer step, sampled in {math.ceil(B * accumulation / per_call)} generate call(s) per rank; "
+        f"{accumulation} micro-batch(es) of {B} prompts each, {args.num_iterations} update(s) per rollout, "
+        f"{total_steps} optimizer steps; prompts {'shared by their group' if args.share_prompt else 'repeated G times'}; "
+        f"ZeRO stage {zero_stage}"
+        + (" (one process: nothing to partition, so the config's ZeRO stage is not used)" if world_size == 1 else "")
+        + f"; {left_out} prompts per epoch left out to keep ranks even")
+    lines.append(f"[train] a completion ends at the first of {end_tokens} (ids {end_ids}: the checkpoint's "
+                 f"generation_config and the tokenizer's eos); sampling uses --temperature {args.temperature} and "
+                 f"--top_p {args.top_p} only, never the checkpoint's sampling defaults")
+    if args.num_iterations == 1:
+        lines.append("[train] num_iterations=1: the ratio is exactly 1, so the logged loss sits near 0 while its "
+                     "gradient is the full policy gradient (see grpo/objective.py)")
+    return lines
 
 
-def _series(rows: list[dict], *keys: str) -> tuple[list[float], ...]:
-    """The steps that logged every one of `keys`, and each key's values at those steps."""
-    rows = [row for row in rows if all(key in row for key in keys)]
-    return ([row["step"] for row in rows], *([_number(row[key]) for row in rows] for key in keys))
+def step_metrics(rollout, loss_stats: list[dict], args, model, phases: Phases, step_seconds: float,
+                 learning_rate: float, skipped: bool, reward_failures: list[int]) -> dict:
+    """This rank's numbers for one optimizer step (RunLogger.record averages them over ranks)."""
+    rewards, advantages = rollout.rewards, rollout.advantages.cpu()
+    lengths = rollout.completion_mask.sum(1).float().cpu()
+    metrics = {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "advantage/std": advantages.std().item() if len(advantages) > 1 else 0.0,
+        "advantage/equal_reward_group_fraction": objective.equal_reward_group_fraction(rewards, args.num_generations),
+        "completion/length_mean": lengths.mean().item(),
+        "completion/length_min": lengths.min().item(),
+        "completion/length_max": lengths.max().item(),
+        "completion/truncated_fraction": rollout.truncated.float().mean().item(),
+        "optim/grad_norm": float(model.get_global_grad_norm() or 0.0),
+        "optim/learning_rate": learning_rate,
+        "optim/skipped_nonfinite": float(skipped),
+        "reward/verify_timeouts": float(answers.timeouts()),  # math-verify past its time bound, so far (wrong answers)
+        "time/step_seconds": step_seconds,
+        "time/tokens_per_second": lengths.sum().item() / max(step_seconds, 1e-9),
+        **phases.metrics(),  # generate, score, logps (reference / old), update
+    }
+    for name, column, failures in zip(args.reward_funcs, rollout.reward_per_func.T, reward_failures):
+        metrics[f"reward/{name}"] = column.mean().item()
+        metrics[f"reward/{name}_failures"] = float(failures)
+    for key in ("loss", "kl", "clip_ratio", "entropy"):  # a skipped step's NaN loss is logged as it was
+        metrics[f"loss/{key}"] = sum(s[key] for s in loss_stats) / len(loss_stats)
+    return metrics
 
 
-def _panel_keys(panel: Panel, logged: list[str]) -> list[str]:
-    """The metrics `panel` stands for, of those `logged`."""
-    if "*" not in panel.key:
-        return [panel.key] if panel.key in logged else []
-    return [key for key in logged
-            if fnmatchcase(key, panel.key) and not any(fnmatchcase(key, pattern) for pattern in panel.skip)]
-
-
-def draw_figures(runs: dict[str, list[dict]]) -> dict:
-    """The figures of PLOTS ({name: matplotlib Figure}) for `runs` ({label: logged steps}): one line
-    per run on every panel, a run keeping its colour throughout. A panel no run logged is left out,
-    and a figure with no panel. Drawn on Figure objects, not pyplot, so no global state changes and
-    nothing needs a display; NaN values leave gaps, and markers show steps between gaps."""
-    from matplotlib.figure import Figure
-
-    logged = list(dict.fromkeys(key for rows in runs.values() for row in rows for key in row))
-    figures = {}
-    for name, panels in PLOTS.items():
-        shown = [(key, panel) for panel in panels for key in _panel_keys(panel, logged)]
-        if not shown:
-            continue
-        figure = Figure(figsize=(8, 0.8 + 2.2 * len(shown)), layout="constrained")
-        axes = figure.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0]
-        handles = {}
-        for ax, (key, panel) in zip(axes, shown):
-            ax.set_title(key, loc="left", fontsize="medium")
-            ax.grid(alpha=0.3)
-            for i, (label, rows) in enumerate(runs.items()):
-                colour = f"C{i % 10}"
-                if panel.band and (band := _series(rows, *panel.band))[0]:
-                    ax.fill_between(*band, color=colour, alpha=0.2, linewidth=0)
-                steps, values = _series(rows, key)
-                if steps:
-                    (handles[label],) = ax.plot(steps, values, color=colour, marker=".", markersize=4, label=label)
-        axes[-1].set_xlabel("step")
-        labels = [label for label in runs if label in handles]
-        figure.legend([handles[label] for label in labels], labels, loc="outside upper center",
-                      ncols=min(len(labels), 4), frameon=False)
-        figures[name] = figure
-    return figures
-
-
-def _run_labels(paths: list[str]) -> list[str]:
-    """Each run's folder name; the folders' paths where two names coincide."""
-    folders = [os.path.dirname(os.path.abspath(metrics_file(path))) for path in paths]
-    if len(set(folders)) != len(folders):
-        raise UsageError(f"{paths}: a run is given twice; give each run once.")
-    names = [os.path.basename(folder) for folder in folders]
-    return names if len(set(names)) == len(names) else folders
-
-
-def plot_runs(metrics_files: list[str], out_dir: str, labels: list[str] | None = None) -> list[str]:
-    """Draw PLOTS for the runs whose metrics.jsonl (or run folder) are given, one line per run labelled
-    with its folder's name or `labels`, and write <out_dir>/<figure>.png; returns the paths written.
-    Each PNG is replaced atomically, since train.py redraws them at every save while one may be open."""
-    labels = list(labels) if labels is not None else _run_labels(metrics_files)
-    if len(labels) != len(metrics_files) or len(set(labels)) != len(labels):
-        raise UsageError(f"labels: {labels} for {len(metrics_files)} runs; give one distinct label per run, or None "
-                         f"for their folder names.")
-    figures = draw_figures({label: read_metrics(path) for label, path in zip(labels, metrics_files)})
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for name, figure in figures.items():
-        path = os.path.join(out_dir, f"{name}.png")
-        figure.savefig(path + ".tmp", format="png", dpi=100)
-        os.replace(path + ".tmp", path)
-        paths.append(path)
-    return paths
-
-
-def cli(argv: list[str]) -> int:
-    """python -m grpo.output_dir plot RUN_DIR_OR_METRICS_JSONL [...] [--out DIR]. A usage mistake is one
-    line on stderr and exit status 2, not a traceback."""
-    parser = UsageParser(prog="python -m grpo.output_dir", description="Tools for a run's output_dir.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    plot = commands.add_parser("plot", help="Draw the plots of one or more runs.", description=(
-        "Draw each run's rewards, completion lengths and loss terms per step, one line per run (labelled "
-        "with its folder's name), into DIR/rewards.png, completion.png and loss.png."))
-    plot.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_METRICS_JSONL",
-                      help="A run's --output_dir, or its metrics.jsonl; several runs share each figure.")
-    plot.add_argument("--out", metavar="DIR", help="Where the PNGs go (default: plots/ in the first run's folder).")
-    try:
-        args = parser.parse_args(argv)
-        out = args.out or os.path.join(os.path.dirname(metrics_file(args.runs[0])), "plots")
-        paths = plot_runs(args.runs, out)
-    except (UsageError, OSError) as e:
-        print(f"output_dir: error: {e}", file=sys.stderr)
-        return 2
-    if not paths:
-        plotted = [panel.key for panels in PLOTS.values() for panel in panels]
-        print(f"output_dir: nothing to plot: the runs log none of {plotted}.", file=sys.stderr)
-    print("\n".join(paths))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+def completion_records(rollout, args, step: int, rank: int) -> list[dict]:
+    """This rank's completions of the step, one readable record each: what the model wrote for
+    which dataset row, what every reward function said, its advantage, and whether its group carried
+    any signal (a group of equal rewards teaches nothing)."""
+    G = args.num_generations
+    signal = objective.groups_with_signal(rollout.rewards, G).tolist()
+    records = []
+    for i, text in enumerate(rollout.texts):
+        example = rollout.examples[i // G]
+        records.append({
+            "step": step, "rank": rank, "prompt": i // G, "row": example.get("row_index"),
+            "images": len(example["images"]), "videos": len(example["videos"]),
+            "problem": example["problem"], "solution": example["solution"], "completion": text,
+            "truncated": bool(rollout.truncated[i]),
+            "rewards": {name: float(value) for name, value in zip(args.reward_funcs, rollout.reward_per_func[i].tolist())},
+            "reward": float(rollout.rewards[i]), "advantage": float(rollout.advantages[i]),
+            "group_has_signal": signal[i // G],
+        })
+    return records

@@ -12,8 +12,9 @@ a file of your own and name it by import path, `--reward_funcs accuracy my_rewar
 REWARD_FUNCS to use it by a bare name. The trainer scores with `score_completions`: a function that
 raises or returns a non-number on some completions costs only those (0.0 there, and counted), not the run.
 
-The format regex is a trap of its own: without DOTALL every multi-line answer scores 0, and a
-pattern that accepts several think/answer blocks is gamed by repeating them.
+The format regex is a trap of its own ([format regex]): without DOTALL every multi-line answer scores
+0, and a pattern that accepts several think/answer blocks is gamed by repeating them. The accuracy
+reward judges the final answer only ([judging the reasoning]).
 """
 
 from __future__ import annotations
@@ -187,3 +188,17 @@ def score_completions(reward_funcs: list[Callable], names: list[str], completion
                 scores[i][k] = reward
         failures.append(failed)
     return scores, failures
+
+
+def score(reward_funcs: list[Callable], names: list[str], texts: list[str], examples: list[dict], group_size: int,
+          faults: RewardFaults):
+    """Rewards for N = len(texts) completions, completion i belonging to prompt i // G and scored against
+    that prompt's dataset row ([group order]). Returns (per-function rewards [N, K] as a float32 tensor,
+    failures per function [K])."""
+    import torch
+
+    columns = {key: [ex[key] for ex in examples for _ in range(group_size)]
+               for key in examples[0] if key not in ("images", "videos", "prompt", "row_index")}
+    rows = [ex.get("row_index", i) for i, ex in enumerate(examples) for _ in range(group_size)]
+    scores, failures = score_completions(reward_funcs, names, texts, columns, rows, faults)
+    return torch.tensor(scores, dtype=torch.float32).reshape(len(texts), len(reward_funcs)), failures

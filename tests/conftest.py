@@ -171,7 +171,7 @@ def video_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def image_and_text_only_dataset(tmp_path_factory):
     """Two rows, one with an image and one without (`image` empty): with one prompt per rank on two
-    ranks, every step gives one rank a text-only micro-batch while the other has an image (trap 12)."""
+    ranks, every step gives one rank a text-only micro-batch while the other has an image ([text-only rank])."""
     import datasets
 
     rows = colour_rows(2)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-from grpo import loss, output_dir  # noqa: E402
+from grpo import data, distributed, objective, output_dir  # noqa: E402
 
 FAULTS = json.loads(os.environ.get("GRPO_TEST_FAULTS", "{}"))
 saving_step = None  # the checkpoint being written
@@ -34,20 +34,20 @@ def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-real_save_checkpoint = output_dir.save_checkpoint
+real_save_checkpoint = output_dir.save
 
 
-def save_checkpoint(engine, processor, args, step, *rest, **kwargs):
+def save_checkpoint(engine, processor, args, progress, *rest, **kwargs):
     global saving_step
-    saving_step = step
-    saved = real_save_checkpoint(engine, processor, args, step, *rest, **kwargs)
+    saving_step = progress.step
+    saved = real_save_checkpoint(engine, processor, args, progress, *rest, **kwargs)
     saving_step = None
-    if saved and step == FAULTS.get("kill_after_save") and _rank() == 0:
+    if saved and progress.step == FAULTS.get("kill_after_save") and _rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
     return saved
 
 
-real_rng_state = output_dir.rng_state
+real_rng_state = distributed.rng_state
 
 
 def rng_state():
@@ -59,16 +59,16 @@ def rng_state():
     return real_rng_state()
 
 
-real_policy_update = train.policy_update
+real_update = train.update
 
 
-def policy_update(engine, rollout, args, *rest):
+def update(engine, rollout, args, *rest):
     global update_step
     update_step = engine.global_steps + 1  # DeepSpeed's count, restored by a resume
-    return real_policy_update(engine, rollout, args, *rest)
+    return real_update(engine, rollout, args, *rest)
 
 
-real_policy_loss = loss.policy_loss
+real_policy_loss = objective.policy_loss
 
 
 def policy_loss(*args, **kwargs):
@@ -80,7 +80,7 @@ def policy_loss(*args, **kwargs):
     return value, stats
 
 
-real_step_prompts = train.step_prompts
+real_step_prompts = data.step_prompts
 
 
 def step_prompts(*args, **kwargs):
@@ -102,10 +102,10 @@ def deepspeed_write(self, state_dict, path):
 
 
 TorchCheckpointEngine.save = deepspeed_write
-output_dir.save_checkpoint, output_dir.rng_state = save_checkpoint, rng_state
-train.policy_update, loss.policy_loss = policy_update, policy_loss
+output_dir.save, distributed.rng_state = save_checkpoint, rng_state
+train.update, objective.policy_loss = update, policy_loss
 if "record_prompts" in FAULTS:
-    train.step_prompts = step_prompts
+    data.step_prompts = step_prompts
 
 if __name__ == "__main__":
     sys.exit(train.cli(sys.argv[1:]))

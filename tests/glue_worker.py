@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 tests/glue_worker.py --model TINY_MODEL_DIR --out RESULT.json
 
 (not a test module itself: one launch serves all of that file's tests). Every rank builds the
-same optimizer step's data from one seed and trains on its own share through train.py's functions;
+same optimizer step's data from one seed and trains on its own share through train.py's update;
 rank 0 then redoes the step in one process, from the loss's definitions, on a plain model (no
 DeepSpeed, the plain repeated-prompt forward), and writes what it found as JSON:
 
@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-from grpo import sampler, vlm_adapter  # noqa: E402
+from grpo import config, distributed, families, policy  # noqa: E402
 from grpo.data import build_conversation  # noqa: E402
 
 W, GAS, B, G = 2, 2, 2, 3          # ranks, micro-steps per optimizer step, prompts per micro-batch, group size
@@ -64,7 +64,7 @@ def step_data(processor, seed: int) -> list[dict]:
     B prompts and their G completions: random ordinary tokens, right-padded to T columns with
     lengths 1..T, and random advantages."""
     tokenizer = processor.tokenizer
-    special = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(list(vlm_adapter.FAMILIES["qwen2_vl"].placeholders)))
+    special = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(list(families.FAMILIES["qwen2_vl"].placeholders)))
     ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     generator = torch.Generator().manual_seed(seed)
     micro_batches = []
@@ -76,29 +76,44 @@ def step_data(processor, seed: int) -> list[dict]:
         mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
         micro_batches.append(dict(
             conversations=list(conversations), images=list(images),
-            inputs=vlm_adapter.build_inputs(processor, list(conversations), [[image] for image in images], vlm_adapter.FAMILIES["qwen2_vl"]),
+            inputs=families.build_inputs(processor, list(conversations), [[image] for image in images], families.FAMILIES["qwen2_vl"]),
             ids=ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask=mask,
             advantages=torch.randn(B * G, generator=generator)))
     return micro_batches
 
 
-def rank_rollout(processor, micro_batches: list[dict], rank: int) -> train.StepRollout:
+def rank_rollout(processor, micro_batches: list[dict], rank: int) -> policy.Rollout:
     """This rank's share of the step as the loop holds it: its B x GAS prompts encoded together."""
     mine = micro_batches[rank * GAS:(rank + 1) * GAS]
     conversations = [c for mb in mine for c in mb["conversations"]]
     images = [im for mb in mine for im in mb["images"]]
-    return train.StepRollout(
-        examples=[{} for _ in conversations],
-        prompt_inputs=vlm_adapter.build_inputs(processor, conversations, [[image] for image in images], vlm_adapter.FAMILIES["qwen2_vl"]),
+    return policy.Rollout(
+        prompt_inputs=families.build_inputs(processor, conversations, [[image] for image in images], families.FAMILIES["qwen2_vl"]),
         completion_ids=torch.cat([mb["ids"] for mb in mine]), completion_mask=torch.cat([mb["mask"] for mb in mine]),
-        completions=None, rewards=torch.zeros(B * GAS * G), reward_per_func=torch.zeros(B * GAS * G, 1),
-        advantages=torch.cat([mb["advantages"] for mb in mine]))
+        texts=[""] * (B * GAS * G), truncated=torch.zeros(B * GAS * G, dtype=torch.bool),
+        examples=[{} for _ in conversations], rewards=torch.zeros(B * GAS * G),
+        reward_per_func=torch.zeros(B * GAS * G, 1), advantages=torch.cat([mb["advantages"] for mb in mine]))
+
+
+def learn(rollout: policy.Rollout, engine, ref, args, world_size: int, device):
+    """Steps 5 and 6 of train.py's loop as main runs them: the old (num_iterations > 1) and reference
+    (beta > 0) log-probs from the weights before the first update, then num_iterations calls of
+    train.update; yields after each."""
+    B, G = args.per_device_train_batch_size, args.num_generations
+    if args.num_iterations > 1:
+        rollout.old_logps = policy.rollout_logps(engine, rollout, B, G, args.temperature, args.share_prompt)
+    if ref is not None:
+        rollout.ref_logps = policy.rollout_logps(ref, rollout, B, G, args.temperature, args.share_prompt)
+    active_tokens = distributed.reduce_over_ranks(rollout.completion_mask.sum().item(), device,
+                                                  torch.distributed.ReduceOp.SUM)
+    for _ in range(args.num_iterations):
+        yield train.update(engine, rollout, args, world_size, active_tokens, None)
 
 
 def reference_model(model_dir: str, seed: int):
     """A frozen reference policy near the initial one: its weights plus seeded noise, so k3 and its
     gradient are not zero at the first step."""
-    model = vlm_adapter.load_model(model_dir, torch.float32)
+    model = families.load_model(model_dir, torch.float32)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -111,7 +126,7 @@ def reference_model(model_dir: str, seed: int):
 # ---------------------------------------------------------------------------------------------
 
 def plain_logps(model, mb: dict) -> torch.Tensor:
-    return vlm_adapter.completion_logps(model, mb["inputs"], mb["ids"], mb["mask"], 1.0, G, share_prompt=False)
+    return policy.completion_logps(model, mb["inputs"], mb["ids"], mb["mask"], 1.0, G, share_prompt=False)
 
 
 def step_loss(model, micro_batches, loss_type: str, beta: float, old=None, ref=None) -> torch.Tensor:
@@ -177,7 +192,7 @@ def sgd_engine(model_dir: str, stage: int, lr: float):
     no clipping, no schedule): one optimizer step changes each weight by exactly -lr x gradient."""
     import deepspeed
 
-    model = vlm_adapter.load_model(model_dir, torch.float32)
+    model = families.load_model(model_dir, torch.float32)
     config = {"train_micro_batch_size_per_gpu": B * G, "gradient_accumulation_steps": GAS,
               "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}, "bf16": {"enabled": False},
               "fp16": {"enabled": False}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
@@ -210,16 +225,16 @@ def gather_rows(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def check_scale(model_dir, processor, rank, world_size, device, stage: int, loss_type: str) -> dict:
     micro_batches = step_data(processor, seed=1000 + stage)
-    args = train.parse_args(cli_args(loss_type, 1, BETA, model_dir))
+    args = config.parse_args(cli_args(loss_type, 1, BETA, model_dir))
     engine = sgd_engine(model_dir, stage, lr=1.0)
     ref = reference_model(model_dir, seed=7)
     before = full_weights(engine, stage)
     rollout = rank_rollout(processor, micro_batches, rank)
-    updates = list(train.learn_from(rollout, engine, ref, args, world_size, device))
+    updates = list(learn(rollout, engine, ref, args, world_size, device))
     after = full_weights(engine, stage)
     result = {"updates": len(updates)}
     if rank == 0:
-        model = vlm_adapter.load_model(model_dir, torch.float32)
+        model = families.load_model(model_dir, torch.float32)
         with torch.no_grad():
             ref_logps = [plain_logps(ref, mb) for mb in micro_batches]
         expected = gradient(model, step_loss(model, micro_batches, loss_type, BETA, ref=ref_logps))
@@ -234,19 +249,19 @@ def check_scale(model_dir, processor, rank, world_size, device, stage: int, loss
 def check_old_logps(model_dir, processor, rank, world_size, device, lr: float) -> dict:
     stage = 3
     micro_batches = step_data(processor, seed=2000)
-    args = train.parse_args(cli_args("grpo", 2, 0.0, model_dir))
+    args = config.parse_args(cli_args("grpo", 2, 0.0, model_dir))
     engine = sgd_engine(model_dir, stage, lr=lr)
     rollout = rank_rollout(processor, micro_batches, rank)
     weights = [full_weights(engine, stage)]
     old_seen = []  # rollout.old_logps as each update left it
-    for _ in train.learn_from(rollout, engine, None, args, world_size, device):
+    for _ in learn(rollout, engine, None, args, world_size, device):
         old_seen.append(rollout.old_logps.detach().clone() if rollout.old_logps is not None else None)
         weights.append(full_weights(engine, stage))
     result = {"updates": len(old_seen)}
     old_pieces = [gather_rows(o) if o is not None else None for o in old_seen]
     if rank != 0:
         return result
-    model = vlm_adapter.load_model(model_dir, torch.float32)
+    model = families.load_model(model_dir, torch.float32)
     with torch.no_grad():  # the independent old log-probs: the initial weights, per micro-batch
         logp0 = [plain_logps(model, mb) for mb in micro_batches]
     step_mask = torch.cat([mb["mask"] for mb in micro_batches]) > 0
@@ -278,20 +293,20 @@ def check_old_logps(model_dir, processor, rank, world_size, device, lr: float) -
 # ---------------------------------------------------------------------------------------------
 
 def check_seeds(model_dir, processor, rank, seed: int) -> dict:
-    model = vlm_adapter.load_model(model_dir, torch.float32)
+    model = families.load_model(model_dir, torch.float32)
     conversation, image = prompt(0)  # the same prompt and image on every rank
-    inputs = vlm_adapter.build_inputs(processor, [conversation], [[image]], vlm_adapter.FAMILIES["qwen2_vl"])
+    inputs = families.build_inputs(processor, [conversation], [[image]], families.FAMILIES["qwen2_vl"])
     new_tokens = 16
 
     def sample() -> torch.Tensor:
-        ids = sampler.sample_groups(model, inputs, processor.tokenizer, group_size=4, max_new_tokens=new_tokens,
+        ids = policy.sample_groups(model, inputs, processor.tokenizer, group_size=4, max_new_tokens=new_tokens,
                                     temperature=1.0, top_p=1.0,
-                                    suppress_token_ids=vlm_adapter.forbidden_token_ids(processor, model.config)).completion_ids
+                                    suppress_token_ids=families.forbidden_token_ids(processor, model.config)).completion_ids
         return torch.nn.functional.pad(ids, (0, new_tokens - ids.shape[1]), value=processor.tokenizer.pad_token_id)
 
-    train.seed_this_rank(seed, rank)
+    distributed.seed_this_rank(seed, rank)
     first = sample()
-    train.seed_this_rank(seed, rank)
+    distributed.seed_this_rank(seed, rank)
     again = sample()
     torch.manual_seed(seed)  # the same generator state on both ranks: the same samples (the check's control)
     control = sample()
@@ -335,20 +350,20 @@ def check_gathers(model_dir, processor, rank) -> dict:
     model's size; and the weights partitioned again afterwards, with training still working."""
     engine = sgd_engine(model_dir, 3, lr=0.0)
     conversations, images = zip(*[prompt(rank * 2 + j) for j in range(2)])  # different prompts on each rank
-    inputs = vlm_adapter.build_inputs(processor, list(conversations), [[image] for image in images],
-                                      vlm_adapter.FAMILIES["qwen2_vl"])
+    inputs = families.build_inputs(processor, list(conversations), [[image] for image in images],
+                                      families.FAMILIES["qwen2_vl"])
     result = {"parameter_elements": sum(p.ds_numel for p in engine.module.parameters()),
               "parameter_tensors": len(list(engine.module.parameters()))}
     for share_prompt in (True, False):
         with counting_gathers() as count:
-            sampler.sample_groups(engine, inputs, processor.tokenizer, group_size=3, max_new_tokens=6,
+            policy.sample_groups(engine, inputs, processor.tokenizer, group_size=3, max_new_tokens=6,
                                   temperature=1.0, top_p=1.0, share_prompt=share_prompt, zero_stage=3, synced_ranks=True,
-                                  suppress_token_ids=vlm_adapter.forbidden_token_ids(processor, engine.module.config))
+                                  suppress_token_ids=families.forbidden_token_ids(processor, engine.module.config))
         name = "shared" if share_prompt else "plain"
         result[f"gathered_{name}"] = count["elements"]
         result[f"released_after_{name}"] = released(engine)
     # The hooks are back: a training forward and backward gather and release the weights as before.
-    logps = vlm_adapter.completion_logps(engine, inputs, torch.full((6, 3), 20), torch.ones(6, 3, dtype=torch.long),
+    logps = policy.completion_logps(engine, inputs, torch.full((6, 3), 20), torch.ones(6, 3, dtype=torch.long),
                                          temperature=1.0, group_size=3)
     engine.backward(logps.sum())
     engine.step()
@@ -372,9 +387,9 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed launcher
     cli = parser.parse_args()
     torch.set_num_threads(1)
-    rank, world_size, device = train.init_distributed()
+    rank, world_size, device = distributed.init_distributed()
     assert world_size == W, f"launch with --num_gpus {W}"
-    processor = vlm_adapter.load_processor(cli.model, 56 * 56, 56 * 112)
+    processor = families.load_processor(cli.model, 56 * 56, 56 * 112)
     results = {"gathers": check_gathers(cli.model, processor, rank),
                "seeds": check_seeds(cli.model, processor, rank, seed=1234)}
     results["scale"] = {f"stage{s}": {lt: check_scale(cli.model, processor, rank, world_size, device, int(s), lt)
@@ -386,7 +401,7 @@ def main() -> None:
         with open(cli.out, "w") as f:
             json.dump(results, f, indent=1)
     torch.distributed.barrier()
-    train.end_distributed()
+    distributed.end_distributed()
 
 
 if __name__ == "__main__":

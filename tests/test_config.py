@@ -41,7 +41,7 @@ def test_unreadable_deepspeed_config(tmp_path):
 
 
 def test_zero3_json_autos_filled_from_flags():
-    args = train.parse_args(["--num_generations", "4", "--per_device_train_batch_size", "3",
+    args = config.parse_args(["--num_generations", "4", "--per_device_train_batch_size", "3",
                              "--gradient_accumulation_steps", "2", "--learning_rate", "5e-6", "--bf16"])
     filled = config.fill_deepspeed_config(config.read_deepspeed_config(None), args, world_size=8,
                                           total_steps=100, on_gpu=True)
@@ -60,13 +60,13 @@ def test_zero3_json_autos_filled_from_flags():
 def test_unknown_auto_key_is_named(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "mystery": {"knob": "auto"}}))
-    args = train.parse_args([])
+    args = config.parse_args([])
     with pytest.raises(ValueError, match="sets mystery.knob to \"auto\""):
         config.fill_deepspeed_config(config.read_deepspeed_config(str(path)), args, 1, 10, on_gpu=False)
 
 
 def test_defaults_are_the_published_run():
-    args = train.parse_args([])
+    args = config.parse_args([])
     assert (args.model_name_or_path, args.dataset_name) == ("Qwen/Qwen2-VL-2B-Instruct", "lmms-lab/multimodal-open-r1-8k-verified")
     assert (args.num_generations, args.beta, args.learning_rate, args.max_completion_length) == (8, 0.04, 1e-6, 256)
     assert args.reward_funcs == ["accuracy", "format"] and args.per_device_train_batch_size == 1
@@ -78,7 +78,7 @@ def test_published_open_r1_command_parses():
             "--per_device_train_batch_size 1 --gradient_accumulation_steps 1 --logging_steps 1 --bf16 "
             "--report_to tensorboard --gradient_checkpointing true --attn_implementation flash_attention_2 "
             "--max_pixels 2359296 --save_total_limit 8 --num_train_epochs 1 --run_name Qwen2-VL-2B-GRPO-8k").split()
-    args = train.parse_args(argv + ["--local_rank=0"])
+    args = config.parse_args(argv + ["--local_rank=0"])
     config.validate(args)
     assert args.bf16 is True and args.gradient_checkpointing is True and args.max_pixels == 2359296
     assert args.run_name == "Qwen2-VL-2B-GRPO-8k" and args.save_total_limit == 8
@@ -88,7 +88,7 @@ def test_demo_flags_are_train_flags_and_yield_to_the_users():
     """The demo passes its settings to train.py as flags; a flag the user adds comes after and wins."""
     import demo
 
-    args = train.parse_args(["--model_name_or_path", "m", "--dataset_name", "d", *demo.DEMO_TRAIN_FLAGS,
+    args = config.parse_args(["--model_name_or_path", "m", "--dataset_name", "d", *demo.DEMO_TRAIN_FLAGS,
                              "--learning_rate", "1e-4"])
     config.validate(args)
     assert args.learning_rate == 1e-4 and args.num_generations == 8 and args.per_device_train_batch_size == 4
@@ -142,7 +142,7 @@ def test_usage_errors_exit_2_with_one_line(flags, named, tiny_model, colour_data
     (["--attn_implementation", "flash_attention_2"], True, "2.1.0", True, "flash_attention_2"),
 ])
 def test_precision_and_attention_defaults(flags, on_gpu, flash_attn, bf16, attention):
-    args = train.parse_args(flags)
+    args = config.parse_args(flags)
     config.settle_precision_and_attention(args, on_gpu=on_gpu, flash_attn=flash_attn)
     assert (args.bf16, args.attn_implementation) == (bf16, attention)
 
@@ -156,6 +156,6 @@ def test_precision_and_attention_defaults(flags, on_gpu, flash_attn, bf16, atten
     (["--attn_implementation", "flash"], True, "2.7.4", "unknown"),
 ])
 def test_flash_attention_that_cannot_run_is_a_usage_error(flags, on_gpu, flash_attn, says):
-    args = train.parse_args(flags)
+    args = config.parse_args(flags)
     with pytest.raises(config.UsageError, match=f"^--attn_implementation: .*{says}"):
         config.settle_precision_and_attention(args, on_gpu=on_gpu, flash_attn=flash_attn)

@@ -8,14 +8,14 @@ import pytest
 from conftest import colour_rows
 
 from grpo import data
-from grpo.vlm_adapter import FAMILIES
+from grpo.families import FAMILIES
 
 QWEN = FAMILIES["qwen2_vl"]
 
 
 @pytest.fixture(scope="module")
 def processor(tiny_model):
-    from grpo.vlm_adapter import load_processor
+    from grpo.families import load_processor
 
     return load_processor(tiny_model, 56 * 56, 112 * 112)
 
@@ -164,7 +164,7 @@ def test_missing_columns_named(tmp_path, processor):
 
 
 def test_over_long_prompts_dropped_and_counted(colour_dataset, processor):
-    from grpo.vlm_adapter import count_prompt_tokens
+    from grpo.families import count_prompt_tokens
 
     lengths = [count_prompt_tokens(processor, ex["prompt"], ex["images"], QWEN) for ex in _load(colour_dataset, processor)[0]]
     # The images are 56, 64 and 72 pixels wide: those above 56 resize to more image tokens.
@@ -180,7 +180,7 @@ def test_over_long_prompts_dropped_and_counted(colour_dataset, processor):
 
 
 def test_prompt_token_count_matches_processor(colour_dataset, processor):
-    from grpo.vlm_adapter import build_inputs, count_prompt_tokens
+    from grpo.families import build_inputs, count_prompt_tokens
 
     ds, _ = _load(colour_dataset, processor)
     for i in (0, 1, 2):
@@ -212,7 +212,7 @@ def test_video_column_needs_a_family_that_takes_video(video_dataset, processor):
 def test_each_picture_is_decoded_once_and_a_second_rank_decodes_none(colour_dataset, mixed_dataset, processor,
                                                                     monkeypatch):
     """Checking the rows decodes each picture once (8 rows of one image: 8 decodes); a rank given rank 0's
-    decision (`usable`) decodes none at start, and holds the same prompts (the mixed set: rows of 1, 2 and
+    decision (`decide`) decodes none at start, and holds the same prompts (the mixed set: rows of 1, 2 and
     0 images). datasets itself decodes the first picture of an `images` list twice when it reads a row
     (its decode_nested_example probes the first element), so the exact count uses the `image` column."""
     from PIL import ImageFile
@@ -232,8 +232,9 @@ def test_each_picture_is_decoded_once_and_a_second_rank_decodes_none(colour_data
     checked = data.load_prompt_dataset(mixed_dataset, "train", processor, QWEN, 4096, log=messages.append)
     assert any("8 prompts" in m and "2 of them text-only" in m for m in messages), messages
     decoded.clear()
+    # Another rank: rank 0's decision given (distributed.rank0_decides broadcasts it), no check run.
     trusted = data.load_prompt_dataset(mixed_dataset, "train", processor, QWEN, 4096, log=messages.append,
-                                       usable=(checked.keep, checked.dropped))
+                                       decide=lambda check: (checked.keep, checked.dropped))
     assert decoded == []
     assert trusted.keep == checked.keep and trusted.dropped == checked.dropped
     assert [len(trusted[i]["images"]) for i in range(8)] == [1, 2, 0, 1, 2, 0, 1, 2]

@@ -15,7 +15,7 @@ from conftest import run_command
 
 import data_tools
 from grpo import answers, data
-from grpo.vlm_adapter import FAMILIES
+from grpo.families import FAMILIES
 
 QWEN = FAMILIES["qwen2_vl"]
 UNREADABLE = "unreadable image or video"
@@ -309,7 +309,7 @@ LAYOUTS = {  # name: (rows, picture columns, problems and solutions kept, pictur
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_convert_layout(name, tmp_path, tiny_model):
-    from grpo.vlm_adapter import load_processor
+    from grpo.families import load_processor
 
     rows, picture_columns, kept, pictures, dropped = LAYOUTS[name]
     source, out = write_source(tmp_path, name, rows, picture_columns), str(tmp_path / "out.parquet")
@@ -384,7 +384,7 @@ def odd_sources(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], "the following arguments are required: {inspect,convert,rollouts}"),
+    ([], "the following arguments are required: {inspect,convert,rollouts,plot}"),
     (["inspect"], "the following arguments are required: DATASET"),
     (["inspect", "no/such/file.parquet"], "DATASET 'no/such/file.parquet': no such file or folder"),
     (["inspect", "{mathvista}"], "missing column(s) ['problem', 'solution']"),

@@ -9,7 +9,7 @@ from conftest import read_metrics, run_command
 from PIL import Image
 
 import demo
-from grpo import output_dir
+import data_tools
 
 
 def _key(row):
@@ -55,15 +55,15 @@ def test_plot_rewards_writes_rewards_png_and_the_runs_plots(tmp_path):
     assert Image.open(png).format == "PNG"
     assert (tmp_path / "rewards.png").read_bytes() == (tmp_path / "plots" / "rewards.png").read_bytes()
     assert sorted(os.listdir(tmp_path / "plots")) == ["loss.png", "rewards.png"]  # no completion/* logged
-    rewards = output_dir.draw_figures({"demo": read_metrics(str(tmp_path))})["rewards"]
+    rewards = data_tools.draw_figures({"demo": read_metrics(str(tmp_path))})["rewards"]
     assert [ax.get_title(loc="left") for ax in rewards.axes] == ["reward/mean", "reward/accuracy", "reward/format"]
 
 
 def test_demo_reward_rises(tmp_path):
-    """The README's demo, shortened: GRPO lifts accuracy well above chance, in training and on the
-    held-out split. Fixed seeds; measured three times in a row before trusting it (see README)."""
+    """The README's demo as it runs (300 steps): GRPO lifts accuracy well above chance, in training and
+    on the held-out split. Fixed seeds; measured three times in a row before trusting it (docs/GUIDE.md)."""
     out = str(tmp_path / "demo")
-    run_command([sys.executable, "demo.py", "--output_dir", out, "--max_steps", "300"], tmp_path)
+    run_command([sys.executable, "demo.py", "--output_dir", out], tmp_path)
     accuracy = [m["reward/accuracy"] for m in read_metrics(out)]
     first, last = sum(accuracy[:4]) / 4, sum(accuracy[-4:]) / 4
     # Chance is 0.75 * 1/4 (colour, four options) + 0.25 * 1/2 (left or right) = 0.3125.

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from grpo import output_dir
+from grpo import distributed, output_dir
 from grpo.config import UsageError
 
 
@@ -15,7 +15,7 @@ def _checkpoint(root, step: int, complete: bool = True, suffix: str = ""):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"weights")
     if complete:
-        (folder / output_dir.TRAINER_STATE).write_text(json.dumps({"step": step}))
+        (folder / distributed.TRAINER_STATE).write_text(json.dumps({"step": step}))
     return str(folder)
 
 
@@ -79,29 +79,34 @@ def test_unfinished_saves_are_removed(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint-2"]
 
 
-def test_resumed_metrics_continue_after_the_checkpoint(tmp_path):
-    """The interrupted run logged steps 1-5 and checkpointed step 3: steps 4 and 5 run again, so
-    their old lines go, and the new ones follow step 3's."""
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "reward/mean": s / 10}) + "\n" for s in range(1, 6)))
-    logger = output_dir.RunLogger(str(tmp_path), "run", "none", total_steps=6, enabled=True, start_step=3)
-    assert logger.progress.n == 3  # the progress bar starts at the resumed step
-    logger.log(4, {"reward/mean": 0.9})
-    logger.close()
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [(m["step"], m["reward/mean"]) for m in lines] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.9)]
-    output_dir.RunLogger(str(tmp_path), "run", "none", total_steps=6, enabled=True).close()  # a fresh run
-    assert path.read_text() == ""
-
-
 def test_rng_state_round_trip():
     import random
 
     import numpy as np
     import torch
 
-    state = output_dir.rng_state()
+    state = distributed.rng_state()
     first = (random.random(), np.random.rand(), torch.rand(3))
-    output_dir.set_rng_state(state)
+    distributed.set_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+
+
+def test_resumed_metrics_continue_after_the_checkpoint(tmp_path):
+    """The interrupted run logged steps 1-5 and checkpointed step 3: steps 4 and 5 run again, so
+    their old lines go, and the new ones follow step 3's."""
+    import argparse
+
+    args = argparse.Namespace(output_dir=str(tmp_path), run_name="run", report_to="none", logging_steps=1,
+                              log_completions_steps=0)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "reward/mean": s / 10}) + "\n" for s in range(1, 6)))
+    metrics = {"reward/mean": 0.9, "completion/length_min": 2.0, "completion/length_max": 7.0}
+    logger = output_dir.RunLogger(args, total_steps=6, rank=0, device="cpu", start_step=3)
+    assert logger.progress.n == 3  # the progress bar starts at the resumed step
+    logger.record(4, metrics)
+    logger.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(m["step"], m["reward/mean"]) for m in lines] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.9)]
+    output_dir.RunLogger(args, total_steps=6, rank=0, device="cpu").close()  # a fresh run
+    assert path.read_text() == ""

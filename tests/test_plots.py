@@ -1,5 +1,5 @@
-"""grpo/output_dir.py's plots: which panels each figure gets, the series on them (read back from the
-Figure objects, not the pixels), the PNGs, and the `python -m grpo.output_dir plot` command.
+"""data_tools.py's plots: which panels each figure gets, the series on them (read back from the
+Figure objects, not the pixels), the PNGs, and the `python data_tools.py plot` command.
 Small metrics.jsonl files written here by hand."""
 
 import json
@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
-from grpo import output_dir
+import data_tools
 from grpo.config import UsageError
 
 NAN, INF = math.nan, math.inf
@@ -64,7 +64,7 @@ def _assert_series(drawn, expected):
 
 
 def test_two_runs_share_each_figure_and_each_metric_has_a_panel():
-    figures = output_dir.draw_figures({"full": FULL, "partial": PARTIAL})
+    figures = data_tools.draw_figures({"full": FULL, "partial": PARTIAL})
     assert list(figures) == ["rewards", "completion", "loss"]
 
     rewards = _panels(figures["rewards"])
@@ -93,7 +93,7 @@ def test_two_runs_share_each_figure_and_each_metric_has_a_panel():
 
 
 def test_completion_length_band_spans_min_to_max():
-    (band,) = output_dir.draw_figures({"full": FULL})["completion"].axes[0].collections
+    (band,) = data_tools.draw_figures({"full": FULL})["completion"].axes[0].collections
     y = band.get_paths()[0].vertices[:, 1]
     assert (y.min(), y.max()) == (4.0, 16.0)  # the smallest length_min and the largest length_max written
 
@@ -102,7 +102,7 @@ def test_plot_runs_writes_a_png_per_figure(tmp_path):
     full = _write_run(tmp_path / "run-a", FULL)
     partial = _write_run(tmp_path / "run-b", PARTIAL)
     out = tmp_path / "plots"
-    paths = output_dir.plot_runs([full, str(tmp_path / "run-b")], str(out))  # a metrics file, or its folder
+    paths = data_tools.plot_runs([full, str(tmp_path / "run-b")], str(out))  # a metrics file, or its folder
     assert paths == [str(out / "rewards.png"), str(out / "completion.png"), str(out / "loss.png")]
     assert sorted(os.listdir(out)) == ["completion.png", "loss.png", "rewards.png"]  # no .tmp left
     for path in paths:
@@ -111,54 +111,54 @@ def test_plot_runs_writes_a_png_per_figure(tmp_path):
 
     # A run with no completion/* metrics: that figure has no data and is not written.
     alone = tmp_path / "alone"
-    assert output_dir.plot_runs([partial], str(alone), labels=["mine"]) == [str(alone / "rewards.png"),
+    assert data_tools.plot_runs([partial], str(alone), labels=["mine"]) == [str(alone / "rewards.png"),
                                                                             str(alone / "loss.png")]
 
 
 def test_labels_are_folder_names_unless_given(tmp_path, monkeypatch):
     drawn = []
-    draw = output_dir.draw_figures
-    monkeypatch.setattr(output_dir, "draw_figures", lambda runs: drawn.append(list(runs)) or draw(runs))
+    draw = data_tools.draw_figures
+    monkeypatch.setattr(data_tools, "draw_figures", lambda runs: drawn.append(list(runs)) or draw(runs))
     a, b = _write_run(tmp_path / "run-a", PARTIAL), _write_run(tmp_path / "run-b", PARTIAL)
-    output_dir.plot_runs([a, b], str(tmp_path / "p1"))
-    output_dir.plot_runs([a, b], str(tmp_path / "p2"), labels=["baseline", "beta 0.04"])
+    data_tools.plot_runs([a, b], str(tmp_path / "p1"))
+    data_tools.plot_runs([a, b], str(tmp_path / "p2"), labels=["baseline", "beta 0.04"])
     same_name = _write_run(tmp_path / "other" / "run-a", PARTIAL)
-    output_dir.plot_runs([a, same_name], str(tmp_path / "p3"))  # two folders called run-a: their paths
+    data_tools.plot_runs([a, same_name], str(tmp_path / "p3"))  # two folders called run-a: their paths
     assert drawn == [["run-a", "run-b"], ["baseline", "beta 0.04"],
                      [str(tmp_path / "run-a"), str(tmp_path / "other" / "run-a")]]
     with pytest.raises(UsageError, match="labels: .* give one distinct label per run"):
-        output_dir.plot_runs([a, b], str(tmp_path / "p4"), labels=["only one"])
+        data_tools.plot_runs([a, b], str(tmp_path / "p4"), labels=["only one"])
 
 
 def test_odd_but_valid_runs_plot_without_error(tmp_path):
     """What train.py may hand plot_runs at its first save: a single step, a step whose every loss term
     is NaN, a run logging only timings."""
     single = _write_run(tmp_path / "single", [{"step": 1, "reward/mean": 0.5, "loss/kl": NAN, "loss/entropy": NAN}])
-    paths = output_dir.plot_runs([single], str(tmp_path / "p"))
+    paths = data_tools.plot_runs([single], str(tmp_path / "p"))
     assert [os.path.basename(p) for p in paths] == ["rewards.png", "loss.png"]
-    loss = _panels(output_dir.draw_figures({"single": output_dir.read_metrics(single)})["loss"])
+    loss = _panels(data_tools.draw_figures({"single": data_tools.read_metrics(single)})["loss"])
     _assert_series(loss["loss/kl"], {"single": ([1], [NAN])})
     timings = _write_run(tmp_path / "timings", [{"step": 1, "time/step_seconds": 2.0}])
-    assert output_dir.plot_runs([timings], str(tmp_path / "q")) == []
+    assert data_tools.plot_runs([timings], str(tmp_path / "q")) == []
 
 
 def test_missing_empty_or_malformed_metrics_are_named(tmp_path):
     with pytest.raises(UsageError, match=r"nowhere: cannot read it .*give a run's output_dir"):
-        output_dir.plot_runs([str(tmp_path / "nowhere")], str(tmp_path / "p"))
+        data_tools.plot_runs([str(tmp_path / "nowhere")], str(tmp_path / "p"))
     empty = _write_run(tmp_path / "empty", [])
     with pytest.raises(UsageError, match=f"{empty}: no logged step yet"):
-        output_dir.plot_runs([empty], str(tmp_path / "p"))
+        data_tools.plot_runs([empty], str(tmp_path / "p"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"step": 1, "reward/mean": 0.5}\n{"step": 2, "rew\n')
     with pytest.raises(UsageError, match=f"{broken}, line 2: not JSON"):
-        output_dir.plot_runs([str(broken)], str(tmp_path / "p"))
+        data_tools.plot_runs([str(broken)], str(tmp_path / "p"))
     assert not os.path.exists(tmp_path / "p")
 
 
 def _command(*args, cwd=REPO):
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "grpo.output_dir", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True)
+    return subprocess.run([sys.executable, os.path.join(REPO, "data_tools.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
 
 
 def test_plot_command(tmp_path):
@@ -182,9 +182,11 @@ def test_plot_command_usage_mistakes_are_one_line(tmp_path):
     missing = str(tmp_path / "no-such-run")
     result = _command("plot", missing)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.splitlines() == [f"output_dir: error: {missing}: cannot read it (No such file "
+    assert result.stderr.splitlines() == [f"data_tools.py: error: {missing}: cannot read it (No such file "
                                           f"or directory); give a run's output_dir or its metrics.jsonl."]
     for argv in ([], ["plot"], ["draw", missing]):  # argparse's own mistakes: one line too
         result = _command(*argv)
         assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
-        assert result.stderr.startswith("output_dir: error: ")
+        assert result.stderr.startswith("data_tools.py: error: ")
+
+

@@ -105,7 +105,8 @@ def test_interrupted_save_is_never_resumed(tiny_model, colour_dataset, tmp_path)
     out = tmp_path / "run"
     flags = ["--max_steps", "4", "--save_steps", "2", "--report_to", "none"]
     _train(out, tiny_model, colour_dataset, tmp_path, *flags, faults={"kill_during_save": 4}, returncode=None)
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4.tmp", "metrics.jsonl", "plots"]
+    # (plots/ is drawn by a process of its own, which may or may not have finished when the kill came)
+    assert sorted(set(os.listdir(out)) - {"plots"}) == ["checkpoint-2", "checkpoint-4.tmp", "metrics.jsonl"]
     log = _train(out, tiny_model, colour_dataset, tmp_path, *flags, "--resume_from_checkpoint", "latest")
     assert "removed 1 interrupted save(s): checkpoint-4.tmp" in log
     assert f"resumed from {out / 'checkpoint-2'} at step 2 of 4" in log

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from grpo import answers
+from grpo import answers, rewards
 from grpo.rewards import (REWARD_FUNCS, RewardFaults, accuracy_reward, format_reward, get_reward_funcs,
                           score_completions)
 from tests import faulty_rewards
@@ -240,3 +240,28 @@ def test_the_counted_line_comes_once_the_limit_is_reached():
     assert "only counted" in lines[3] and all("only counted" not in line for line in lines[:3])
     score_completions([faulty_rewards.raises_on_b], ["f"], ["x"] * 2, letter_columns(["A", "B"]), [10, 11], faults)
     assert len(lines) == 4 and faults.counts["f"] == 4
+
+
+def test_each_completion_scored_against_its_own_prompt():
+    """Several prompts per device: completion i is judged against prompt i // G's solution ([group order])."""
+    from conftest import colour_rows
+
+    examples = [{"problem": r["problem"], "solution": r["solution"], "image": None, "prompt": None}
+                for r in colour_rows(3)]  # answers A, B, C
+    G = 2
+    seen = []
+
+    def record(completions, solution, problem, **_):
+        seen.extend(zip(completions, solution, problem))
+        return [0.0] * len(completions)
+
+    faults = rewards.RewardFaults(log=lambda message: None)
+    texts = [f"completion {i}" for i in range(6)]
+    rewards.score([record], ["record"], texts, examples, G, faults)
+    assert [s for _, s, _ in seen] == [ex["solution"] for ex in examples for _ in range(G)]
+    assert [p for _, _, p in seen] == [ex["problem"] for ex in examples for _ in range(G)]
+    # And with the real accuracy reward: right answers placed in each prompt's own rows score 1.
+    answers = ["<answer>A</answer>", "<answer>A</answer>", "<answer>B</answer>", "<answer>A</answer>",
+               "<answer>C</answer>", "<answer>C</answer>"]
+    per_func, _ = rewards.score([rewards.accuracy_reward], ["accuracy"], answers, examples, G, faults)
+    assert per_func.shape == (6, 1) and per_func[:, 0].tolist() == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]

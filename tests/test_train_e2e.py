@@ -135,7 +135,7 @@ def test_one_grpo_step_per_family(family, family_models, mixed_dataset, tmp_path
 def test_text_only_micro_batch_beside_images_under_zero3(family, family_models, image_and_text_only_dataset, tmp_path):
     """Two ranks, ZeRO-3, one prompt each: every step one rank's micro-batch is text-only while the
     other's has an image. Without the blank-image pass the text-only rank skips the vision tower's
-    weight gathering and the ranks wait on each other forever (trap 12); here they finish, and the
+    weight gathering and the ranks wait on each other forever ([text-only rank]); here they finish, and the
     frozen-vision-tower flag trains the rest."""
     out = str(tmp_path / "run")
     extra = ["--freeze_vision_tower", "true"] if family == "llava_onevision" else []

@@ -90,15 +90,15 @@ def test_peak_memory_per_phase_on_the_cpu():
     A 400 MB tensor made and dropped raises the peak by about 0.37 GiB; after a reset it is gone."""
     import torch
 
-    import train
+    from grpo import distributed
 
     cpu = torch.device("cpu")
-    train.reset_peak_memory(cpu)
-    before = train.peak_memory_gb(cpu)
+    distributed.reset_peak_memory(cpu)
+    before = distributed.peak_memory_gb(cpu)
     block = torch.ones(100_000_000)  # 400 MB, written so that its pages are resident
     del block
-    during = train.peak_memory_gb(cpu)
-    train.reset_peak_memory(cpu)
-    after = train.peak_memory_gb(cpu)
+    during = distributed.peak_memory_gb(cpu)
+    distributed.reset_peak_memory(cpu)
+    after = distributed.peak_memory_gb(cpu)
     assert during - before > 0.35
     assert after < during - 0.3

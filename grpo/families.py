@@ -1,15 +1,15 @@
-"""Everything specific to a model family, in one place: Qwen2-VL and Qwen2.5-VL.
+"""Model families as data, and the inputs they take: what differs between Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, LLaVA-OneVision, Idefics3, SmolVLM, Gemma 3 and Aria, in one table (`FAMILIES`).
 
-- load the processor (with the pixel limits) and the model;
-- turn conversations and images into model inputs, and repeat each prompt G times (pixel_values
-  split per image by image_grid_thw, trap 2);
-- the tokens the sampler must never emit (image placeholders, trap 5);
-- completion-token log-probs from a forward that carries the images (trap 1), with the 3-D mRoPE
-  positions computed from the real tokens (trap 10), and only completion logits kept (trap 11);
-- the shared prompt: each prompt (and image) forwarded once, its keys/values read by its G
-  completions (PromptKV, SharedPromptKV), gradients included.
-
-A new family is a new set of these few functions, not a branch in the training loop.
+- the processor (Qwen's pixel limits) and the model (its attention; ZeRO-3's class patching);
+- conversations and pictures to left-padded model inputs, and a batch cut or repeated by prompt with
+  each prompt's pictures kept with it (`select_prompts`, `repeat_for_group`: [group order]);
+- the tokens sampling must never emit ([sampled placeholders]);
+- the positions of left-padded prompts, counted over real tokens (Qwen's 3-D mRoPE included:
+  [padding positions]);
+- the masked-out blank picture that keeps every rank's vision tower running ([text-only rank]).
+A new family is an entry in the table; the loop and the policy never branch on it. The names in
+brackets are traps, described in docs/TRAPS.md.
 """
 
 from __future__ import annotations
@@ -17,10 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
-
-from .loss import selective_log_softmax, token_entropy
 
 @dataclass(frozen=True)
 class Media:
@@ -40,11 +36,11 @@ class Media:
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between model families, as data: the loop and the sampler never branch on it.
+    """What differs between model families, as data: the loop and the policy never branch on it.
 
-    placeholders: tokens sampling must never emit ("Image features and image tokens do not match"
-    at the next forward, trap 5). media: how picture tensors split per item. per_row: tensors with one
-    entry per prompt along dim 0 (a text-only row's is a blank the model skips). mrope: Qwen's 3-D rotary positions (get_rope_index, rope_deltas);
+    placeholders: tokens sampling must never emit ([sampled placeholders]). media: how picture
+    tensors split per item. per_row: tensors with one entry per prompt along dim 0 (a text-only row's
+    is a blank the model skips). mrope: Qwen's 3-D rotary positions (get_rope_index, rope_deltas);
     otherwise positions are 1-D and count the real tokens of each left-padded row. Tensors shaped
     like input_ids (mm_token_type_ids, token_type_ids) are token types: sliced with the text and 0
     on completion tokens, which are text."""
@@ -265,7 +261,7 @@ def _regroup(inputs: dict, config, prompts: list[int], first_column: int = 0) ->
 
 def repeat_for_group(inputs: dict, group_size: int, config) -> dict:
     """Each prompt's row G times in a row (prompt i -> rows i*G .. i*G+G-1), its pictures included
-    in the same order (trap 2: pixel_values split per prompt, then each block repeated G times)."""
+    in the same order ([group order]: pixel_values split per prompt, then each block repeated G times)."""
     num_prompts = inputs["input_ids"].shape[0]
     return _regroup(inputs, config, [i for i in range(num_prompts) for _ in range(group_size)])
 
@@ -311,66 +307,6 @@ def prompt_positions(model, prompt_inputs: dict) -> torch.Tensor:
     return (prompt_inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
 
 
-def continuation_positions(prompt_position_ids: torch.Tensor, group_size: int, length: int) -> torch.Tensor:
-    """Positions of the `length` tokens after each prompt, for its G rows: [3, B*G, length] (mRoPE)
-    or [B*G, length]. Completions are text, so every axis counts on from the prompt's largest position
-    + 1; left padding puts every prompt's last real token in the last column."""
-    last = prompt_position_ids[..., -1]  # [3, B] or [B]
-    if last.dim() == 2:
-        last = last.amax(0)
-    steps = torch.arange(1, length + 1, device=last.device)
-    positions = (last[:, None] + steps[None, :]).repeat_interleave(group_size, dim=0)
-    return positions[None].expand(3, -1, -1) if prompt_position_ids.dim() == 3 else positions
-
-
-class PromptKV(CacheLayerMixin):
-    """The prompt pass's cache for one decoder layer: it keeps the prompt's keys/values [B, H, P, D].
-
-    It overwrites rather than appends: gradient checkpointing runs the layer's forward again during
-    the backward, and that replay must not store a second copy. The prompt pass sees no past.
-    """
-
-    is_sliding = False
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.keys, self.values, self.is_initialized = key_states, value_states, True
-        return key_states, value_states
-
-    def get_seq_length(self) -> int:
-        return 0
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-
-class SharedPromptKV(PromptKV):
-    """The completion pass's cache for one decoder layer: each of the B*G completions attends to its
-    prompt's keys/values (prompt i's repeated for rows i*G .. i*G+G-1) followed by its own. It reads
-    and never stores, so a replay under gradient checkpointing sees exactly what the first run saw,
-    and the gradient reaches the prompt pass through the repeated tensors."""
-
-    def __init__(self, prompt: PromptKV, group_size: int):
-        super().__init__()
-        self.prompt, self.group_size = prompt, group_size
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        G = self.group_size
-        return (torch.cat([self.prompt.keys.repeat_interleave(G, dim=0), key_states], dim=-2),
-                torch.cat([self.prompt.values.repeat_interleave(G, dim=0), value_states], dim=-2))
-
-    def get_seq_length(self) -> int:
-        return self.prompt.keys.shape[-2]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-
 def vision_tower(model):
     """The vision encoder, whatever the family calls it (visual, vision_tower, vision_model)."""
     for name in ("visual", "vision_tower", "vision_model"):
@@ -385,12 +321,11 @@ def picture_keys(inputs: dict) -> list[str]:
 
 
 def blank_picture_prompt(processor, family: Family, device) -> dict:
-    """The inputs of one prompt holding one small blank image (see with_pictures)."""
+    """The inputs of one prompt holding one small blank image and nothing else (see with_pictures)."""
     from PIL import Image
 
-    from .data import build_conversation
-
-    inputs = build_inputs(processor, [build_conversation("", num_images=1)], [[Image.new("RGB", (56, 56))]], family)
+    conversation = [{"role": "user", "content": [{"type": "image"}]}]
+    inputs = build_inputs(processor, [conversation], [[Image.new("RGB", (56, 56))]], family)
     return {key: value.to(device) for key, value in inputs.items()}
 
 
@@ -398,7 +333,7 @@ def with_pictures(inputs: dict, blank: dict) -> dict:
     """A batch without pictures gets the blank image prompt as extra left padding of its first row:
     masked out (attention 0, no position), so no real token sees it, but the vision tower runs on it.
 
-    Why (trap 12): under ZeRO-3 every rank must run the same modules in the same order, in generate
+    Why ([text-only rank]): under ZeRO-3 every rank must run the same modules in the same order, in generate
     and in every forward, or a rank whose batch is text-only while another's has images waits
     forever (or DeepSpeed stops: "disagreement on list length between rank0 and rank1"); and the
     vision tower's weights get a gradient (of 0) on every rank. A batch with pictures is returned as is.
@@ -420,87 +355,3 @@ def with_pictures(inputs: dict, blank: dict) -> dict:
     return padded
 
 
-def completion_logps(model, prompt_inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                     temperature: float, group_size: int, share_prompt: bool = True, with_entropy: bool = False):
-    """log pi(o_t | q, image, o_<t) for every completion token, at the sampling temperature.
-
-    prompt_inputs: B prompts (left-padded [B, P] rows and their images), NOT repeated; completion_ids,
-    completion_mask: [B*G, T], completion i belonging to prompt i // G. Returns logps [B*G, T] (and
-    the per-token entropy [B*G, T] when asked, without gradient).
-
-    share_prompt=True runs each prompt (and its image) through the model once and lets its G
-    completions attend to the same keys/values: P + G*T token positions instead of G*(P + T), and
-    the gradient of all G completions flows back through the one prompt pass into the vision tower.
-    share_prompt=False repeats every prompt G times: the plain path, kept to check the shared one.
-    """
-    return (_shared_completion_logps if share_prompt else _plain_completion_logps)(
-        model, prompt_inputs, completion_ids, completion_mask, temperature, group_size, with_entropy)
-
-
-def _shared_completion_logps(model, prompt_inputs: dict, completion_ids, completion_mask, temperature, group_size,
-                             with_entropy):
-    """Each prompt forwarded once, its keys/values read by its G completions (see completion_logps).
-
-    One [B*G, T-1, V] logits tensor lives through forward and backward (the completion pass's, whose
-    gradient overwrites it; selective_log_softmax), plus the prompt pass's [B, 1, V]; no copy, slice or
-    division of a full-vocabulary tensor is made."""
-    G, T = group_size, completion_ids.shape[1]
-    B = prompt_inputs["input_ids"].shape[0]
-    config = unwrap(model).config.get_text_config()
-    prompt_cache = Cache(layers=[PromptKV() for _ in range(config.num_hidden_layers)])
-    shared_cache = Cache(layers=[SharedPromptKV(layer, G) for layer in prompt_cache.layers])
-    positions = prompt_positions(model, prompt_inputs)
-    # 1. The prompt, once per prompt: fills the cache; its last logit predicts every completion's first
-    # token, read by its G completions through a view (expand), not a copy.
-    first_logits = model(**prompt_inputs, position_ids=positions, cache=prompt_cache, use_cache=True,
-                         logits_to_keep=1).logits  # [B, 1, V]
-    first_logits = first_logits.expand(B, G, first_logits.shape[-1])  # [B, G, V]
-    first_logps = selective_log_softmax(first_logits, completion_ids[:, 0].view(B, G), temperature).view(B * G, 1)
-    # 2. The completions on top of the shared prompt. The attention mask is each prompt's padding
-    # (per row), then the completion's. Token t's logit predicts token t + 1: logits are made for
-    # positions 0 .. T-2 only. The last token is still fed, so that this pass never has zero length
-    # (under ZeRO-3 every rank must run the same forwards, whatever its completions' lengths).
-    rest_logits = model(
-        input_ids=completion_ids,
-        attention_mask=torch.cat([prompt_inputs["attention_mask"].repeat_interleave(G, dim=0),
-                                  completion_mask.to(prompt_inputs["attention_mask"].dtype)], dim=1),
-        position_ids=continuation_positions(positions, G, T), cache=shared_cache, use_cache=True,
-        logits_to_keep=torch.arange(T - 1, device=completion_ids.device),
-    ).logits  # [B*G, T-1, V]
-    entropy = torch.cat([token_entropy(first_logits, temperature).view(B * G, 1), token_entropy(rest_logits, temperature)],
-                        dim=1) if with_entropy else None  # before the backward overwrites rest_logits
-    rest_logps = selective_log_softmax(rest_logits, completion_ids[:, 1:], temperature, overwrite_logits=True)
-    logps = torch.cat([first_logps, rest_logps], dim=1)
-    return (logps, entropy) if with_entropy else logps
-
-
-def _plain_completion_logps(model, prompt_inputs: dict, completion_ids, completion_mask, temperature, group_size,
-                            with_entropy):
-    """The same log-probs from one forward over [prompt; completion] per completion row, each prompt
-    repeated G times: the plain path."""
-    prompt_inputs = repeat_for_group(prompt_inputs, group_size, unwrap(model).config)
-    mask = completion_mask.to(prompt_inputs["attention_mask"].dtype)
-    inputs = dict(prompt_inputs, input_ids=torch.cat([prompt_inputs["input_ids"], completion_ids], dim=1),
-                  attention_mask=torch.cat([prompt_inputs["attention_mask"], mask], dim=1))
-    # Completion tokens are text: their token types are 0 (transformers 5.x needs them per row).
-    for key in token_type_keys(prompt_inputs):
-        inputs[key] = torch.cat([prompt_inputs[key], torch.zeros_like(completion_ids)], dim=1)
-    # Positions over the real tokens, as generate numbered them (the model's own default would count
-    # left padding in some families, and reuse a stale rope_deltas in Qwen's for a text-only batch).
-    inputs["position_ids"] = prompt_positions(model, inputs)
-    # The logit at position p predicts token p + 1: logits for the T positions before each completion token.
-    P, T = prompt_inputs["input_ids"].shape[1], completion_ids.shape[1]
-    logits = model(**inputs, logits_to_keep=torch.arange(P - 1, P + T - 1, device=completion_ids.device),
-                   use_cache=False).logits  # [B*G, T, V]
-    entropy = token_entropy(logits, temperature) if with_entropy else None
-    logps = selective_log_softmax(logits, completion_ids, temperature, overwrite_logits=True)
-    return (logps, entropy) if with_entropy else logps
-
-
-def allow_checkpointing_with_shared_prompt(model) -> None:
-    """Gradient checkpointing drops any cache passed to a checkpointed decoder layer, which would
-    silently run the completions without their prompt. PromptKV and SharedPromptKV are safe to replay (the
-    prompt pass overwrites, the completion pass only reads), so the decoder layers may keep it."""
-    for module in unwrap(model).modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module._can_checkpoint_with_cache = True

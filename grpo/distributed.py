@@ -1,0 +1,440 @@
+"""DeepSpeed and the ranks: the process group, what ranks agree on, the engines, the optimizer step,
+and the checkpoints DeepSpeed writes.
+
+- `init_distributed`: one process group for the deepspeed launcher, torchrun and plain `python`
+  ([leaked shared memory] on the CPU); `end_distributed` before exit ([exit abort]).
+- `mean_over_ranks`, `all_ranks`, `rank0_decides`: what the ranks must agree on ([ranks that disagree]).
+- `load_engine`: the policy (with its optimizer and LR schedule) or the frozen reference, partitioned
+  while it loads under ZeRO-3 ([ZeRO-3 class patching]).
+- `backward` and `step`: one micro-batch's backward and DeepSpeed's step, which updates the weights
+  after the last micro-batch of an optimizer step, unless a loss or a gradient was not finite on some
+  rank: then nothing changes anywhere ([non-finite steps]). `Phases` times them, with peak memory.
+- `save_checkpoint`, `load_checkpoint`, `save_model`: a checkpoint's weights, optimizer, schedule and
+  random generators, written atomically and agreed on by every rank ([saves that fail on one rank]);
+  `StopRequest`: SIGTERM, which stops the run at a step boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import time
+
+import torch
+
+from . import families
+from .config import UsageError
+
+
+def init_distributed():
+    """One process group for the deepspeed launcher, torchrun, and plain `python train.py` (a world of
+    one) alike: (rank, world size, device)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # no launcher: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        unlink_cpu_allreduce_buffer()
+    if accelerator.device_name() == "cuda":
+        accelerator.set_device(local_rank)
+    device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() == "cuda" else "cpu")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def unlink_cpu_allreduce_buffer() -> None:
+    """DeepSpeed's CPU accelerator, under its launcher, gives each rank a 66 MB POSIX shared-memory
+    all-reduce buffer, /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, and never
+    unlinks it ([leaked shared memory]). Once every rank has mapped every other rank's buffer
+    (init_distributed has returned on all of them: the barrier), each rank unlinks its own name; the
+    mappings stay valid, and the memory goes back when the processes end, however they end."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    torch.distributed.barrier()
+    try:
+        os.remove(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # no launcher (no LOCAL_SIZE), or not Linux: DeepSpeed made no buffer
+        pass
+
+
+def end_distributed() -> None:
+    """Destroy the process group before the interpreter exits ([exit abort])."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+    """Each value averaged over the ranks (a collective; without a process group, the values)."""
+    if not torch.distributed.is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return dict(zip(keys, (tensor / torch.distributed.get_world_size()).tolist()))
+
+
+def reduce_over_ranks(value: float, device, op) -> float:
+    if not torch.distributed.is_initialized():
+        return float(value)
+    tensor = torch.tensor([float(value)], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=op)
+    return tensor.item()
+
+
+def all_ranks(ok: bool, device) -> bool:
+    """True when `ok` holds on every rank (a collective)."""
+    return reduce_over_ranks(float(ok), device, torch.distributed.ReduceOp.MIN) == 1.0
+
+
+def rank0_decides(decide):
+    """decide() run on rank 0 alone, its result (or its usage error) given to every rank.
+
+    For the decisions that read files (the checkpoint to resume, whether --output_dir holds an earlier
+    run, which rows are usable): made once, so ranks on different machines cannot disagree and wait
+    for each other forever, and the work (decoding every picture of the dataset) is not repeated."""
+    outcome = [None, None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            outcome[0] = decide()
+        except UsageError as e:
+            outcome[1] = str(e)
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        error = UsageError(outcome[1])
+        error.shared = True  # every rank raises it: rank 0 alone prints it
+        raise error
+    return outcome[0]
+
+
+def seed_this_rank(seed: int, rank: int) -> None:
+    """Sampling draws from torch's generator: seeded with seed + rank, so that ranks given the same
+    prompt sample different completions ([one seed for all ranks])."""
+    torch.manual_seed(seed + rank)
+
+
+def load_engine(args, ds_config: dict, dtype, total_steps: int, train: bool):
+    """A DeepSpeed engine around the model: the policy (`train`: with its optimizer, the LR schedule,
+    gradient checkpointing, the vision tower frozen if asked) or the frozen reference. Under ZeRO-3 the
+    weights are partitioned while they load (HfDeepSpeedConfig is alive during from_pretrained)."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_config = dict(ds_config)
+    if not train:  # the reference: no optimizer; ZeRO-3 keeps it sharded, lower stages replicate it
+        ds_config.pop("optimizer", None)
+        ds_config.pop("scheduler", None)
+        if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+            ds_config["zero_optimization"] = {"stage": 0}
+    families.define_model_classes(args.model_name_or_path)  # before ZeRO-3's class patching: see there
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (a weakref inside transformers reads it)
+    model = families.load_model(args.model_name_or_path, dtype, args.attn_implementation)
+    if train and args.freeze_vision_tower:
+        families.vision_tower(model).requires_grad_(False)
+    if not train:
+        model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        return engine
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    scheduler = None if "scheduler" in ds_config else (lambda opt: lr_schedule(opt, args, total_steps))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ds_config, lr_scheduler=scheduler)
+    return engine
+
+
+def lr_schedule(optimizer, args, total_steps: int):
+    """Linear warmup from 0, then constant, linear or cosine decay to 0."""
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return {"constant": 1.0, "linear": 1.0 - progress,
+                "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[args.lr_scheduler_type]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def loss_scale(loss_type: str, world_size: int, accumulation_steps: int) -> float:
+    """What each micro-batch's loss is multiplied by before backward, so that the summed gradients
+    of one optimizer step are the gradient of the step's loss as its loss_type defines it.
+
+    DeepSpeed sums the micro-batches' gradients and averages them over ranks (divides by world size).
+    grpo, bnpo and dr_grpo are per-micro-batch means, and the step's loss is their mean over the
+    world_size x accumulation_steps micro-batches: 1 / accumulation_steps (the ranks' average does the
+    rest). dapo divides every micro-batch by the whole step's active-token count already, so the
+    step's loss is their plain sum: world_size undoes the ranks' average.
+    """
+    return float(world_size) if loss_type == "dapo" else 1.0 / accumulation_steps
+
+
+def backward(engine, loss: torch.Tensor, logps: torch.Tensor) -> bool:
+    """engine.backward(loss), unless the loss is not finite on some rank (a collective): then the
+    backward of 0 x logps, so that every rank still runs the same backward (ZeRO's hooks and
+    DeepSpeed's counters stay in step) and no NaN reaches a gradient. Returns whether it was finite."""
+    finite = all_ranks(bool(torch.isfinite(loss).item()), loss.device)
+    engine.backward(loss if finite else (logps * 0.0).sum(), scale_wrt_gas=False)
+    return finite
+
+
+def step(engine, skip: bool) -> bool:
+    """DeepSpeed's step after a micro-batch's backward: after the optimizer step's last micro-batch
+    the weights change, by AdamW with the LR schedule, unless `skip` (a loss of this step was not
+    finite) or some rank's gradient is not finite (an overflow in backward, in bf16 most likely):
+    then every rank's gradient is set to 0 and the step runs at learning rate 0, so that no weight
+    moves (the step's other micro-batches still enter Adam's moments), and the schedule sets the
+    rate again after. Returns whether this optimizer step was skipped."""
+    if engine.is_gradient_accumulation_boundary():
+        if not all_ranks(_gradients_finite(engine), engine.device):
+            _zero_gradients(engine)
+            skip = True
+        if skip:
+            for group in engine.optimizer.param_groups:
+                group["lr"] = 0.0
+    engine.step()
+    return skip
+
+
+def _gradients(engine):
+    """(parameter, this rank's gradient of it) for every trained parameter: under ZeRO-3 the rank's
+    partition (DeepSpeed's safe_get_local_grad), else the whole gradient (safe_get_full_grad). Under
+    ZeRO-1/2 the whole gradient is gathered parameter by parameter, an all-reduce of the model's size
+    per step; ZeRO-0 and ZeRO-3 (zero3.json) read what the rank holds."""
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+    for param in engine.module.parameters():
+        if param.requires_grad:
+            grad = safe_get_local_grad(param) if hasattr(param, "ds_id") else safe_get_full_grad(param)
+            if grad is not None:
+                yield param, grad
+
+
+def _gradients_finite(engine) -> bool:
+    """Whether this rank's share of the accumulated gradient is all finite (one device sync)."""
+    flags = [torch.isfinite(grad).all() for _, grad in _gradients(engine)]
+    return bool(torch.stack(flags).all().item()) if flags else True
+
+
+def _zero_gradients(engine) -> None:
+    """Set this rank's share of the accumulated gradient to 0, through DeepSpeed's setters."""
+    from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
+
+    for param, grad in _gradients(engine):
+        if hasattr(param, "ds_id"):
+            safe_set_local_grad(param, torch.zeros_like(grad))
+        else:
+            safe_set_full_grad(param, torch.zeros_like(grad))
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak: the GPU's allocated memory, or on the CPU the process's resident memory
+    (Linux: writing 5 to /proc/self/clear_refs resets VmHWM, the peak resident size)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the peak stays the run's peak so far
+        pass
+
+
+def peak_memory_gb(device) -> float:
+    """The peak since the last reset_peak_memory: the device's allocated memory (CUDA), else the
+    process's resident memory (VmHWM; where it cannot be read, the run's peak so far)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Phases:
+    """Each phase's seconds and peak memory (the device's, or the process's resident memory on the
+    CPU), for one step: `with phases("generate"): ...`; `phases.metrics()` names them time/<phase>_seconds
+    and memory/<phase>_peak_gb."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.peak_gb = device, {}, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        reset_peak_memory(self.device)
+        start = time.time()
+        yield
+        self.seconds[name] = time.time() - start
+        self.peak_gb[name] = peak_memory_gb(self.device)
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"time/{name}_seconds": s for name, s in self.seconds.items()},
+                **{f"memory/{name}_peak_gb": gb for name, gb in self.peak_gb.items()}}
+
+
+# ---------------------------------------------------------------- checkpoints and pre-emption
+
+TRAINER_STATE = "trainer_state.json"
+DEEPSPEED_TAG = "deepspeed"
+
+
+def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: bool) -> None:
+    """Hugging Face format (safetensors + processor) that from_pretrained loads, and the run's
+    arguments (training_args.json: eval.py prompts the model as it was trained). Under ZeRO-3 the
+    shards are gathered into one 16-bit state dict on rank 0 (a collective: every rank calls this)."""
+    import dataclasses
+
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
+    if is_main:
+        model = engine.module
+        # save_pretrained writes the key layout the weights were read from, by reverting the renames
+        # from_pretrained recorded in _weight_conversions. Loaded under ZeRO-3 (HfDeepSpeedConfig) it
+        # records extra ones, and their reversal wrote Qwen2-VL's layers as model.model.layers.*
+        # (transformers 5.24), which other readers (vLLM) do not know. Without a record it reverts the
+        # family's default renames: exactly what a save after a plain load writes.
+        recorded = getattr(model, "_weight_conversions", None)
+        if zero_stage == 3:
+            model._weight_conversions = None
+        try:
+            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        finally:
+            model._weight_conversions = recorded
+        processor.save_pretrained(folder)
+        with open(os.path.join(folder, "training_args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
+
+
+@contextlib.contextmanager
+def writes_kept_going(checkpoint_engine, errors: list):
+    """DeepSpeed's checkpoint writes (its checkpoint engine's save and makedirs) with their errors
+    kept in `errors` instead of raised. engine.save_checkpoint waits in barriers between writes: a
+    rank whose write raised (its disk full) would leave the others waiting there until the process
+    group times out. This way every rank goes through DeepSpeed's save, and then all agree."""
+    def kept(write):
+        def call(*args, **kwargs):
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        return call
+
+    checkpoint_engine.save, checkpoint_engine.makedirs = kept(checkpoint_engine.save), kept(checkpoint_engine.makedirs)
+    try:
+        yield
+    finally:  # the instance attributes go; the class's methods show through again
+        del checkpoint_engine.save, checkpoint_engine.makedirs
+
+
+def save_checkpoint(engine, processor, args, folder: str, trainer_state: dict, zero_stage: int, rank: int,
+                    device) -> bool:
+    """A checkpoint in `folder`: the model as save_model writes it, DeepSpeed's checkpoint (a shard per
+    rank under ZeRO-3), each rank's random generators, and `trainer_state` as trainer_state.json, written
+    last. Everything goes into folder.tmp, renamed to `folder` once every rank's part is on disk. A
+    failed write (a full disk, on any rank) fails the save on every rank: reported, folder.tmp removed,
+    and whatever stood before left as it was ([saves that fail on one rank]). Returns whether it was
+    saved; every rank calls it."""
+    temporary, is_main = folder + ".tmp", rank == 0
+    if is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+    torch.distributed.barrier()
+    error = None
+    try:
+        save_model(engine, processor, args, temporary, zero_stage, is_main)
+    except Exception as e:  # noqa: BLE001 (a full disk surfaces as OSError or as the writer's own error)
+        error = e
+    if all_ranks(error is None, device):
+        try:
+            write_errors = []
+            with writes_kept_going(engine.checkpoint_engine, write_errors):
+                engine.save_checkpoint(temporary, tag=DEEPSPEED_TAG, save_latest=False)
+            if write_errors:
+                raise write_errors[0]
+            torch.save(rng_state(), os.path.join(temporary, f"rng_state_{rank}.pth"))
+        except Exception as e:  # noqa: BLE001
+            error = e
+    if all_ranks(error is None, device) and is_main:
+        try:
+            with open(os.path.join(temporary, TRAINER_STATE), "w") as f:
+                json.dump(trainer_state, f, indent=1)
+            if os.path.exists(folder):  # a checkpoint of this step from an overwritten run
+                shutil.rmtree(folder)
+            os.replace(temporary, folder)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    saved = all_ranks(error is None, device)
+    if not saved:
+        if error is not None:
+            print(f"[train] rank {rank}: saving {os.path.basename(folder)} failed: {type(error).__name__}: {error}",
+                  flush=True)
+        if is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+    torch.distributed.barrier()
+    return saved
+
+
+def load_checkpoint(engine, folder: str, rank: int) -> dict:
+    """Restore weights, optimizer and LR schedule (DeepSpeed's checkpoint) and this rank's random
+    generators; returns the checkpoint's trainer_state.json."""
+    load_path, _ = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
+    if load_path is None:
+        raise UsageError(f"--resume_from_checkpoint: DeepSpeed found no checkpoint under {folder!r}/{DEEPSPEED_TAG}.")
+    rng_file = os.path.join(folder, f"rng_state_{rank}.pth")
+    if not os.path.isfile(rng_file):
+        raise UsageError(f"--resume_from_checkpoint: {folder!r} has no {os.path.basename(rng_file)}; it was written "
+                         "by fewer ranks than this run has. Resume with the same number of ranks.")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    with open(os.path.join(folder, TRAINER_STATE)) as f:
+        return json.load(f)
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+
+class StopRequest:
+    """SIGTERM, which SLURM and Kubernetes send before they kill a job, asks the run to stop. The
+    handler only notes it; the loop saves a checkpoint at the next step boundary and exits 0."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.received = True
+
+    def agreed(self, device) -> bool:
+        """Whether any rank received SIGTERM (a collective: the ranks stop at the same step)."""
+        return not all_ranks(not self.received, device)

@@ -1,0 +1,428 @@
+"""The policy model at work: a step's rollouts sampled from it, and log pi(o | q, image) of their tokens.
+
+Everything that runs the model is here. `sample_groups` draws G completions for every prompt of a
+rank's step in one `generate` call; `completion_logps` gives each completion token's log-probability,
+with gradient for the update and without for the reference and the old policy. Both encode each
+prompt and its pictures once per group (the shared prompt): generate prefills the prompt once and
+copies its cache to the G samples, and the log-prob forward runs the prompt once and lets the G
+completions attend to its keys and values. `share_prompt=False` repeats the prompt G times, the
+plain definition, which the tests hold the shared path to (log-probs, gradients, samples).
+
+The traps guarded here (docs/TRAPS.md): [checkpoint sampling defaults] (generate is told the run's
+flags and nothing of the checkpoint's generation config), [end ids], [ZeRO-3 generation] (weights
+gathered once per rollout, ranks kept in step), [cache off in train mode], [sampled placeholders],
+[pictures in every forward], [padding positions], [stale rope deltas], [full-vocabulary logits],
+[checkpointing drops the cache], and on a GPU [auto-compile] and [unpadding syncs].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from . import families
+from .objective import selective_log_softmax, token_entropy
+
+
+@dataclass
+class Rollout:
+    """One optimizer step's rollout on this rank: B prompts and their G completions each, prompt-major
+    (completion i belongs to prompt i // G: [group order]). Sampling fills the first five fields, the
+    step the others as it scores the completions and compares the policies."""
+
+    prompt_inputs: dict            # the B prompts' inputs, NOT repeated: left-padded [B, P] rows and their pictures
+    completion_ids: torch.Tensor   # [B*G, T] sampled tokens, right-padded
+    completion_mask: torch.Tensor  # [B*G, T] 1 up to and including the first end id
+    texts: list[str]               # B*G decoded completions (special tokens removed)
+    truncated: torch.Tensor        # [B*G] bool: stopped at max_new_tokens without an end id
+    examples: list[dict] = field(default_factory=list)  # the B dataset rows (problem, solution, images, ...)
+    rewards: torch.Tensor | None = None          # [B*G] weighted sum of the reward functions
+    reward_per_func: torch.Tensor | None = None  # [B*G, K]
+    advantages: torch.Tensor | None = None       # [B*G]
+    old_logps: torch.Tensor | None = None        # [B*G, T] before the step's first update (num_iterations > 1)
+    ref_logps: torch.Tensor | None = None        # [B*G, T] under the reference model (beta > 0)
+
+    def micro_batches(self, prompts_per_batch: int, group_size: int, config, blank: dict | None = None):
+        """Consecutive runs of prompts, each with its G completions: (prompt inputs, completion rows)
+        pairs. `blank` gives a run without pictures the masked-out blank image ([text-only rank])."""
+        num_prompts = self.prompt_inputs["input_ids"].shape[0]
+        for start in range(0, num_prompts, prompts_per_batch):
+            stop = min(start + prompts_per_batch, num_prompts)
+            yield (families.select_prompts(self.prompt_inputs, start, stop, config, blank),
+                   slice(start * group_size, stop * group_size))
+
+# ---------------------------------------------------------------- sampling
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion ([end ids]): the checkpoint's generation_config.eos_token_id (one
+    id or a list: Qwen's <|im_end|> and <|endoftext|>, Gemma 3's <end_of_turn> and <eos>) and the
+    tokenizer's eos, in that order, each once."""
+    listed = families.unwrap(model).generation_config.eos_token_id
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    ids = [*listed, tokenizer.convert_tokens_to_ids(tokenizer.eos_token)]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def generation_config(*, max_new_tokens: int, end_ids: list[int], pad_token_id: int, suppress_token_ids: list[int],
+                      temperature: float | None, top_p: float = 1.0, ignore_eos: bool = False):
+    """The whole of what `generate` is told, from the run's flags alone: sampling from
+    softmax(logits / temperature) restricted to the top_p nucleus (temperature None: greedy), with
+    placeholders suppressed, stopping at any end id. Every other field that changes what is drawn
+    (top_k, repetition_penalty, typical_p, min_p, no_repeat_ngram_size, bad_words_ids, ...) is left
+    unset, and `run_settings_only` keeps the checkpoint's values from filling them; top_k is set to 0
+    because transformers' own default for it is 50. Compiling is off ([auto-compile])."""
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature is not None \
+        else dict(do_sample=False)
+    return GenerationConfig(
+        **sampling, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if ignore_eos else None,
+        use_cache=True, suppress_tokens=suppress_token_ids or None, eos_token_id=end_ids, pad_token_id=pad_token_id,
+        disable_compile=True)
+
+
+@contextlib.contextmanager
+def run_settings_only(model):
+    """Within the block the model's generation_config holds its token ids and nothing else.
+
+    transformers (5.x, `_prepare_generation_config`) fills every field of the config `generate` is
+    given that is unset from the model's generation_config, i.e. from the checkpoint's
+    generation_config.json: a published checkpoint's top_k 1 or repetition_penalty 1.05 would shape
+    the rollouts ([checkpoint sampling defaults]). Setting the checkpoint's config aside for the call leaves only the run's
+    flags and transformers' neutral defaults."""
+    from transformers import GenerationConfig
+
+    published = model.generation_config
+    model.generation_config = GenerationConfig(
+        eos_token_id=published.eos_token_id, pad_token_id=published.pad_token_id, bos_token_id=published.bos_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = published
+
+
+@contextlib.contextmanager
+def decode_attention(model):
+    """Decode on sdpa when the model runs flash-attention-2 ([unpadding syncs]); the training forwards
+    keep flash-attention-2."""
+    if model.config._attn_implementation != "flash_attention_2":
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("flash_attention_2")
+
+
+def completion_mask_through_eos(completion_ids: torch.Tensor, end_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [N, T] that is 1 up to and including each row's first end id (any of end_ids), and which
+    rows had none."""
+    is_eos = torch.isin(completion_ids, torch.tensor(end_ids, device=completion_ids.device))
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), completion_ids.shape[1] - 1)
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    return (positions[None, :] <= first_eos[:, None]).long(), ~has_eos
+
+
+@contextlib.contextmanager
+def gathered_weights(model, zero_stage: int):
+    """Under ZeRO-3, every weight gathered on every rank once for the block, and DeepSpeed's per-module
+    hooks off while it lasts ([ZeRO-3 generation]): they fetch a module's weights before its forward
+    and release them after it, GatheredParameters or not, so generate would gather them again. They
+    are registered again at the block's end, as TRL does (`unwrap_model_for_generation`), with the
+    same module ids. `model` is the DeepSpeed engine (or a plain model, which needs nothing)."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    offload = getattr(getattr(model, "optimizer", None), "parameter_offload", None)
+    unwrapped = families.unwrap(model)
+    with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
+        if offload is None:  # no ZeRO-3 engine around it: nothing hooked
+            yield
+            return
+        for param in unwrapped.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module, count=[0])
+
+
+@torch.no_grad()
+def sample_groups(model, prompt_inputs: dict, tokenizer, *, group_size: int, max_new_tokens: int,
+                  temperature: float, top_p: float, suppress_token_ids: list[int], share_prompt: bool = True,
+                  generation_batch_size: int = 0, ignore_eos: bool = False, blank_prompt: dict | None = None,
+                  zero_stage: int = 0, synced_ranks: bool = False) -> Rollout:
+    """The rollout of B prompts (`prompt_inputs`: left-padded [B, P] rows and their pictures, not
+    repeated): G completions each, rows i*G .. i*G+G-1 for prompt i, right-padded to the longest.
+
+    Drawn from softmax(logits / temperature) within the top_p nucleus, and from nothing else
+    (generation_config), in eval mode with the KV cache ([cache off in train mode]), placeholders
+    suppressed. All B*G completions come from one `generate` call, or from calls of at most
+    `generation_batch_size` completions (0: no limit); every rank makes as many calls, and with
+    `synced_ranks` keeps stepping until all are done ([ZeRO-3 generation]). `model`: the policy, or
+    the DeepSpeed engine around it. `ignore_eos` samples exactly max_new_tokens tokens (benchmarks).
+    `blank_prompt` gives a call without pictures the blank image ([text-only rank]).
+    """
+    unwrapped = families.unwrap(model)
+    end_ids = end_token_ids(unwrapped, tokenizer)
+    config = generation_config(max_new_tokens=max_new_tokens, end_ids=end_ids, pad_token_id=tokenizer.pad_token_id,
+                               suppress_token_ids=suppress_token_ids, temperature=temperature, top_p=top_p,
+                               ignore_eos=ignore_eos)
+    num_prompts = prompt_inputs["input_ids"].shape[0]
+    per_call = prompts_per_call(generation_batch_size, group_size, num_prompts)
+    generate = _generate_from_shared_prompt if share_prompt else _generate_from_repeated_prompt
+    pieces = []
+    was_training = unwrapped.training
+    unwrapped.eval()
+    with gathered_weights(model, zero_stage), run_settings_only(unwrapped):
+        for start in range(0, num_prompts, per_call):
+            inputs = families.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts),
+                                             unwrapped.config, blank_prompt)
+            pieces.append(generate(unwrapped, inputs, group_size, config, synced_ranks))
+    unwrapped.train(was_training)
+    longest = max(piece.shape[1] for piece in pieces)
+    padded = [torch.nn.functional.pad(piece, (0, longest - piece.shape[1]), value=tokenizer.pad_token_id)
+              for piece in pieces]
+    return to_rollout(prompt_inputs, torch.cat(padded), tokenizer, end_ids)
+
+
+@torch.no_grad()
+def greedy_completions(model, prompt_inputs: dict, tokenizer, *, max_new_tokens: int,
+                       suppress_token_ids: list[int]) -> Rollout:
+    """One greedy completion per prompt (eval.py), under the same rules: the run's settings only,
+    every end id, placeholders suppressed."""
+    end_ids = end_token_ids(model, tokenizer)
+    config = generation_config(max_new_tokens=max_new_tokens, end_ids=end_ids, pad_token_id=tokenizer.pad_token_id,
+                               suppress_token_ids=suppress_token_ids, temperature=None)
+    with run_settings_only(model), decode_attention(model):
+        output = model.generate(**prompt_inputs, generation_config=config)
+    return to_rollout(prompt_inputs, output[:, prompt_inputs["input_ids"].shape[1]:], tokenizer, end_ids)
+
+
+def prompts_per_call(generation_batch_size: int, group_size: int, num_prompts: int) -> int:
+    """Prompts per generate call: whole groups of at most generation_batch_size completions (0: all)."""
+    return max(1, generation_batch_size // group_size) if generation_batch_size > 0 else num_prompts
+
+
+def _generate_from_repeated_prompt(model, inputs: dict, group_size: int, config, synced_ranks: bool) -> torch.Tensor:
+    """The plain path: every prompt repeated G times and prefilled G times. Returns [B*G, T]."""
+    with decode_attention(model):
+        output = model.generate(**families.repeat_for_group(inputs, group_size, model.config),
+                                generation_config=config, synced_gpus=synced_ranks)
+    return output[:, inputs["input_ids"].shape[1]:]
+
+
+def _generate_from_shared_prompt(model, inputs: dict, group_size: int, config, synced_ranks: bool) -> torch.Tensor:
+    """Prefill each prompt once, copy its cache to its G rows, and let `generate` continue. Returns [B*G, T].
+
+    The prefill stops one token short of the prompt: `generate` must have at least one uncached
+    token to start from (given a fully cached prompt it would prefill the whole prompt again on top
+    of the cache). The prefill's positions count each left-padded row's real tokens, as generate
+    numbers the tokens after it. Qwen-VL's decode positions come from `model.rope_deltas`: it is set
+    to the prompts' deltas repeated G times right before `generate` ([stale rope deltas]).
+    """
+    from transformers import DynamicCache, StaticCache
+
+    G, text_config = group_size, model.config.get_text_config()
+    prefill = DynamicCache(config=text_config)
+    text_keys = ["input_ids", "attention_mask", *families.token_type_keys(inputs)]
+    prefix = {key: (value[:, :-1] if key in text_keys else value) for key, value in inputs.items()}
+    positions = families.prompt_positions(model, prefix)
+    model(**prefix, position_ids=positions, cache=prefill, use_cache=True, logits_to_keep=1)
+    if any(layer.is_sliding for layer in prefill.layers):  # windowed layers keep only their window: as they are
+        prefill.batch_repeat_interleave(G)
+        cache = prefill
+    else:  # decode into preallocated keys/values: a growing cache copies all of itself at every step
+        cache = StaticCache(config=text_config,
+                            max_cache_len=inputs["input_ids"].shape[1] + config.max_new_tokens)
+        for layer, prompt_layer in zip(cache.layers, prefill.layers):
+            layer.update(prompt_layer.keys.repeat_interleave(G, dim=0), prompt_layer.values.repeat_interleave(G, dim=0))
+    if positions.dim() == 3:  # mRoPE: decode position = the token's index among real tokens + its row's delta
+        deltas = positions[:, :, -1].amax(0) + 1 - prefix["attention_mask"].sum(-1)
+        model.model.rope_deltas = deltas.repeat_interleave(G)[:, None]
+    # Token types describe the cached prompt only: the one uncached prompt token and all that follow are
+    # text, and a family that builds its mask from them (Gemma 3) must not see prompt-length ones again.
+    repeated = {key: inputs[key].repeat_interleave(G, dim=0) for key in ("input_ids", "attention_mask")}
+    with decode_attention(model):
+        output = model.generate(**repeated, cache=cache, generation_config=config, synced_gpus=synced_ranks)
+    return output[:, inputs["input_ids"].shape[1]:]
+
+
+def to_rollout(prompt_inputs: dict, completion_ids: torch.Tensor, tokenizer, end_ids: list[int]) -> Rollout:
+    """Generated rows [N, T] cut after their first end id: mask, padding, texts, truncation flags."""
+    mask, truncated = completion_mask_through_eos(completion_ids, end_ids)
+    completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(completion_ids.cpu(), skip_special_tokens=True)
+    return Rollout(prompt_inputs, completion_ids, mask, texts, truncated.cpu())
+
+# ---------------------------------------------------------------- log-probabilities
+
+@torch.no_grad()
+def rollout_logps(model, rollout: Rollout, prompts_per_batch: int, group_size: int, temperature: float,
+                  share_prompt: bool, blank: dict | None = None) -> torch.Tensor:
+    """[B*G, T] log-probs of the rollout's completions under `model` (the reference, or the policy
+    before its update), micro-batch by micro-batch as the update walks them."""
+    return torch.cat([
+        completion_logps(model, inputs, rollout.completion_ids[completions], rollout.completion_mask[completions], temperature,
+                         group_size, share_prompt)
+        for inputs, completions in rollout.micro_batches(prompts_per_batch, group_size, families.unwrap(model).config, blank)])
+
+
+def completion_logps(model, prompt_inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                     temperature: float, group_size: int, share_prompt: bool = True, with_entropy: bool = False):
+    """log pi(o_t | q, image, o_<t) for every completion token, at the sampling temperature T:
+
+        logp_{i,t} = log softmax(z_{i,t} / T)[o_{i,t}],   z_{i,t} = the model's logits after q, image, o_{i,<t}
+
+    prompt_inputs: B prompts (left-padded [B, P] rows and their pictures, which every forward carries:
+    [pictures in every forward]), NOT repeated; completion_ids, completion_mask: [B*G, T], completion
+    i belonging to prompt i // G. Returns logps [B*G, T] (and the per-token entropy [B*G, T] when
+    asked, without gradient). Positions count real tokens only ([padding positions]).
+
+    share_prompt=True runs each prompt (and its image) through the model once and lets its G
+    completions attend to the same keys/values: P + G*T token positions instead of G*(P + T), and
+    the gradient of all G completions flows back through the one prompt pass into the vision tower.
+    share_prompt=False repeats every prompt G times: the plain path, kept to check the shared one.
+    Either way one [B*G, T, V] logits tensor lives through forward and backward ([full-vocabulary logits]).
+    """
+    return (_shared_completion_logps if share_prompt else _plain_completion_logps)(
+        model, prompt_inputs, completion_ids, completion_mask, temperature, group_size, with_entropy)
+
+
+def _shared_completion_logps(model, prompt_inputs: dict, completion_ids, completion_mask, temperature, group_size,
+                             with_entropy):
+    """Each prompt forwarded once, its keys/values read by its G completions (see completion_logps).
+    The completion pass's [B*G, T-1, V] logits are the one full-vocabulary tensor (its backward writes
+    the gradient into it), beside the prompt pass's [B, 1, V]."""
+    G, T = group_size, completion_ids.shape[1]
+    B = prompt_inputs["input_ids"].shape[0]
+    config = families.unwrap(model).config.get_text_config()
+    prompt_cache = Cache(layers=[PromptKV() for _ in range(config.num_hidden_layers)])
+    shared_cache = Cache(layers=[SharedPromptKV(layer, G) for layer in prompt_cache.layers])
+    positions = families.prompt_positions(model, prompt_inputs)
+    # 1. The prompt, once per prompt: fills the cache; its last logit predicts every completion's first
+    # token, read by its G completions through a view (expand), not a copy.
+    first_logits = model(**prompt_inputs, position_ids=positions, cache=prompt_cache, use_cache=True,
+                         logits_to_keep=1).logits  # [B, 1, V]
+    first_logits = first_logits.expand(B, G, first_logits.shape[-1])  # [B, G, V]
+    first_logps = selective_log_softmax(first_logits, completion_ids[:, 0].view(B, G), temperature).view(B * G, 1)
+    # 2. The completions on top of the shared prompt. The attention mask is each prompt's padding
+    # (per row), then the completion's. Token t's logit predicts token t + 1: logits are made for
+    # positions 0 .. T-2 only. The last token is still fed, so that this pass never has zero length
+    # (under ZeRO-3 every rank must run the same forwards, whatever its completions' lengths).
+    rest_logits = model(
+        input_ids=completion_ids,
+        attention_mask=torch.cat([prompt_inputs["attention_mask"].repeat_interleave(G, dim=0),
+                                  completion_mask.to(prompt_inputs["attention_mask"].dtype)], dim=1),
+        position_ids=continuation_positions(positions, G, T), cache=shared_cache, use_cache=True,
+        logits_to_keep=torch.arange(T - 1, device=completion_ids.device),
+    ).logits  # [B*G, T-1, V]
+    entropy = torch.cat([token_entropy(first_logits, temperature).view(B * G, 1), token_entropy(rest_logits, temperature)],
+                        dim=1) if with_entropy else None  # before the backward overwrites rest_logits
+    rest_logps = selective_log_softmax(rest_logits, completion_ids[:, 1:], temperature, overwrite_logits=True)
+    logps = torch.cat([first_logps, rest_logps], dim=1)
+    return (logps, entropy) if with_entropy else logps
+
+
+def _plain_completion_logps(model, prompt_inputs: dict, completion_ids, completion_mask, temperature, group_size,
+                            with_entropy):
+    """The same log-probs from one forward over [prompt; completion] per completion row, each prompt
+    repeated G times: the plain path."""
+    prompt_inputs = families.repeat_for_group(prompt_inputs, group_size, families.unwrap(model).config)
+    mask = completion_mask.to(prompt_inputs["attention_mask"].dtype)
+    inputs = dict(prompt_inputs, input_ids=torch.cat([prompt_inputs["input_ids"], completion_ids], dim=1),
+                  attention_mask=torch.cat([prompt_inputs["attention_mask"], mask], dim=1))
+    # Completion tokens are text: their token types are 0 (transformers 5.x needs them per row).
+    for key in families.token_type_keys(prompt_inputs):
+        inputs[key] = torch.cat([prompt_inputs[key], torch.zeros_like(completion_ids)], dim=1)
+    # Positions over the real tokens, as generate numbered them (the model's own default would count
+    # left padding in some families, and reuse a stale rope_deltas in Qwen's for a text-only batch).
+    inputs["position_ids"] = families.prompt_positions(model, inputs)
+    # The logit at position p predicts token p + 1: logits for the T positions before each completion token.
+    P, T = prompt_inputs["input_ids"].shape[1], completion_ids.shape[1]
+    logits = model(**inputs, logits_to_keep=torch.arange(P - 1, P + T - 1, device=completion_ids.device),
+                   use_cache=False).logits  # [B*G, T, V]
+    entropy = token_entropy(logits, temperature) if with_entropy else None
+    logps = selective_log_softmax(logits, completion_ids, temperature, overwrite_logits=True)
+    return (logps, entropy) if with_entropy else logps
+
+
+def continuation_positions(prompt_position_ids: torch.Tensor, group_size: int, length: int) -> torch.Tensor:
+    """Positions of the `length` tokens after each prompt, for its G rows: [3, B*G, length] (mRoPE)
+    or [B*G, length]. Completions are text, so every axis counts on from the prompt's largest position
+    + 1; left padding puts every prompt's last real token in the last column."""
+    last = prompt_position_ids[..., -1]  # [3, B] or [B]
+    if last.dim() == 2:
+        last = last.amax(0)
+    steps = torch.arange(1, length + 1, device=last.device)
+    positions = (last[:, None] + steps[None, :]).repeat_interleave(group_size, dim=0)
+    return positions[None].expand(3, -1, -1) if prompt_position_ids.dim() == 3 else positions
+
+
+class PromptKV(CacheLayerMixin):
+    """The prompt pass's cache for one decoder layer: it keeps the prompt's keys/values [B, H, P, D].
+
+    It overwrites rather than appends: gradient checkpointing runs the layer's forward again during
+    the backward, and that replay must not store a second copy. The prompt pass sees no past.
+    """
+
+    is_sliding = False
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys, self.values, self.is_initialized = key_states, value_states, True
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SharedPromptKV(PromptKV):
+    """The completion pass's cache for one decoder layer: each of the B*G completions attends to its
+    prompt's keys/values (prompt i's repeated for rows i*G .. i*G+G-1) followed by its own. It reads
+    and never stores, so a replay under gradient checkpointing sees exactly what the first run saw,
+    and the gradient reaches the prompt pass through the repeated tensors."""
+
+    def __init__(self, prompt: PromptKV, group_size: int):
+        super().__init__()
+        self.prompt, self.group_size = prompt, group_size
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        G = self.group_size
+        return (torch.cat([self.prompt.keys.repeat_interleave(G, dim=0), key_states], dim=-2),
+                torch.cat([self.prompt.values.repeat_interleave(G, dim=0), value_states], dim=-2))
+
+    def get_seq_length(self) -> int:
+        return self.prompt.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+def allow_checkpointing_with_shared_prompt(model) -> None:
+    """Gradient checkpointing drops any cache passed to a checkpointed decoder layer, which would
+    silently run the completions without their prompt ([checkpointing drops the cache]). PromptKV and
+    SharedPromptKV are safe to replay (the prompt pass overwrites, the completion pass only reads), so
+    the decoder layers may keep it."""
+    for module in families.unwrap(model).modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True
