@@ -174,7 +174,8 @@ def update(model, rollout: policy.Rollout, args, world_size: int, active_tokens:
             ref_logps=rollout.ref_logps[completions] if rollout.ref_logps is not None else None, beta=args.beta,
             epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
             max_completion_length=args.max_completion_length, num_items_in_batch=active_tokens,
-            importance_sampling_level=args.importance_sampling_level)
+            importance_sampling_level=args.importance_sampling_level,
+            sapo_temperatures=(args.sapo_temperature_pos, args.sapo_temperature_neg))
         nonfinite |= not distributed.backward(model, loss * scale, logps)
         skipped = distributed.step(model, skip=nonfinite)
         stats.append(dict(loss_stats, loss=loss.item(),

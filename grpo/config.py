@@ -47,8 +47,10 @@ class GRPOArguments:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 skips the reference model entirely."})
     epsilon: float = field(default=0.2, metadata={"help": "Lower clip range of the ratio (and upper, unless --epsilon_high)."})
-    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip range (DAPO clip-higher uses 0.28)."})
-    loss_type: str = field(default="grpo", metadata={"help": "grpo, bnpo, dr_grpo or dapo: how per-token losses are averaged."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip range (DAPO clip-higher uses 0.28); with --loss_type cispo the importance weight's cap is 1 + this."})
+    loss_type: str = field(default="grpo", metadata={"help": "grpo, bnpo, dr_grpo or dapo (how per-token losses are averaged), or cispo or sapo (the per-token loss itself: grpo/objective.py)."})
+    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "--loss_type sapo: the soft gate's temperature for positive advantages (SAPO's and TRL's 1.0)."})
+    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "--loss_type sapo: ... for negative advantages (1.05; above the positive one, so they fade faster)."})
     importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO) or sequence (GSPO: one ratio per completion; use --epsilon 3e-4 --epsilon_high 4e-4)."})
     scale_rewards: str = field(default="group", metadata={"help": "Advantage scaling: group, batch or none (Dr. GRPO)."})
     num_iterations: int = field(default=1, metadata={"help": "Updates per rollout batch (mu); > 1 computes and reuses old log-probs."})
@@ -178,6 +180,12 @@ def validate(args: GRPOArguments) -> None:
     if args.generation_batch_size < 0 or 0 < args.generation_batch_size < args.num_generations:
         bad("generation_batch_size", f"is {args.generation_batch_size}; use 0 (no limit) or at least one group "
             f"(--num_generations {args.num_generations} completions).")
+    if args.loss_type in ("cispo", "sapo") and args.importance_sampling_level != "token":
+        bad("importance_sampling_level", f"{args.importance_sampling_level!r} (GSPO) goes with grpo, bnpo, dr_grpo or "
+            f"dapo; --loss_type {args.loss_type} weighs each token by its own ratio.")
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        if getattr(args, name) <= 0:
+            bad(name, f"is {getattr(args, name)}; SAPO's gate sigmoid(tau (r - 1)) needs tau > 0 (the paper: 1.0 and 1.05).")
     if args.epsilon_high is not None and args.epsilon_high < args.epsilon:
         bad("epsilon_high", f"{args.epsilon_high} is below --epsilon {args.epsilon}; clip-higher wants it above (DAPO: 0.28).")
     if args.min_pixels > args.max_pixels:

@@ -177,10 +177,10 @@ def loss_scale(loss_type: str, world_size: int, accumulation_steps: int) -> floa
     DeepSpeed sums the micro-batches' gradients and averages them over ranks (divides by world size).
     grpo, bnpo and dr_grpo are per-micro-batch means, and the step's loss is their mean over the
     world_size x accumulation_steps micro-batches: 1 / accumulation_steps (the ranks' average does the
-    rest). dapo divides every micro-batch by the whole step's active-token count already, so the
-    step's loss is their plain sum: world_size undoes the ranks' average.
+    rest). dapo and cispo divide every micro-batch by the whole step's active-token count already, so
+    the step's loss is their plain sum: world_size undoes the ranks' average.
     """
-    return float(world_size) if loss_type == "dapo" else 1.0 / accumulation_steps
+    return float(world_size) if loss_type in ("dapo", "cispo") else 1.0 / accumulation_steps
 
 
 def backward(engine, loss: torch.Tensor, logps: torch.Tensor) -> bool:

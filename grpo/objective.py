@@ -11,7 +11,8 @@ tokens (up to and including the end id) and 0 on padding.
     r_{i,t}  = exp(logp_{i,t} - old_{i,t})
     l_{i,t}  = -min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i) + beta k3_{i,t}   policy_loss
     k3_{i,t} = exp(ref - logp) - (ref - logp) - 1
-    loss     = the l_{i,t} averaged as loss_type says (grpo, bnpo, dr_grpo, dapo)
+    loss     = the l_{i,t} averaged as loss_type says (grpo, bnpo, dr_grpo, dapo; cispo and sapo
+               change l_{i,t} itself: policy_loss)
     logp     = log softmax(z / T)[token], from the logits z at the sampling temperature T   selective_log_softmax
 
 Why is the loss about 0? With one update per rollout (old = logp.detach()) the ratio is exactly 1,
@@ -27,7 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 # ---------------------------------------------------------------- rewards to advantages
@@ -149,9 +150,12 @@ def _check_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type
     if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length <= 0):
         raise ValueError(f"loss_type='dr_grpo' normalises by N * max_completion_length; pass a positive "
                          f"max_completion_length (got {max_completion_length}).")
-    if loss_type == "dapo" and num_items_in_batch is None:
-        raise ValueError("loss_type='dapo' normalises by num_items_in_batch, the active completion tokens of the "
-                         "whole optimizer step (all ranks and accumulation steps); pass it.")
+    if loss_type in ("dapo", "cispo") and num_items_in_batch is None:
+        raise ValueError(f"loss_type={loss_type!r} normalises by num_items_in_batch, the active completion tokens of "
+                         "the whole optimizer step (all ranks and accumulation steps); pass it.")
+    if loss_type in ("cispo", "sapo") and importance_sampling_level != "token":
+        raise ValueError(f"loss_type={loss_type!r} weighs each token by its own ratio; importance_sampling_level "
+                         "'sequence' (GSPO) goes with grpo, bnpo, dr_grpo or dapo.")
 
 
 def policy_loss(
@@ -168,6 +172,7 @@ def policy_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     importance_sampling_level: str = "token",
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss of one micro-batch, and detached statistics to log.
 
@@ -189,6 +194,17 @@ def policy_loss(
     value is s_i and d s_{i,t} / d logp_{i,t} = s_i, so under every loss_type the gradient equals
     that of the sequence objective A_i * s_i. Clipping then acts on s_i; GSPO uses a tiny range,
     epsilon_low = 3e-4 and epsilon_high = 4e-4 (pass them; the defaults are the token-level ones).
+
+    loss_type="cispo" (MiniMax-M1, arXiv 2506.13585, sec. 3.1) clips the importance weight instead of
+    the update: every token keeps its gradient, weighted by the ratio capped from above,
+        l_{i,t} = -sg[min(r, 1 + epsilon_high)] * A_i * logp_{i,t}          (no lower bound, as the paper)
+    aggregated as dapo (the paper's token mean over the step). Its value is not ~0 at r = 1, but its
+    gradient there is the same policy gradient, -A_i per token. (TRL caps r at epsilon_high itself.)
+    loss_type="sapo" (Qwen's SAPO, arXiv 2511.20347, sec. 3) replaces the hard clip with a soft gate,
+        l_{i,t} = -(4 / tau) * sigmoid(tau * (r - 1)) * A_i,      tau = tau_pos if A_i > 0 else tau_neg
+    whose gradient 4 sigma (1 - sigma) A_i d r is exactly -A_i d logp at r = 1 and fades smoothly as r
+    leaves 1, faster for negative advantages (tau_neg > tau_pos: sapo_temperatures, the paper's and
+    TRL's 1.0 and 1.05); aggregated as grpo (the paper's mean over completions of their token means).
 
     Aggregation over the micro-batch (sums over active tokens):
         grpo     mean_i( sum_t m*l / sum_t m )             DeepSeekMath eq. 3 (long answers weigh less per token)
@@ -230,8 +246,15 @@ def policy_loss(
         seq_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         log_ratio = seq_log_ratio.detach()[:, None] + logps - logps.detach()
     ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=1 + epsilon_high).detach() * adv * logps
+    elif loss_type == "sapo":
+        tau_pos, tau_neg = sapo_temperatures
+        tau = torch.full_like(adv, tau_neg).masked_fill(adv > 0, tau_pos)  # in logps' dtype, not float32
+        per_token = -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * adv
+    else:
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+        per_token = -torch.min(ratio * adv, clipped * adv)
 
     kl = None
     if ref_logps is not None:
@@ -241,7 +264,7 @@ def policy_loss(
             per_token = per_token + beta * kl
 
     summed = per_token * mask
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = (summed.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     elif loss_type == "bnpo":
         loss = summed.sum() / mask.sum().clamp(min=1)
@@ -253,8 +276,13 @@ def policy_loss(
 
     with torch.no_grad():
         n_active = mask.sum().clamp(min=1)
-        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype)
-        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype)
+        if loss_type == "sapo":  # a soft gate: nothing is clipped
+            low = high = torch.zeros_like(mask)
+        elif loss_type == "cispo":  # the weight is capped, whatever the advantage's sign
+            low, high = torch.zeros_like(mask), (ratio > 1 + epsilon_high).to(mask.dtype)
+        else:
+            low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype)
+            high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype)
         low_frac = ((low * mask).sum() / n_active).item()
         high_frac = ((high * mask).sum() / n_active).item()
         stats = {

@@ -34,7 +34,8 @@ from grpo.data import build_conversation  # noqa: E402
 W, GAS, B, G = 2, 2, 2, 3          # ranks, micro-steps per optimizer step, prompts per micro-batch, group size
 T, MAX_LEN = 7, 10                  # completion columns of the rollout; --max_completion_length (dr_grpo's normaliser)
 BETA, EPSILON = 0.04, 0.2
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05  # config's defaults, SAPO's values
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
 
 
@@ -132,11 +133,12 @@ def plain_logps(model, mb: dict) -> torch.Tensor:
 def step_loss(model, micro_batches, loss_type: str, beta: float, old=None, ref=None) -> torch.Tensor:
     """The loss of the whole optimizer step (all ranks, all micro-batches), from its definition:
     per token l = -min(r A, clip(r, 1 - eps, 1 + eps) A) + beta k3, r = exp(logp - old) (old =
-    logp.detach() when not given: r = 1), k3 = exp(ref - logp) - (ref - logp) - 1; then
-      grpo     mean over every row of the step of the row's token mean
+    logp.detach() when not given: r = 1), k3 = exp(ref - logp) - (ref - logp) - 1 (cispo:
+    -sg[min(r, 1 + eps)] A logp; sapo: -(4 / tau) sigmoid(tau (r - 1)) A, tau 1.0 or 1.05 by the sign of A); then
+      grpo     mean over every row of the step of the row's token mean (sapo too)
       bnpo     mean over the W x GAS micro-batches of each micro-batch's token mean
       dr_grpo  mean over micro-batches of sum / (rows of the micro-batch x max_completion_length)
-      dapo     sum over every token of the step / the step's active-token count."""
+      dapo     sum over every token of the step / the step's active-token count (cispo too)."""
     row_means, batch_means, dr_terms, token_sum = [], [], [], 0.0
     step_tokens = sum(mb["mask"].sum() for mb in micro_batches).double()
     for k, mb in enumerate(micro_batches):
@@ -145,7 +147,13 @@ def step_loss(model, micro_batches, loss_type: str, beta: float, old=None, ref=N
         o = logp.detach() if old is None else old[k].double()
         r = torch.exp(logp - o)
         a = mb["advantages"].double()[:, None]
-        l = -torch.minimum(r * a, torch.clamp(r, 1 - EPSILON, 1 + EPSILON) * a)
+        if loss_type == "cispo":
+            l = -torch.clamp(r, max=1 + EPSILON).detach() * a * logp
+        elif loss_type == "sapo":
+            tau = torch.where(a > 0, torch.tensor(SAPO_TAU_POS).double(), torch.tensor(SAPO_TAU_NEG).double())
+            l = -(4 / tau) * torch.sigmoid(tau * (r - 1)) * a
+        else:
+            l = -torch.minimum(r * a, torch.clamp(r, 1 - EPSILON, 1 + EPSILON) * a)
         if beta:
             d = ref[k].double() - logp
             l = l + beta * (torch.exp(d) - d - 1)
@@ -155,7 +163,8 @@ def step_loss(model, micro_batches, loss_type: str, beta: float, old=None, ref=N
         dr_terms.append(l.sum() / (l.shape[0] * MAX_LEN))
         token_sum = token_sum + l.sum()
     return {"grpo": lambda: torch.cat(row_means).mean(), "bnpo": lambda: torch.stack(batch_means).mean(),
-            "dr_grpo": lambda: torch.stack(dr_terms).mean(), "dapo": lambda: token_sum / step_tokens}[loss_type]()
+            "dr_grpo": lambda: torch.stack(dr_terms).mean(), "dapo": lambda: token_sum / step_tokens,
+            "cispo": lambda: token_sum / step_tokens, "sapo": lambda: torch.cat(row_means).mean()}[loss_type]()
 
 
 def gradient(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -25,6 +25,9 @@ NO_MODEL = ["--model_name_or_path", "/nonexistent/model", "--dataset_name", "/no
     (["--reward_funcs", "accuracy", "format", "--reward_weights", "1.0"], "--reward_weights: has 1 values for 2 reward functions"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size: is 0"),
     (["--report_to", "wandb"], "--report_to: 'wandb' is not supported"),
+    (["--loss_type", "cispo", "--importance_sampling_level", "sequence"],
+     r"--importance_sampling_level: 'sequence' \(GSPO\) goes with grpo, bnpo, dr_grpo or dapo; --loss_type cispo"),
+    (["--loss_type", "sapo", "--sapo_temperature_neg", "0"], r"--sapo_temperature_neg: is 0.0; SAPO's gate"),
 ])
 def test_bad_arguments_stop_before_loading(flags, message):
     with pytest.raises(ValueError, match=message):

@@ -13,6 +13,8 @@ from torch.utils._pytree import tree_flatten
 from grpo.objective import (LOSS_TYPES, combine_rewards, equal_reward_group_fraction, group_advantages,
                             groups_with_signal, policy_loss, selective_log_softmax, token_entropy)
 
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")  # the PPO-clipped surrogate, averaged four ways (cispo, sapo: below)
+
 # ---------------------------------------------------------------- advantages
 
 EPS = 1e-4
@@ -207,7 +209,7 @@ def hand_inputs():
     return logps, old, adv, mask, ref
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIPPED)
 def test_hand_example_each_loss_type(loss_type):
     logps, old, adv, mask, _ = hand_inputs()
     loss, stats = policy_loss(logps, old, adv, mask, **type_kwargs(loss_type, max_len=4, num_items=7))
@@ -247,7 +249,7 @@ def random_batch(n=4, t=6, seed=0, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIPPED)
 def test_matches_python_reference(loss_type, level):
     logps, old, ref, adv, mask = random_batch()
     kw = type_kwargs(loss_type)
@@ -259,7 +261,7 @@ def test_matches_python_reference(loss_type, level):
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIPPED)
 def test_on_policy_gradient_is_policy_gradient_plus_kl(loss_type, level):
     # old = logp.detach(): r = 1, so d l / d logp = -A_i + beta * (1 - exp(ref - logp)), over the normaliser.
     logps, _, ref, adv, mask = random_batch(seed=1)
@@ -323,8 +325,17 @@ def test_clip_higher_uses_epsilon_high_on_the_upper_side():
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIPPED)
 def test_padding_never_changes_loss_or_gradients(loss_type, level):
+    _padding_never_changes_loss_or_gradients(loss_type, level)
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_padding_never_changes_cispo_or_sapo(loss_type):
+    _padding_never_changes_loss_or_gradients(loss_type, "token")
+
+
+def _padding_never_changes_loss_or_gradients(loss_type, level):
     logps, old, ref, adv, mask = random_batch(seed=3)
     kw = dict(beta=0.05, epsilon_high=0.28, importance_sampling_level=level, **type_kwargs(loss_type))
 
@@ -350,7 +361,7 @@ def test_empty_row_gives_no_nan():
     logps, old, _, adv, mask = random_batch(seed=4)
     mask[2] = 0
     logps.requires_grad_(True)
-    for loss_type in LOSS_TYPES:
+    for loss_type in CLIPPED:
         loss, stats = policy_loss(logps, old, adv, mask, **type_kwargs(loss_type))
         assert math.isfinite(loss.item())
         expected = reference_loss(logps.tolist(), old.tolist(), adv.tolist(), mask.tolist(), loss_type=loss_type,
@@ -391,7 +402,7 @@ def test_gspo_sequence_ratio_is_exp_mean_log_ratio_and_drives_clipping():
     assert token_stats["clip_ratio_high"] == 0.75
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIPPED)
 def test_gspo_gradient_equals_sequence_objective(loss_type):
     # Off-policy, unclipped: the gradient must be that of the plain sequence objective
     # J = -sum_i A_i * s_i(theta) * len_i / normaliser  with s_i = exp(mean_t (logp - old)),
@@ -681,4 +692,67 @@ def test_errors_name_the_problem():
 
 
 def test_loss_types_tuple():
-    assert LOSS_TYPES == ("grpo", "bnpo", "dr_grpo", "dapo")
+    assert LOSS_TYPES == CLIPPED + ("cispo", "sapo")
+
+
+# ---------------------------------------------------------------- CISPO and SAPO, worked by hand
+# Two completions of two tokens; ratios r = [[1.5, 0.5], [2.0, 1.0]], advantages +1 and -1, and the
+# current log-probs log [[0.3, 0.2], [0.4, 0.1]] (old = logp - log r).
+
+def _two_by_two():
+    r = torch.tensor([[1.5, 0.5], [2.0, 1.0]], dtype=torch.float64)
+    logps = torch.log(torch.tensor([[0.3, 0.2], [0.4, 0.1]], dtype=torch.float64)).requires_grad_(True)
+    return logps, (logps - torch.log(r)).detach(), torch.tensor([1.0, -1.0], dtype=torch.float64), torch.ones(2, 2)
+
+
+def test_cispo_by_hand():
+    """l = -sg[min(r, 1 + eps_high)] A logp, over the step's 4 tokens; eps_high 0.2 caps the weights at 1.2:
+    weights [[1.2, 0.5], [1.2, 1.0]]; the two capped tokens are counted in clip_ratio."""
+    logps, old, adv, mask = _two_by_two()
+    loss, stats = policy_loss(logps, old, adv, mask, loss_type="cispo", epsilon_high=0.2, num_items_in_batch=4)
+    terms = [-1.2 * 1 * math.log(0.3), -0.5 * 1 * math.log(0.2), -1.2 * -1 * math.log(0.4), -1.0 * -1 * math.log(0.1)]
+    assert loss.item() == pytest.approx(sum(terms) / 4, abs=1e-12)  # -0.2881615...
+    (grad,) = torch.autograd.grad(loss, logps)
+    expected = torch.tensor([[-1.2 / 4, -0.5 / 4], [1.2 / 4, 1.0 / 4]], dtype=torch.float64)  # the weights, not r
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
+    assert stats["clip_ratio"] == pytest.approx(0.5)
+
+
+def test_sapo_by_hand():
+    """l = -(4 / tau) sigmoid(tau (r - 1)) A, tau 1.0 for A > 0 and 1.05 for A < 0, averaged per completion
+    and then over completions; its gradient in logp is -4 sigma (1 - sigma) A r / (2 x 2)."""
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+
+    logps, old, adv, mask = _two_by_two()
+    loss, stats = policy_loss(logps, old, adv, mask, loss_type="sapo", sapo_temperatures=(1.0, 1.05))
+    row0 = [-4 * sigmoid(0.5), -4 * sigmoid(-0.5)]
+    row1 = [4 / 1.05 * sigmoid(1.05), 4 / 1.05 * sigmoid(0.0)]
+    assert loss.item() == pytest.approx((sum(row0) / 2 + sum(row1) / 2) / 2, abs=1e-12)  # 0.18169...
+    (grad,) = torch.autograd.grad(loss, logps)
+    gate = [[sigmoid(0.5), sigmoid(-0.5)], [sigmoid(1.05), sigmoid(0.0)]]
+    r, a = [[1.5, 0.5], [2.0, 1.0]], [1.0, -1.0]
+    expected = [[-4 * gate[i][t] * (1 - gate[i][t]) * a[i] * r[i][t] / 4 for t in range(2)] for i in range(2)]
+    torch.testing.assert_close(grad, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert stats["clip_ratio"] == 0.0
+
+
+@pytest.mark.parametrize("loss_type, same_as", [("cispo", "dapo"), ("sapo", "grpo")])
+def test_at_ratio_one_cispo_and_sapo_give_the_policy_gradient(loss_type, same_as):
+    """With one update per rollout (old = logp.detach(), r = 1) both give exactly the gradient of the loss
+    they aggregate like: cispo's weight is 1 and sapo's gate has slope 1 there."""
+    logps = torch.log(torch.tensor([[0.3, 0.2, 0.5], [0.4, 0.1, 0.9]], dtype=torch.float64)).requires_grad_(True)
+    adv, mask = torch.tensor([0.7, -1.3], dtype=torch.float64), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    grads = {}
+    for kind in (loss_type, same_as):
+        loss, _ = policy_loss(logps, logps.detach(), adv, mask, loss_type=kind, num_items_in_batch=5)
+        (grads[kind],) = torch.autograd.grad(loss, logps)
+    torch.testing.assert_close(grads[loss_type], grads[same_as], rtol=0, atol=1e-12)
+
+
+def test_cispo_and_sapo_take_no_sequence_ratio():
+    logps, old, adv, mask = _two_by_two()
+    for loss_type in ("cispo", "sapo"):
+        with pytest.raises(ValueError, match="'sequence' \\(GSPO\\) goes with grpo"):
+            policy_loss(logps, old, adv, mask, loss_type=loss_type, num_items_in_batch=4,
+                        importance_sampling_level="sequence")

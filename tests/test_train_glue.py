@@ -12,7 +12,7 @@ import json
 import pytest
 from conftest import run_command
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 # float32 noise: all weights together agree to ~1e-6, the worst single tensor (a small layer norm)
 # to ~3e-4. A wrong factor of 2 anywhere is a relative error of 0.5 or 1.
 TOTAL_TOLERANCE, WORST_TENSOR_TOLERANCE = 1e-4, 1e-2
@@ -39,7 +39,8 @@ def test_one_step_over_two_ranks_and_two_micro_steps_is_the_gradient_of_the_step
     """With SGD at lr 1, each weight's change is minus the gradient of the whole step's loss as its
     loss_type defines it (grpo: mean over the step's rows; bnpo: mean over its 4 micro-batches of
     token means; dr_grpo: mean over micro-batches of sum / (rows x max_completion_length); dapo:
-    sum over the step's tokens / the step's active tokens), beta = 0.04 included."""
+    sum over the step's tokens / the step's active tokens; cispo and sapo: their own per-token losses,
+    aggregated as dapo and as grpo), beta = 0.04 included."""
     result = glue["scale"][f"stage{stage}"][loss_type]
     assert result["updates"] == 1
     _assert_matches(result, f"ZeRO-{stage}, loss_type={loss_type}: the step's weight change is not -gradient "
