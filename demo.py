@@ -170,8 +170,20 @@ def _mrope_section(head_dim: int) -> list[int]:
 DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (225, 205, 40)}
 DEMO_SHAPES = ("circle", "square", "triangle")
 DEMO_SIZES = {"train": 2000, "test": 200}
-# Short, so the four image tokens are not drowned out by eighty tokens of instructions.
-DEMO_SYSTEM_PROMPT = "Think in <think> </think>, then answer in <answer> </answer>."
+# The demo's train.py flags, which main passes to train.py as --config.
+DEMO_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "demo.yaml")
+
+
+def _recipe_system_prompt() -> str:
+    import yaml
+
+    with open(DEMO_RECIPE) as f:
+        return yaml.safe_load(f)["system_prompt"]
+
+
+# The recipe's system prompt, read here for the format warm-up: the model learns the format under the
+# prompt its GRPO run will give it.
+DEMO_SYSTEM_PROMPT = _recipe_system_prompt()
 
 
 def draw_shape(colour: str, shape: str, side: str, jitter: tuple[int, int], shrink: int = 0, size: int = 56):
@@ -298,17 +310,6 @@ def demo_valid_answers(row: dict) -> list[str]:
 # The demo run: data and model written to disk, then train.py on them like on any user's.
 # ---------------------------------------------------------------------------------------------
 
-# train.py flags of the demo: a tiny model learns the bundled visual task on two CPU cores in
-# minutes. Flags given to `python demo.py` are passed on after these, so they win.
-DEMO_TRAIN_FLAGS = [
-    "--num_generations", "8", "--per_device_train_batch_size", "4", "--max_completion_length", "16",
-    "--max_prompt_length", "512", "--learning_rate", "1e-3", "--beta", "0.0", "--max_steps", "300",
-    "--lr_scheduler_type", "constant", "--temperature", "1.0", "--reward_funcs", "accuracy", "format",
-    "--reward_weights", "1.0", "0.5", "--logging_steps", "5", "--save_steps", "0",
-    "--min_pixels", str(56 * 56), "--max_pixels", str(56 * 56), "--system_prompt", DEMO_SYSTEM_PROMPT,
-]
-
-
 def prepare(output_dir: str) -> tuple[str, str]:
     """The demo's dataset (train and test splits, a save_to_disk folder) and its starting model (the
     tiny Qwen2-VL after its format warm-up), written under output_dir once. Returns (model, data)."""
@@ -332,8 +333,9 @@ def prepare(output_dir: str) -> tuple[str, str]:
 def main(argv: list[str]) -> None:
     """python demo.py [--output_dir outputs/demo] [--num_gpus 2] [train.py flags ...]
 
-    Writes the demo's data and model, runs `deepspeed --num_gpus N train.py` on them (printed first),
-    then draws rewards.png from the run's metrics.jsonl."""
+    Writes the demo's data and model, runs `deepspeed --num_gpus N train.py --config recipes/demo.yaml`
+    on them (printed first; the flags given here come last, so they win), then draws rewards.png from
+    the run's metrics.jsonl."""
     import argparse
     import socket
     import subprocess
@@ -348,8 +350,8 @@ def main(argv: list[str]) -> None:
         port = str(s.getsockname()[1])
     command = ["deepspeed", "--master_port", port, "--num_gpus", str(args.num_gpus),
                os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
-               "--model_name_or_path", model_folder, "--dataset_name", data_folder, "--output_dir", args.output_dir,
-               *DEMO_TRAIN_FLAGS, *train_flags]
+               "--config", DEMO_RECIPE, "--model_name_or_path", model_folder, "--dataset_name", data_folder,
+               "--output_dir", args.output_dir, *train_flags]
     print("[demo] " + " ".join(command), flush=True)
     subprocess.run(command, check=True)
     png = plot_rewards(args.output_dir)

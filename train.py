@@ -38,6 +38,7 @@ def main(argv: list[str]) -> None:
     rank, world_size, device = distributed.init_distributed()
     log = print if rank == 0 else (lambda *_: None)
     resume_folder = output_dir.start(args, rank, world_size, log)
+    wandb_run = output_dir.start_wandb(args, resume_folder)  # rank 0, before loading: a failed login stops in seconds
     family = families.check_model_type(args.model_name_or_path)
     processor = families.load_processor(args.model_name_or_path, args.min_pixels, args.max_pixels)
     dataset = data.load_prompt_dataset(
@@ -55,7 +56,10 @@ def main(argv: list[str]) -> None:
     else:
         progress = output_dir.Progress(num_prompts=len(dataset))
         distributed.seed_this_rank(args.seed, rank)
-    logger = output_dir.RunLogger(args, total_steps, rank, device, start_step=progress.step, unlogged=progress.unlogged)
+    if wandb_run is not None:  # rank 0 writes it into every checkpoint, for a resume to continue this run
+        progress.wandb_run_id = wandb_run.id
+    logger = output_dir.RunLogger(args, total_steps, rank, device, start_step=progress.step, unlogged=progress.unlogged,
+                                  wandb_run=wandb_run)
     G, B = args.num_generations, args.per_device_train_batch_size
     suppress = families.forbidden_token_ids(processor, model.module.config)
     end_ids = policy.end_token_ids(model.module, processor.tokenizer)
@@ -118,7 +122,7 @@ def main(argv: list[str]) -> None:
                             f"{args.max_nonfinite_steps})")
             logger.record(progress.step, output_dir.step_metrics(rollout, loss_stats, args, model, phases,
                                                            time.time() - started, learning_rate, skipped, failures))
-            logger.record_completions(progress.step, output_dir.completion_records(rollout, args, progress.step, rank))
+            logger.record_completions(progress.step, rollout)
             if progress.step >= total_steps or progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
                 break
         progress.rollouts += 1
@@ -135,10 +139,10 @@ def main(argv: list[str]) -> None:
         if stopping:
             logger.info(f"[train] SIGTERM: stopped after step {progress.step}; checkpoint-{last_saved} resumes it "
                         f"(--resume_from_checkpoint latest)")
-            logger.close()
+            logger.close(preempted=True)
             return
         if diverged:
-            logger.close()
+            logger.close(exit_code=1)
             raise RunStopped(f"{progress.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
                              f"(--max_nonfinite_steps {args.max_nonfinite_steps}); none changed the weights, and "
                              f"checkpoint-{last_saved} holds them. Lower --learning_rate, check the reward functions, "
@@ -147,6 +151,7 @@ def main(argv: list[str]) -> None:
     try:
         distributed.save_model(model, processor, args, args.output_dir, zero_stage, rank == 0)
     except Exception as e:  # noqa: BLE001
+        logger.close(exit_code=1)
         raise RunStopped(f"saving the final model to {args.output_dir!r} failed ({type(e).__name__}: {e}); the "
                          f"newest checkpoint is checkpoint-{last_saved}.") from e
     torch.distributed.barrier()

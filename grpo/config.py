@@ -3,8 +3,9 @@
 Every flag is a dataclass field with a one-line help text, parsed by transformers' HfArgumentParser
 (the ecosystem's convention, so the published open-r1-multimodal command runs unchanged). Defaults
 are the real run: Qwen2-VL-2B-Instruct on lmms-lab/multimodal-open-r1-8k-verified with G = 8,
-beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. The CPU demo's values live in
-demo.py, which passes them to train.py as flags.
+beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. A run can also be a recipe file,
+`--config recipes/NAME.yaml` (as in open-r1 and TRL), whose keys are the flags; flags on the command
+line override it. The CPU demo's values are recipes/demo.yaml.
 
 `validate(args)` runs before any model is loaded, so a run that cannot work stops in a second with
 a message naming the argument.
@@ -13,6 +14,9 @@ a message naming the argument.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import importlib.util
 import json
 import math
 import os
@@ -21,6 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+REPORT_TO = ("tensorboard", "wandb")  # where the logs go besides metrics.jsonl; `none` alone: nowhere else
 DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zero3.json")
 
 
@@ -78,7 +83,7 @@ class GRPOArguments:
     # --- logging and saving ---
     logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
     log_completions_steps: int = field(default=10, metadata={"help": "Write sample completions with their rewards to TensorBoard every N steps."})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none."})
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Where the logs go besides metrics.jsonl: tensorboard, wandb (pip install wandb), both, or none."})
     save_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N optimizer steps, the last one included (num_iterations > 1: at the end of that rollout; 0: only the final model)."})
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints (oldest removed; never the newest complete one)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint-<step> folder, or `latest` (the newest complete one in output_dir; none yet: start at step 0)."})
@@ -87,12 +92,18 @@ class GRPOArguments:
 
 
 def parse_args(argv: list[str]) -> GRPOArguments:
-    """The command line as GRPOArguments (transformers' HfArgumentParser, the ecosystem's convention)."""
+    """The command line as GRPOArguments (transformers' HfArgumentParser, the ecosystem's convention).
+    `--config FILE.yaml` reads a recipe's flags as the defaults, so a flag on the command line wins
+    wherever it stands, before or after --config (as TRL's and open-r1's --config)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(GRPOArguments, description="GRPO for vision-language models (train.py).")
+    parser = HfArgumentParser(GRPOArguments, description="GRPO for vision-language models (train.py). "
+                              "--config FILE.yaml takes the flags from a recipe (recipes/); flags given here override it.")
     bf16 = parser._option_string_actions["--bf16"]  # unset (None) means "on a GPU": `--bf16` alone still means true
     bf16.nargs, bf16.const = "?", True
+    recipe, argv = split_config_flag(argv)
+    if recipe is not None:
+        parser.set_defaults(**read_recipe(recipe, parser))
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     args.run_name = args.run_name or os.path.basename(os.path.normpath(args.output_dir))
     return args
@@ -113,6 +124,78 @@ class UsageParser(argparse.ArgumentParser):
 
 def bad(flag: str, why: str):
     raise UsageError(f"--{flag}: {why}")
+
+
+def split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the file of `--config FILE` or `--config=FILE`, or None; the command line without it)."""
+    recipe, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            if recipe is not None:
+                raise UsageError("--config: given twice; a run reads one recipe (put the other's changes on the command line).")
+            recipe = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not recipe or recipe.startswith("--"):
+                raise UsageError("--config: needs a recipe file, e.g. --config recipes/qwen2-vl-2b-grpo-8k.yaml.")
+            i += 1 if "=" in arg else 2
+            continue
+        rest.append(arg)
+        i += 1
+    return recipe, rest
+
+
+# The flags' types, as a recipe's error names them.
+_TYPE_NAMES = {"int": "a whole number", "float": "a number", "string_to_bool": "true or false", "str": "text"}
+
+
+def read_recipe(path: str, parser) -> dict:
+    """A recipe's flags: a YAML mapping from each flag's name (without its --) to its value, a list for
+    the flags that take several. Each value goes through its flag's own type, as if typed on the
+    command line, so a recipe means exactly what the same command line means."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--config: {path!r}: no such file; give a recipe's path, e.g. recipes/qwen2-vl-2b-grpo-8k.yaml.") from None
+    except OSError as e:
+        raise UsageError(f"--config: {path!r} cannot be read: {e.strerror or e}.") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config: {path!r} is not YAML: {' '.join(str(e).split())}") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise UsageError(f"--config: {path!r} must map flag names to values (`learning_rate: 1.0e-6` lines), "
+                         f"not hold a {type(recipe).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(GRPOArguments)}
+    values = {}
+    for key, value in recipe.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            raise UsageError(f"--config: {path!r}: unknown key {key!r}; "
+                             + (f"did you mean {close[0]!r}?" if close else "its keys are train.py's flags without their --."))
+        if value is None and fields[key].default is None:  # `epsilon_high: null`: a flag that may be unset, unset
+            values[key] = None
+        else:
+            values[key] = _as_typed(value, parser._option_string_actions[f"--{key}"], f"--config: {path!r}: {key}")
+    return values
+
+
+def _as_typed(value, action, where: str):
+    """A recipe's value converted as the command line converts the flag's words: by the flag's type,
+    from its text (so 8.5 is no whole number, as "8.5" is none), a list for the flags that take several."""
+    several = action.nargs == "+"
+    items = value if isinstance(value, list) and several else [value]
+    try:
+        if any(isinstance(item, (list, dict)) or item is None for item in items):
+            raise ValueError
+        converted = [action.type(str(item)) for item in items]
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        kind = _TYPE_NAMES.get(action.type.__name__, action.type.__name__)
+        raise UsageError(f"{where}: {value!r} will not do; {action.option_strings[0]} takes "
+                         f"{'a list, each item ' if several else ''}{kind}.") from None
+    return converted if several else converted[0]
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -165,8 +248,14 @@ def validate(args: GRPOArguments) -> None:
         bad("reward_funcs", str(e))
     if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
         bad("reward_weights", f"has {len(args.reward_weights)} values for {len(args.reward_funcs)} reward functions {args.reward_funcs}.")
-    if args.report_to not in ("tensorboard", "none"):
-        bad("report_to", f"{args.report_to!r} is not supported; use tensorboard or none.")
+    for where in args.report_to:
+        if where not in (*REPORT_TO, "none"):
+            bad("report_to", f"{where!r} is not supported; name tensorboard, wandb or both, or none alone.")
+    if "none" in args.report_to and len(args.report_to) > 1:
+        bad("report_to", f"{args.report_to} asks for none and for some; give none alone, or leave it out.")
+    if "wandb" in args.report_to and importlib.util.find_spec("wandb") is None:
+        bad("report_to", "wandb is not installed: pip install wandb (and `wandb login`, or WANDB_MODE=offline); "
+            "or leave wandb out of --report_to.")
     for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations",
                  "max_completion_length", "max_prompt_length", "logging_steps", "max_nonfinite_steps"):
         if getattr(args, flag) < 1:

@@ -4,6 +4,7 @@
       metrics.jsonl              every logged step, one JSON object per line (RunLogger)
       completions.jsonl          every --log_completions_steps: each completion of every rank, its rewards and advantage
       runs/<run_name>/           TensorBoard scalars, and sample completions under its Text tab
+      wandb/                     --report_to wandb: wandb's copy of the run (offline, what `wandb sync` uploads)
       plots/<figure>.png         rewards, completion lengths, loss terms per step (`data_tools.py plot`, at each save)
       checkpoint-<step>/         Hugging Face layout (from_pretrained loads it), plus the training state
                                  (distributed.save_checkpoint): DeepSpeed's shards, each rank's random
@@ -45,6 +46,7 @@ class Progress:
     rollouts: int = 0            # rollouts taken: the position in each rank's prompt order (data.step_prompts)
     nonfinite_in_a_row: int = 0  # the latest optimizer steps skipped for a non-finite loss or gradient
     unlogged: list = dataclasses.field(default_factory=list)  # the metrics of steps not logged yet
+    wandb_run_id: str | None = None  # the wandb run a resume continues (--report_to wandb)
 
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -218,7 +220,7 @@ def resume(model, folder: str, rank: int, num_prompts: int, log) -> Progress:
     """The run's weights, optimizer, LR schedule and random generators as `folder` holds them, and the
     loop's Progress: where it was, what it had not logged yet."""
     state = distributed.load_checkpoint(model, folder, rank)
-    progress = Progress(**{key: state[key] for key in Progress.__dataclass_fields__})
+    progress = Progress(**{key: state[key] for key in Progress.__dataclass_fields__ if key in state})
     if progress.num_prompts != num_prompts:
         log(f"[train] WARNING: the checkpoint's run had {progress.num_prompts} usable prompts and this one has "
             f"{num_prompts}; the prompts from here on differ from those of an uninterrupted run.")
@@ -226,6 +228,32 @@ def resume(model, folder: str, rank: int, num_prompts: int, log) -> Progress:
     return progress
 
 # ---------------------------------------------------------------- logs
+
+def start_wandb(args, resume_folder: str | None):
+    """--report_to wandb: rank 0's wandb run (None on the other ranks, which never talk to wandb),
+    started before anything loads, so that a run that cannot log there (not logged in) stops in
+    seconds. A resume continues the run its checkpoint names (wandb's resume="allow"), as TensorBoard's
+    charts continue in runs/<run_name>. Its config is every flag; its files go to output_dir/wandb
+    (or $WANDB_DIR), its project is $WANDB_PROJECT or grpo-vlm."""
+    if "wandb" not in args.report_to:
+        return None
+    started = []
+
+    def start():
+        import wandb
+
+        run_id = read_trainer_state(resume_folder).get("wandb_run_id") if resume_folder else None
+        try:
+            started.append(wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo-vlm"), name=args.run_name,
+                                      id=run_id, resume="allow" if run_id else None, config=dataclasses.asdict(args),
+                                      dir=os.environ.get("WANDB_DIR", args.output_dir)))
+        except wandb.errors.Error as e:
+            raise UsageError(f"--report_to: wandb could not start the run: {' '.join(str(e).split())} (or set "
+                             "WANDB_MODE=offline to keep it in output_dir/wandb and `wandb sync` it later).") from None
+
+    distributed.rank0_decides(start)
+    return started[0] if started else None
+
 
 # The console line: (metric key, short label, format).
 CONSOLE_FIELDS = [
@@ -240,11 +268,13 @@ class RunLogger:
     from the steps the interrupted run did not checkpoint, are dropped, since those steps run again.
     Every rank calls `record` and `record_completions` (collectives); rank 0 (`writes`) writes."""
 
-    def __init__(self, args, total_steps: int, rank: int, device, start_step: int = 0, unlogged: list | None = None):
+    def __init__(self, args, total_steps: int, rank: int, device, start_step: int = 0, unlogged: list | None = None,
+                 wandb_run=None):
         self.args, self.total_steps, self.rank, self.device = args, total_steps, rank, device
         self.writes = rank == 0
         self.unlogged = unlogged if unlogged is not None else []  # this rank's metrics of the steps since the last log
         self.writer = self.progress = self.plotting = None
+        self.wandb, self.logged_step = wandb_run, None  # start_wandb's run (rank 0); the last step logged
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         self.completions_path = os.path.join(args.output_dir, "completions.jsonl")
         if not self.writes:
@@ -255,7 +285,7 @@ class RunLogger:
         _keep_lines_up_to(self.metrics_path, start_step)
         if os.path.exists(self.completions_path):
             _keep_lines_up_to(self.completions_path, start_step)
-        if args.report_to == "tensorboard":
+        if "tensorboard" in args.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard hides the earlier run's events from this step on.
@@ -294,17 +324,25 @@ class RunLogger:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        self.logged_step = step
 
-    def record_completions(self, step: int, records: list[dict]) -> None:
+    def record_completions(self, step: int, rollout) -> None:
         """At every --log_completions_steps-th step: every rank's completions (completion_records), one
-        JSON line each in completions.jsonl, and a Markdown table of them under TensorBoard's Text tab."""
+        JSON line each in completions.jsonl, a Markdown table of them under TensorBoard's Text tab, and
+        a wandb Table with each prompt's first image."""
         if self.args.log_completions_steps <= 0 or step % self.args.log_completions_steps:
             return
+        records = completion_records(rollout, self.args, step, self.rank)
+        pictures = [table_picture(example) for example in rollout.examples] if "wandb" in self.args.report_to else []
         gathered = [None] * torch.distributed.get_world_size() if self.writes else None
-        torch.distributed.gather_object(records, gathered, dst=0)
+        torch.distributed.gather_object((records, pictures), gathered, dst=0)
         if not self.writes:
             return
-        records = [record for rank_records in gathered for record in rank_records]
+        if self.wandb:
+            self.wandb.log({"completions": self._wandb_table(gathered)}, step=step)
+        records = [record for rank_records, _ in gathered for record in rank_records]
         with open(self.completions_path, "a") as f:
             f.writelines(json.dumps(record) + "\n" for record in records)
         if self.writer and records:
@@ -313,6 +351,21 @@ class RunLogger:
             rows += [f"| {r['row']} | {clean(r['problem'])} | {clean(r['completion'])} | {clean(r['solution'])} | "
                      f"{r['reward']:.2f} | {r['advantage']:+.2f} |" for r in records]
             self.writer.add_text("completions", "\n".join(rows), step)
+
+    def _wandb_table(self, gathered: list[tuple[list[dict], list]]):
+        """The step's completions of every rank as a wandb Table: a row per completion, with its
+        prompt's picture (one wandb.Image per prompt, shared by its G rows: stored once)."""
+        import wandb
+
+        names = self.args.reward_funcs
+        table = wandb.Table(columns=["step", "rank", "row", "image", "problem", "completion", "solution", *names,
+                                     "reward", "advantage"])
+        for records, pictures in gathered:
+            images = [wandb.Image(picture) if picture is not None else None for picture in pictures]
+            for r in records:
+                table.add_data(r["step"], r["rank"], r["row"], images[r["prompt"]], r["problem"], r["completion"],
+                               r["solution"], *(r["rewards"][name] for name in names), r["reward"], r["advantage"])
+        return table
 
     def redraw_plots(self, wait: bool = False) -> None:
         """output_dir/plots/*.png redrawn from metrics.jsonl by `python data_tools.py plot` in a process
@@ -336,12 +389,30 @@ class RunLogger:
             self.info(f"[train] WARNING: the plots were not drawn: {(error.strip().splitlines() or ['?'])[-1]}")
         self.plotting = None
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """The end of the run's logs, however it ends: a finished run, a SIGTERM (`preempted`: wandb
+        shows the run as preempted, to be resumed), or a run that stopped (exit_code 1: failed). The
+        plots as last drawn go to wandb here, once: wandb draws the same scalars live."""
         self._plotted(self.plotting)
         if self.progress:
             self.progress.close()
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self._log_plots_to_wandb()
+            if preempted:
+                self.wandb.mark_preempting()
+            self.wandb.finish(exit_code=exit_code)
+            self.wandb = None
+
+    def _log_plots_to_wandb(self) -> None:
+        import wandb
+
+        folder = os.path.join(self.args.output_dir, "plots")
+        names = sorted(name for name in os.listdir(folder) if name.endswith(".png")) if os.path.isdir(folder) else []
+        if names and self.logged_step is not None:
+            self.wandb.log({f"plots/{name.removesuffix('.png')}": wandb.Image(os.path.join(folder, name)) for name in names},
+                           step=self.logged_step)
 
 
 def _keep_lines_up_to(path: str, step: int) -> None:
@@ -406,6 +477,20 @@ def step_metrics(rollout, loss_stats: list[dict], args, model, phases: Phases, s
     for key in ("loss", "kl", "clip_ratio", "entropy"):  # a skipped step's NaN loss is logged as it was
         metrics[f"loss/{key}"] = sum(s[key] for s in loss_stats) / len(loss_stats)
     return metrics
+
+
+# The longer side of a picture in the wandb table, in pixels: enough to see the figure, and a fraction of
+# the real data's images (up to --max_pixels 2359296, 1536 x 1536), logged every --log_completions_steps.
+TABLE_PICTURE_SIDE = 448
+
+
+def table_picture(example: dict):
+    """The prompt's first image, shrunk to TABLE_PICTURE_SIDE at most (None for a prompt without one)."""
+    if not example["images"]:
+        return None
+    picture = example["images"][0].copy()
+    picture.thumbnail((TABLE_PICTURE_SIDE, TABLE_PICTURE_SIDE))
+    return picture
 
 
 def completion_records(rollout, args, step: int, rank: int) -> list[dict]:

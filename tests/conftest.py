@@ -3,6 +3,7 @@
 Both are used through the same paths as real ones (--model_name_or_path, --dataset_name), offline.
 """
 
+import glob
 import json
 import os
 import signal
@@ -225,3 +226,66 @@ def run_command(cmd: list[str], tmp_path, timeout: int = 1200, returncode: int |
 def read_metrics(output_dir: str) -> list[dict]:
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+# wandb's offline run, read back without a network and without wandb's own reader (none is public):
+# `run-<id>.wandb` is a LevelDB-style log (a 7-byte header ":W&B", 0xBEE1, version 0; then 32 KiB blocks
+# of records, each checksum u32, length u16, type u8: 1 whole, 2 first, 3 middle, 4 last piece) of
+# wandb's protobuf Records (wandb/proto/wandb_internal.proto).
+WANDB_OFFLINE_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
+
+
+def wandb_offline_env(tmp_path) -> dict:
+    """The environment of a test's offline wandb run: nothing leaves the test's own folder."""
+    return dict(WANDB_OFFLINE_ENV, WANDB_DATA_DIR=str(tmp_path / "wandb-data"), WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+                WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+
+
+def _wandb_records(path: str):
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert raw[:4] == b":W&B", f"{path} is not a wandb run file"
+    block, position, pieces = 32 * 1024, 7, b""
+    while position + 7 <= len(raw):
+        left_in_block = block - position % block
+        _, length, kind = struct.unpack("<IHB", raw[position:position + 7]) if left_in_block >= 7 else (0, 0, 0)
+        if kind == 0:  # the block's zero padding
+            position += left_in_block
+            continue
+        data, position = raw[position + 7:position + 7 + length], position + 7 + length
+        pieces = data if kind in (1, 2) else pieces + data
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            yield record
+
+
+def read_wandb_run(output_dir: str) -> dict:
+    """The one offline wandb run under output_dir/wandb: its name and id, its config (flag -> value),
+    its history (one dict per wandb.log call: key -> value), and each logged table as its artifact
+    holds it ({"columns", "data", "images": {path in the table: the PNG file}})."""
+    (path,) = glob.glob(os.path.join(output_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    run = {"config": {}, "history": [], "tables": []}
+    for record in _wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run["name"], run["id"] = record.run.display_name, record.run.run_id
+            run["config"].update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        elif kind == "config":
+            run["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif kind == "history":
+            run["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                   for item in record.history.item})
+        elif kind == "artifact":
+            files = {entry.path: entry.local_path for entry in record.artifact.manifest.contents}
+            for name, local_path in files.items():
+                if name.endswith(".table.json"):
+                    with open(local_path) as f:
+                        table = json.load(f)
+                    table["images"] = {name: files[name] for name in files if name.endswith(".png")}
+                    run["tables"].append(table)
+    return run

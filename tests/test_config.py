@@ -3,15 +3,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, read_metrics, run_command
 
 import train
 from grpo import config
 
 # A model path that does not exist: if validation did not stop first, loading it would fail with
 # a different error, so each test also shows that nothing was loaded.
+REPO_PATH = Path(REPO)
 NO_MODEL = ["--model_name_or_path", "/nonexistent/model", "--dataset_name", "/nonexistent/data"]
 
 
@@ -24,7 +26,8 @@ NO_MODEL = ["--model_name_or_path", "/nonexistent/model", "--dataset_name", "/no
     (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps: is 0"),
     (["--reward_funcs", "accuracy", "format", "--reward_weights", "1.0"], "--reward_weights: has 1 values for 2 reward functions"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size: is 0"),
-    (["--report_to", "wandb"], "--report_to: 'wandb' is not supported"),
+    (["--report_to", "mlflow"], "--report_to: 'mlflow' is not supported; name tensorboard, wandb or both, or none alone"),
+    (["--report_to", "none", "wandb"], r"--report_to: \['none', 'wandb'\] asks for none and for some"),
     (["--loss_type", "cispo", "--importance_sampling_level", "sequence"],
      r"--importance_sampling_level: 'sequence' \(GSPO\) goes with grpo, bnpo, dr_grpo or dapo; --loss_type cispo"),
     (["--loss_type", "sapo", "--sapo_temperature_neg", "0"], r"--sapo_temperature_neg: is 0.0; SAPO's gate"),
@@ -87,15 +90,94 @@ def test_published_open_r1_command_parses():
     assert args.run_name == "Qwen2-VL-2B-GRPO-8k" and args.save_total_limit == 8
 
 
-def test_demo_flags_are_train_flags_and_yield_to_the_users():
-    """The demo passes its settings to train.py as flags; a flag the user adds comes after and wins."""
+def test_wandb_asked_for_and_not_installed_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"--report_to: wandb is not installed: pip install wandb"):
+        train.main(NO_MODEL + ["--report_to", "tensorboard", "wandb"])
+
+
+RECIPES = sorted((REPO_PATH / "recipes").glob("*.yaml"))
+
+
+def test_the_recipes_are_the_published_runs_and_the_demo():
+    assert [path.name for path in RECIPES] == ["demo.yaml", "qwen2-vl-2b-grpo-8k.yaml", "qwen2-vl-7b-grpo-8k.yaml"]
+
+
+def test_the_2b_recipe_is_open_r1_multimodals_command():
+    """recipes/qwen2-vl-2b-grpo-8k.yaml means what open-r1-multimodal's published command means (its
+    README, commit 232b7ba; `--deepspeed scripts/zero3.json` is train.py's default zero3.json)."""
+    published = ("--output_dir checkpoints/Qwen2-VL-2B-GRPO-8k "
+                 "--model_name_or_path Qwen/Qwen2-VL-2B-Instruct --dataset_name lmms-lab/multimodal-open-r1-8k-verified "
+                 "--max_prompt_length 8192 --per_device_train_batch_size 1 --gradient_accumulation_steps 1 "
+                 "--logging_steps 1 --bf16 --report_to wandb --gradient_checkpointing true "
+                 "--attn_implementation flash_attention_2 --max_pixels 2359296 --save_total_limit 8 "
+                 "--num_train_epochs 1 --run_name Qwen2-VL-2B-GRPO-8k").split()
+    from_recipe = config.parse_args(["--config", "recipes/qwen2-vl-2b-grpo-8k.yaml"])
+    assert from_recipe == config.parse_args(published)
+    seven_b = config.parse_args(["--config", "recipes/qwen2-vl-7b-grpo-8k.yaml"])
+    changed = {k for k, v in vars(seven_b).items() if vars(from_recipe)[k] != v}
+    assert changed == {"model_name_or_path", "output_dir", "run_name"}
+    assert seven_b.model_name_or_path == "Qwen/Qwen2-VL-7B-Instruct"
+
+
+def test_command_line_flags_override_the_recipe_wherever_they_stand():
+    after = config.parse_args(["--config", "recipes/demo.yaml", "--learning_rate", "1e-4", "--reward_weights", "2", "1"])
+    before = config.parse_args(["--learning_rate", "1e-4", "--reward_weights", "2", "1", "--config=recipes/demo.yaml"])
+    assert after == before
+    assert after.learning_rate == 1e-4 and after.reward_weights == [2.0, 1.0]  # the command line's
+    assert after.max_steps == 300 and after.reward_funcs == ["accuracy", "format"]  # the recipe's
+    assert after.per_device_train_batch_size == 4 and after.min_pixels == after.max_pixels == 56 * 56
+    assert after.num_train_epochs == 1.0  # in neither: train.py's default
+
+
+def test_demo_recipe_carries_the_prompt_the_demo_warms_up_with():
+    """demo.py warms its model up under the system prompt that recipes/demo.yaml gives train.py."""
     import demo
 
-    args = config.parse_args(["--model_name_or_path", "m", "--dataset_name", "d", *demo.DEMO_TRAIN_FLAGS,
-                             "--learning_rate", "1e-4"])
+    args = config.parse_args(["--model_name_or_path", "m", "--dataset_name", "d", "--config", demo.DEMO_RECIPE])
     config.validate(args)
-    assert args.learning_rate == 1e-4 and args.num_generations == 8 and args.per_device_train_batch_size == 4
-    assert args.reward_weights == [1.0, 0.5] and args.system_prompt == demo.DEMO_SYSTEM_PROMPT
+    assert args.system_prompt == demo.DEMO_SYSTEM_PROMPT == "Think in <think> </think>, then answer in <answer> </answer>."
+    assert args.lr_scheduler_type == "constant" and args.beta == 0.0 and args.save_steps == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: 1.0e-6\nlearnin_rate: 2.0e-6\n", r"unknown key 'learnin_rate'; did you mean 'learning_rate'\?"),
+    ("zzz_unheard_of: 1\n", r"unknown key 'zzz_unheard_of'; its keys are train.py's flags without their --"),
+    ("num_generations: 8.5\n", r"num_generations: 8.5 will not do; --num_generations takes a whole number"),
+    ("reward_weights: [1.0, heavy]\n", r"reward_weights: \[1.0, 'heavy'\] will not do; --reward_weights takes a list, each item a number"),
+    ("gradient_checkpointing: maybe\n", r"gradient_checkpointing: 'maybe' will not do; --gradient_checkpointing takes true or false"),
+    ("- learning_rate\n", r"must map flag names to values"),
+    ("learning_rate: [1\n", r"is not YAML"),
+])
+def test_a_bad_recipe_is_a_usage_error_naming_the_file_and_key(text, message, tmp_path):
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ValueError, match=r"--config: '.*run.yaml'.*" + message):
+        config.parse_args(["--config", str(recipe)])
+
+
+def test_config_flag_mistakes_are_usage_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"--config: '.*missing.yaml': no such file"):
+        config.parse_args(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ValueError, match="--config: needs a recipe file"):
+        config.parse_args(["--config"])
+    with pytest.raises(ValueError, match="--config: given twice"):
+        config.parse_args(["--config", "recipes/demo.yaml", "--config", "recipes/demo.yaml"])
+
+
+def test_recipe_under_the_deepspeed_launcher(tiny_model, colour_dataset, tmp_path):
+    """`deepspeed train.py --config FILE` with flags after it: the launcher passes --local_rank too."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"model_name_or_path: {tiny_model}\ndataset_name: {colour_dataset}\nnum_generations: 4\n"
+                      "per_device_train_batch_size: 2\nmax_completion_length: 4\nmax_steps: 1\nreport_to: none\n"
+                      "save_steps: 0\nmax_pixels: 3136\nlearning_rate: 1.0e-3\n")
+    out = tmp_path / "run"
+    run_command(["deepspeed", "--num_gpus", "1", "train.py", "--config", str(recipe), "--output_dir", str(out),
+                 "--max_steps", "2", "--logging_steps", "1"], tmp_path)
+    assert [m["step"] for m in read_metrics(str(out))] == [1, 2]  # --max_steps 2 beat the recipe's 1
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -1,6 +1,7 @@
 """grpo/output_dir.py: which checkpoint resumes, rotation, the earlier-run guard, log continuation.
 Plain files made in the test; no model (the runs themselves are in tests/test_resume.py)."""
 
+import argparse
 import json
 import os
 
@@ -97,7 +98,7 @@ def test_resumed_metrics_continue_after_the_checkpoint(tmp_path):
     their old lines go, and the new ones follow step 3's."""
     import argparse
 
-    args = argparse.Namespace(output_dir=str(tmp_path), run_name="run", report_to="none", logging_steps=1,
+    args = argparse.Namespace(output_dir=str(tmp_path), run_name="run", report_to=["none"], logging_steps=1,
                               log_completions_steps=0)
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "reward/mean": s / 10}) + "\n" for s in range(1, 6)))
@@ -110,3 +111,36 @@ def test_resumed_metrics_continue_after_the_checkpoint(tmp_path):
     assert [(m["step"], m["reward/mean"]) for m in lines] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.9)]
     output_dir.RunLogger(args, total_steps=6, rank=0, device="cpu").close()  # a fresh run
     assert path.read_text() == ""
+
+
+def test_wandb_run_starts_on_rank_0_and_a_resume_continues_it(tmp_path, monkeypatch):
+    """start_wandb: the run named --run_name with every flag as its config, in output_dir; resumed
+    from a checkpoint, the same wandb run (its id from the checkpoint, resume="allow"); a wandb that
+    cannot start (not logged in) is a usage error saying what to do."""
+    import wandb
+
+    from grpo import config
+
+    monkeypatch.setattr(output_dir.distributed, "rank0_decides", lambda decide: decide())
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or argparse.Namespace(id=kwargs["id"] or "new"))
+    args = config.parse_args(["--output_dir", str(tmp_path / "out"), "--report_to", "tensorboard", "wandb",
+                              "--learning_rate", "3e-6"])
+    assert output_dir.start_wandb(args, None).id == "new"
+    assert calls[0]["name"] == "out" and calls[0]["dir"] == str(tmp_path / "out") and calls[0]["resume"] is None
+    assert calls[0]["config"]["learning_rate"] == 3e-6 and set(calls[0]["config"]) == set(vars(args))
+
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 4, "wandb_run_id": "abc123"}))
+    assert output_dir.start_wandb(args, str(checkpoint)).id == "abc123"
+    assert (calls[1]["id"], calls[1]["resume"]) == ("abc123", "allow")
+
+    def not_logged_in(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "init", not_logged_in)
+    with pytest.raises(ValueError, match=r"--report_to: wandb could not start the run: api_key not configured .*WANDB_MODE=offline"):
+        output_dir.start_wandb(args, None)
+    args.report_to = ["tensorboard"]
+    assert output_dir.start_wandb(args, None) is None  # not asked for: wandb is never imported into the run

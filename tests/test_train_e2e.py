@@ -7,7 +7,7 @@ import os
 import sys
 
 import pytest
-from conftest import FAMILY_NAMES, read_metrics, run_command
+from conftest import FAMILY_NAMES, read_metrics, read_wandb_run, run_command, wandb_offline_env
 
 COMMON = ["--num_generations", "4", "--per_device_train_batch_size", "2", "--max_completion_length", "16",
           "--learning_rate", "1e-4", "--logging_steps", "1", "--log_completions_steps", "1", "--max_pixels", "6272"]
@@ -27,7 +27,8 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
     log = run_command(["deepspeed", "--num_gpus", "2", "train.py", "--deepspeed", "zero3.json", "--output_dir", out,
                 "--model_name_or_path", format_warmed_model, "--dataset_name", colour_dataset, "--max_steps", "3",
                 "--beta", "0.04", "--save_steps", "2", "--save_total_limit", "1", "--gradient_accumulation_steps", "2",
-                "--gradient_checkpointing", "true", *COMMON], tmp_path)
+                "--gradient_checkpointing", "true", "--report_to", "tensorboard", "wandb", *COMMON], tmp_path,
+                env=wandb_offline_env(tmp_path))
     # The shared-prompt path (the default) under ZeRO-3 on two ranks, with gradient checkpointing.
     assert "ZeRO stage 3" in log and "2 rank(s)" in log and "prompts shared by their group" in log
     assert "sampled in 1 generate call(s) per rank; 2 micro-batch(es) of 2 prompts each" in log
@@ -73,6 +74,40 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
         assert all(m["group_has_signal"] == (max(rewards) > min(rewards)) for m in group)
         assert sum(m["advantage"] for m in group) == pytest.approx(0.0, abs=1e-5)  # group-normalised
     assert sorted(os.listdir(os.path.join(out, "plots"))) == ["completion.png", "loss.png", "rewards.png"]
+
+    # wandb (offline, rank 0 alone): the run's name, every flag as its config, TensorBoard's scalars
+    # under the same names and steps with metrics.jsonl's values, each step's completions of both
+    # ranks as a table with the prompts' pictures, and the plots once at the end.
+    run = read_wandb_run(out)
+    assert run["name"] == "run"
+    from grpo.config import GRPOArguments
+
+    assert {field for field in GRPOArguments.__dataclass_fields__} <= set(run["config"])
+    assert run["config"]["learning_rate"] == 1e-4 and run["config"]["report_to"] == ["tensorboard", "wandb"]
+    logged = [entry for entry in run["history"] if "reward/mean" in entry]
+    assert [entry["_step"] for entry in logged] == [1, 2, 3]
+    # (wandb keeps one history row per step: the step's table and the last step's plots are in it too)
+    assert {key for entry in logged for key in entry if not key.startswith(("_", "completions/", "plots/"))} == tags
+    for entry, m in zip(logged, metrics):
+        assert entry["reward/mean"] == pytest.approx(m["reward/mean"]) and entry["loss/kl"] == pytest.approx(m["loss/kl"])
+    assert [entry["_step"] for entry in run["history"] if "completions/_type" in entry] == [1, 2, 3]
+    assert {key for entry in run["history"] for key in entry if key.startswith("plots/") and key.endswith("/_type")} == {
+        "plots/completion/_type", "plots/loss/_type", "plots/rewards/_type"}
+    assert len(run["tables"]) == 3
+    for step, table in zip((1, 2, 3), run["tables"]):
+        columns = table["columns"]
+        assert columns == ["step", "rank", "row", "image", "problem", "completion", "solution", "accuracy", "format",
+                           "reward", "advantage"]
+        rows = [dict(zip(columns, row)) for row in table["data"]]
+        expected = [m for m in lines if m["step"] == step]
+        assert [(r["rank"], r["row"], r["completion"], r["accuracy"], r["format"]) for r in rows] == [
+            (m["rank"], m["row"], m["completion"], m["rewards"]["accuracy"], m["rewards"]["format"]) for m in expected]
+        assert [r["advantage"] for r in rows] == pytest.approx([m["advantage"] for m in expected])
+        pictures = {r["image"]["path"] for r in rows}
+        assert pictures <= set(table["images"]) and all(os.path.getsize(table["images"][p]) > 0 for p in pictures)
+    # The checkpoint names the wandb run, for a resume to continue it.
+    with open(os.path.join(out, "checkpoint-2", "trainer_state.json")) as f:
+        assert json.load(f)["wandb_run_id"] == run["id"]
 
     # save_steps 2 wrote checkpoint-2; the final model is in output_dir; both load.
     from transformers import AutoModelForImageTextToText, AutoProcessor
