@@ -50,7 +50,8 @@ def main(argv: list[str]) -> None:
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = distributed.load_engine(args, ds_config, dtype, total_steps, train=True)
-    reference = distributed.load_engine(args, ds_config, dtype, total_steps, train=False) if args.beta > 0 else None
+    # pi_ref: a frozen copy of the starting model, or with --use_peft the policy with its LoRA adapters off
+    reference = distributed.load_reference(args, model, ds_config, dtype, total_steps) if args.beta > 0 else None
     if resume_folder is not None:  # its weights, optimizer, LR schedule, random generators and data position
         progress = output_dir.resume(model, resume_folder, rank, len(dataset), log)
     else:
@@ -64,7 +65,8 @@ def main(argv: list[str]) -> None:
     suppress = families.forbidden_token_ids(processor, model.module.config)
     end_ids = policy.end_token_ids(model.module, processor.tokenizer)
     for line in output_dir.run_summary(args, world_size, total_steps, zero_stage, left_out, resume_folder,
-                                       progress.step, processor.tokenizer.convert_ids_to_tokens(end_ids), end_ids):
+                                       progress.step, processor.tokenizer.convert_ids_to_tokens(end_ids), end_ids,
+                                       distributed.parameter_counts(model)):
         logger.info(line)
     blank = families.blank_picture_prompt(processor, family, device)  # for micro-batches without pictures
     weights = args.reward_weights or [1.0] * len(reward_funcs)
@@ -150,6 +152,8 @@ def main(argv: list[str]) -> None:
 
     try:
         distributed.save_model(model, processor, args, args.output_dir, zero_stage, rank == 0)
+        if args.merge_adapter and rank == 0:
+            logger.info(f"[train] merged weights in {distributed.save_merged(args.output_dir, processor, args, dtype)}")
     except Exception as e:  # noqa: BLE001
         logger.close(exit_code=1)
         raise RunStopped(f"saving the final model to {args.output_dir!r} failed ({type(e).__name__}: {e}); the "

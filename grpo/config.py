@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")  # where the logs go besides metrics.jsonl; `none` alone: nowhere else
+# LoRA's default targets: every attention and MLP projection of the language model (all eight families name them so).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zero3.json")
 
 
@@ -89,6 +91,14 @@ class GRPOArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint-<step> folder, or `latest` (the newest complete one in output_dir; none yet: start at step 0)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds an earlier run, deleting its checkpoints and logs (with --resume_from_checkpoint latest: only when there is nothing to resume)."})
     max_nonfinite_steps: int = field(default=3, metadata={"help": "A step with a non-finite loss or gradient is skipped; this many in a row save a checkpoint and stop the run."})
+    # --- LoRA (PEFT), named as TRL names them ---
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of every weight: the reference is then the same weights with the adapters off (no second copy), and the final output is the adapter."})
+    lora_r: int = field(default=16, metadata={"help": "--use_peft: each adapter's rank r (W x + (alpha / r) B A x, A: r x in, B: out x r)."})
+    lora_alpha: int = field(default=32, metadata={"help": "--use_peft: the adapters' scale alpha (their output is multiplied by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "--use_peft: dropout on each adapter's input."})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"help": "--use_peft: the linear layers that get adapters, by the last part of their names, in the language model only (all-linear: every one of its linear layers)."})
+    lora_vision: bool = field(default=False, metadata={"help": "--use_peft: put adapters on the vision tower's linear layers named in --lora_target_modules too (Qwen2-VL's: qkv proj fc1 fc2); without it the vision tower stays as it is."})
+    merge_adapter: bool = field(default=False, metadata={"help": "--use_peft: also write output_dir/merged/, the base weights with the adapters merged in, which from_pretrained loads."})
 
 
 def parse_args(argv: list[str]) -> GRPOArguments:
@@ -281,6 +291,29 @@ def validate(args: GRPOArguments) -> None:
         bad("min_pixels", f"{args.min_pixels} is above --max_pixels {args.max_pixels}.")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         bad("num_train_epochs", "must be positive when --max_steps is not set.")
+    check_lora(args)
+
+
+def check_lora(args: GRPOArguments) -> None:
+    """The LoRA flags' values; whether the target names exist is checked against the model's layers
+    (families.lora_targets) before its weights load."""
+    for flag in ("lora_vision", "merge_adapter"):
+        if getattr(args, flag) and not args.use_peft:
+            bad(flag, "applies to LoRA adapters; add --use_peft true, or drop it.")
+    if not args.use_peft:
+        return
+    if args.lora_r < 1:
+        bad("lora_r", f"is {args.lora_r}; an adapter's rank must be at least 1 (TRL's default: 16).")
+    if args.lora_alpha <= 0:
+        bad("lora_alpha", f"is {args.lora_alpha}; the adapters' scale alpha / r must be positive (TRL's default: 32).")
+    if not 0 <= args.lora_dropout < 1:
+        bad("lora_dropout", f"is {args.lora_dropout}; a dropout probability is in [0, 1) (TRL's default: 0.05).")
+    if not args.lora_target_modules:
+        bad("lora_target_modules", f"is empty; name linear layers, e.g. {' '.join(LORA_TARGETS)}, or all-linear.")
+    if "all-linear" in args.lora_target_modules and len(args.lora_target_modules) > 1:
+        bad("lora_target_modules", "all-linear already means every linear layer; give it alone, or list names.")
+    if args.lora_vision and args.freeze_vision_tower:
+        bad("lora_vision", "puts adapters in the vision tower, which --freeze_vision_tower true keeps as it is; drop one.")
 
 
 ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")

@@ -127,8 +127,10 @@ def seed_this_rank(seed: int, rank: int) -> None:
 
 def load_engine(args, ds_config: dict, dtype, total_steps: int, train: bool):
     """A DeepSpeed engine around the model: the policy (`train`: with its optimizer, the LR schedule,
-    gradient checkpointing, the vision tower frozen if asked) or the frozen reference. Under ZeRO-3 the
-    weights are partitioned while they load (HfDeepSpeedConfig is alive during from_pretrained)."""
+    gradient checkpointing, the vision tower frozen if asked, LoRA adapters with --use_peft) or the
+    frozen reference. Under ZeRO-3 the weights are partitioned while they load (HfDeepSpeedConfig is
+    alive during from_pretrained); LoRA's adapters, made after, are partitioned by deepspeed.initialize,
+    which gives every rank rank 0's initial values."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -138,7 +140,9 @@ def load_engine(args, ds_config: dict, dtype, total_steps: int, train: bool):
         ds_config.pop("scheduler", None)
         if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
             ds_config["zero_optimization"] = {"stage": 0}
-    families.define_model_classes(args.model_name_or_path)  # before ZeRO-3's class patching: see there
+    skeleton = families.define_model_classes(args.model_name_or_path)  # before ZeRO-3's class patching: see there
+    lora_targets = families.lora_targets(skeleton, args.lora_target_modules, args.lora_vision) \
+        if train and args.use_peft else None  # a name that matches no layer stops here, before the weights load
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (a weakref inside transformers reads it)
     model = families.load_model(args.model_name_or_path, dtype, args.attn_implementation)
     if train and args.freeze_vision_tower:
@@ -150,10 +154,45 @@ def load_engine(args, ds_config: dict, dtype, total_steps: int, train: bool):
         return engine
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if lora_targets is not None:
+        model = families.add_lora(model, lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout, args.seed)
     scheduler = None if "scheduler" in ds_config else (lambda opt: lr_schedule(opt, args, total_steps))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config, lr_scheduler=scheduler)
     return engine
+
+
+def load_reference(args, policy, ds_config: dict, dtype, total_steps: int):
+    """pi_ref, the starting model, for the KL term: a frozen copy of it (an engine of its own), or in a
+    LoRA run the policy itself with its adapters switched off, since LoRA never changes the weights
+    under them: no second copy is held."""
+    if families.has_adapters(policy.module):
+        return WithoutAdapters(policy)
+    return load_engine(args, ds_config, dtype, total_steps, train=False)
+
+
+class WithoutAdapters:
+    """A LoRA policy's engine run with its adapters off, in eval mode as the frozen reference runs:
+    the starting model. `module` is the policy's, so families.unwrap finds its transformers model.
+    Under ZeRO-3 the adapters' weights are simply not gathered while they are off."""
+
+    def __init__(self, engine):
+        self.engine, self.module = engine, engine.module
+
+    def __call__(self, *args, **kwargs):
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with self.module.disable_adapter():
+                return self.engine(*args, **kwargs)
+        finally:
+            self.module.train(was_training)
+
+
+def parameter_counts(engine) -> tuple[int, int]:
+    """(trained, all) parameters of the engine's model, counted whole under ZeRO-3 too (ds_numel)."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in engine.module.parameters()]
+    return sum(n for n, trained in sizes if trained), sum(n for n, _ in sizes)
 
 
 def lr_schedule(optimizer, args, total_steps: int):
@@ -297,12 +336,18 @@ DEEPSPEED_TAG = "deepspeed"
 
 def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: bool) -> None:
     """Hugging Face format (safetensors + processor) that from_pretrained loads, and the run's
-    arguments (training_args.json: eval.py prompts the model as it was trained). Under ZeRO-3 the
+    arguments (training_args.json: eval.py prompts the model as it was trained). A LoRA model saves
+    its adapters alone, as PEFT does (adapter_config.json, adapter_model.safetensors), which
+    PeftModel.from_pretrained puts on the base model and families.load_model loads. Under ZeRO-3 the
     shards are gathered into one 16-bit state dict on rank 0 (a collective: every rank calls this)."""
-    import dataclasses
-
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
-    if is_main:
+    adapters = families.has_adapters(engine.module)
+    state_dict = (engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=adapters) if zero_stage == 3
+                  else engine.module.state_dict())
+    if is_main and adapters:
+        # save_embedding_layers=False: PEFT's "auto" would look the base model up on the Hub to compare vocabularies.
+        engine.module.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
+        _save_processor_and_arguments(folder, processor, args)
+    elif is_main:
         model = engine.module
         # save_pretrained writes the key layout the weights were read from, by reverting the renames
         # from_pretrained recorded in _weight_conversions. Loaded under ZeRO-3 (HfDeepSpeedConfig) it
@@ -316,9 +361,23 @@ def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: b
             model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         finally:
             model._weight_conversions = recorded
-        processor.save_pretrained(folder)
-        with open(os.path.join(folder, "training_args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
+        _save_processor_and_arguments(folder, processor, args)
+
+
+def save_merged(adapter_folder: str, processor, args, dtype) -> str:
+    """--merge_adapter: adapter_folder/merged, the base model with the saved adapters merged into its
+    weights (W + (alpha / r) B A), which from_pretrained loads with no PEFT. Read back from the files,
+    on one process (rank 0), so it is what anyone loading the adapter gets. Returns the folder."""
+    merged = os.path.join(adapter_folder, "merged")
+    families.load_model(adapter_folder, dtype, "sdpa").save_pretrained(merged)
+    _save_processor_and_arguments(merged, processor, args)
+    return merged
+
+
+def _save_processor_and_arguments(folder: str, processor, args) -> None:
+    processor.save_pretrained(folder)
+    with open(os.path.join(folder, "training_args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=1)
 
 
 @contextlib.contextmanager
@@ -363,7 +422,9 @@ def save_checkpoint(engine, processor, args, folder: str, trainer_state: dict, z
         try:
             write_errors = []
             with writes_kept_going(engine.checkpoint_engine, write_errors):
-                engine.save_checkpoint(temporary, tag=DEEPSPEED_TAG, save_latest=False)
+                # a LoRA model's frozen weights are the base model's, on disk already: not copied into every checkpoint
+                engine.save_checkpoint(temporary, tag=DEEPSPEED_TAG, save_latest=False,
+                                       exclude_frozen_parameters=families.has_adapters(engine.module))
             if write_errors:
                 raise write_errors[0]
             torch.save(rng_state(), os.path.join(temporary, f"rng_state_{rank}.pth"))
@@ -392,7 +453,9 @@ def save_checkpoint(engine, processor, args, folder: str, trainer_state: dict, z
 def load_checkpoint(engine, folder: str, rank: int) -> dict:
     """Restore weights, optimizer and LR schedule (DeepSpeed's checkpoint) and this rank's random
     generators; returns the checkpoint's trainer_state.json."""
-    load_path, _ = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
+    # A LoRA checkpoint holds the adapters alone (save_checkpoint): the frozen weights stay as loaded.
+    load_path, _ = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG,
+                                          load_module_strict=not families.has_adapters(engine.module))
     if load_path is None:
         raise UsageError(f"--resume_from_checkpoint: DeepSpeed found no checkpoint under {folder!r}/{DEEPSPEED_TAG}.")
     rng_file = os.path.join(folder, f"rng_state_{rank}.pth")

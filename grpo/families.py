@@ -108,7 +108,7 @@ def check_model_type(model_name_or_path: str) -> Family:
     """The model's family, from its config alone, so an unsupported one fails before any weights load."""
     from transformers import AutoConfig
 
-    model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
+    model_type = AutoConfig.from_pretrained(base_model_path(model_name_or_path)).model_type
     if model_type not in FAMILIES:
         from .config import UsageError
 
@@ -123,7 +123,7 @@ def load_processor(model_name_or_path: str, min_pixels: int, max_pixels: int):
     from transformers import AutoConfig, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_name_or_path)
-    if family_of(AutoConfig.from_pretrained(model_name_or_path)).pixel_budget:
+    if family_of(AutoConfig.from_pretrained(base_model_path(model_name_or_path))).pixel_budget:
         for pictures in (processor.image_processor, getattr(processor, "video_processor", None)):
             if pictures is not None:
                 pictures.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
@@ -131,9 +131,9 @@ def load_processor(model_name_or_path: str, min_pixels: int, max_pixels: int):
     return processor
 
 
-def define_model_classes(model_name_or_path: str) -> None:
+def define_model_classes(model_name_or_path: str):
     """Import every module class the model is built from, by building it once on the meta device (no
-    memory). Call it before a ZeRO-3 load (HfDeepSpeedConfig): DeepSpeed's zero.Init wraps the
+    memory), and return that skeleton (its layers' names, no weights). Call it before a ZeRO-3 load (HfDeepSpeedConfig): DeepSpeed's zero.Init wraps the
     __init__ of every class defined while it is active and puts back what it wrapped when it exits,
     which undoes what a class decorator did in between. transformers (5.25, with `kernels` installed)
     decorates attention classes (Qwen2Attention: use_kernelized_func); LLaVA-OneVision and Aria import
@@ -143,13 +143,14 @@ def define_model_classes(model_name_or_path: str) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     with torch.device("meta"):
-        AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_name_or_path))
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_name_or_path))
 
 
 def load_model(model_name_or_path: str, dtype: torch.dtype, attn_implementation: str | None = None):
     """The model, in `dtype`, with the given attention (None: flash_attention_2 where it can run, else
     sdpa; config.settle_precision_and_attention). Under ZeRO-3 call this while an HfDeepSpeedConfig
-    is alive, so that from_pretrained partitions the weights as it loads them."""
+    is alive, so that from_pretrained partitions the weights as it loads them. A LoRA adapter's folder
+    (train.py --use_peft) loads as its base model with the adapters merged into the weights."""
     from transformers import AutoModelForImageTextToText
 
     from .config import GRPOArguments, flash_attn_version, settle_precision_and_attention
@@ -158,8 +159,94 @@ def load_model(model_name_or_path: str, dtype: torch.dtype, attn_implementation:
         chosen = GRPOArguments(bf16=dtype in (torch.bfloat16, torch.float16))
         settle_precision_and_attention(chosen, on_gpu=torch.cuda.is_available(), flash_attn=flash_attn_version())
         attn_implementation = chosen.attn_implementation
-    return AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype,
-                                                       attn_implementation=attn_implementation)
+    base = base_model_path(model_name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
+    if base != model_name_or_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_name_or_path).merge_and_unload()
+    return model
+
+
+# ---------------------------------------------------------------- LoRA adapters (PEFT)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def base_model_path(model_name_or_path: str) -> str:
+    """The model a LoRA adapter's folder (its adapter_config.json) was trained from; any other path as it is."""
+    import json
+    import os
+
+    adapter_config = os.path.join(model_name_or_path, ADAPTER_CONFIG)
+    if not os.path.isfile(adapter_config):
+        return model_name_or_path
+    with open(adapter_config) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
+def lora_targets(model, names: list[str], vision: bool) -> list[str]:
+    """The full names of the linear layers that get LoRA adapters: those of the language model whose
+    last name part is in `names` (["all-linear"]: all of them), and with `vision` those of the
+    vision tower too. Never elsewhere: the vision towers (SigLIP's q_proj, Qwen2.5-VL's gate_proj)
+    and Aria's projector (q_proj) use the same names, and PEFT's own matching of `names` would put
+    adapters there as well ([LoRA in the vision tower]). `model` may be define_model_classes'
+    skeleton: a name that matches no layer stops the run before any weight loads."""
+    from .config import UsageError
+
+    scopes = {"the language model": unwrap(model).get_decoder()}
+    if vision:
+        scopes["the vision tower"] = vision_tower(model)
+    full_name = {module: name for name, module in unwrap(model).named_modules()}
+    linear = {scope: {f"{full_name[root]}.{name}": name.rsplit(".", 1)[-1] for name, module in root.named_modules()
+                      if isinstance(module, torch.nn.Linear)} for scope, root in scopes.items()}
+    known = {scope: sorted(set(layers.values())) for scope, layers in linear.items()}
+    problem = None
+    for name in names:
+        if name != "all-linear" and not any(name in found for found in known.values()):
+            problem = UsageError(f"--lora_target_modules: {name!r} names no linear layer of "
+                                 + " or ".join(scopes) + "; " + "; ".join(f"{scope}'s are {', '.join(found)}"
+                                                                            for scope, found in known.items()) + ".")
+            break
+    if problem is None and vision and names != ["all-linear"] and not set(names) & set(known["the vision tower"]):
+        problem = UsageError(f"--lora_vision: none of --lora_target_modules {' '.join(names)} is a linear layer of the "
+                             f"vision tower; add some of {', '.join(known['the vision tower'])}, or use all-linear.")
+    if problem is not None:
+        problem.shared = True  # every rank finds the same: rank 0 alone says it
+        raise problem
+    return sorted(full for layers in linear.values() for full, last in layers.items()
+                  if names == ["all-linear"] or last in names)
+
+
+def add_lora(model, targets: list[str], r: int, alpha: int, dropout: float, seed: int):
+    """The model wrapped by PEFT with a LoRA adapter on each of `targets` (lora_targets): W x becomes
+    W x + (alpha / r) B A x, A initialised at random (from `seed`: the same on every rank, whatever
+    was drawn before) and B at 0, so the wrapped model starts as the model. Only A and B train."""
+    import os
+
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wrapped = get_peft_model(model, config)
+    # PEFT makes the input embeddings' outputs require a gradient when checkpointing is on, for
+    # reentrant checkpointing, which needs one; train.py's is non-reentrant, and those hooks would make
+    # the frozen vision tower run its whole backward for nothing ([LoRA's input gradients]).
+    model.disable_input_require_grads()
+    # The adapter names its base model: a local folder by its absolute path, so it loads from anywhere.
+    name = wrapped.peft_config["default"].base_model_name_or_path
+    if name and os.path.isdir(name):
+        wrapped.peft_config["default"].base_model_name_or_path = os.path.abspath(name)
+    return wrapped
+
+
+def has_adapters(model) -> bool:
+    """Whether `model` is PEFT's wrapper (add_lora). Without peft imported, nothing can be."""
+    import sys
+
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def forbidden_token_ids(processor, config) -> list[int]:
@@ -279,8 +366,10 @@ def select_prompts(inputs: dict, start: int, stop: int, config, blank: dict | No
 
 
 def unwrap(model):
-    """The transformers model inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
+    """The transformers model inside a DeepSpeed engine and PEFT's wrapper (or the model itself). A LoRA
+    model's adapters live in its layers, so running it runs them."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if has_adapters(model) else model
 
 
 def token_type_keys(inputs: dict) -> list[str]:

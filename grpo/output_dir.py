@@ -427,8 +427,9 @@ def _keep_lines_up_to(path: str, step: int) -> None:
 
 
 def run_summary(args, world_size: int, total_steps: int, zero_stage: int, left_out: int, resumed_from: str | None,
-                start_step: int, end_tokens: list[str], end_ids: list[int]) -> list[str]:
-    """The lines a run starts with: what a step is, what ends a completion, and what the logged loss means."""
+                start_step: int, end_tokens: list[str], end_ids: list[int], parameters: tuple[int, int]) -> list[str]:
+    """The lines a run starts with: what a step is, what trains, what ends a completion, and what the
+    logged loss means. parameters: (trained, all) parameter counts."""
     B, accumulation, G = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_generations
     per_call = B * accumulation if args.generation_batch_size <= 0 else max(1, args.generation_batch_size // G)
     lines = [f"[train] resumed from {resumed_from} at step {start_step} of {total_steps}"] if resumed_from else []
@@ -440,6 +441,16 @@ def run_summary(args, world_size: int, total_steps: int, zero_stage: int, left_o
         f"ZeRO stage {zero_stage}"
         + (" (one process: nothing to partition, so the config's ZeRO stage is not used)" if world_size == 1 else "")
         + f"; {left_out} prompts per epoch left out to keep ranks even")
+    trained, total = parameters
+    if args.use_peft:
+        what = (f"LoRA adapters (r {args.lora_r}, alpha {args.lora_alpha}) on the language model"
+                + (" and the vision tower" if args.lora_vision else "") + ", the rest frozen")
+    else:
+        what = "every weight" + (" but the vision tower's" if args.freeze_vision_tower else "")
+    reference = ("none (--beta 0)" if args.beta == 0 else "the policy with its adapters off (no second model loaded)"
+                 if args.use_peft else "a frozen copy of the starting model")
+    lines.append(f"[train] training {what}: {trained:,} of {total:,} parameters ({trained / total:.2%}); "
+                 f"reference model: {reference}")
     lines.append(f"[train] a completion ends at the first of {end_tokens} (ids {end_ids}: the checkpoint's "
                  f"generation_config and the tokenizer's eos); sampling uses --temperature {args.temperature} and "
                  f"--top_p {args.top_p} only, never the checkpoint's sampling defaults")
