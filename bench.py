@@ -26,7 +26,10 @@ long (no early stop), so runs compare.
 
 `--compare trl` also runs TRL's GRPOTrainer on the same model folder, data and settings, and prints
 the throughput ratio from the same bench run. TRL is a benchmark-only dependency: `pip install trl`.
-`--compare share_prompt` runs ours with `--share_prompt true` and `false`. `--profile` adds one run
+`--compare share_prompt` runs ours with `--share_prompt true` and `false`; `--compare lora` runs ours
+training every weight and training LoRA adapters (`--use_peft true`, train.py's default r, alpha and
+targets; the reference then is the policy with its adapters off), for their step time and peak
+memory. `--profile` adds one run
 of ours whose first step after the warm-up runs under torch.profiler, phase by phase, and prints
 where each phase's time goes (matmuls, attention, softmax, copies, elementwise ops, communication,
 other ops, outside any op): `train_worker` runs train.py's own loop with its phase functions wrapped
@@ -495,8 +498,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_flags(args, setup: dict, share_prompt: bool, out: str, steps: int) -> list[str]:
-    """train.py's arguments for one run of ours."""
+def train_flags(args, setup: dict, share_prompt: bool, out: str, steps: int, lora: bool = False) -> list[str]:
+    """train.py's arguments for one run of ours (`lora`: training LoRA adapters, --use_peft true)."""
     pixels = args.image_size ** 2  # min = max = the image's area: no resizing
     flags = ["--model_name_or_path", setup["folder"], "--dataset_name", setup["data"], "--output_dir", out,
              "--max_steps", str(steps), "--per_device_train_batch_size", str(args.prompts),
@@ -508,7 +511,7 @@ def train_flags(args, setup: dict, share_prompt: bool, out: str, steps: int) -> 
              "--generation_batch_size", str(args.generation_batch_size),
              "--gradient_checkpointing", str(args.gradient_checkpointing).lower(),
              "--ignore_eos", "true"]  # exactly completion_length tokens: runs compare
-    return flags + (["--deepspeed", "zero3.json"] if args.ranks > 1 else [])
+    return flags + (["--deepspeed", "zero3.json"] if args.ranks > 1 else []) + (["--use_peft", "true"] if lora else [])
 
 
 def launch(args, script: list[str]) -> list[str]:
@@ -519,7 +522,7 @@ def launch(args, script: list[str]) -> list[str]:
     return ["deepspeed", "--master_port", str(free_port()), "--num_gpus", str(args.ranks), *script]
 
 
-def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool = False) -> list[dict]:
+def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool = False, lora: bool = False) -> list[dict]:
     """One run of train.py: `python train.py ...`, or under `deepspeed --num_gpus R ... --deepspeed
     zero3.json` for R ranks; or, with --freeze_embeddings or for the profile run, bench.py's
     train_worker, which runs train.py's own loop with its changes made from outside. Returns the
@@ -529,7 +532,7 @@ def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool 
     `profile` entry, its timings (slowed by the profiler) are not reported."""
     out = tempfile.mkdtemp(prefix="ours-", dir=workdir)
     steps = args.warmup_steps + (1 if profile else args.steps)
-    flags = train_flags(args, setup, share_prompt, out, steps)
+    flags = train_flags(args, setup, share_prompt, out, steps, lora)
     if profile or args.freeze_embeddings:
         spec = dict(argv=flags, freeze_embeddings=args.freeze_embeddings,
                     profile_step=steps if profile else None, profile_out=os.path.join(out, "profile"))
@@ -941,8 +944,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3, help="Timed steps per run.")
     p.add_argument("--warmup_steps", type=int, default=1, help="Steps run first and not timed.")
     p.add_argument("--repeats", type=int, default=3, help="Runs per kind, alternated between kinds.")
-    p.add_argument("--compare", default="none", choices=["none", "trl", "share_prompt"],
-                   help="trl: also TRL's GRPOTrainer; share_prompt: ours with --share_prompt true and false.")
+    p.add_argument("--compare", default="none", choices=["none", "trl", "share_prompt", "lora"],
+                   help="trl: also TRL's GRPOTrainer; share_prompt: ours with --share_prompt true and false; "
+                        "lora: ours training every weight and LoRA adapters (--use_peft true).")
     p.add_argument("--profile", action="store_true", help="Then one more run of ours whose step after the warm-up "
                    "runs under torch.profiler: per phase, the share of time in matmuls, attention, softmax, copies, "
                    "elementwise ops, communication, other ops and outside any op.")
@@ -1051,6 +1055,9 @@ def main(argv: list[str]) -> None:
     if args.compare == "share_prompt":
         kinds[f"ours (share_prompt {str(not share).lower()})"] = (lambda: run_ours(args, setup, not share, workdir),
                                                                   not share, True)
+    if args.compare == "lora":  # its update's FLOPs differ (no weight gradients but the adapters'): times and memory only
+        kinds[f"ours, LoRA (share_prompt {str(share).lower()})"] = (
+            lambda: run_ours(args, setup, share, workdir, lora=True), share, False)
     if args.compare == "trl":
         kinds["trl"] = (lambda: run_trl(args, setup, workdir), False, False)
     flops = {kind: phase_flops(args, setup, share_prompt) for kind, (_, share_prompt, _) in kinds.items()}

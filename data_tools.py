@@ -53,7 +53,7 @@ from typing import NamedTuple
 
 from grpo import answers, data
 from grpo.data import MMMU_IMAGE_COLUMNS, letter_of, mathvista_row, mmmu_row, option_list, with_options
-from grpo.config import UsageError, UsageParser, looks_like_hub_id
+from grpo.config import UsageError, UsageParser, check_model_path, looks_like_hub_id
 
 ANSWER_TYPES = ("option letter", "number", "expression", "free text", "no answer")
 EMPTY_PROBLEM, EMPTY_SOLUTION, UNVERIFIABLE, UNREADABLE, TOO_LONG = data.DROP_REASONS
@@ -190,11 +190,7 @@ def load_model(args):
     name = args.model_name_or_path
     if name is None:
         return None
-    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        raise UsageError(f"--model_name_or_path: folder {name!r} holds no config.json; give a folder written by "
-                         "save_pretrained or a hub id.")
-    if not os.path.isdir(name) and not looks_like_hub_id(name):
-        raise UsageError(f"--model_name_or_path: {name!r} is neither a model folder (no such folder) nor a hub id.")
+    check_model_path(name)
     try:
         family = families.check_model_type(name)
         processor = families.load_processor(name, args.min_pixels, args.max_pixels)

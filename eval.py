@@ -267,11 +267,7 @@ def check_args(args) -> None:
     if args.min_pixels > args.max_pixels:
         bad("min_pixels", f"{args.min_pixels} is above --max_pixels {args.max_pixels}.")
     model, dataset = args.model_name_or_path, args.dataset_name
-    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
-        bad("model_name_or_path", f"folder {model!r} holds no config.json; give a folder written by save_pretrained "
-            "(a train.py output_dir or checkpoint) or a hub id.")
-    if not os.path.isdir(model) and not config.looks_like_hub_id(model):
-        bad("model_name_or_path", f"{model!r} is neither a model folder (no such folder) nor a hub id (owner/name).")
+    config.check_model_path(model)
     if not os.path.exists(dataset) and (os.path.splitext(dataset)[1] in (".parquet", ".jsonl", ".json")
                                         or not config.looks_like_hub_id(dataset)):
         bad("dataset_name", f"{dataset!r}: no such file or folder (give a .parquet / .jsonl file, a save_to_disk "

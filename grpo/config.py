@@ -213,15 +213,21 @@ def looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
 
 
-def check_paths(args: GRPOArguments) -> None:
-    """The model, the dataset and the output folder, checked before anything loads."""
-    model = args.model_name_or_path
+def check_model_path(model: str) -> None:
+    """--model_name_or_path of train.py, eval.py and data_tools.py: a folder save_pretrained wrote (its
+    config.json, or a LoRA adapter's adapter_config.json, which names its base model), or a hub id."""
     if os.path.isdir(model):
-        if not os.path.isfile(os.path.join(model, "config.json")):
-            bad("model_name_or_path", f"folder {model!r} holds no config.json; give a folder written by "
-                "save_pretrained, or a hub id such as Qwen/Qwen2-VL-2B-Instruct.")
+        if not any(os.path.isfile(os.path.join(model, name)) for name in ("config.json", "adapter_config.json")):
+            bad("model_name_or_path", f"folder {model!r} holds no config.json (nor a LoRA adapter's "
+                "adapter_config.json); give a folder written by save_pretrained (a train.py output_dir or "
+                "checkpoint), or a hub id such as Qwen/Qwen2-VL-2B-Instruct.")
     elif not looks_like_hub_id(model):
         bad("model_name_or_path", f"{model!r} is neither a model folder (no such folder) nor a hub id (owner/name).")
+
+
+def check_paths(args: GRPOArguments) -> None:
+    """The model, the dataset and the output folder, checked before anything loads."""
+    check_model_path(args.model_name_or_path)
     data = args.dataset_name
     if not os.path.exists(data) and (os.path.splitext(data)[1] in (".parquet", ".jsonl", ".json")
                                      or not looks_like_hub_id(data)):

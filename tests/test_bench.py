@@ -136,6 +136,14 @@ def test_threads_default_to_the_cores_divided_among_ranks(monkeypatch):
     assert bench.parse_args(["--gradient_checkpointing", "true"]).gradient_checkpointing is True
 
 
+def test_compare_lora_trains_adapters_in_the_second_kind_alone():
+    args = bench.parse_args(["--compare", "lora", "--ranks", "2"])
+    setup = dict(folder="m", data="d", attn="sdpa")
+    full, lora = (bench.train_flags(args, setup, True, "out", 3, lora=lora) for lora in (False, True))
+    assert "--use_peft" not in full and lora == full + ["--use_peft", "true"]
+    assert full[-2:] == ["--deepspeed", "zero3.json"]
+
+
 # ---- FLOPs per phase, by hand on a made-up model -------------------------------------------------
 
 # Text: 2 layers, 2 heads of 4 (attention width 8). Vision: 3 blocks of width 6, 14-px patches merged 2 x 2.
