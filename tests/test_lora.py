@@ -148,7 +148,7 @@ def test_zero3_two_ranks_killed_and_resumed_ends_with_the_straight_runs_adapter(
                                                                                tmp_path):
     """4 steps straight against 2 steps, SIGKILL, and a resume to 4, under ZeRO-3 on 2 ranks with
     the shared prompt, gradient checkpointing and the adapters-off reference: the same rewards at every
-    step and the same adapter at the end."""
+    step and the same adapter at the end; the straight run also merges its adapter (--merge_adapter)."""
     flags = ["--deepspeed", "zero3.json", "--max_steps", "4", "--save_steps", "2", *LORA_RUN]
     launcher = ["deepspeed", "--num_gpus", "2", "tests/fault_worker.py"]
 
@@ -158,8 +158,14 @@ def test_zero3_two_ranks_killed_and_resumed_ends_with_the_straight_runs_adapter(
                            env={"GRPO_TEST_FAULTS": json.dumps(faults)})
 
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    log = train(straight, {})
+    log = train(straight, {}, "--merge_adapter", "true")
     assert "ZeRO stage 3" in log and "2 rank(s)" in log
+    # rank 0 merges the saved adapter into the base weights on its own, the other rank waiting
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(str(straight / "merged")).state_dict()
+    base = AutoModelForImageTextToText.from_pretrained(format_warmed_model).state_dict()
+    assert any(not torch.equal(merged[key], base[key]) for key in base)
     train(broken, {"kill_after_save": 2}, returncode=None)
     assert os.path.isdir(broken / "checkpoint-2") and not os.path.exists(broken / "adapter_model.safetensors")
     log = train(broken, {}, "--resume_from_checkpoint", "latest")
