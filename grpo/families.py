@@ -201,19 +201,19 @@ def lora_targets(model, names: list[str], vision: bool) -> list[str]:
     linear = {scope: {f"{full_name[root]}.{name}": name.rsplit(".", 1)[-1] for name, module in root.named_modules()
                       if isinstance(module, torch.nn.Linear)} for scope, root in scopes.items()}
     known = {scope: sorted(set(layers.values())) for scope, layers in linear.items()}
-    problem = None
+
+    def refuse(message: str):
+        error = UsageError(message)
+        error.shared = True  # every rank finds the same: rank 0 alone says it
+        raise error
+
     for name in names:
         if name != "all-linear" and not any(name in found for found in known.values()):
-            problem = UsageError(f"--lora_target_modules: {name!r} names no linear layer of "
-                                 + " or ".join(scopes) + "; " + "; ".join(f"{scope}'s are {', '.join(found)}"
-                                                                            for scope, found in known.items()) + ".")
-            break
-    if problem is None and vision and names != ["all-linear"] and not set(names) & set(known["the vision tower"]):
-        problem = UsageError(f"--lora_vision: none of --lora_target_modules {' '.join(names)} is a linear layer of the "
-                             f"vision tower; add some of {', '.join(known['the vision tower'])}, or use all-linear.")
-    if problem is not None:
-        problem.shared = True  # every rank finds the same: rank 0 alone says it
-        raise problem
+            refuse(f"--lora_target_modules: {name!r} names no linear layer of " + " or ".join(scopes) + "; "
+                   + "; ".join(f"{scope}'s are {', '.join(found)}" for scope, found in known.items()) + ".")
+    if vision and names != ["all-linear"] and not set(names) & set(known["the vision tower"]):
+        refuse(f"--lora_vision: none of --lora_target_modules {' '.join(names)} is a linear layer of the vision "
+               f"tower; add some of {', '.join(known['the vision tower'])}, or use all-linear.")
     return sorted(full for layers in linear.values() for full, last in layers.items()
                   if names == ["all-linear"] or last in names)
 

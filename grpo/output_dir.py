@@ -237,22 +237,23 @@ def start_wandb(args, resume_folder: str | None):
     (or $WANDB_DIR), its project is $WANDB_PROJECT or grpo-vlm."""
     if "wandb" not in args.report_to:
         return None
-    started = []
+    run = None
 
     def start():
+        nonlocal run
         import wandb
 
         run_id = read_trainer_state(resume_folder).get("wandb_run_id") if resume_folder else None
         try:
-            started.append(wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo-vlm"), name=args.run_name,
-                                      id=run_id, resume="allow" if run_id else None, config=dataclasses.asdict(args),
-                                      dir=os.environ.get("WANDB_DIR", args.output_dir)))
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo-vlm"), name=args.run_name, id=run_id,
+                             resume="allow" if run_id else None, config=dataclasses.asdict(args),
+                             dir=os.environ.get("WANDB_DIR", args.output_dir))
         except wandb.errors.Error as e:
             raise UsageError(f"--report_to: wandb could not start the run: {' '.join(str(e).split())} (or set "
                              "WANDB_MODE=offline to keep it in output_dir/wandb and `wandb sync` it later).") from None
 
-    distributed.rank0_decides(start)
-    return started[0] if started else None
+    distributed.rank0_decides(start)  # its usage error, if any, stops every rank
+    return run
 
 
 # The console line: (metric key, short label, format).
