@@ -133,7 +133,8 @@ def load_processor(model_name_or_path: str, min_pixels: int, max_pixels: int):
 
 def define_model_classes(model_name_or_path: str):
     """Import every module class the model is built from, by building it once on the meta device (no
-    memory), and return that skeleton (its layers' names, no weights). Call it before a ZeRO-3 load (HfDeepSpeedConfig): DeepSpeed's zero.Init wraps the
+    memory), and return that skeleton (its layers' names, no weights; of the base model for a LoRA
+    adapter's folder). Call it before a ZeRO-3 load (HfDeepSpeedConfig): DeepSpeed's zero.Init wraps the
     __init__ of every class defined while it is active and puts back what it wrapped when it exits,
     which undoes what a class decorator did in between. transformers (5.25, with `kernels` installed)
     decorates attention classes (Qwen2Attention: use_kernelized_func); LLaVA-OneVision and Aria import
@@ -143,7 +144,7 @@ def define_model_classes(model_name_or_path: str):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_name_or_path))
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(base_model_path(model_name_or_path)))
 
 
 def load_model(model_name_or_path: str, dtype: torch.dtype, attn_implementation: str | None = None):

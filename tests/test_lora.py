@@ -51,6 +51,18 @@ def test_adapters_go_on_the_language_models_projections_alone(tiny_qwen2_5_vl):
         families.lora_targets(skeleton, ["q_proj"], vision=True)
 
 
+def test_an_adapter_folder_stands_for_its_base_model_before_any_weight_loads(tiny_model, tmp_path):
+    """An adapter folder given as --model_name_or_path (to train on from it, or to evaluate): its
+    family and its module skeleton are the base model's, which its adapter_config.json names."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": tiny_model}))
+    config.check_model_path(str(adapter))
+    assert families.check_model_type(str(adapter)) is families.FAMILIES["qwen2_vl"]
+    skeleton = families.define_model_classes(str(adapter))
+    assert skeleton.config.model_type == "qwen2_vl" and skeleton.device.type == "meta"
+
+
 class _Engine:
     """What WithoutAdapters needs of a DeepSpeed engine: its module, and a call that runs it."""
 
