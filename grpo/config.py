@@ -1,11 +1,17 @@
 """Command-line arguments, their checks, and the DeepSpeed config filled from them.
 
-Every flag is a dataclass field with a one-line help text, parsed by transformers' HfArgumentParser
-(the ecosystem's convention, so the published open-r1-multimodal command runs unchanged). Defaults
-are the real run: Qwen2-VL-2B-Instruct on lmms-lab/multimodal-open-r1-8k-verified with G = 8,
-beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. A run can also be a recipe file,
-`--config recipes/NAME.yaml` (as in open-r1 and TRL), whose keys are the flags; flags on the command
-line override it. The CPU demo's values are recipes/demo.yaml.
+Every flag of train.py is one field of GRPOArguments below, `name: type = flag(default, "help")`, in
+five groups read in the order of a step: GRPO (the group, its rewards and the objective), sampling,
+optimisation, the run (model and data, precision, logging and saving), LoRA. transformers'
+HfArgumentParser turns the fields into flags (the ecosystem's convention, so the published
+open-r1-multimodal command runs unchanged); the help text is what `--help` shows, and a flag that
+takes one of a few names lists them as `choices`, taken from the module that defines them. A new
+flag is one more line in its group, and a line in docs/GUIDE.md's Flags section.
+
+Defaults are the real run: Qwen2-VL-2B-Instruct on lmms-lab/multimodal-open-r1-8k-verified with
+G = 8, beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. A run can also be a recipe
+file, `--config recipes/NAME.yaml` (as in open-r1 and TRL), whose keys are the flags; flags on the
+command line override it. The CPU demo's values are recipes/demo.yaml.
 
 `validate(args)` runs before any model is loaded, so a run that cannot work stops in a second with
 a message naming the argument.
@@ -26,79 +32,142 @@ from dataclasses import dataclass, field
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")  # where the logs go besides metrics.jsonl; `none` alone: nowhere else
+ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
 # LoRA's default targets: every attention and MLP projection of the language model (all eight families name them so).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zero3.json")
 
 
+def flag(default, help: str, choices: tuple[str, ...] | None = None):
+    """One flag: a dataclass field whose default, help text and choices HfArgumentParser reads (a
+    list default is copied for every GRPOArguments, as dataclasses require)."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class GRPOArguments:
-    # --- model and data ---
-    model_name_or_path: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "Hub id or local folder of a model of a supported family (README: Model families)."})
-    dataset_name: str = field(default="lmms-lab/multimodal-open-r1-8k-verified", metadata={"help": "Hub id, a save_to_disk folder, or a .parquet / .jsonl file."})
-    dataset_split: str = field(default="train", metadata={"help": "Dataset split to train on."})
-    output_dir: str = field(default="outputs/grpo", metadata={"help": "Where checkpoints, TensorBoard logs and the final model go."})
-    run_name: str | None = field(default=None, metadata={"help": "Name of the run (TensorBoard sub-folder); defaults to the output_dir's name."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System prompt; default asks for <think>...</think><answer>...</answer>."})
-    max_prompt_length: int = field(default=8192, metadata={"help": "Rows whose prompt (image tokens included) is longer are dropped at load time, never truncated."})
-    min_pixels: int = field(default=3136, metadata={"help": "Qwen families: smallest image area after resizing (pixels); others use their processor's sizes."})
-    max_pixels: int = field(default=12845056, metadata={"help": "Qwen families: largest image area after resizing (pixels); fewer pixels, fewer image tokens."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "flash_attention_2 (16-bit weights on a GPU, flash-attn >= 2.1), sdpa or eager; default flash_attention_2 where it can run, else sdpa."})
-    share_prompt: bool = field(default=True, metadata={"help": "Encode each prompt and image once per group and share its keys/values with its G completions (false: repeat it G times, the plain path)."})
-    generation_batch_size: int = field(default=0, metadata={"help": "Most completions per generate call (0: the whole optimizer step's prompts x G in one call)."})
-    ignore_eos: bool = field(default=False, metadata={"help": "Sample exactly max_completion_length tokens, never stopping at EOS (for benchmarks)."})
-    # --- GRPO ---
-    num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt (the group)."})
-    max_completion_length: int = field(default=256, metadata={"help": "Most tokens sampled per completion."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs are taken at the same temperature)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 skips the reference model entirely."})
-    epsilon: float = field(default=0.2, metadata={"help": "Lower clip range of the ratio (and upper, unless --epsilon_high)."})
-    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip range (DAPO clip-higher uses 0.28); with --loss_type cispo the importance weight's cap is 1 + this."})
-    loss_type: str = field(default="grpo", metadata={"help": "grpo, bnpo, dr_grpo or dapo (how per-token losses are averaged), or cispo or sapo (the per-token loss itself: grpo/objective.py)."})
-    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "--loss_type sapo: the soft gate's temperature for positive advantages (SAPO's and TRL's 1.0)."})
-    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "--loss_type sapo: ... for negative advantages (1.05; above the positive one, so they fade faster)."})
-    importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO) or sequence (GSPO: one ratio per completion; use --epsilon 3e-4 --epsilon_high 4e-4)."})
-    scale_rewards: str = field(default="group", metadata={"help": "Advantage scaling: group, batch or none (Dr. GRPO)."})
-    num_iterations: int = field(default=1, metadata={"help": "Updates per rollout batch (mu); > 1 computes and reuses old log-probs."})
-    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"], metadata={"help": "Reward functions by registry name."})
-    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function (default 1 each)."})
-    # --- optimisation ---
-    per_device_train_batch_size: int = field(default=1, metadata={"help": "PROMPTS per device per micro-step; each is sampled G times, so G x this completions."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step; the step's prompts are all sampled in one rollout first."})
-    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (AdamW)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "constant, linear or cosine decay after warmup."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of steps spent warming the LR up from 0."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the dataset (ignored when --max_steps > 0)."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; > 0 overrides --num_train_epochs."})
-    seed: int = field(default=42, metadata={"help": "Seed for data order, init and sampling (each rank samples with seed + rank)."})
-    bf16: bool | None = field(default=None, metadata={"help": "Train in bfloat16 (`--bf16` alone means true); default: true on a GPU (the published run), false (float32) on the CPU."})
-    freeze_vision_tower: bool = field(default=False, metadata={"help": "The vision encoder keeps its weights (Qwen's includes its patch merger); the rest trains."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward to save memory."})
-    deepspeed: str | None = field(default=None, metadata={"help": f"DeepSpeed JSON config; default {os.path.basename(DEFAULT_DEEPSPEED_CONFIG)} next to train.py."})
-    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
-    # --- logging and saving ---
-    logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
-    log_completions_steps: int = field(default=10, metadata={"help": "Write sample completions with their rewards to TensorBoard every N steps."})
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Where the logs go besides metrics.jsonl: tensorboard, wandb (pip install wandb), both, or none."})
-    save_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N optimizer steps, the last one included (num_iterations > 1: at the end of that rollout; 0: only the final model)."})
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints (oldest removed; never the newest complete one)."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint-<step> folder, or `latest` (the newest complete one in output_dir; none yet: start at step 0)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds an earlier run, deleting its checkpoints and logs (with --resume_from_checkpoint latest: only when there is nothing to resume)."})
-    max_nonfinite_steps: int = field(default=3, metadata={"help": "A step with a non-finite loss or gradient is skipped; this many in a row save a checkpoint and stop the run."})
-    # --- LoRA (PEFT), named as TRL names them ---
-    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of every weight: the reference is then the same weights with the adapters off (no second copy), and the final output is the adapter."})
-    lora_r: int = field(default=16, metadata={"help": "--use_peft: each adapter's rank r (W x + (alpha / r) B A x, A: r x in, B: out x r)."})
-    lora_alpha: int = field(default=32, metadata={"help": "--use_peft: the adapters' scale alpha (their output is multiplied by alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "--use_peft: dropout on each adapter's input."})
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"help": "--use_peft: the linear layers that get adapters, by the last part of their names, in the language model only (all-linear: every one of its linear layers)."})
-    lora_vision: bool = field(default=False, metadata={"help": "--use_peft: put adapters on the vision tower's linear layers named in --lora_target_modules too (Qwen2-VL's: qkv proj fc1 fc2); without it the vision tower stays as it is."})
-    merge_adapter: bool = field(default=False, metadata={"help": "--use_peft: also write output_dir/merged/, the base weights with the adapters merged in, which from_pretrained loads."})
+    # --- GRPO: the group, its rewards and the objective (grpo/objective.py) ---
+    num_generations: int = flag(8, "G: completions sampled per prompt (the group).")
+    reward_funcs: list[str] = flag(["accuracy", "format"], "Reward functions by registry name.")
+    reward_weights: list[float] | None = flag(None, "One weight per reward function (default 1 each).")
+    scale_rewards: str = flag("group", "Advantage scaling: group, batch or none (Dr. GRPO).")
+    loss_type: str = flag(
+        "grpo", "grpo, bnpo, dr_grpo or dapo (how per-token losses are averaged), or cispo or sapo (the per-token "
+        "loss itself: grpo/objective.py).")
+    epsilon: float = flag(0.2, "Lower clip range of the ratio (and upper, unless --epsilon_high).")
+    epsilon_high: float | None = flag(
+        None, "Upper clip range (DAPO clip-higher uses 0.28); with --loss_type cispo the importance weight's cap "
+        "is 1 + this.")
+    importance_sampling_level: str = flag(
+        "token", "token (GRPO) or sequence (GSPO: one ratio per completion; use --epsilon 3e-4 --epsilon_high 4e-4).")
+    sapo_temperature_pos: float = flag(
+        1.0, "--loss_type sapo: the soft gate's temperature for positive advantages (SAPO's and TRL's 1.0).")
+    sapo_temperature_neg: float = flag(
+        1.05, "--loss_type sapo: ... for negative advantages (1.05; above the positive one, so they fade faster).")
+    beta: float = flag(0.04, "KL coefficient; 0 skips the reference model entirely.")
+    num_iterations: int = flag(1, "Updates per rollout batch (mu); > 1 computes and reuses old log-probs.")
+
+    # --- sampling: how the group's completions are drawn (grpo/policy.py) ---
+    max_completion_length: int = flag(256, "Most tokens sampled per completion.")
+    temperature: float = flag(1.0, "Sampling temperature (log-probs are taken at the same temperature).")
+    top_p: float = flag(1.0, "Nucleus sampling threshold.")
+    share_prompt: bool = flag(
+        True, "Encode each prompt and image once per group and share its keys/values with its G completions "
+        "(false: repeat it G times, the plain path).")
+    generation_batch_size: int = flag(
+        0, "Most completions per generate call (0: the whole optimizer step's prompts x G in one call).")
+    ignore_eos: bool = flag(
+        False, "Sample exactly max_completion_length tokens, never stopping at EOS (for benchmarks).")
+
+    # --- optimisation: the batch, AdamW and its schedule, how long, what trains ---
+    per_device_train_batch_size: int = flag(
+        1, "PROMPTS per device per micro-step; each is sampled G times, so G x this completions.")
+    gradient_accumulation_steps: int = flag(
+        1, "Micro-batches per optimizer step; the step's prompts are all sampled in one rollout first.")
+    learning_rate: float = flag(1e-6, "Peak learning rate (AdamW).")
+    lr_scheduler_type: str = flag("linear", "constant, linear or cosine decay after warmup.")
+    warmup_ratio: float = flag(0.0, "Fraction of steps spent warming the LR up from 0.")
+    weight_decay: float = flag(0.0, "AdamW weight decay.")
+    adam_beta1: float = flag(0.9, "AdamW beta1.")
+    adam_beta2: float = flag(0.999, "AdamW beta2.")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = flag(1.0, "Gradient clipping norm.")
+    num_train_epochs: float = flag(1.0, "Passes over the dataset (ignored when --max_steps > 0).")
+    max_steps: int = flag(-1, "Optimizer steps to run; > 0 overrides --num_train_epochs.")
+    freeze_vision_tower: bool = flag(
+        False, "The vision encoder keeps its weights (Qwen's includes its patch merger); the rest trains.")
+    gradient_checkpointing: bool = flag(False, "Recompute activations in the backward to save memory.")
+
+    # --- the run: the model and the data ---
+    model_name_or_path: str = flag(
+        "Qwen/Qwen2-VL-2B-Instruct",
+        "Hub id or local folder of a model of a supported family (README: Model families).")
+    dataset_name: str = flag(
+        "lmms-lab/multimodal-open-r1-8k-verified", "Hub id, a save_to_disk folder, or a .parquet / .jsonl file.")
+    dataset_split: str = flag("train", "Dataset split to train on.")
+    system_prompt: str | None = flag(
+        None, "System prompt; default asks for <think>...</think><answer>...</answer>.")
+    max_prompt_length: int = flag(
+        8192, "Rows whose prompt (image tokens included) is longer are dropped at load time, never truncated.")
+    min_pixels: int = flag(
+        3136, "Qwen families: smallest image area after resizing (pixels); others use their processor's sizes.")
+    max_pixels: int = flag(
+        12845056, "Qwen families: largest image area after resizing (pixels); fewer pixels, fewer image tokens.")
+    # --- the run: precision, attention, seed, launcher ---
+    bf16: bool | None = flag(
+        None, "Train in bfloat16 (`--bf16` alone means true); default: true on a GPU (the published run), "
+        "false (float32) on the CPU.")
+    attn_implementation: str | None = flag(
+        None, "flash_attention_2 (16-bit weights on a GPU, flash-attn >= 2.1), sdpa or eager; default "
+        "flash_attention_2 where it can run, else sdpa.")
+    seed: int = flag(42, "Seed for data order, init and sampling (each rank samples with seed + rank).")
+    deepspeed: str | None = flag(
+        None, f"DeepSpeed JSON config; default {os.path.basename(DEFAULT_DEEPSPEED_CONFIG)} next to train.py.")
+    local_rank: int = flag(-1, "Set by the deepspeed launcher.")
+    # --- the run: where it goes, logging and saving ---
+    output_dir: str = flag("outputs/grpo", "Where checkpoints, TensorBoard logs and the final model go.")
+    run_name: str | None = flag(
+        None, "Name of the run (TensorBoard sub-folder); defaults to the output_dir's name.")
+    logging_steps: int = flag(1, "Log every N optimizer steps.")
+    log_completions_steps: int = flag(
+        10, "Write sample completions with their rewards to TensorBoard every N steps.")
+    report_to: list[str] = flag(
+        ["tensorboard"], "Where the logs go besides metrics.jsonl: tensorboard, wandb (pip install wandb), both, "
+        "or none.")
+    save_steps: int = flag(
+        500, "Save a resumable checkpoint every N optimizer steps, the last one included (num_iterations > 1: at "
+        "the end of that rollout; 0: only the final model).")
+    save_total_limit: int | None = flag(
+        None, "Keep at most this many checkpoints (oldest removed; never the newest complete one).")
+    resume_from_checkpoint: str | None = flag(
+        None, "A checkpoint-<step> folder, or `latest` (the newest complete one in output_dir; none yet: start at "
+        "step 0).")
+    overwrite_output_dir: bool = flag(
+        False, "Start over in an output_dir that holds an earlier run, deleting its checkpoints and logs (with "
+        "--resume_from_checkpoint latest: only when there is nothing to resume).")
+    max_nonfinite_steps: int = flag(
+        3, "A step with a non-finite loss or gradient is skipped; this many in a row save a checkpoint and stop "
+        "the run.")
+
+    # --- LoRA (PEFT), the flags as TRL names them ---
+    use_peft: bool = flag(
+        False, "Train LoRA adapters (PEFT) instead of every weight: the reference is then the same weights with the "
+        "adapters off (no second copy), and the final output is the adapter.")
+    lora_r: int = flag(16, "--use_peft: each adapter's rank r (W x + (alpha / r) B A x, A: r x in, B: out x r).")
+    lora_alpha: int = flag(32, "--use_peft: the adapters' scale alpha (their output is multiplied by alpha / r).")
+    lora_dropout: float = flag(0.05, "--use_peft: dropout on each adapter's input.")
+    lora_target_modules: list[str] = flag(
+        list(LORA_TARGETS), "--use_peft: the linear layers that get adapters, by the last part of their names, in "
+        "the language model only (all-linear: every one of its linear layers).")
+    lora_vision: bool = flag(
+        False, "--use_peft: put adapters on the vision tower's linear layers named in --lora_target_modules too "
+        "(Qwen2-VL's: qkv proj fc1 fc2); without it the vision tower stays as it is.")
+    merge_adapter: bool = flag(
+        False, "--use_peft: also write output_dir/merged/, the base weights with the adapters merged in, which "
+        "from_pretrained loads.")
 
 
 def parse_args(argv: list[str]) -> GRPOArguments:
@@ -322,7 +391,6 @@ def check_lora(args: GRPOArguments) -> None:
         bad("lora_vision", "puts adapters in the vision tower, which --freeze_vision_tower true keeps as it is; drop one.")
 
 
-ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
 # flash-attn before 2.1 aligns a causal mask of fewer queries than keys to the top left; the completion
 # pass (T queries over P + T keys) needs the bottom right, and would be wrong without any error.
 MIN_FLASH_ATTN = (2, 1)
