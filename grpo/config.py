@@ -30,6 +30,8 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 
+from . import objective
+
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")  # where the logs go besides metrics.jsonl; `none` alone: nowhere else
 ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
@@ -53,16 +55,17 @@ class GRPOArguments:
     num_generations: int = flag(8, "G: completions sampled per prompt (the group).")
     reward_funcs: list[str] = flag(["accuracy", "format"], "Reward functions by registry name.")
     reward_weights: list[float] | None = flag(None, "One weight per reward function (default 1 each).")
-    scale_rewards: str = flag("group", "Advantage scaling: group, batch or none (Dr. GRPO).")
+    scale_rewards: str = flag("group", "Advantage scaling: group, batch or none (Dr. GRPO).", choices=objective.SCALES)
     loss_type: str = flag(
         "grpo", "grpo, bnpo, dr_grpo or dapo (how per-token losses are averaged), or cispo or sapo (the per-token "
-        "loss itself: grpo/objective.py).")
+        "loss itself: grpo/objective.py).", choices=objective.LOSS_TYPES)
     epsilon: float = flag(0.2, "Lower clip range of the ratio (and upper, unless --epsilon_high).")
     epsilon_high: float | None = flag(
         None, "Upper clip range (DAPO clip-higher uses 0.28); with --loss_type cispo the importance weight's cap "
         "is 1 + this.")
     importance_sampling_level: str = flag(
-        "token", "token (GRPO) or sequence (GSPO: one ratio per completion; use --epsilon 3e-4 --epsilon_high 4e-4).")
+        "token", "token (GRPO) or sequence (GSPO: one ratio per completion; use --epsilon 3e-4 --epsilon_high 4e-4).",
+        choices=objective.IMPORTANCE_SAMPLING_LEVELS)
     sapo_temperature_pos: float = flag(
         1.0, "--loss_type sapo: the soft gate's temperature for positive advantages (SAPO's and TRL's 1.0).")
     sapo_temperature_neg: float = flag(
@@ -88,7 +91,7 @@ class GRPOArguments:
     gradient_accumulation_steps: int = flag(
         1, "Micro-batches per optimizer step; the step's prompts are all sampled in one rollout first.")
     learning_rate: float = flag(1e-6, "Peak learning rate (AdamW).")
-    lr_scheduler_type: str = flag("linear", "constant, linear or cosine decay after warmup.")
+    lr_scheduler_type: str = flag("linear", "constant, linear or cosine decay after warmup.", choices=LR_SCHEDULERS)
     warmup_ratio: float = flag(0.0, "Fraction of steps spent warming the LR up from 0.")
     weight_decay: float = flag(0.0, "AdamW weight decay.")
     adam_beta1: float = flag(0.9, "AdamW beta1.")
@@ -122,7 +125,7 @@ class GRPOArguments:
         "false (float32) on the CPU.")
     attn_implementation: str | None = flag(
         None, "flash_attention_2 (16-bit weights on a GPU, flash-attn >= 2.1), sdpa or eager; default "
-        "flash_attention_2 where it can run, else sdpa.")
+        "flash_attention_2 where it can run, else sdpa.", choices=ATTN_IMPLEMENTATIONS)
     seed: int = flag(42, "Seed for data order, init and sampling (each rank samples with seed + rank).")
     deepspeed: str | None = flag(
         None, f"DeepSpeed JSON config; default {os.path.basename(DEFAULT_DEEPSPEED_CONFIG)} next to train.py.")
@@ -136,7 +139,7 @@ class GRPOArguments:
         10, "Write sample completions with their rewards to TensorBoard every N steps.")
     report_to: list[str] = flag(
         ["tensorboard"], "Where the logs go besides metrics.jsonl: tensorboard, wandb (pip install wandb), both, "
-        "or none.")
+        "or none.", choices=(*REPORT_TO, "none"))
     save_steps: int = flag(
         500, "Save a resumable checkpoint every N optimizer steps, the last one included (num_iterations > 1: at "
         "the end of that rollout; 0: only the final model).")
@@ -171,13 +174,17 @@ class GRPOArguments:
 
 
 def parse_args(argv: list[str]) -> GRPOArguments:
-    """The command line as GRPOArguments (transformers' HfArgumentParser, the ecosystem's convention).
+    """train.py's command line as GRPOArguments (transformers' HfArgumentParser, the ecosystem's convention).
     `--config FILE.yaml` reads a recipe's flags as the defaults, so a flag on the command line wins
     wherever it stands, before or after --config (as TRL's and open-r1's --config)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(GRPOArguments, description="GRPO for vision-language models (train.py). "
-                              "--config FILE.yaml takes the flags from a recipe (recipes/); flags given here override it.")
+    class TrainParser(UsageParser, HfArgumentParser):
+        """HfArgumentParser with UsageParser's errors (a class made here: transformers loads only when
+        train.py's flags are read, not whenever this module is imported)."""
+
+    parser = TrainParser(GRPOArguments, prog="train.py", description="GRPO for vision-language models (train.py). "
+                         "--config FILE.yaml takes the flags from a recipe (recipes/); flags given here override it.")
     bf16 = parser._option_string_actions["--bf16"]  # unset (None) means "on a GPU": `--bf16` alone still means true
     bf16.nargs, bf16.const = "?", True
     recipe, argv = split_config_flag(argv)
@@ -194,11 +201,13 @@ class UsageError(ValueError):
 
 
 class UsageParser(argparse.ArgumentParser):
-    """argparse for the tools (data_tools.py, python -m grpo.output_dir): a bad command line is a
-    UsageError, one line and status 2 like every other, instead of the usage text and the error."""
+    """argparse for every script's command line (train.py's through HfArgumentParser, eval.py, bench.py,
+    data_tools.py): a bad command line is a UsageError, one line and status 2 like every other,
+    instead of argparse's usage text and the error."""
 
     def error(self, message):
-        raise UsageError(message)
+        # argparse names a flag "argument --top_p/--top-p: "; every other error here starts "--top_p: ".
+        raise UsageError(re.sub(r"^argument (-[^/:]+)(/[^:]+)?: ", r"\1: ", message))
 
 
 def bad(flag: str, why: str):
@@ -270,8 +279,11 @@ def _as_typed(value, action, where: str):
         if any(isinstance(item, (list, dict)) or item is None for item in items):
             raise ValueError
         converted = [action.type(str(item)) for item in items]
+        if action.choices is not None and any(item not in action.choices for item in converted):
+            raise ValueError
     except (ValueError, TypeError, argparse.ArgumentTypeError):
-        kind = _TYPE_NAMES.get(action.type.__name__, action.type.__name__)
+        kind = (f"one of {list(action.choices)}" if action.choices is not None
+                else _TYPE_NAMES.get(action.type.__name__, action.type.__name__))
         raise UsageError(f"{where}: {value!r} will not do; {action.option_strings[0]} takes "
                          f"{'a list, each item ' if several else ''}{kind}.") from None
     return converted if several else converted[0]
@@ -311,20 +323,12 @@ def check_paths(args: GRPOArguments) -> None:
 
 
 def validate(args: GRPOArguments) -> None:
-    """Stop before any model is loaded when the arguments cannot work."""
-    from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALES
+    """Stop before any model is loaded when the arguments cannot work: ranges, and rules between flags
+    (a flag that takes one of a few names was checked against its choices as it was read)."""
     from .rewards import REWARD_FUNCS, get_reward_funcs
 
     if args.num_generations < 2:
         bad("num_generations", f"is {args.num_generations}; GRPO compares completions within a group, so G must be >= 2.")
-    if args.loss_type not in LOSS_TYPES:
-        bad("loss_type", f"{args.loss_type!r} is unknown; choose one of {list(LOSS_TYPES)}.")
-    if args.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        bad("importance_sampling_level", f"{args.importance_sampling_level!r} is unknown; choose one of {list(IMPORTANCE_SAMPLING_LEVELS)}.")
-    if args.scale_rewards not in SCALES:
-        bad("scale_rewards", f"{args.scale_rewards!r} is unknown; choose one of {list(SCALES)}.")
-    if args.lr_scheduler_type not in LR_SCHEDULERS:
-        bad("lr_scheduler_type", f"{args.lr_scheduler_type!r} is unknown; choose one of {list(LR_SCHEDULERS)}.")
     if not args.reward_funcs:
         bad("reward_funcs", f"is empty; name at least one of {sorted(REWARD_FUNCS)} or a module:function path.")
     try:
@@ -333,9 +337,6 @@ def validate(args: GRPOArguments) -> None:
         bad("reward_funcs", str(e))
     if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
         bad("reward_weights", f"has {len(args.reward_weights)} values for {len(args.reward_funcs)} reward functions {args.reward_funcs}.")
-    for where in args.report_to:
-        if where not in (*REPORT_TO, "none"):
-            bad("report_to", f"{where!r} is not supported; name tensorboard, wandb or both, or none alone.")
     if "none" in args.report_to and len(args.report_to) > 1:
         bad("report_to", f"{args.report_to} asks for none and for some; give none alone, or leave it out.")
     if "wandb" in args.report_to and importlib.util.find_spec("wandb") is None:

@@ -392,7 +392,7 @@ def odd_sources(tmp_path_factory):
     (["inspect", "{mathvista}", "--model_name_or_path", "/no/such/model"], "--model_name_or_path: '/no/such/model' is neither"),
     (["convert", "{unknown}", "{tmp}/out.parquet"], "has columns ['text', 'label'], which match no layout"),
     (["convert", "{mathvista}", "{tmp}/out.parquet", "--format", "mmmu"], "--format mmmu: SOURCE"),
-    (["convert", "{mathvista}", "{tmp}/out.parquet", "--format", "csv"], "argument --format: invalid choice: 'csv'"),
+    (["convert", "{mathvista}", "{tmp}/out.parquet", "--format", "csv"], "--format: invalid choice: 'csv'"),
     (["convert", "{mathvista}", "{tmp}/out.csv"], "must be a .parquet file"),
     (["convert", "{video}", "{tmp}/out.parquet"], "has a `video` column, which convert does not carry"),
     (["convert", "{unjudgeable}", "{tmp}/out.parquet"], "no row of 1 kept (unverifiable solution: 1)"),
