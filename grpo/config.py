@@ -392,8 +392,8 @@ def check_lora(args: GRPOArguments) -> None:
         bad("lora_vision", "puts adapters in the vision tower, which --freeze_vision_tower true keeps as it is; drop one.")
 
 
-# flash-attn before 2.1 aligns a causal mask of fewer queries than keys to the top left; the completion
-# pass (T queries over P + T keys) needs the bottom right, and would be wrong without any error.
+# [flash-attn causal alignment] flash-attn before 2.1 aligns the causal mask of fewer queries than keys
+# to the top left; the completion pass (T queries over P + T keys) needs the bottom right.
 MIN_FLASH_ATTN = (2, 1)
 
 
@@ -407,40 +407,41 @@ def flash_attn_version() -> str | None:
         return None
 
 
+def attention_for(requested: str | None, half_precision: bool, on_gpu: bool, flash_attn: str | None) -> str:
+    """The attention kernel a model runs: `requested` (--attn_implementation) if it can run, else a
+    UsageError naming the flag; None: flash_attention_2 where it can run, else sdpa.
+
+    flash_attention_2 runs on a CUDA GPU (`on_gpu`), with 16-bit weights (`half_precision`: flash-attn
+    rejects float32 at the first forward), and flash-attn >= 2.1 installed (`flash_attn`: its version,
+    flash_attn_version(), or None): an older one would make the completion pass wrong without any error
+    ([flash-attn causal alignment]), so it is refused even when flash_attention_2 was not asked for."""
+    if requested is None and not (on_gpu and half_precision and flash_attn is not None):
+        return "sdpa"
+    if requested not in (None, "flash_attention_2"):
+        return requested
+    if not on_gpu:
+        bad("attn_implementation", "flash_attention_2 runs on a CUDA GPU only; use sdpa here.")
+    if not half_precision:
+        bad("attn_implementation", "flash_attention_2 takes 16-bit weights only, and --bf16 is false; "
+            "drop --bf16 false, or use sdpa.")
+    if flash_attn is None:
+        bad("attn_implementation", "flash_attention_2 needs flash-attn (pip install flash-attn "
+            "--no-build-isolation); or use sdpa.")
+    if tuple(int(part) for part in re.findall(r"\d+", flash_attn)[:2]) < MIN_FLASH_ATTN:
+        bad("attn_implementation", f"flash-attn {flash_attn} is installed, and before 2.1 it aligns a causal mask of "
+            "fewer queries than keys to the top left (the completion pass would be wrong without any error); "
+            "upgrade it (pip install -U flash-attn --no-build-isolation) or use sdpa.")
+    return "flash_attention_2"
+
+
 def settle_precision_and_attention(args: GRPOArguments, on_gpu: bool, flash_attn: str | None) -> None:
-    """Fill --bf16 and --attn_implementation when unset, and refuse what cannot run, before loading.
+    """Fill --bf16 and --attn_implementation, and refuse an attention that cannot run, before loading.
 
     --bf16 unset: true on a GPU (the published run), false on the CPU (bf16 matmuls there are slow
-    and the tests compare float32 numbers). --attn_implementation unset: flash_attention_2 on a GPU
-    with 16-bit weights and flash-attn >= 2.1 installed, else sdpa. Asked for, flash_attention_2
-    needs all three: flash-attn rejects float32 at the first forward, and one older than 2.1 aligns
-    the completion pass's causal mask wrongly (MIN_FLASH_ATTN)."""
+    and the tests compare float32 numbers). --attn_implementation: attention_for's."""
     if args.bf16 is None:
         args.bf16 = on_gpu
-    if args.attn_implementation is not None and args.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        bad("attn_implementation", f"{args.attn_implementation!r} is unknown; choose one of {list(ATTN_IMPLEMENTATIONS)}.")
-    version = tuple(int(part) for part in re.findall(r"\d+", flash_attn or "")[:2])
-    too_old = (f"flash-attn {flash_attn} is installed, and before 2.1 it aligns a causal mask of fewer queries "
-               "than keys to the top left (the completion pass would be wrong without any error); upgrade it "
-               "(pip install -U flash-attn --no-build-isolation) or use sdpa.")
-    if args.attn_implementation is None:
-        if not (on_gpu and args.bf16 and flash_attn is not None):
-            args.attn_implementation = "sdpa"
-            return
-        if version < MIN_FLASH_ATTN:
-            bad("attn_implementation", too_old)
-        args.attn_implementation = "flash_attention_2"
-    elif args.attn_implementation == "flash_attention_2":
-        if not on_gpu:
-            bad("attn_implementation", "flash_attention_2 runs on a CUDA GPU only; use sdpa here.")
-        if not args.bf16:
-            bad("attn_implementation", "flash_attention_2 takes 16-bit weights only, and --bf16 is false; "
-                "drop --bf16 false, or use sdpa.")
-        if flash_attn is None:
-            bad("attn_implementation", "flash_attention_2 needs flash-attn (pip install flash-attn "
-                "--no-build-isolation); or use sdpa.")
-        if version < MIN_FLASH_ATTN:
-            bad("attn_implementation", too_old)
+    args.attn_implementation = attention_for(args.attn_implementation, args.bf16, on_gpu, flash_attn)
 
 
 def read_deepspeed_config(path: str | None) -> dict:

@@ -240,14 +240,31 @@ def test_precision_and_attention_defaults(flags, on_gpu, flash_attn, bf16, atten
     assert (args.bf16, args.attn_implementation) == (bf16, attention)
 
 
-@pytest.mark.parametrize("flags, on_gpu, flash_attn, says", [
-    (["--attn_implementation", "flash_attention_2"], False, "2.7.4", "CUDA GPU only"),
-    (["--attn_implementation", "flash_attention_2", "--bf16", "false"], True, "2.7.4", "16-bit weights only"),
-    (["--attn_implementation", "flash_attention_2"], True, None, "needs flash-attn"),
-    (["--attn_implementation", "flash_attention_2"], True, "2.0.9", "before 2.1"),
-    ([], True, "2.0.4", "before 2.1"),                             # the default would pick an old flash-attn: refused
+# attention_for(requested, half_precision, on_gpu, flash_attn): what each machine gets, worked out by hand
+# from the rule "flash_attention_2 needs a CUDA GPU, 16-bit weights and flash-attn >= 2.1".
+@pytest.mark.parametrize("requested, half_precision, on_gpu, flash_attn, attention", [
+    (None, False, False, None, "sdpa"),                            # the CPU, float32
+    (None, True, False, "2.7.4", "sdpa"),                          # bf16 on the CPU: flash-attn cannot run there
+    (None, True, True, None, "sdpa"),                              # a GPU without flash-attn
+    (None, False, True, "2.7.4", "sdpa"),                          # float32 on a GPU: flash-attn cannot take it
+    (None, True, True, "2.7.4", "flash_attention_2"),              # the published run
+    (None, True, True, "2.10.0", "flash_attention_2"),             # 2.10 is after 2.1 (numbers, not text)
+    ("sdpa", True, True, "2.7.4", "sdpa"),                         # asked for: given
+    ("eager", False, False, None, "eager"),
+    ("flash_attention_2", True, True, "2.1.0", "flash_attention_2"),
 ])
-def test_flash_attention_that_cannot_run_is_a_usage_error(flags, on_gpu, flash_attn, says):
-    args = config.parse_args(flags)
+def test_attention_for(requested, half_precision, on_gpu, flash_attn, attention):
+    assert config.attention_for(requested, half_precision, on_gpu, flash_attn) == attention
+
+
+@pytest.mark.parametrize("requested, half_precision, on_gpu, flash_attn, says", [
+    ("flash_attention_2", True, False, "2.7.4", "CUDA GPU only"),
+    ("flash_attention_2", False, True, "2.7.4", "16-bit weights only"),
+    ("flash_attention_2", True, True, None, "needs flash-attn"),
+    ("flash_attention_2", True, True, "2.0.9", "before 2.1"),
+    (None, True, True, "2.0.4", "before 2.1"),                     # the default would pick an old flash-attn: refused
+    (None, True, True, "1.0.9", "before 2.1"),
+])
+def test_attention_that_cannot_run_is_a_usage_error(requested, half_precision, on_gpu, flash_attn, says):
     with pytest.raises(config.UsageError, match=f"^--attn_implementation: .*{says}"):
-        config.settle_precision_and_attention(args, on_gpu=on_gpu, flash_attn=flash_attn)
+        config.attention_for(requested, half_precision, on_gpu, flash_attn)
