@@ -202,12 +202,32 @@ class UsageError(ValueError):
 
 class UsageParser(argparse.ArgumentParser):
     """argparse for every script's command line (train.py's through HfArgumentParser, eval.py, bench.py,
-    data_tools.py): a bad command line is a UsageError, one line and status 2 like every other,
-    instead of argparse's usage text and the error."""
+    data_tools.py): a bad command line is a UsageError, one line and status 2 like every other, instead
+    of argparse's usage text and the error; a mistyped flag names the nearest one."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        # A word no flag takes is an error here, not a leftover to return: HfArgumentParser and
+        # sub-commands parse through this method, not through parse_args.
+        namespace, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            raise unknown_flag_error(unknown, self)
+        return namespace, []
 
     def error(self, message):
         # argparse names a flag "argument --top_p/--top-p: "; every other error here starts "--top_p: ".
         raise UsageError(re.sub(r"^argument (-[^/:]+)(/[^:]+)?: ", r"\1: ", message))
+
+
+def unknown_flag_error(unknown: list[str], parser: argparse.ArgumentParser) -> UsageError:
+    """The error for the words of a command line that no flag took: the first unknown flag and the
+    parser's nearest one, as a recipe's unknown key names the nearest flag."""
+    typed = next((word.partition("=")[0] for word in unknown if word.startswith("--")), None)
+    if typed is None:
+        return UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    close = difflib.get_close_matches(typed, flags, n=1)
+    return UsageError(f"unknown flag {typed}; "
+                      + (f"did you mean {close[0]}?" if close else f"{parser.prog} --help lists them."))
 
 
 def bad(flag: str, why: str):

@@ -1,6 +1,7 @@
 """Bad arguments stop before any model loads; zero3.json's "auto" values are filled from the flags."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,35 @@ def test_precision_and_attention_defaults(flags, on_gpu, flash_attn, bf16, atten
     args = config.parse_args(flags)
     config.settle_precision_and_attention(args, on_gpu=on_gpu, flash_attn=flash_attn)
     assert (args.bf16, args.attn_implementation) == (bf16, attention)
+
+
+@pytest.mark.parametrize("command, nearest", [
+    (["train.py", "--leraning_rate", "1e-6"], "--learning_rate"),
+    (["eval.py", "--model_name_or_path", "m", "--dataset_name", "d", "--bacth_size", "2"], "--batch_size"),
+    (["bench.py", "--stpes", "2"], "--steps"),
+    (["data_tools.py", "inspect", "rows.parquet", "--smaples", "3"], "--samples"),
+])
+def test_a_mistyped_flag_is_one_line_naming_the_nearest_flag(command, nearest):
+    """Every script, run as a user runs it: a mistyped flag is one line on stderr naming the flag
+    meant, and exit status 2, as every other usage error (not transformers' traceback, nor argparse's
+    usage text)."""
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    typo = command[-2]
+    assert result.stderr.splitlines() == [f"{command[0]}: error: unknown flag {typo}; did you mean {nearest}?"]
+    assert result.returncode == 2 and result.stdout == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--leraning_rate=1e-6"], "unknown flag --leraning_rate; did you mean --learning_rate?"),
+    (["--config", "recipes/demo.yaml", "--num_generatoins", "4"], "unknown flag --num_generatoins; did you mean --num_generations?"),
+    (["--zzz_unheard_of", "1"], "unknown flag --zzz_unheard_of; train.py --help lists them."),
+    (["--learning_rate", "1e-6", "1e-5"], "unrecognized arguments: 1e-5"),  # a word where no flag takes one
+])
+def test_words_no_flag_takes_are_a_usage_error(argv, message):
+    with pytest.raises(config.UsageError) as error:
+        config.parse_args(argv)
+    assert str(error.value) == message
 
 
 # attention_for(requested, half_precision, on_gpu, flash_attn): what each machine gets, worked out by hand

@@ -574,7 +574,7 @@ GOOD = json.dumps({"step": 1, "rank": 0, "prompt": 0, "row": 0, "problem": "p", 
     (['{"step": 1}'], [], "completions.jsonl' line 1: not a completion record (no rank, prompt, completion"),
     (["[1, 2]"], [], "line 1: not a completion record"),
     ([GOOD], ["--steps", "0"], "--steps is 0"),
-    ([GOOD], ["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    ([GOOD], ["--steps", "x"], "--steps: invalid int value: 'x'"),
 ])
 def test_rollouts_usage_errors(lines, argv, expected, colour_dataset, tmp_path, capsys):
     run = write_run(tmp_path / "run", colour_dataset, lines or [])
