@@ -241,7 +241,8 @@ def split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
         arg = argv[i]
         if arg == "--config" or arg.startswith("--config="):
             if recipe is not None:
-                raise UsageError("--config: given twice; a run reads one recipe (put the other's changes on the command line).")
+                raise UsageError("--config: given twice; a run reads one recipe (put the other's changes on the "
+                                 "command line).")
             recipe = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             if not recipe or recipe.startswith("--"):
                 raise UsageError("--config: needs a recipe file, e.g. --config recipes/qwen2-vl-2b-grpo-8k.yaml.")
@@ -266,7 +267,8 @@ def read_recipe(path: str, parser) -> dict:
         with open(path) as f:
             recipe = yaml.safe_load(f)
     except FileNotFoundError:
-        raise UsageError(f"--config: {path!r}: no such file; give a recipe's path, e.g. recipes/qwen2-vl-2b-grpo-8k.yaml.") from None
+        raise UsageError(f"--config: {path!r}: no such file; give a recipe's path, e.g. "
+                         "recipes/qwen2-vl-2b-grpo-8k.yaml.") from None
     except OSError as e:
         raise UsageError(f"--config: {path!r} cannot be read: {e.strerror or e}.") from None
     except yaml.YAMLError as e:
@@ -281,8 +283,8 @@ def read_recipe(path: str, parser) -> dict:
     for key, value in recipe.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            raise UsageError(f"--config: {path!r}: unknown key {key!r}; "
-                             + (f"did you mean {close[0]!r}?" if close else "its keys are train.py's flags without their --."))
+            raise UsageError(f"--config: {path!r}: unknown key {key!r}; " + (
+                f"did you mean {close[0]!r}?" if close else "its keys are train.py's flags without their --."))
         if value is None and fields[key].default is None:  # `epsilon_high: null`: a flag that may be unset, unset
             values[key] = None
         else:
@@ -348,7 +350,8 @@ def validate(args: GRPOArguments) -> None:
     from .rewards import REWARD_FUNCS, get_reward_funcs
 
     if args.num_generations < 2:
-        bad("num_generations", f"is {args.num_generations}; GRPO compares completions within a group, so G must be >= 2.")
+        bad("num_generations", f"is {args.num_generations}; GRPO compares completions within a group, so G must "
+            "be >= 2.")
     if not args.reward_funcs:
         bad("reward_funcs", f"is empty; name at least one of {sorted(REWARD_FUNCS)} or a module:function path.")
     try:
@@ -356,7 +359,8 @@ def validate(args: GRPOArguments) -> None:
     except ValueError as e:
         bad("reward_funcs", str(e))
     if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
-        bad("reward_weights", f"has {len(args.reward_weights)} values for {len(args.reward_funcs)} reward functions {args.reward_funcs}.")
+        bad("reward_weights", f"has {len(args.reward_weights)} values for {len(args.reward_funcs)} reward functions "
+            f"{args.reward_funcs}.")
     if "none" in args.report_to and len(args.report_to) > 1:
         bad("report_to", f"{args.report_to} asks for none and for some; give none alone, or leave it out.")
     if "wandb" in args.report_to and importlib.util.find_spec("wandb") is None:
@@ -380,9 +384,11 @@ def validate(args: GRPOArguments) -> None:
             f"dapo; --loss_type {args.loss_type} weighs each token by its own ratio.")
     for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
         if getattr(args, name) <= 0:
-            bad(name, f"is {getattr(args, name)}; SAPO's gate sigmoid(tau (r - 1)) needs tau > 0 (the paper: 1.0 and 1.05).")
+            bad(name, f"is {getattr(args, name)}; SAPO's gate sigmoid(tau (r - 1)) needs tau > 0 (the paper: 1.0 "
+                "and 1.05).")
     if args.epsilon_high is not None and args.epsilon_high < args.epsilon:
-        bad("epsilon_high", f"{args.epsilon_high} is below --epsilon {args.epsilon}; clip-higher wants it above (DAPO: 0.28).")
+        bad("epsilon_high", f"{args.epsilon_high} is below --epsilon {args.epsilon}; clip-higher wants it above "
+            "(DAPO: 0.28).")
     if args.min_pixels > args.max_pixels:
         bad("min_pixels", f"{args.min_pixels} is above --max_pixels {args.max_pixels}.")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
@@ -409,7 +415,8 @@ def check_lora(args: GRPOArguments) -> None:
     if "all-linear" in args.lora_target_modules and len(args.lora_target_modules) > 1:
         bad("lora_target_modules", "all-linear already means every linear layer; give it alone, or list names.")
     if args.lora_vision and args.freeze_vision_tower:
-        bad("lora_vision", "puts adapters in the vision tower, which --freeze_vision_tower true keeps as it is; drop one.")
+        bad("lora_vision", "puts adapters in the vision tower, which --freeze_vision_tower true keeps as it is; "
+            "drop one.")
 
 
 # [flash-attn causal alignment] flash-attn before 2.1 aligns the causal mask of fewer queries than keys
