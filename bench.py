@@ -1118,15 +1118,9 @@ def main(argv: list[str]) -> None:
 
 
 def cli(argv: list[str]) -> int:
-    """The command line: a usage error is one line on stderr and exit status 2, not a traceback."""
-    from grpo.config import UsageError
+    from grpo.config import exit_status
 
-    try:
-        main(argv)
-    except UsageError as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status("bench.py", lambda: main(argv))
 
 
 if __name__ == "__main__":

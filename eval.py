@@ -360,13 +360,7 @@ def run_batches(model, processor, family, dataset, count: int, modes: list[str],
 
 
 def cli(argv: list[str]) -> int:
-    """The command line: a usage error is one line on stderr and exit status 2, not a traceback."""
-    try:
-        evaluate(parse_args(argv))
-    except UsageError as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return config.exit_status("eval.py", lambda: evaluate(parse_args(argv)))
 
 
 if __name__ == "__main__":

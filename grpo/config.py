@@ -1,20 +1,17 @@
 """Command-line arguments, their checks, and the DeepSpeed config filled from them.
 
-Every flag of train.py is one field of GRPOArguments below, `name: type = flag(default, "help")`, in
-five groups read in the order of a step: GRPO (the group, its rewards and the objective), sampling,
-optimisation, the run (model and data, precision, logging and saving), LoRA. transformers'
-HfArgumentParser turns the fields into flags (the ecosystem's convention, so the published
-open-r1-multimodal command runs unchanged); the help text is what `--help` shows, and a flag that
-takes one of a few names lists them as `choices`, taken from the module that defines them. A new
-flag is one more line in its group, and a line in docs/GUIDE.md's Flags section.
+Every flag of train.py is a field of GRPOArguments, `name: type = flag(default, "help")`, grouped in
+the order of a step: GRPO (the group, its rewards, the objective), sampling, optimisation, the run
+(model and data, precision, logging and saving), LoRA; a new flag is a field in its group (and a
+line in docs/GUIDE.md's Flags). transformers' HfArgumentParser makes them flags (the ecosystem's
+convention: open-r1-multimodal's published command runs unchanged); the help is what --help shows,
+and a flag that takes one of a few names has them as `choices`, from the module that defines them.
 
-Defaults are the real run: Qwen2-VL-2B-Instruct on lmms-lab/multimodal-open-r1-8k-verified with
-G = 8, beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. A run can also be a recipe
-file, `--config recipes/NAME.yaml` (as in open-r1 and TRL), whose keys are the flags; flags on the
-command line override it. The CPU demo's values are recipes/demo.yaml.
-
-`validate(args)` runs before any model is loaded, so a run that cannot work stops in a second with
-a message naming the argument.
+Defaults are the real run: Qwen2-VL-2B-Instruct on lmms-lab/multimodal-open-r1-8k-verified, G = 8,
+beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. `--config recipes/NAME.yaml` (as
+in open-r1 and TRL) takes the flags from a recipe, flags on the command line overriding it; the CPU
+demo's is recipes/demo.yaml. `validate(args)` runs before any model is loaded, so a run that cannot
+work stops in a second with a message naming the argument.
 """
 
 from __future__ import annotations
@@ -27,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -196,8 +194,18 @@ def parse_args(argv: list[str]) -> GRPOArguments:
 
 
 class UsageError(ValueError):
-    """A mistake in the command line or its files: train.py prints the message on one line, with no
+    """A mistake in the command line or its files: a script prints the message on one line, with no
     traceback, and exits with status 2."""
+
+
+def exit_status(prog: str, run) -> int:
+    """A script's command line: run(), then 0; a UsageError is one line on stderr and status 2."""
+    try:
+        run()
+    except UsageError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class UsageParser(argparse.ArgumentParser):
