@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import io
 import json
 import os
@@ -917,7 +916,10 @@ def _true_false(value: str) -> bool:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from grpo.config import ATTN_IMPLEMENTATIONS, UsageParser
+
+    p = UsageParser(prog="bench.py", description=__doc__.split("\n")[0],
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", choices=["tiny", *MODELS], help="Architecture, random weights.")
     p.add_argument("--layers", type=int, default=None, help="Cut a published model to this many decoder layers "
                    "(widths, vocabulary and vision tower unchanged; default: all).")
@@ -939,8 +941,9 @@ def parse_args(argv):
     p.add_argument("--ranks", type=int, default=1, help="Ours on this many ranks: deepspeed --num_gpus RANKS train.py "
                    "... --deepspeed zero3.json (ZeRO-3); each rank samples its own --prompts prompts.")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Weights and compute dtype.")
-    p.add_argument("--attn_implementation", default=None, help="sdpa, eager or flash_attention_2 "
-                   "(default: flash_attention_2 on a GPU when installed, else sdpa), for both trainers.")
+    p.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS, help="sdpa, eager or "
+                   "flash_attention_2 (default: train.py's, flash_attention_2 where it can run, else sdpa), for both "
+                   "trainers.")
     p.add_argument("--steps", type=int, default=3, help="Timed steps per run.")
     p.add_argument("--warmup_steps", type=int, default=1, help="Steps run first and not timed.")
     p.add_argument("--repeats", type=int, default=3, help="Runs per kind, alternated between kinds.")
@@ -988,6 +991,7 @@ def main(argv: list[str]) -> None:
     from transformers import AutoConfig
 
     from grpo import families
+    from grpo.config import attention_for, flash_attn_version
     from grpo.data import build_conversation
 
     info = machine()
@@ -1026,9 +1030,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"the processor gives {measured_image_tokens} image tokens for a {args.image_size}-px image, "
                  f"not the {image_toks} the FLOP count assumes")
     prompt_tokens = prompt["input_ids"].shape[1]
-    attn = args.attn_implementation or ("flash_attention_2" if torch.cuda.is_available()
-                                        and importlib.util.find_spec("flash_attn") else "sdpa")
     on_gpu = torch.cuda.is_available()
+    attn = attention_for(args.attn_implementation, args.dtype == "bfloat16", on_gpu, flash_attn_version())
     device = device_peaks(info["gpu"], args.device_bandwidth_gbs, args.device_tflops)
     # The denominator of each phase's FLOP/s: a known GPU's dense bf16 peak for a bf16 run, else the
     # matmul peak measured here in the run's dtype.
@@ -1114,5 +1117,11 @@ def main(argv: list[str]) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def cli(argv: list[str]) -> int:
+    from grpo.config import exit_status
+
+    return exit_status("bench.py", lambda: main(argv))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

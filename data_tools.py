@@ -53,7 +53,7 @@ from typing import NamedTuple
 
 from grpo import answers, data
 from grpo.data import MMMU_IMAGE_COLUMNS, letter_of, mathvista_row, mmmu_row, option_list, with_options
-from grpo.config import UsageError, UsageParser, check_model_path, looks_like_hub_id
+from grpo.config import UsageError, UsageParser, check_model_path, exit_status, looks_like_hub_id
 
 ANSWER_TYPES = ("option letter", "number", "expression", "free text", "no answer")
 EMPTY_PROBLEM, EMPTY_SOLUTION, UNVERIFIABLE, UNREADABLE, TOO_LONG = data.DROP_REASONS
@@ -965,13 +965,7 @@ def main(argv: list[str], log=print) -> dict:
 
 
 def cli(argv: list[str]) -> int:
-    """A usage error is one line on stderr and exit status 2, not a traceback."""
-    try:
-        main(argv)
-    except UsageError as e:
-        print(f"data_tools.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status("data_tools.py", lambda: main(argv))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import tempfile
 import torch
 
 from grpo import answers, config, data, families, policy, rewards
-from grpo.config import UsageError, bad
+from grpo.config import UsageError, UsageParser, bad
 
 MODES = ("reasoning", "direct")
 DIRECT_SYSTEM_PROMPT = ("Answer the question with only the final answer: a number, an expression, "
@@ -217,7 +217,7 @@ def table(summary: dict) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
+    parser = UsageParser(prog="eval.py", description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--model_name_or_path", required=True, help="Folder or hub id of the model to evaluate.")
     add("--dataset_name", required=True, help="Hub id, save_to_disk folder, or .parquet / .jsonl file (training, MathVista or MMMU columns).")
@@ -360,13 +360,7 @@ def run_batches(model, processor, family, dataset, count: int, modes: list[str],
 
 
 def cli(argv: list[str]) -> int:
-    """The command line: a usage error is one line on stderr and exit status 2, not a traceback."""
-    try:
-        evaluate(parse_args(argv))
-    except UsageError as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return config.exit_status("eval.py", lambda: evaluate(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Command-line arguments, their checks, and the DeepSpeed config filled from them.
 
-Every flag is a dataclass field with a one-line help text, parsed by transformers' HfArgumentParser
-(the ecosystem's convention, so the published open-r1-multimodal command runs unchanged). Defaults
-are the real run: Qwen2-VL-2B-Instruct on lmms-lab/multimodal-open-r1-8k-verified with G = 8,
-beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. A run can also be a recipe file,
-`--config recipes/NAME.yaml` (as in open-r1 and TRL), whose keys are the flags; flags on the command
-line override it. The CPU demo's values are recipes/demo.yaml.
+Every flag of train.py is a field of GRPOArguments, `name: type = flag(default, "help")`, grouped in
+the order of a step: GRPO (the group, its rewards, the objective), sampling, optimisation, the run
+(model and data, precision, logging and saving), LoRA; a new flag is a field in its group (and a
+line in docs/GUIDE.md's Flags). transformers' HfArgumentParser makes them flags (the ecosystem's
+convention: open-r1-multimodal's published command runs unchanged); the help is what --help shows,
+and a flag that takes one of a few names has them as `choices`, from the module that defines them.
 
-`validate(args)` runs before any model is loaded, so a run that cannot work stops in a second with
-a message naming the argument.
+Defaults are the real run: Qwen2-VL-2B-Instruct on lmms-lab/multimodal-open-r1-8k-verified, G = 8,
+beta = 0.04, lr = 1e-6, 256 completion tokens, one prompt per GPU. `--config recipes/NAME.yaml` (as
+in open-r1 and TRL) takes the flags from a recipe, flags on the command line overriding it; the CPU
+demo's is recipes/demo.yaml. `validate(args)` runs before any model is loaded, so a run that cannot
+work stops in a second with a message naming the argument.
 """
 
 from __future__ import annotations
@@ -21,94 +24,165 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from . import objective
+
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")  # where the logs go besides metrics.jsonl; `none` alone: nowhere else
+ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
 # LoRA's default targets: every attention and MLP projection of the language model (all eight families name them so).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zero3.json")
 
 
+def flag(default, help: str, choices: tuple[str, ...] | None = None):
+    """One flag: a dataclass field whose default, help text and choices HfArgumentParser reads (a
+    list default is copied for every GRPOArguments, as dataclasses require)."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class GRPOArguments:
-    # --- model and data ---
-    model_name_or_path: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "Hub id or local folder of a model of a supported family (README: Model families)."})
-    dataset_name: str = field(default="lmms-lab/multimodal-open-r1-8k-verified", metadata={"help": "Hub id, a save_to_disk folder, or a .parquet / .jsonl file."})
-    dataset_split: str = field(default="train", metadata={"help": "Dataset split to train on."})
-    output_dir: str = field(default="outputs/grpo", metadata={"help": "Where checkpoints, TensorBoard logs and the final model go."})
-    run_name: str | None = field(default=None, metadata={"help": "Name of the run (TensorBoard sub-folder); defaults to the output_dir's name."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System prompt; default asks for <think>...</think><answer>...</answer>."})
-    max_prompt_length: int = field(default=8192, metadata={"help": "Rows whose prompt (image tokens included) is longer are dropped at load time, never truncated."})
-    min_pixels: int = field(default=3136, metadata={"help": "Qwen families: smallest image area after resizing (pixels); others use their processor's sizes."})
-    max_pixels: int = field(default=12845056, metadata={"help": "Qwen families: largest image area after resizing (pixels); fewer pixels, fewer image tokens."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "flash_attention_2 (16-bit weights on a GPU, flash-attn >= 2.1), sdpa or eager; default flash_attention_2 where it can run, else sdpa."})
-    share_prompt: bool = field(default=True, metadata={"help": "Encode each prompt and image once per group and share its keys/values with its G completions (false: repeat it G times, the plain path)."})
-    generation_batch_size: int = field(default=0, metadata={"help": "Most completions per generate call (0: the whole optimizer step's prompts x G in one call)."})
-    ignore_eos: bool = field(default=False, metadata={"help": "Sample exactly max_completion_length tokens, never stopping at EOS (for benchmarks)."})
-    # --- GRPO ---
-    num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt (the group)."})
-    max_completion_length: int = field(default=256, metadata={"help": "Most tokens sampled per completion."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs are taken at the same temperature)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 skips the reference model entirely."})
-    epsilon: float = field(default=0.2, metadata={"help": "Lower clip range of the ratio (and upper, unless --epsilon_high)."})
-    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip range (DAPO clip-higher uses 0.28); with --loss_type cispo the importance weight's cap is 1 + this."})
-    loss_type: str = field(default="grpo", metadata={"help": "grpo, bnpo, dr_grpo or dapo (how per-token losses are averaged), or cispo or sapo (the per-token loss itself: grpo/objective.py)."})
-    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "--loss_type sapo: the soft gate's temperature for positive advantages (SAPO's and TRL's 1.0)."})
-    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "--loss_type sapo: ... for negative advantages (1.05; above the positive one, so they fade faster)."})
-    importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO) or sequence (GSPO: one ratio per completion; use --epsilon 3e-4 --epsilon_high 4e-4)."})
-    scale_rewards: str = field(default="group", metadata={"help": "Advantage scaling: group, batch or none (Dr. GRPO)."})
-    num_iterations: int = field(default=1, metadata={"help": "Updates per rollout batch (mu); > 1 computes and reuses old log-probs."})
-    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"], metadata={"help": "Reward functions by registry name."})
-    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function (default 1 each)."})
-    # --- optimisation ---
-    per_device_train_batch_size: int = field(default=1, metadata={"help": "PROMPTS per device per micro-step; each is sampled G times, so G x this completions."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step; the step's prompts are all sampled in one rollout first."})
-    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (AdamW)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "constant, linear or cosine decay after warmup."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of steps spent warming the LR up from 0."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the dataset (ignored when --max_steps > 0)."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; > 0 overrides --num_train_epochs."})
-    seed: int = field(default=42, metadata={"help": "Seed for data order, init and sampling (each rank samples with seed + rank)."})
-    bf16: bool | None = field(default=None, metadata={"help": "Train in bfloat16 (`--bf16` alone means true); default: true on a GPU (the published run), false (float32) on the CPU."})
-    freeze_vision_tower: bool = field(default=False, metadata={"help": "The vision encoder keeps its weights (Qwen's includes its patch merger); the rest trains."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward to save memory."})
-    deepspeed: str | None = field(default=None, metadata={"help": f"DeepSpeed JSON config; default {os.path.basename(DEFAULT_DEEPSPEED_CONFIG)} next to train.py."})
-    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
-    # --- logging and saving ---
-    logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
-    log_completions_steps: int = field(default=10, metadata={"help": "Write sample completions with their rewards to TensorBoard every N steps."})
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Where the logs go besides metrics.jsonl: tensorboard, wandb (pip install wandb), both, or none."})
-    save_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N optimizer steps, the last one included (num_iterations > 1: at the end of that rollout; 0: only the final model)."})
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints (oldest removed; never the newest complete one)."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint-<step> folder, or `latest` (the newest complete one in output_dir; none yet: start at step 0)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds an earlier run, deleting its checkpoints and logs (with --resume_from_checkpoint latest: only when there is nothing to resume)."})
-    max_nonfinite_steps: int = field(default=3, metadata={"help": "A step with a non-finite loss or gradient is skipped; this many in a row save a checkpoint and stop the run."})
-    # --- LoRA (PEFT), named as TRL names them ---
-    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of every weight: the reference is then the same weights with the adapters off (no second copy), and the final output is the adapter."})
-    lora_r: int = field(default=16, metadata={"help": "--use_peft: each adapter's rank r (W x + (alpha / r) B A x, A: r x in, B: out x r)."})
-    lora_alpha: int = field(default=32, metadata={"help": "--use_peft: the adapters' scale alpha (their output is multiplied by alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "--use_peft: dropout on each adapter's input."})
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"help": "--use_peft: the linear layers that get adapters, by the last part of their names, in the language model only (all-linear: every one of its linear layers)."})
-    lora_vision: bool = field(default=False, metadata={"help": "--use_peft: put adapters on the vision tower's linear layers named in --lora_target_modules too (Qwen2-VL's: qkv proj fc1 fc2); without it the vision tower stays as it is."})
-    merge_adapter: bool = field(default=False, metadata={"help": "--use_peft: also write output_dir/merged/, the base weights with the adapters merged in, which from_pretrained loads."})
+    # --- GRPO: the group, its rewards and the objective (grpo/objective.py) ---
+    num_generations: int = flag(8, "G: completions sampled per prompt (the group).")
+    reward_funcs: list[str] = flag(["accuracy", "format"], "Reward functions by registry name.")
+    reward_weights: list[float] | None = flag(None, "One weight per reward function (default 1 each).")
+    scale_rewards: str = flag("group", "Advantage scaling: group, batch or none (Dr. GRPO).", choices=objective.SCALES)
+    loss_type: str = flag(
+        "grpo", "grpo, bnpo, dr_grpo or dapo (how per-token losses are averaged), or cispo or sapo (the per-token "
+        "loss itself: grpo/objective.py).", choices=objective.LOSS_TYPES)
+    epsilon: float = flag(0.2, "Lower clip range of the ratio (and upper, unless --epsilon_high).")
+    epsilon_high: float | None = flag(
+        None, "Upper clip range (DAPO clip-higher uses 0.28); with --loss_type cispo the importance weight's cap "
+        "is 1 + this.")
+    importance_sampling_level: str = flag(
+        "token", "token (GRPO) or sequence (GSPO: one ratio per completion; use --epsilon 3e-4 --epsilon_high 4e-4).",
+        choices=objective.IMPORTANCE_SAMPLING_LEVELS)
+    sapo_temperature_pos: float = flag(
+        1.0, "--loss_type sapo: the soft gate's temperature for positive advantages (SAPO's and TRL's 1.0).")
+    sapo_temperature_neg: float = flag(
+        1.05, "--loss_type sapo: ... for negative advantages (1.05; above the positive one, so they fade faster).")
+    beta: float = flag(0.04, "KL coefficient; 0 skips the reference model entirely.")
+    num_iterations: int = flag(1, "Updates per rollout batch (mu); > 1 computes and reuses old log-probs.")
+
+    # --- sampling: how the group's completions are drawn (grpo/policy.py) ---
+    max_completion_length: int = flag(256, "Most tokens sampled per completion.")
+    temperature: float = flag(1.0, "Sampling temperature (log-probs are taken at the same temperature).")
+    top_p: float = flag(1.0, "Nucleus sampling threshold.")
+    share_prompt: bool = flag(
+        True, "Encode each prompt and image once per group and share its keys/values with its G completions "
+        "(false: repeat it G times, the plain path).")
+    generation_batch_size: int = flag(
+        0, "Most completions per generate call (0: the whole optimizer step's prompts x G in one call).")
+    ignore_eos: bool = flag(
+        False, "Sample exactly max_completion_length tokens, never stopping at EOS (for benchmarks).")
+
+    # --- optimisation: the batch, AdamW and its schedule, how long, what trains ---
+    per_device_train_batch_size: int = flag(
+        1, "PROMPTS per device per micro-step; each is sampled G times, so G x this completions.")
+    gradient_accumulation_steps: int = flag(
+        1, "Micro-batches per optimizer step; the step's prompts are all sampled in one rollout first.")
+    learning_rate: float = flag(1e-6, "Peak learning rate (AdamW).")
+    lr_scheduler_type: str = flag("linear", "constant, linear or cosine decay after warmup.", choices=LR_SCHEDULERS)
+    warmup_ratio: float = flag(0.0, "Fraction of steps spent warming the LR up from 0.")
+    weight_decay: float = flag(0.0, "AdamW weight decay.")
+    adam_beta1: float = flag(0.9, "AdamW beta1.")
+    adam_beta2: float = flag(0.999, "AdamW beta2.")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = flag(1.0, "Gradient clipping norm.")
+    num_train_epochs: float = flag(1.0, "Passes over the dataset (ignored when --max_steps > 0).")
+    max_steps: int = flag(-1, "Optimizer steps to run; > 0 overrides --num_train_epochs.")
+    freeze_vision_tower: bool = flag(
+        False, "The vision encoder keeps its weights (Qwen's includes its patch merger); the rest trains.")
+    gradient_checkpointing: bool = flag(False, "Recompute activations in the backward to save memory.")
+
+    # --- the run: the model and the data ---
+    model_name_or_path: str = flag(
+        "Qwen/Qwen2-VL-2B-Instruct",
+        "Hub id or local folder of a model of a supported family (README: Model families).")
+    dataset_name: str = flag(
+        "lmms-lab/multimodal-open-r1-8k-verified", "Hub id, a save_to_disk folder, or a .parquet / .jsonl file.")
+    dataset_split: str = flag("train", "Dataset split to train on.")
+    system_prompt: str | None = flag(
+        None, "System prompt; default asks for <think>...</think><answer>...</answer>.")
+    max_prompt_length: int = flag(
+        8192, "Rows whose prompt (image tokens included) is longer are dropped at load time, never truncated.")
+    min_pixels: int = flag(
+        3136, "Qwen families: smallest image area after resizing (pixels); others use their processor's sizes.")
+    max_pixels: int = flag(
+        12845056, "Qwen families: largest image area after resizing (pixels); fewer pixels, fewer image tokens.")
+    # --- the run: precision, attention, seed, launcher ---
+    bf16: bool | None = flag(
+        None, "Train in bfloat16 (`--bf16` alone means true); default: true on a GPU (the published run), "
+        "false (float32) on the CPU.")
+    attn_implementation: str | None = flag(
+        None, "flash_attention_2 (16-bit weights on a GPU, flash-attn >= 2.1), sdpa or eager; default "
+        "flash_attention_2 where it can run, else sdpa.", choices=ATTN_IMPLEMENTATIONS)
+    seed: int = flag(42, "Seed for data order, init and sampling (each rank samples with seed + rank).")
+    deepspeed: str | None = flag(
+        None, f"DeepSpeed JSON config; default {os.path.basename(DEFAULT_DEEPSPEED_CONFIG)} next to train.py.")
+    local_rank: int = flag(-1, "Set by the deepspeed launcher.")
+    # --- the run: where it goes, logging and saving ---
+    output_dir: str = flag("outputs/grpo", "Where checkpoints, TensorBoard logs and the final model go.")
+    run_name: str | None = flag(
+        None, "Name of the run (TensorBoard sub-folder); defaults to the output_dir's name.")
+    logging_steps: int = flag(1, "Log every N optimizer steps.")
+    log_completions_steps: int = flag(
+        10, "Write sample completions with their rewards to TensorBoard every N steps.")
+    report_to: list[str] = flag(
+        ["tensorboard"], "Where the logs go besides metrics.jsonl: tensorboard, wandb (pip install wandb), both, "
+        "or none.", choices=(*REPORT_TO, "none"))
+    save_steps: int = flag(
+        500, "Save a resumable checkpoint every N optimizer steps, the last one included (num_iterations > 1: at "
+        "the end of that rollout; 0: only the final model).")
+    save_total_limit: int | None = flag(
+        None, "Keep at most this many checkpoints (oldest removed; never the newest complete one).")
+    resume_from_checkpoint: str | None = flag(
+        None, "A checkpoint-<step> folder, or `latest` (the newest complete one in output_dir; none yet: start at "
+        "step 0).")
+    overwrite_output_dir: bool = flag(
+        False, "Start over in an output_dir that holds an earlier run, deleting its checkpoints and logs (with "
+        "--resume_from_checkpoint latest: only when there is nothing to resume).")
+    max_nonfinite_steps: int = flag(
+        3, "A step with a non-finite loss or gradient is skipped; this many in a row save a checkpoint and stop "
+        "the run.")
+
+    # --- LoRA (PEFT), the flags as TRL names them ---
+    use_peft: bool = flag(
+        False, "Train LoRA adapters (PEFT) instead of every weight: the reference is then the same weights with the "
+        "adapters off (no second copy), and the final output is the adapter.")
+    lora_r: int = flag(16, "--use_peft: each adapter's rank r (W x + (alpha / r) B A x, A: r x in, B: out x r).")
+    lora_alpha: int = flag(32, "--use_peft: the adapters' scale alpha (their output is multiplied by alpha / r).")
+    lora_dropout: float = flag(0.05, "--use_peft: dropout on each adapter's input.")
+    lora_target_modules: list[str] = flag(
+        list(LORA_TARGETS), "--use_peft: the linear layers that get adapters, by the last part of their names, in "
+        "the language model only (all-linear: every one of its linear layers).")
+    lora_vision: bool = flag(
+        False, "--use_peft: put adapters on the vision tower's linear layers named in --lora_target_modules too "
+        "(Qwen2-VL's: qkv proj fc1 fc2); without it the vision tower stays as it is.")
+    merge_adapter: bool = flag(
+        False, "--use_peft: also write output_dir/merged/, the base weights with the adapters merged in, which "
+        "from_pretrained loads.")
 
 
 def parse_args(argv: list[str]) -> GRPOArguments:
-    """The command line as GRPOArguments (transformers' HfArgumentParser, the ecosystem's convention).
+    """train.py's command line as GRPOArguments (transformers' HfArgumentParser, the ecosystem's convention).
     `--config FILE.yaml` reads a recipe's flags as the defaults, so a flag on the command line wins
     wherever it stands, before or after --config (as TRL's and open-r1's --config)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(GRPOArguments, description="GRPO for vision-language models (train.py). "
-                              "--config FILE.yaml takes the flags from a recipe (recipes/); flags given here override it.")
+    class TrainParser(UsageParser, HfArgumentParser):
+        """HfArgumentParser with UsageParser's errors (a class made here: transformers loads only when
+        train.py's flags are read, not whenever this module is imported)."""
+
+    parser = TrainParser(GRPOArguments, prog="train.py", description="GRPO for vision-language models (train.py). "
+                         "--config FILE.yaml takes the flags from a recipe (recipes/); flags given here override it.")
     bf16 = parser._option_string_actions["--bf16"]  # unset (None) means "on a GPU": `--bf16` alone still means true
     bf16.nargs, bf16.const = "?", True
     recipe, argv = split_config_flag(argv)
@@ -120,16 +194,48 @@ def parse_args(argv: list[str]) -> GRPOArguments:
 
 
 class UsageError(ValueError):
-    """A mistake in the command line or its files: train.py prints the message on one line, with no
+    """A mistake in the command line or its files: a script prints the message on one line, with no
     traceback, and exits with status 2."""
 
 
+def exit_status(prog: str, run) -> int:
+    """A script's command line: run(), then 0; a UsageError is one line on stderr and status 2."""
+    try:
+        run()
+    except UsageError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 class UsageParser(argparse.ArgumentParser):
-    """argparse for the tools (data_tools.py, python -m grpo.output_dir): a bad command line is a
-    UsageError, one line and status 2 like every other, instead of the usage text and the error."""
+    """argparse for every script's command line (train.py's through HfArgumentParser, eval.py, bench.py,
+    data_tools.py): a bad command line is a UsageError, one line and status 2 like every other, instead
+    of argparse's usage text and the error; a mistyped flag names the nearest one."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        # A word no flag takes is an error here, not a leftover to return: HfArgumentParser and
+        # sub-commands parse through this method, not through parse_args.
+        namespace, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            raise unknown_flag_error(unknown, self)
+        return namespace, []
 
     def error(self, message):
-        raise UsageError(message)
+        # argparse names a flag "argument --top_p/--top-p: "; every other error here starts "--top_p: ".
+        raise UsageError(re.sub(r"^argument (-[^/:]+)(/[^:]+)?: ", r"\1: ", message))
+
+
+def unknown_flag_error(unknown: list[str], parser: argparse.ArgumentParser) -> UsageError:
+    """The error for the words of a command line that no flag took: the first unknown flag and the
+    parser's nearest one, as a recipe's unknown key names the nearest flag."""
+    typed = next((word.partition("=")[0] for word in unknown if word.startswith("--")), None)
+    if typed is None:
+        return UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    close = difflib.get_close_matches(typed, flags, n=1)
+    return UsageError(f"unknown flag {typed}; "
+                      + (f"did you mean {close[0]}?" if close else f"{parser.prog} --help lists them."))
 
 
 def bad(flag: str, why: str):
@@ -143,7 +249,8 @@ def split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
         arg = argv[i]
         if arg == "--config" or arg.startswith("--config="):
             if recipe is not None:
-                raise UsageError("--config: given twice; a run reads one recipe (put the other's changes on the command line).")
+                raise UsageError("--config: given twice; a run reads one recipe (put the other's changes on the "
+                                 "command line).")
             recipe = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             if not recipe or recipe.startswith("--"):
                 raise UsageError("--config: needs a recipe file, e.g. --config recipes/qwen2-vl-2b-grpo-8k.yaml.")
@@ -168,7 +275,8 @@ def read_recipe(path: str, parser) -> dict:
         with open(path) as f:
             recipe = yaml.safe_load(f)
     except FileNotFoundError:
-        raise UsageError(f"--config: {path!r}: no such file; give a recipe's path, e.g. recipes/qwen2-vl-2b-grpo-8k.yaml.") from None
+        raise UsageError(f"--config: {path!r}: no such file; give a recipe's path, e.g. "
+                         "recipes/qwen2-vl-2b-grpo-8k.yaml.") from None
     except OSError as e:
         raise UsageError(f"--config: {path!r} cannot be read: {e.strerror or e}.") from None
     except yaml.YAMLError as e:
@@ -183,8 +291,8 @@ def read_recipe(path: str, parser) -> dict:
     for key, value in recipe.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            raise UsageError(f"--config: {path!r}: unknown key {key!r}; "
-                             + (f"did you mean {close[0]!r}?" if close else "its keys are train.py's flags without their --."))
+            raise UsageError(f"--config: {path!r}: unknown key {key!r}; " + (
+                f"did you mean {close[0]!r}?" if close else "its keys are train.py's flags without their --."))
         if value is None and fields[key].default is None:  # `epsilon_high: null`: a flag that may be unset, unset
             values[key] = None
         else:
@@ -201,8 +309,11 @@ def _as_typed(value, action, where: str):
         if any(isinstance(item, (list, dict)) or item is None for item in items):
             raise ValueError
         converted = [action.type(str(item)) for item in items]
+        if action.choices is not None and any(item not in action.choices for item in converted):
+            raise ValueError
     except (ValueError, TypeError, argparse.ArgumentTypeError):
-        kind = _TYPE_NAMES.get(action.type.__name__, action.type.__name__)
+        kind = (f"one of {list(action.choices)}" if action.choices is not None
+                else _TYPE_NAMES.get(action.type.__name__, action.type.__name__))
         raise UsageError(f"{where}: {value!r} will not do; {action.option_strings[0]} takes "
                          f"{'a list, each item ' if several else ''}{kind}.") from None
     return converted if several else converted[0]
@@ -242,20 +353,13 @@ def check_paths(args: GRPOArguments) -> None:
 
 
 def validate(args: GRPOArguments) -> None:
-    """Stop before any model is loaded when the arguments cannot work."""
-    from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALES
+    """Stop before any model is loaded when the arguments cannot work: ranges, and rules between flags
+    (a flag that takes one of a few names was checked against its choices as it was read)."""
     from .rewards import REWARD_FUNCS, get_reward_funcs
 
     if args.num_generations < 2:
-        bad("num_generations", f"is {args.num_generations}; GRPO compares completions within a group, so G must be >= 2.")
-    if args.loss_type not in LOSS_TYPES:
-        bad("loss_type", f"{args.loss_type!r} is unknown; choose one of {list(LOSS_TYPES)}.")
-    if args.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        bad("importance_sampling_level", f"{args.importance_sampling_level!r} is unknown; choose one of {list(IMPORTANCE_SAMPLING_LEVELS)}.")
-    if args.scale_rewards not in SCALES:
-        bad("scale_rewards", f"{args.scale_rewards!r} is unknown; choose one of {list(SCALES)}.")
-    if args.lr_scheduler_type not in LR_SCHEDULERS:
-        bad("lr_scheduler_type", f"{args.lr_scheduler_type!r} is unknown; choose one of {list(LR_SCHEDULERS)}.")
+        bad("num_generations", f"is {args.num_generations}; GRPO compares completions within a group, so G must "
+            "be >= 2.")
     if not args.reward_funcs:
         bad("reward_funcs", f"is empty; name at least one of {sorted(REWARD_FUNCS)} or a module:function path.")
     try:
@@ -263,10 +367,8 @@ def validate(args: GRPOArguments) -> None:
     except ValueError as e:
         bad("reward_funcs", str(e))
     if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
-        bad("reward_weights", f"has {len(args.reward_weights)} values for {len(args.reward_funcs)} reward functions {args.reward_funcs}.")
-    for where in args.report_to:
-        if where not in (*REPORT_TO, "none"):
-            bad("report_to", f"{where!r} is not supported; name tensorboard, wandb or both, or none alone.")
+        bad("reward_weights", f"has {len(args.reward_weights)} values for {len(args.reward_funcs)} reward functions "
+            f"{args.reward_funcs}.")
     if "none" in args.report_to and len(args.report_to) > 1:
         bad("report_to", f"{args.report_to} asks for none and for some; give none alone, or leave it out.")
     if "wandb" in args.report_to and importlib.util.find_spec("wandb") is None:
@@ -290,9 +392,11 @@ def validate(args: GRPOArguments) -> None:
             f"dapo; --loss_type {args.loss_type} weighs each token by its own ratio.")
     for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
         if getattr(args, name) <= 0:
-            bad(name, f"is {getattr(args, name)}; SAPO's gate sigmoid(tau (r - 1)) needs tau > 0 (the paper: 1.0 and 1.05).")
+            bad(name, f"is {getattr(args, name)}; SAPO's gate sigmoid(tau (r - 1)) needs tau > 0 (the paper: 1.0 "
+                "and 1.05).")
     if args.epsilon_high is not None and args.epsilon_high < args.epsilon:
-        bad("epsilon_high", f"{args.epsilon_high} is below --epsilon {args.epsilon}; clip-higher wants it above (DAPO: 0.28).")
+        bad("epsilon_high", f"{args.epsilon_high} is below --epsilon {args.epsilon}; clip-higher wants it above "
+            "(DAPO: 0.28).")
     if args.min_pixels > args.max_pixels:
         bad("min_pixels", f"{args.min_pixels} is above --max_pixels {args.max_pixels}.")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
@@ -319,12 +423,12 @@ def check_lora(args: GRPOArguments) -> None:
     if "all-linear" in args.lora_target_modules and len(args.lora_target_modules) > 1:
         bad("lora_target_modules", "all-linear already means every linear layer; give it alone, or list names.")
     if args.lora_vision and args.freeze_vision_tower:
-        bad("lora_vision", "puts adapters in the vision tower, which --freeze_vision_tower true keeps as it is; drop one.")
+        bad("lora_vision", "puts adapters in the vision tower, which --freeze_vision_tower true keeps as it is; "
+            "drop one.")
 
 
-ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
-# flash-attn before 2.1 aligns a causal mask of fewer queries than keys to the top left; the completion
-# pass (T queries over P + T keys) needs the bottom right, and would be wrong without any error.
+# [flash-attn causal alignment] flash-attn before 2.1 aligns the causal mask of fewer queries than keys
+# to the top left; the completion pass (T queries over P + T keys) needs the bottom right.
 MIN_FLASH_ATTN = (2, 1)
 
 
@@ -338,40 +442,41 @@ def flash_attn_version() -> str | None:
         return None
 
 
+def attention_for(requested: str | None, half_precision: bool, on_gpu: bool, flash_attn: str | None) -> str:
+    """The attention kernel a model runs: `requested` (--attn_implementation) if it can run, else a
+    UsageError naming the flag; None: flash_attention_2 where it can run, else sdpa.
+
+    flash_attention_2 runs on a CUDA GPU (`on_gpu`), with 16-bit weights (`half_precision`: flash-attn
+    rejects float32 at the first forward), and flash-attn >= 2.1 installed (`flash_attn`: its version,
+    flash_attn_version(), or None): an older one would make the completion pass wrong without any error
+    ([flash-attn causal alignment]), so it is refused even when flash_attention_2 was not asked for."""
+    if requested is None and not (on_gpu and half_precision and flash_attn is not None):
+        return "sdpa"
+    if requested not in (None, "flash_attention_2"):
+        return requested
+    if not on_gpu:
+        bad("attn_implementation", "flash_attention_2 runs on a CUDA GPU only; use sdpa here.")
+    if not half_precision:
+        bad("attn_implementation", "flash_attention_2 takes 16-bit weights only, and --bf16 is false; "
+            "drop --bf16 false, or use sdpa.")
+    if flash_attn is None:
+        bad("attn_implementation", "flash_attention_2 needs flash-attn (pip install flash-attn "
+            "--no-build-isolation); or use sdpa.")
+    if tuple(int(part) for part in re.findall(r"\d+", flash_attn)[:2]) < MIN_FLASH_ATTN:
+        bad("attn_implementation", f"flash-attn {flash_attn} is installed, and before 2.1 it aligns a causal mask of "
+            "fewer queries than keys to the top left (the completion pass would be wrong without any error); "
+            "upgrade it (pip install -U flash-attn --no-build-isolation) or use sdpa.")
+    return "flash_attention_2"
+
+
 def settle_precision_and_attention(args: GRPOArguments, on_gpu: bool, flash_attn: str | None) -> None:
-    """Fill --bf16 and --attn_implementation when unset, and refuse what cannot run, before loading.
+    """Fill --bf16 and --attn_implementation, and refuse an attention that cannot run, before loading.
 
     --bf16 unset: true on a GPU (the published run), false on the CPU (bf16 matmuls there are slow
-    and the tests compare float32 numbers). --attn_implementation unset: flash_attention_2 on a GPU
-    with 16-bit weights and flash-attn >= 2.1 installed, else sdpa. Asked for, flash_attention_2
-    needs all three: flash-attn rejects float32 at the first forward, and one older than 2.1 aligns
-    the completion pass's causal mask wrongly (MIN_FLASH_ATTN)."""
+    and the tests compare float32 numbers). --attn_implementation: attention_for's."""
     if args.bf16 is None:
         args.bf16 = on_gpu
-    if args.attn_implementation is not None and args.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        bad("attn_implementation", f"{args.attn_implementation!r} is unknown; choose one of {list(ATTN_IMPLEMENTATIONS)}.")
-    version = tuple(int(part) for part in re.findall(r"\d+", flash_attn or "")[:2])
-    too_old = (f"flash-attn {flash_attn} is installed, and before 2.1 it aligns a causal mask of fewer queries "
-               "than keys to the top left (the completion pass would be wrong without any error); upgrade it "
-               "(pip install -U flash-attn --no-build-isolation) or use sdpa.")
-    if args.attn_implementation is None:
-        if not (on_gpu and args.bf16 and flash_attn is not None):
-            args.attn_implementation = "sdpa"
-            return
-        if version < MIN_FLASH_ATTN:
-            bad("attn_implementation", too_old)
-        args.attn_implementation = "flash_attention_2"
-    elif args.attn_implementation == "flash_attention_2":
-        if not on_gpu:
-            bad("attn_implementation", "flash_attention_2 runs on a CUDA GPU only; use sdpa here.")
-        if not args.bf16:
-            bad("attn_implementation", "flash_attention_2 takes 16-bit weights only, and --bf16 is false; "
-                "drop --bf16 false, or use sdpa.")
-        if flash_attn is None:
-            bad("attn_implementation", "flash_attention_2 needs flash-attn (pip install flash-attn "
-                "--no-build-isolation); or use sdpa.")
-        if version < MIN_FLASH_ATTN:
-            bad("attn_implementation", too_old)
+    args.attn_implementation = attention_for(args.attn_implementation, args.bf16, on_gpu, flash_attn)
 
 
 def read_deepspeed_config(path: str | None) -> dict:

@@ -149,17 +149,16 @@ def define_model_classes(model_name_or_path: str):
 
 def load_model(model_name_or_path: str, dtype: torch.dtype, attn_implementation: str | None = None):
     """The model, in `dtype`, with the given attention (None: flash_attention_2 where it can run, else
-    sdpa; config.settle_precision_and_attention). Under ZeRO-3 call this while an HfDeepSpeedConfig
-    is alive, so that from_pretrained partitions the weights as it loads them. A LoRA adapter's folder
-    (train.py --use_peft) loads as its base model with the adapters merged into the weights."""
+    sdpa; config.attention_for). Under ZeRO-3 call this while an HfDeepSpeedConfig is alive, so that
+    from_pretrained partitions the weights as it loads them. A LoRA adapter's folder (train.py
+    --use_peft) loads as its base model with the adapters merged into the weights."""
     from transformers import AutoModelForImageTextToText
 
-    from .config import GRPOArguments, flash_attn_version, settle_precision_and_attention
+    from .config import attention_for, flash_attn_version
 
     if attn_implementation is None:
-        chosen = GRPOArguments(bf16=dtype in (torch.bfloat16, torch.float16))
-        settle_precision_and_attention(chosen, on_gpu=torch.cuda.is_available(), flash_attn=flash_attn_version())
-        attn_implementation = chosen.attn_implementation
+        attn_implementation = attention_for(None, dtype in (torch.bfloat16, torch.float16), torch.cuda.is_available(),
+                                            flash_attn_version())
     base = base_model_path(model_name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
     if base != model_name_or_path:

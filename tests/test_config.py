@@ -1,6 +1,7 @@
 """Bad arguments stop before any model loads; zero3.json's "auto" values are filled from the flags."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,19 @@ NO_MODEL = ["--model_name_or_path", "/nonexistent/model", "--dataset_name", "/no
 
 @pytest.mark.parametrize("flags, message", [
     (["--num_generations", "1"], "--num_generations: is 1; GRPO compares completions within a group"),
-    (["--loss_type", "ppo"], "--loss_type: 'ppo' is unknown; choose one of"),
-    (["--scale_rewards", "std"], "--scale_rewards: 'std' is unknown"),
+    # A flag that takes one of a few names: its choices, checked as the command line is read.
+    (["--loss_type", "ppo"], "--loss_type: invalid choice: 'ppo' .*'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo'"),
+    (["--scale_rewards", "std"], "--scale_rewards: invalid choice: 'std' .*'group', 'batch', 'none'"),
+    (["--importance_sampling_level", "seq"], "--importance_sampling_level: invalid choice: 'seq' .*'token', 'sequence'"),
+    (["--lr_scheduler_type", "cosine_with_restarts"], "--lr_scheduler_type: invalid choice: 'cosine_with_restarts'"),
+    (["--attn_implementation", "flash"], "--attn_implementation: invalid choice: 'flash' .*'sdpa', 'eager'"),
     (["--reward_funcs", "accuracy", "length"], r"--reward_funcs: unknown reward function 'length'; known: accuracy, format"),
     (["--reward_funcs", "no_such_module:fn"], r"--reward_funcs: reward function 'no_such_module:fn': cannot import module"),
     (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps: is 0"),
     (["--reward_funcs", "accuracy", "format", "--reward_weights", "1.0"], "--reward_weights: has 1 values for 2 reward functions"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size: is 0"),
-    (["--report_to", "mlflow"], "--report_to: 'mlflow' is not supported; name tensorboard, wandb or both, or none alone"),
+    (["--report_to", "tensorboard", "mlflow"], "--report_to: invalid choice: 'mlflow' .*'tensorboard', 'wandb', 'none'"),
+    (["--num_generations", "eight"], "--num_generations: invalid int value: 'eight'"),
     (["--report_to", "none", "wandb"], r"--report_to: \['none', 'wandb'\] asks for none and for some"),
     (["--loss_type", "cispo", "--importance_sampling_level", "sequence"],
      r"--importance_sampling_level: 'sequence' \(GSPO\) goes with grpo, bnpo, dr_grpo or dapo; --loss_type cispo"),
@@ -149,6 +155,9 @@ def test_demo_recipe_carries_the_prompt_the_demo_warms_up_with():
     ("num_generations: 8.5\n", r"num_generations: 8.5 will not do; --num_generations takes a whole number"),
     ("reward_weights: [1.0, heavy]\n", r"reward_weights: \[1.0, 'heavy'\] will not do; --reward_weights takes a list, each item a number"),
     ("gradient_checkpointing: maybe\n", r"gradient_checkpointing: 'maybe' will not do; --gradient_checkpointing takes true or false"),
+    ("loss_type: ppo\n", r"loss_type: 'ppo' will not do; --loss_type takes one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo'\]"),
+    ("report_to: [tensorboard, mlflow]\n", r"report_to: \['tensorboard', 'mlflow'\] will not do; --report_to takes a list, each item one of "
+     r"\['tensorboard', 'wandb', 'none'\]"),
     ("- learning_rate\n", r"must map flag names to values"),
     ("learning_rate: [1\n", r"is not YAML"),
 ])
@@ -232,15 +241,60 @@ def test_precision_and_attention_defaults(flags, on_gpu, flash_attn, bf16, atten
     assert (args.bf16, args.attn_implementation) == (bf16, attention)
 
 
-@pytest.mark.parametrize("flags, on_gpu, flash_attn, says", [
-    (["--attn_implementation", "flash_attention_2"], False, "2.7.4", "CUDA GPU only"),
-    (["--attn_implementation", "flash_attention_2", "--bf16", "false"], True, "2.7.4", "16-bit weights only"),
-    (["--attn_implementation", "flash_attention_2"], True, None, "needs flash-attn"),
-    (["--attn_implementation", "flash_attention_2"], True, "2.0.9", "before 2.1"),
-    ([], True, "2.0.4", "before 2.1"),                             # the default would pick an old flash-attn: refused
-    (["--attn_implementation", "flash"], True, "2.7.4", "unknown"),
+@pytest.mark.parametrize("command, nearest", [
+    (["train.py", "--leraning_rate", "1e-6"], "--learning_rate"),
+    (["eval.py", "--model_name_or_path", "m", "--dataset_name", "d", "--bacth_size", "2"], "--batch_size"),
+    (["bench.py", "--stpes", "2"], "--steps"),
+    (["data_tools.py", "inspect", "rows.parquet", "--smaples", "3"], "--samples"),
 ])
-def test_flash_attention_that_cannot_run_is_a_usage_error(flags, on_gpu, flash_attn, says):
-    args = config.parse_args(flags)
+def test_a_mistyped_flag_is_one_line_naming_the_nearest_flag(command, nearest):
+    """Every script, run as a user runs it: a mistyped flag is one line on stderr naming the flag
+    meant, and exit status 2, as every other usage error (not transformers' traceback, nor argparse's
+    usage text)."""
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    typo = command[-2]
+    assert result.stderr.splitlines() == [f"{command[0]}: error: unknown flag {typo}; did you mean {nearest}?"]
+    assert result.returncode == 2 and result.stdout == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--leraning_rate=1e-6"], "unknown flag --leraning_rate; did you mean --learning_rate?"),
+    (["--config", "recipes/demo.yaml", "--num_generatoins", "4"], "unknown flag --num_generatoins; did you mean --num_generations?"),
+    (["--zzz_unheard_of", "1"], "unknown flag --zzz_unheard_of; train.py --help lists them."),
+    (["--learning_rate", "1e-6", "1e-5"], "unrecognized arguments: 1e-5"),  # a word where no flag takes one
+])
+def test_words_no_flag_takes_are_a_usage_error(argv, message):
+    with pytest.raises(config.UsageError) as error:
+        config.parse_args(argv)
+    assert str(error.value) == message
+
+
+# attention_for(requested, half_precision, on_gpu, flash_attn): what each machine gets, worked out by hand
+# from the rule "flash_attention_2 needs a CUDA GPU, 16-bit weights and flash-attn >= 2.1".
+@pytest.mark.parametrize("requested, half_precision, on_gpu, flash_attn, attention", [
+    (None, False, False, None, "sdpa"),                            # the CPU, float32
+    (None, True, False, "2.7.4", "sdpa"),                          # bf16 on the CPU: flash-attn cannot run there
+    (None, True, True, None, "sdpa"),                              # a GPU without flash-attn
+    (None, False, True, "2.7.4", "sdpa"),                          # float32 on a GPU: flash-attn cannot take it
+    (None, True, True, "2.7.4", "flash_attention_2"),              # the published run
+    (None, True, True, "2.10.0", "flash_attention_2"),             # 2.10 is after 2.1 (numbers, not text)
+    ("sdpa", True, True, "2.7.4", "sdpa"),                         # asked for: given
+    ("eager", False, False, None, "eager"),
+    ("flash_attention_2", True, True, "2.1.0", "flash_attention_2"),
+])
+def test_attention_for(requested, half_precision, on_gpu, flash_attn, attention):
+    assert config.attention_for(requested, half_precision, on_gpu, flash_attn) == attention
+
+
+@pytest.mark.parametrize("requested, half_precision, on_gpu, flash_attn, says", [
+    ("flash_attention_2", True, False, "2.7.4", "CUDA GPU only"),
+    ("flash_attention_2", False, True, "2.7.4", "16-bit weights only"),
+    ("flash_attention_2", True, True, None, "needs flash-attn"),
+    ("flash_attention_2", True, True, "2.0.9", "before 2.1"),
+    (None, True, True, "2.0.4", "before 2.1"),                     # the default would pick an old flash-attn: refused
+    (None, True, True, "1.0.9", "before 2.1"),
+])
+def test_attention_that_cannot_run_is_a_usage_error(requested, half_precision, on_gpu, flash_attn, says):
     with pytest.raises(config.UsageError, match=f"^--attn_implementation: .*{says}"):
-        config.settle_precision_and_attention(args, on_gpu=on_gpu, flash_attn=flash_attn)
+        config.attention_for(requested, half_precision, on_gpu, flash_attn)

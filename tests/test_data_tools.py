@@ -392,7 +392,7 @@ def odd_sources(tmp_path_factory):
     (["inspect", "{mathvista}", "--model_name_or_path", "/no/such/model"], "--model_name_or_path: '/no/such/model' is neither"),
     (["convert", "{unknown}", "{tmp}/out.parquet"], "has columns ['text', 'label'], which match no layout"),
     (["convert", "{mathvista}", "{tmp}/out.parquet", "--format", "mmmu"], "--format mmmu: SOURCE"),
-    (["convert", "{mathvista}", "{tmp}/out.parquet", "--format", "csv"], "argument --format: invalid choice: 'csv'"),
+    (["convert", "{mathvista}", "{tmp}/out.parquet", "--format", "csv"], "--format: invalid choice: 'csv'"),
     (["convert", "{mathvista}", "{tmp}/out.csv"], "must be a .parquet file"),
     (["convert", "{video}", "{tmp}/out.parquet"], "has a `video` column, which convert does not carry"),
     (["convert", "{unjudgeable}", "{tmp}/out.parquet"], "no row of 1 kept (unverifiable solution: 1)"),
@@ -574,7 +574,7 @@ GOOD = json.dumps({"step": 1, "rank": 0, "prompt": 0, "row": 0, "problem": "p", 
     (['{"step": 1}'], [], "completions.jsonl' line 1: not a completion record (no rank, prompt, completion"),
     (["[1, 2]"], [], "line 1: not a completion record"),
     ([GOOD], ["--steps", "0"], "--steps is 0"),
-    ([GOOD], ["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    ([GOOD], ["--steps", "x"], "--steps: invalid int value: 'x'"),
 ])
 def test_rollouts_usage_errors(lines, argv, expected, colour_dataset, tmp_path, capsys):
     run = write_run(tmp_path / "run", colour_dataset, lines or [])

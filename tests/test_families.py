@@ -8,7 +8,7 @@ import torch
 from conftest import COLOURS, FAMILY_NAMES
 from PIL import Image
 
-from grpo import families, policy
+from grpo import config, families, policy
 from grpo.data import build_conversation
 
 MULTI_IMAGE = set(FAMILY_NAMES)  # every family here takes several images in one prompt
@@ -265,3 +265,22 @@ def test_pixel_limits_size_qwen_images(tiny_model, max_pixels, tokens):
     assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == tokens
 
 
+
+
+def test_load_model_without_an_attention_takes_attention_for_s_choice(tiny_model, monkeypatch):
+    """families.load_model(attn_implementation=None) chooses as train.py does: config.attention_for,
+    told whether the dtype is 16-bit, whether there is a GPU, and flash-attn's version."""
+    asked = []
+
+    def attention_for(*args):
+        asked.append(args)
+        return "eager"
+
+    monkeypatch.setattr(config, "attention_for", attention_for)
+    monkeypatch.setattr(config, "flash_attn_version", lambda: "2.7.4")
+    model = families.load_model(tiny_model, torch.bfloat16)
+    assert model.config._attn_implementation == "eager"
+    families.load_model(tiny_model, torch.float32)
+    assert asked == [(None, True, torch.cuda.is_available(), "2.7.4"), (None, False, torch.cuda.is_available(), "2.7.4")]
+    monkeypatch.undo()
+    assert families.load_model(tiny_model, torch.float32).config._attn_implementation == "sdpa"  # the CPU's choice
