@@ -349,11 +349,8 @@ def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: b
         _save_processor_and_arguments(folder, processor, args)
     elif is_main:
         model = engine.module
-        # save_pretrained writes the key layout the weights were read from, by reverting the renames
-        # from_pretrained recorded in _weight_conversions. Loaded under ZeRO-3 (HfDeepSpeedConfig) it
-        # records extra ones, and their reversal wrote Qwen2-VL's layers as model.model.layers.*
-        # (transformers 5.24), which other readers (vLLM) do not know. Without a record it reverts the
-        # family's default renames: exactly what a save after a plain load writes.
+        # save_pretrained reverts the renames from_pretrained recorded; a ZeRO-3 load records extra ones
+        # ([ZeRO-3 key names]). Without a record it reverts the family's defaults, as after a plain load.
         recorded = getattr(model, "_weight_conversions", None)
         if zero_stage == 3:
             model._weight_conversions = None
