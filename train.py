@@ -31,7 +31,8 @@ def main(argv: list[str]) -> None:
     # ---- set-up (plumbing): flags, ranks, where the run starts, data, models ----
     args = config.parse_args(argv)
     config.validate(args)  # bad flags stop here, in a second, before anything loads
-    config.settle_precision_and_attention(args, on_gpu=torch.cuda.is_available(), flash_attn=config.flash_attn_version())
+    config.settle_precision_and_attention(args, on_gpu=torch.cuda.is_available(),
+                                          flash_attn=config.flash_attn_version())
     raw_ds_config = config.read_deepspeed_config(args.deepspeed)
     reward_funcs = rewards.get_reward_funcs(args.reward_funcs)
     config.check_paths(args)
@@ -80,7 +81,8 @@ def main(argv: list[str]) -> None:
         # 1. prompts: this rank's share of the step
         examples = [dataset[i] for i in next(prompt_order)]
         prompt_inputs = families.build_inputs(processor, [ex["prompt"] for ex in examples],
-                                              [ex["images"] for ex in examples], family, [ex["videos"] for ex in examples])
+                                              [ex["images"] for ex in examples], family,
+                                              [ex["videos"] for ex in examples])
         prompt_inputs = {key: value.to(device) for key, value in prompt_inputs.items()}
         # 2. sample G completions for each prompt
         with phases("generate"):
@@ -93,11 +95,12 @@ def main(argv: list[str]) -> None:
         for loss_stats, skipped, learning_rate in learn_from(rollout, model, reference, args, world_size, phases):
             progress.took_step(skipped)
             if skipped:
-                logger.info(f"[train] step {progress.step}: non-finite loss or gradient; the optimizer step was skipped "
-                            f"({progress.nonfinite_in_a_row} in a row, the run stops at --max_nonfinite_steps "
+                logger.info(f"[train] step {progress.step}: non-finite loss or gradient; the optimizer step was "
+                            f"skipped ({progress.nonfinite_in_a_row} in a row, the run stops at --max_nonfinite_steps "
                             f"{args.max_nonfinite_steps})")
-            logger.record(progress.step, output_dir.step_metrics(rollout, loss_stats, args, model, phases,
-                                                           time.time() - started, learning_rate, skipped, reward_failures))
+            metrics = output_dir.step_metrics(rollout, loss_stats, args, model, phases, time.time() - started,
+                                              learning_rate, skipped, reward_failures)
+            logger.record(progress.step, metrics)
             logger.record_completions(progress.step, rollout)
             if progress.step >= total_steps or progress.diverged(args.max_nonfinite_steps):
                 break
@@ -194,7 +197,8 @@ def update(model, rollout: policy.Rollout, args, world_size: int, step_tokens: f
             max_completion_length=args.max_completion_length, num_items_in_batch=step_tokens,
             importance_sampling_level=args.importance_sampling_level,
             sapo_temperatures=(args.sapo_temperature_pos, args.sapo_temperature_neg))
-        nonfinite |= not distributed.backward(model, loss * scale, logps)  # any micro-batch's non-finite loss skips the step
+        # a non-finite loss in any micro-batch, on any rank, skips the whole optimizer step
+        nonfinite |= not distributed.backward(model, loss * scale, logps)
         skipped = distributed.step(model, skip=nonfinite)
         stats.append(dict(loss_stats, loss=loss.item(),
                           entropy=((entropy * mask).sum() / mask.sum().clamp(min=1)).item()))

@@ -274,7 +274,8 @@ def _shared_completion_logps(model, prompt_inputs: dict, completion_ids, complet
     entropy = torch.cat([token_entropy(first_logits, temperature).view(B * G, 1),
                          token_entropy(rest_logits, temperature)],
                         dim=1) if with_entropy else None  # [B*G, T], before the backward overwrites rest_logits
-    rest_logps = selective_log_softmax(rest_logits, completion_ids[:, 1:], temperature, overwrite_logits=True)  # [B*G, T-1]
+    rest_logps = selective_log_softmax(rest_logits, completion_ids[:, 1:], temperature,
+                                       overwrite_logits=True)  # [B*G, T-1]
     logps = torch.cat([first_logps, rest_logps], dim=1)  # [B*G, T]
     return (logps, entropy) if with_entropy else logps
 

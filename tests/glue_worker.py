@@ -326,7 +326,10 @@ def check_seeds(model_dir, processor, rank, seed: int) -> dict:
     new_tokens = 16
 
     def sample() -> torch.Tensor:
-        ids = policy.sample_groups(model, inputs, policy.Sampling.for_model(model, processor.tokenizer, group_size=4, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, suppressed_ids=families.forbidden_token_ids(processor, model.config))).completion_ids
+        ids = policy.sample_groups(model, inputs,
+            policy.Sampling.for_model(model, processor.tokenizer, group_size=4, max_new_tokens=new_tokens,
+                                      temperature=1.0, top_p=1.0,
+                                      suppressed_ids=families.forbidden_token_ids(processor, model.config))).completion_ids
         return torch.nn.functional.pad(ids, (0, new_tokens - ids.shape[1]), value=processor.tokenizer.pad_token_id)
 
     distributed.seed_this_rank(seed, rank)
@@ -381,7 +384,11 @@ def check_gathers(model_dir, processor, rank) -> dict:
               "parameter_tensors": len(list(engine.module.parameters()))}
     for share_prompt in (True, False):
         with counting_gathers() as count:
-            policy.sample_groups(engine, inputs, policy.Sampling.for_model(engine, processor.tokenizer, group_size=3, max_new_tokens=6, temperature=1.0, top_p=1.0, share_prompt=share_prompt, zero_stage=3, synced_ranks=True, suppressed_ids=families.forbidden_token_ids(processor, engine.module.config)))
+            policy.sample_groups(engine, inputs,
+                policy.Sampling.for_model(engine, processor.tokenizer, group_size=3, max_new_tokens=6,
+                                          temperature=1.0, top_p=1.0, share_prompt=share_prompt, zero_stage=3,
+                                          synced_ranks=True,
+                                          suppressed_ids=families.forbidden_token_ids(processor, engine.module.config)))
         name = "shared" if share_prompt else "plain"
         result[f"gathered_{name}"] = count["elements"]
         result[f"released_after_{name}"] = released(engine)
