@@ -200,7 +200,7 @@ def per_token_loss(ratio: torch.Tensor, advantages: torch.Tensor, logps: torch.T
         return -torch.clamp(ratio, max=1 + epsilon_high).detach() * adv * logps       # [N, T]
     if loss_type == "sapo":
         tau_pos, tau_neg = sapo_temperatures
-        tau = torch.full_like(adv, tau_neg).masked_fill(adv > 0, tau_pos)             # [N, 1], ratio's dtype, not float32
+        tau = torch.full_like(adv, tau_neg).masked_fill(adv > 0, tau_pos)  # [N, 1], ratio's dtype, not float32
         return -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * adv                    # [N, T]
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)                   # [N, T]
     return -torch.min(ratio * adv, clipped * adv)                                     # [N, T]
