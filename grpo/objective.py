@@ -139,7 +139,6 @@ def combine_rewards(per_func_rewards: torch.Tensor, weights: torch.Tensor | list
 NORMALISER = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "cispo": "dapo", "sapo": "grpo"}
 
 
-
 def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor,
                      level: str = "token") -> torch.Tensor:
     """How much likelier each token is under the current policy than under the one that sampled it.
@@ -229,7 +228,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, loss_type: str = "
         grpo     mean_i( sum_t m*l / sum_t m )          DeepSeekMath eq. 3: every completion weighs the
                                                         same, so a long answer's tokens weigh less each
         bnpo     sum_{i,t} m*l / sum_{i,t} m            every token of the micro-batch weighs the same
-        dr_grpo  sum_{i,t} m*l / (N * max_completion_length)   Dr. GRPO (Liu et al. 2025, sec. 3.1): a
+        dr_grpo  sum_{i,t} m*l / (N * max_completion_length)   Dr. GRPO (Liu et al. 2025): a
                                                         constant, so no length bias either way
         dapo     sum_{i,t} m*l / num_items_in_batch     DAPO eq. 8: every token of the whole optimizer
                                                         step weighs the same; num_items_in_batch counts
@@ -364,28 +363,25 @@ def policy_loss(
     loss is ~0 (exactly -mean_i(A_i) for grpo with beta = 0), yet its gradient is the policy
     gradient -A_i * m / normaliser per token: see the module docstring.
 
-    The loss of one optimizer step. train.py's `update` calls policy_loss on each of the K =
-    --gradient_accumulation_steps micro-batches b of each of the W ranks and back-propagates
-    loss_scale(loss_type, W, K) * L_b; DeepSpeed sums a rank's K micro-batch gradients and averages
-    the W ranks' sums. The weights so follow the gradient of
+    The loss of one optimizer step. train.py's `update` calls policy_loss on each of K =
+    --gradient_accumulation_steps micro-batches on each of W ranks and back-propagates
+    loss_scale(loss_type, W, K) * L_b for micro-batch b; DeepSpeed sums a rank's K gradients and
+    averages the W ranks' sums. So the weights follow the gradient of
 
-        L_step = (1 / W) * sum_{ranks} sum_{b = 1..K} loss_scale * L_b
+        L_step = (1 / W) * sum_{W ranks} sum_{K micro-batches} loss_scale * L_b
 
-        grpo, bnpo, dr_grpo, sapo   loss_scale = 1 / K:  L_step = the mean of the W * K micro-batch losses
-            grpo, sapo   the mean over the step's completions of their token means (every
-                         micro-batch holds N completions)
-            bnpo         the mean over the micro-batches of each one's token mean
-            dr_grpo      the sum over the step's active tokens / (its W * K * N completions *
-                         max_completion_length)
-        dapo, cispo                 loss_scale = W:      L_step = the sum of the W * K micro-batch losses
-                         = the sum over the step's active tokens / num_items_in_batch, with
-                         num_items_in_batch = the active completion tokens of the whole step,
-                         summed over ALL W ranks and K micro-batches (train.py's active_tokens,
-                         all-reduced once per rollout). One rank's count alone would make the
-                         gradient W times too big, one micro-batch's roughly K * W times.
-
-    tests/test_train_glue.py checks that one step over 2 ranks x 2 micro-batches moves the weights
-    by the gradient of L_step, written out independently in tests/glue_worker.py's step_loss.
+    grpo, bnpo, dr_grpo, sapo: loss_scale = 1 / K, and L_step is the mean of the W K micro-batch losses:
+        grpo, sapo   the mean over the step's W K N completions of their token means
+        bnpo         the mean over the W K micro-batches of their token means (not the step's token mean)
+        dr_grpo      the sum over the step's active tokens / (W K N * max_completion_length)
+    dapo, cispo: loss_scale = W, and L_step is the sum of the W K micro-batch losses:
+                     the sum over the step's active tokens / num_items_in_batch,
+        where num_items_in_batch counts the active completion tokens of the whole step, summed over
+        ALL W ranks and K micro-batches (train.py's active_tokens, all-reduced once per rollout):
+        one rank's count alone would make the gradient about W times too big.
+    (A sum over tokens is of l_{i,t}, the KL term included.) tests/test_objective.py checks it in one
+    process (test_step_gradient_over_ranks_and_micro_batches), tests/test_train_glue.py through
+    DeepSpeed on 2 ranks against tests/glue_worker.py's step_loss, which writes L_step out.
 
     Against TRL 1.16's GRPOTrainer (`_compute_loss`), two differences in the defaults:
     - TRL multiplies k3 by the ratio, use_bias_correction_kl=True (DeepSeek-V3.2's unbiased KL
