@@ -108,7 +108,7 @@ def main(argv: list[str]) -> None:
             if reference is not None:
                 rollout.ref_logps = policy.rollout_logps(reference, rollout, B, G, args.temperature, args.share_prompt,
                                                          blank)
-        # dapo normalises by the active tokens of the whole step: all ranks and micro-batches
+        # the step's loss (dapo's tokens of all ranks and micro-batches): grpo/objective.py, policy_loss
         active_tokens = distributed.reduce_over_ranks(rollout.completion_mask.sum().item(), device,
                                                       torch.distributed.ReduceOp.SUM)
         # 6. num_iterations updates on this rollout; 7. log each
@@ -170,7 +170,7 @@ def update(model, rollout: policy.Rollout, args, world_size: int, active_tokens:
     finite on some rank: distributed.step). Returns each micro-batch's loss statistics and whether
     the optimizer step was skipped."""
     G = args.num_generations
-    scale = distributed.loss_scale(args.loss_type, world_size, args.gradient_accumulation_steps)
+    scale = objective.loss_scale(args.loss_type, world_size, args.gradient_accumulation_steps)
     stats, nonfinite = [], False
     for inputs, completions in rollout.micro_batches(args.per_device_train_batch_size, G, model.module.config, blank):
         ids, mask = rollout.completion_ids[completions], rollout.completion_mask[completions]
