@@ -182,7 +182,7 @@ def update(model, rollout: policy.Rollout, args, world_size: int, step_tokens: f
     finite on some rank: distributed.step). Returns each micro-batch's loss statistics and whether
     the optimizer step was skipped."""
     sampling = rollout.sampling
-    scale = distributed.loss_scale(args.loss_type, world_size, args.gradient_accumulation_steps)
+    scale = objective.loss_scale(args.loss_type, world_size, args.gradient_accumulation_steps)
     stats, nonfinite = [], False
     for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, families.unwrap(model).config):
         ids, mask = rollout.completion_ids[rows], rollout.completion_mask[rows]  # [b*G, T]

@@ -209,19 +209,6 @@ def lr_schedule(optimizer, args, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def loss_scale(loss_type: str, world_size: int, accumulation_steps: int) -> float:
-    """What each micro-batch's loss is multiplied by before backward, so that the summed gradients
-    of one optimizer step are the gradient of the step's loss as its loss_type defines it.
-
-    DeepSpeed sums the micro-batches' gradients and averages them over ranks (divides by world size).
-    grpo, bnpo and dr_grpo are per-micro-batch means, and the step's loss is their mean over the
-    world_size x accumulation_steps micro-batches: 1 / accumulation_steps (the ranks' average does the
-    rest). dapo and cispo divide every micro-batch by the whole step's active-token count already, so
-    the step's loss is their plain sum: world_size undoes the ranks' average.
-    """
-    return float(world_size) if loss_type in ("dapo", "cispo") else 1.0 / accumulation_steps
-
-
 def backward(engine, loss: torch.Tensor, logps: torch.Tensor) -> bool:
     """engine.backward(loss), unless the loss is not finite on some rank (a collective): then the
     backward of 0 x logps, so that every rank still runs the same backward (ZeRO's hooks and

@@ -8,11 +8,14 @@ t under the current, the sampling and the frozen reference policy; m_{i,t} is 1 
 tokens (up to and including the end id) and 0 on padding.
 
     A_i      = (R_i - mean_group(R)) / (std_group(R) + eps)                     group_advantages
-    r_{i,t}  = exp(logp_{i,t} - old_{i,t})
-    l_{i,t}  = -min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i) + beta k3_{i,t}   policy_loss
-    k3_{i,t} = exp(ref - logp) - (ref - logp) - 1
-    loss     = the l_{i,t} averaged as loss_type says (grpo, bnpo, dr_grpo, dapo; cispo and sapo
-               change l_{i,t} itself: policy_loss)
+    r_{i,t}  = exp(logp_{i,t} - old_{i,t})         (GSPO: one per completion)    importance_ratio
+    l_{i,t}  = -min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i)               per_token_loss
+               (CISPO: a capped weight on logp; SAPO: a soft gate)
+    k3_{i,t} = exp(ref - logp) - (ref - logp) - 1                                k3
+    loss     = sum_{i,t} m (l + beta k3) / the loss type's normaliser            aggregate
+               (grpo, bnpo, dr_grpo, dapo; cispo as dapo, sapo as grpo)
+    each micro-batch's loss x loss_scale(loss_type, ranks, micro-batches) before backward   loss_scale
+    the composition, and the whole optimizer step's loss written out             policy_loss
     logp     = log softmax(z / T)[token], from the logits z at the sampling temperature T   selective_log_softmax
 
 Why is the loss about 0? With one update per rollout (old = logp.detach()) the ratio is exactly 1,
@@ -30,6 +33,12 @@ from torch.autograd.function import once_differentiable
 SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def _choose(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is unknown; choose one of {list(choices)}.")
+
 
 # ---------------------------------------------------------------- rewards to advantages
 # GRPO's group-relative baseline, in place of PPO's value network: a completion is good if it beat
@@ -72,8 +81,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     rewards: [N] with N = num_prompts * G, rows of a prompt contiguous. Returns [N], rewards' dtype
     (float32 for integer rewards).
     """
-    if scale not in SCALES:
-        raise ValueError(f"scale={scale!r} is unknown; choose one of {list(SCALES)}.")
+    _choose("scale", scale, SCALES)
     r = _grouped(rewards, group_size)
     centred = r - r.mean(dim=1, keepdim=True)
     if scale == "group":
@@ -122,15 +130,183 @@ def combine_rewards(per_func_rewards: torch.Tensor, weights: torch.Tensor | list
         raise ValueError(f"got {w.numel()} reward weights for K={k} reward functions; give one weight per function.")
     return per_func_rewards @ w
 
-# ---------------------------------------------------------------- the loss
+# ---------------------------------------------------------------- the loss, one idea per function
+# policy_loss is importance_ratio -> per_token_loss (+ beta k3) -> aggregate, with clip_statistics to
+# log. Each takes a micro-batch's [N, T] tensors whose padded positions hold 0 (policy_loss sets them).
 
-def _check_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type, max_completion_length,
-                  num_items_in_batch, importance_sampling_level) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is unknown; choose one of {list(LOSS_TYPES)}.")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(f"importance_sampling_level={importance_sampling_level!r} is unknown; "
-                         f"choose one of {list(IMPORTANCE_SAMPLING_LEVELS)}.")
+# The normaliser each loss type divides its token sum by (aggregate): cispo is averaged as dapo
+# (MiniMax-M1's token mean over the step), sapo as grpo (SAPO's mean over completions of their token means).
+NORMALISER = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "cispo": "dapo", "sapo": "grpo"}
+
+
+def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor,
+                     level: str = "token") -> torch.Tensor:
+    """How much likelier each token is under the current policy than under the one that sampled it.
+
+        token     r_{i,t} = exp(logp_{i,t} - old_{i,t})                PPO (Schulman et al. 2017), GRPO
+        sequence  s_i = exp( sum_t m (logp - old) / sum_t m )         GSPO (Zheng et al. 2025, arXiv 2507.18071)
+
+    GSPO's one ratio per completion (the geometric mean of its token ratios) is applied per token as
+    GSPO-token's s_{i,t} = sg[s_i] * exp(logp_{i,t} - sg[logp_{i,t}]): its value is s_i and
+    d s_{i,t} / d logp_{i,t} = s_i, so under every loss_type the gradient equals that of the
+    sequence objective A_i * s_i. Clipping then acts on s_i; GSPO uses a tiny range, epsilon_low =
+    3e-4 and epsilon_high = 4e-4 (pass them; the defaults are the token-level ones).
+
+    logps: [N, T] (with grad), old_logps: [N, T], mask: [N, T] (1.0 on completion tokens), all three
+    0 on padding. Returns r: [N, T], 1 wherever logps = old_logps.
+    """
+    _choose("importance_sampling_level", level, IMPORTANCE_SAMPLING_LEVELS)
+    log_ratio = logps - old_logps                                                     # [N, T]
+    if level == "sequence":
+        seq_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)        # [N], log s_i
+        log_ratio = seq_log_ratio.detach()[:, None] + logps - logps.detach()          # [N, T], value log s_i
+    return torch.exp(log_ratio)                                                       # [N, T]
+
+
+def per_token_loss(ratio: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor | None = None, *,
+                   loss_type: str = "grpo", epsilon_low: float = 0.2, epsilon_high: float | None = None,
+                   sapo_temperatures: tuple[float, float] = (1.0, 1.05)) -> torch.Tensor:
+    """Each token's policy-gradient loss, before the KL term and the averaging.
+
+    grpo, bnpo, dr_grpo, dapo: PPO's clipped surrogate (Schulman et al. 2017, eq. 7; GRPO's objective,
+    DeepSeekMath eq. 3),
+        l_{i,t} = -min(r A_i, clip(r, 1 - epsilon_low, 1 + epsilon_high) A_i)
+    epsilon_high defaults to epsilon_low; DAPO's clip-higher (Yu et al. 2025, sec. 3.1) uses 0.28
+    against 0.2, giving unlikely tokens with A > 0 more room to grow. When the clipped term is the
+    one the min selects (r < 1 - epsilon_low with A < 0, or r > 1 + epsilon_high with A > 0) it is a
+    constant, so that token gets no gradient from the surrogate (its KL term still has one).
+
+    cispo (MiniMax-M1, arXiv 2506.13585, sec. 3.1) clips the importance weight instead of the update:
+    every token keeps its gradient, weighted by the ratio capped from above,
+        l_{i,t} = -sg[min(r, 1 + epsilon_high)] * A_i * logp_{i,t}          (no lower bound, as the paper)
+    Its value is not ~0 at r = 1, but its gradient there is the same policy gradient, -A_i per token.
+
+    sapo (Qwen's SAPO, arXiv 2511.20347, sec. 3) replaces the hard clip with a soft gate,
+        l_{i,t} = -(4 / tau) * sigmoid(tau * (r - 1)) * A_i,      tau = tau_pos if A_i > 0 else tau_neg
+    whose gradient 4 sigma (1 - sigma) A_i d r is exactly -A_i d logp at r = 1 and fades smoothly as r
+    leaves 1, faster for negative advantages (tau_neg > tau_pos: sapo_temperatures, the paper's and
+    TRL's 1.0 and 1.05).
+
+    ratio: [N, T] (importance_ratio), advantages: [N], logps: [N, T] (cispo alone reads it, 0 on
+    padding). Returns l: [N, T] in ratio's dtype.
+    """
+    _choose("loss_type", loss_type, LOSS_TYPES)
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    adv = advantages.to(ratio.dtype)[:, None]                                         # [N, 1], one per completion
+    if loss_type == "cispo":
+        if logps is None:
+            raise ValueError("loss_type='cispo' weighs each token's logps by its capped ratio; pass logps [N, T].")
+        return -torch.clamp(ratio, max=1 + epsilon_high).detach() * adv * logps       # [N, T]
+    if loss_type == "sapo":
+        tau_pos, tau_neg = sapo_temperatures
+        tau = torch.full_like(adv, tau_neg).masked_fill(adv > 0, tau_pos)  # [N, 1], ratio's dtype, not float32
+        return -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * adv                    # [N, T]
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)                   # [N, T]
+    return -torch.min(ratio * adv, clipped * adv)                                     # [N, T]
+
+
+def k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """The KL penalty per token: Schulman's k3 estimator (Schulman 2020, "Approximating KL Divergence";
+    DeepSeekMath eq. 4),
+
+        k3_{i,t} = exp(ref - logp) - (ref - logp) - 1
+
+    >= 0 everywhere (e^x >= 1 + x) and 0 where ref = logp; for tokens sampled from pi its mean is an
+    unbiased estimate of KL(pi || ref). logps: [N, T] (with grad), ref_logps: [N, T], both 0 on
+    padding. Returns [N, T].
+    """
+    diff = ref_logps - logps                                                          # [N, T], log(ref / pi)
+    return torch.exp(diff) - diff - 1                                                 # [N, T]
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, loss_type: str = "grpo",
+              max_completion_length: int | None = None,
+              num_items_in_batch: int | float | torch.Tensor | None = None) -> torch.Tensor:
+    """The micro-batch's loss: the active tokens' terms summed, over the loss type's normaliser
+    (NORMALISER: cispo as dapo, sapo as grpo), each chosen for how it weighs a token:
+
+        grpo     mean_i( sum_t m*l / sum_t m )          DeepSeekMath eq. 3: every completion weighs the
+                                                        same, so a long answer's tokens weigh less each
+        bnpo     sum_{i,t} m*l / sum_{i,t} m            every token of the micro-batch weighs the same
+        dr_grpo  sum_{i,t} m*l / (N * max_completion_length)   Dr. GRPO (Liu et al. 2025): a
+                                                        constant, so no length bias either way
+        dapo     sum_{i,t} m*l / num_items_in_batch     DAPO eq. 8: every token of the whole optimizer
+                                                        step weighs the same; num_items_in_batch counts
+                                                        the step's active tokens (all ranks, all
+                                                        micro-batches: policy_loss's docstring)
+
+    A row whose mask is all 0 contributes 0 (its denominator is clamped at 1, never NaN).
+    per_token: [N, T], mask: [N, T] (1.0 on completion tokens). Returns a scalar.
+    """
+    _choose("loss_type", loss_type, LOSS_TYPES)
+    normaliser = NORMALISER[loss_type]
+    if normaliser == "dr_grpo" and (max_completion_length is None or max_completion_length <= 0):
+        raise ValueError(f"loss_type={loss_type!r} normalises by N * max_completion_length; pass a positive "
+                         f"max_completion_length (got {max_completion_length}).")
+    if normaliser == "dapo" and num_items_in_batch is None:
+        raise ValueError(f"loss_type={loss_type!r} normalises by num_items_in_batch, the active completion tokens of "
+                         "the whole optimizer step (all ranks and accumulation steps); pass it.")
+    summed = per_token * mask                                                         # [N, T], padding out
+    if normaliser == "grpo":
+        return (summed.sum(-1) / mask.sum(-1).clamp(min=1)).mean()                    # [N] token means -> []
+    if normaliser == "bnpo":
+        return summed.sum() / mask.sum().clamp(min=1)                                 # []
+    if normaliser == "dr_grpo":
+        return summed.sum() / (per_token.shape[0] * max_completion_length)           # []
+    # An optimizer step whose completions are all empty has a zero numerator too: 0, not NaN.
+    return summed.sum() / max(float(num_items_in_batch), 1.0)                         # []
+
+
+def loss_scale(loss_type: str, world_size: int, accumulation_steps: int) -> float:
+    """What train.py's `update` multiplies each micro-batch's loss by before backward, so that the
+    optimizer step's gradients (summed over micro-batches, averaged over ranks by DeepSpeed) are the
+    gradient of the step's loss (policy_loss's docstring writes it out):
+
+        1 / accumulation_steps   grpo, bnpo, dr_grpo (and sapo) are per-micro-batch means: the step's
+                                 loss is their mean over the world_size x accumulation_steps
+                                 micro-batches (the ranks' average does the rest)
+        world_size               dapo (and cispo) divide every micro-batch by the whole step's token
+                                 count already: the step's loss is their plain sum, and world_size
+                                 undoes the ranks' average
+    """
+    _choose("loss_type", loss_type, LOSS_TYPES)
+    return float(world_size) if NORMALISER[loss_type] == "dapo" else 1.0 / accumulation_steps
+
+
+@torch.no_grad()
+def clip_statistics(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str = "grpo",
+                    epsilon_low: float = 0.2, epsilon_high: float | None = None) -> dict[str, float]:
+    """How often the clip took effect: fractions of the active tokens (PPO's clip fraction, a measure of
+    how far the update has moved from the sampling policy).
+
+        clip_ratio_low   r < 1 - epsilon_low with A < 0    (the constant the min picks: no gradient)
+        clip_ratio_high  r > 1 + epsilon_high with A > 0
+        clip_ratio       the two together
+    cispo: the tokens whose weight was capped, r > 1 + epsilon_high whatever the sign of A (TRL's
+    cispo_clip_ratio counts A > 0 alone), as high; none low. sapo: 0, a soft gate clips nothing.
+
+    ratio: [N, T], advantages: [N], mask: [N, T] (1.0 on completion tokens). Returns Python floats.
+    """
+    _choose("loss_type", loss_type, LOSS_TYPES)
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    adv = advantages.to(ratio.dtype)[:, None]                                         # [N, 1]
+    if loss_type == "sapo":
+        low = high = torch.zeros_like(mask)                                           # [N, T]
+    elif loss_type == "cispo":
+        low, high = torch.zeros_like(mask), (ratio > 1 + epsilon_high).to(mask.dtype)  # [N, T]
+    else:
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype)                  # [N, T]
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype)                # [N, T]
+    n_active = mask.sum().clamp(min=1)                                                # []
+    low_frac = ((low * mask).sum() / n_active).item()
+    high_frac = ((high * mask).sum() / n_active).item()
+    return {"clip_ratio": low_frac + high_frac, "clip_ratio_low": low_frac, "clip_ratio_high": high_frac}
+
+
+def _check_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type,
+                  importance_sampling_level) -> None:
+    _choose("loss_type", loss_type, LOSS_TYPES)
+    _choose("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     if logps.dim() != 2:
         raise ValueError(f"logps must be [N, T], got shape {tuple(logps.shape)}.")
     shape = tuple(logps.shape)
@@ -147,15 +323,16 @@ def _check_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type
     if beta != 0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps (the reference model's log-probs): load a reference "
                          "model or set beta to 0.")
-    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length <= 0):
-        raise ValueError(f"loss_type='dr_grpo' normalises by N * max_completion_length; pass a positive "
-                         f"max_completion_length (got {max_completion_length}).")
-    if loss_type in ("dapo", "cispo") and num_items_in_batch is None:
-        raise ValueError(f"loss_type={loss_type!r} normalises by num_items_in_batch, the active completion tokens of "
-                         "the whole optimizer step (all ranks and accumulation steps); pass it.")
     if loss_type in ("cispo", "sapo") and importance_sampling_level != "token":
         raise ValueError(f"loss_type={loss_type!r} weighs each token by its own ratio; importance_sampling_level "
                          "'sequence' (GSPO) goes with grpo, bnpo, dr_grpo or dapo.")
+
+
+def _padding_zeroed(tensor: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    # Padded positions may hold anything (even inf or NaN from a padded forward). Replacing them by
+    # 0 before any exp keeps 0 * inf = NaN out of both the loss and the gradient; torch.where sends
+    # exactly 0 gradient to the replaced entries.
+    return torch.where(active, tensor, torch.zeros_like(tensor))
 
 
 def policy_loss(
@@ -174,124 +351,70 @@ def policy_loss(
     importance_sampling_level: str = "token",
     sapo_temperatures: tuple[float, float] = (1.0, 1.05),
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO loss of one micro-batch, and detached statistics to log.
+    """The GRPO loss of one micro-batch, and detached statistics to log. Padded positions are set to 0
+    first (they may hold inf or NaN), then
 
-    Per token (PPO clipped surrogate, Schulman et al. 2017, eq. 7; GRPO objective, DeepSeekMath
-    eq. 3; KL estimator k3, DeepSeekMath eq. 4 / Schulman 2020 "Approximating KL Divergence"):
-
-        r_{i,t} = exp(logp_{i,t} - old_{i,t})
-        l_{i,t} = -min(r * A_i, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A_i)  +  beta * k3_{i,t}
-        k3_{i,t} = exp(ref - logp) - (ref - logp) - 1          (>= 0, an unbiased estimate of KL(pi || ref))
-
-    epsilon_high defaults to epsilon_low; DAPO's clip-higher (Yu et al. 2025, sec. 3.1) uses 0.28
-    against 0.2, giving unlikely tokens with A > 0 more room to grow. When the clipped term is the
-    one the min selects (r < 1 - epsilon_low with A < 0, or r > 1 + epsilon_high with A > 0) it is a
-    constant, so that token gets no gradient from the surrogate (its KL term still has one).
-
-    importance_sampling_level="sequence" is GSPO (Zheng et al. 2025): one ratio per completion,
-        s_i = exp( sum_t m (logp - old) / sum_t m ),
-    applied per token as GSPO-token's s_{i,t} = sg[s_i] * exp(logp_{i,t} - sg[logp_{i,t}]): its
-    value is s_i and d s_{i,t} / d logp_{i,t} = s_i, so under every loss_type the gradient equals
-    that of the sequence objective A_i * s_i. Clipping then acts on s_i; GSPO uses a tiny range,
-    epsilon_low = 3e-4 and epsilon_high = 4e-4 (pass them; the defaults are the token-level ones).
-
-    loss_type="cispo" (MiniMax-M1, arXiv 2506.13585, sec. 3.1) clips the importance weight instead of
-    the update: every token keeps its gradient, weighted by the ratio capped from above,
-        l_{i,t} = -sg[min(r, 1 + epsilon_high)] * A_i * logp_{i,t}          (no lower bound, as the paper)
-    aggregated as dapo (the paper's token mean over the step). Its value is not ~0 at r = 1, but its
-    gradient there is the same policy gradient, -A_i per token. (TRL caps r at epsilon_high itself.)
-    loss_type="sapo" (Qwen's SAPO, arXiv 2511.20347, sec. 3) replaces the hard clip with a soft gate,
-        l_{i,t} = -(4 / tau) * sigmoid(tau * (r - 1)) * A_i,      tau = tau_pos if A_i > 0 else tau_neg
-    whose gradient 4 sigma (1 - sigma) A_i d r is exactly -A_i d logp at r = 1 and fades smoothly as r
-    leaves 1, faster for negative advantages (tau_neg > tau_pos: sapo_temperatures, the paper's and
-    TRL's 1.0 and 1.05); aggregated as grpo (the paper's mean over completions of their token means).
-
-    Aggregation over the micro-batch (sums over active tokens):
-        grpo     mean_i( sum_t m*l / sum_t m )             DeepSeekMath eq. 3 (long answers weigh less per token)
-        bnpo     sum_{i,t} m*l / sum_{i,t} m               token mean over the micro-batch
-        dr_grpo  sum_{i,t} m*l / (N * max_completion_length)   Dr. GRPO (Liu et al. 2025): constant normaliser
-        dapo     sum_{i,t} m*l / num_items_in_batch        DAPO eq. 8; num_items_in_batch counts active tokens of
-                                                           the whole optimizer step (all ranks, all micro-batches)
-    A row whose mask is all 0 contributes 0 (its denominator is clamped at 1, never NaN).
+        r_{i,t}  = importance_ratio(logps, old_logps, mask, importance_sampling_level)      [N, T]
+        l_{i,t}  = per_token_loss(r, advantages, logps, loss_type, ...)  +  beta * k3_{i,t}   [N, T]
+        k3_{i,t} = k3(logps, ref_logps)                                                       [N, T]
+        loss     = aggregate(l, mask, loss_type, ...)                                         scalar
 
     With one update per rollout (old_logps = logps.detach()) r = 1, nothing is clipped and the
     loss is ~0 (exactly -mean_i(A_i) for grpo with beta = 0), yet its gradient is the policy
     gradient -A_i * m / normaliser per token: see the module docstring.
 
+    The loss of one optimizer step. train.py's `update` calls policy_loss on each of K =
+    --gradient_accumulation_steps micro-batches on each of W ranks and back-propagates
+    loss_scale(loss_type, W, K) * L_b for micro-batch b; DeepSpeed sums a rank's K gradients and
+    averages the W ranks' sums. So the weights follow the gradient of
+
+        L_step = (1 / W) * sum_{W ranks} sum_{K micro-batches} loss_scale * L_b
+
+    grpo, bnpo, dr_grpo, sapo: loss_scale = 1 / K, and L_step is the mean of the W K micro-batch losses:
+        grpo, sapo   the mean over the step's W K N completions of their token means
+        bnpo         the mean over the W K micro-batches of their token means (not the step's token mean)
+        dr_grpo      the sum over the step's active tokens / (W K N * max_completion_length)
+    dapo, cispo: loss_scale = W, and L_step is the sum of the W K micro-batch losses:
+                     the sum over the step's active tokens / num_items_in_batch,
+        where num_items_in_batch counts the active completion tokens of the whole step, summed over
+        ALL W ranks and K micro-batches (train.py's active_tokens, all-reduced once per rollout):
+        one rank's count alone would make the gradient about W times too big.
+    (A sum over tokens is of l_{i,t}, the KL term included.) tests/test_objective.py checks it in one
+    process (test_step_gradient_over_ranks_and_micro_batches), tests/test_train_glue.py through
+    DeepSpeed on 2 ranks against tests/glue_worker.py's step_loss, which writes L_step out.
+
+    Against TRL 1.16's GRPOTrainer (`_compute_loss`), two differences in the defaults:
+    - TRL multiplies k3 by the ratio, use_bias_correction_kl=True (DeepSeek-V3.2's unbiased KL
+      gradient, arXiv 2512.02556). The ratio is differentiable, so with beta > 0 TRL's KL gradient
+      differs from this one even at r = 1. Here k3 enters as GRPO defines it (DeepSeekMath eq. 3-4).
+    - TRL's cispo caps the ratio at epsilon_high itself (ScaleRL's eps_max, TRL recommends 5.0);
+      here the cap is 1 + epsilon_high, as the clip's upper bound is (TRL's 5.0 is 4.0 here).
+
     logps: [N, T] (with grad), old_logps: [N, T], advantages: [N], mask: [N, T] (bool, int or
     float; 1 on completion tokens), ref_logps: [N, T] or None.
     Returns (loss: scalar tensor, stats: dict of Python floats) with stats
         kl               masked mean of k3 over active tokens (0.0 without ref_logps)
-        clip_ratio       fraction of active tokens where clipping took effect (low + high)
-        clip_ratio_low   ... on the low side (r < 1 - epsilon_low, A < 0)
-        clip_ratio_high  ... on the high side (r > 1 + epsilon_high, A > 0)
+        clip_ratio, clip_ratio_low, clip_ratio_high     clip_statistics
     """
-    _check_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type, max_completion_length,
-                  num_items_in_batch, importance_sampling_level)
-    if epsilon_high is None:
-        epsilon_high = epsilon_low
-    active = mask != 0
-    mask = mask.to(logps.dtype)
-    adv = advantages.to(logps.dtype)[:, None]
-
-    # Padded positions may hold anything (even inf or NaN from a padded forward). Replacing them by
-    # 0 before any exp keeps 0 * inf = NaN out of both the loss and the gradient; torch.where sends
-    # exactly 0 gradient to the replaced entries.
-    zero = torch.zeros_like(logps)
-    logps = torch.where(active, logps, zero)
-    old_logps = torch.where(active, old_logps.to(logps.dtype), zero)
-    log_ratio = logps - old_logps
-
-    if importance_sampling_level == "sequence":
-        seq_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        log_ratio = seq_log_ratio.detach()[:, None] + logps - logps.detach()
-    ratio = torch.exp(log_ratio)
-    if loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=1 + epsilon_high).detach() * adv * logps
-    elif loss_type == "sapo":
-        tau_pos, tau_neg = sapo_temperatures
-        tau = torch.full_like(adv, tau_neg).masked_fill(adv > 0, tau_pos)  # in logps' dtype, not float32
-        per_token = -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * adv
-    else:
-        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-        per_token = -torch.min(ratio * adv, clipped * adv)
-
+    _check_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type, importance_sampling_level)
+    active = mask != 0                                                                # [N, T] bool
+    mask = mask.to(logps.dtype)                                                       # [N, T] 1.0 / 0.0
+    logps = _padding_zeroed(logps, active)                                            # [N, T]
+    old_logps = _padding_zeroed(old_logps.to(logps.dtype), active)                    # [N, T]
+    ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)       # [N, T]
+    clip = {"loss_type": loss_type, "epsilon_low": epsilon_low, "epsilon_high": epsilon_high}
+    per_token = per_token_loss(ratio, advantages, logps, sapo_temperatures=sapo_temperatures, **clip)  # [N, T]
     kl = None
     if ref_logps is not None:
-        diff = torch.where(active, ref_logps.to(logps.dtype), zero) - logps
-        kl = torch.exp(diff) - diff - 1
+        kl = k3(logps, _padding_zeroed(ref_logps.to(logps.dtype), active))            # [N, T]
         if beta != 0:
-            per_token = per_token + beta * kl
-
-    summed = per_token * mask
-    if loss_type in ("grpo", "sapo"):
-        loss = (summed.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = summed.sum() / mask.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        loss = summed.sum() / (logps.shape[0] * max_completion_length)
-    else:
-        # An optimizer step whose completions are all empty has a zero numerator too: 0, not NaN.
-        loss = summed.sum() / max(float(num_items_in_batch), 1.0)
-
+            per_token = per_token + beta * kl                                         # [N, T]
+    loss = aggregate(per_token, mask, loss_type=loss_type, max_completion_length=max_completion_length,
+                     num_items_in_batch=num_items_in_batch)                           # []
     with torch.no_grad():
-        n_active = mask.sum().clamp(min=1)
-        if loss_type == "sapo":  # a soft gate: nothing is clipped
-            low = high = torch.zeros_like(mask)
-        elif loss_type == "cispo":  # the weight is capped, whatever the advantage's sign
-            low, high = torch.zeros_like(mask), (ratio > 1 + epsilon_high).to(mask.dtype)
-        else:
-            low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype)
-            high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype)
-        low_frac = ((low * mask).sum() / n_active).item()
-        high_frac = ((high * mask).sum() / n_active).item()
-        stats = {
-            "kl": ((kl * mask).sum() / n_active).item() if kl is not None else 0.0,
-            "clip_ratio": low_frac + high_frac,
-            "clip_ratio_low": low_frac,
-            "clip_ratio_high": high_frac,
-        }
-    return loss, stats
+        kl_mean = ((kl * mask).sum() / mask.sum().clamp(min=1)).item() if kl is not None else 0.0
+    return loss, {"kl": kl_mean, **clip_statistics(ratio, advantages, mask, **clip)}
+
 
 # ---------------------------------------------------------------- log-probs at the vocabulary's size
 

@@ -10,8 +10,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from grpo.objective import (LOSS_TYPES, combine_rewards, equal_reward_group_fraction, group_advantages,
-                            groups_with_signal, policy_loss, selective_log_softmax, token_entropy)
+from grpo.objective import (LOSS_TYPES, aggregate, clip_statistics, combine_rewards,
+                            equal_reward_group_fraction, group_advantages, groups_with_signal, importance_ratio, k3,
+                            loss_scale, per_token_loss, policy_loss, selective_log_softmax, token_entropy)
 
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")  # the PPO-clipped surrogate, averaged four ways (cispo, sapo: below)
 
@@ -131,6 +132,212 @@ def test_combine_rewards():
 # ---------------------------------------------------------------- the loss
 
 LN2 = math.log(2)
+
+
+# --- the loss's parts, one at a time (each worked by hand) ----------------------------------------
+
+def test_importance_ratio_token_level():
+    # log r = logp - old = [ln 2, 0, -ln 2]: r = [2, 1, 1/2]; d r / d logp = r.
+    logps = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    old = logps.detach() - torch.tensor([[LN2, 0.0, -LN2]], dtype=torch.float64)
+    ratio = importance_ratio(logps, old, torch.ones(1, 3, dtype=torch.float64))
+    torch.testing.assert_close(ratio, torch.tensor([[2.0, 1.0, 0.5]], dtype=torch.float64), rtol=1e-14, atol=0)
+    (grad,) = torch.autograd.grad(ratio.sum(), logps)
+    torch.testing.assert_close(grad, torch.tensor([[2.0, 1.0, 0.5]], dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_importance_ratio_sequence_level():
+    # Row 0: log r = [ln 2, 0, -ln 2], all active: s = exp(0) = 1 at every token.
+    # Row 1: log r = [ln 4, 0, (padding: 0)], two active: s = exp(ln 4 / 2) = 2 at every token.
+    # GSPO-token: each token's ratio has value s_i and d s_{i,t} / d logp_{i,t} = s_i (no path through the mean).
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]], dtype=torch.float64, requires_grad=True)
+    old = logps.detach() - torch.tensor([[LN2, 0.0, -LN2], [2 * LN2, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    ratio = importance_ratio(logps, old, mask, "sequence")
+    torch.testing.assert_close(ratio * mask, torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]], dtype=torch.float64),
+                               rtol=1e-14, atol=1e-15)
+    (grad,) = torch.autograd.grad((ratio * mask).sum(), logps)
+    torch.testing.assert_close(grad, torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]], dtype=torch.float64),
+                               rtol=1e-14, atol=1e-15)
+    with pytest.raises(ValueError, match=r"importance_sampling_level='group' is unknown"):
+        importance_ratio(logps, old, mask, "group")
+
+
+# Ratios 0.5, 0.9, 1, 1.25, 1.5 in each row; A = +2 in row 0 and -1 in row 1; epsilon_low 0.2.
+RATIOS = [0.5, 0.9, 1.0, 1.25, 1.5]
+# -min(r A, clip(r, 0.8, 1.28) A), epsilon_high 0.28:
+#   A = +2: r 0.5 -> -min(1.0, 1.6) = -1.0; 0.9 -> -1.8; 1 -> -2; 1.25 -> -2.5; 1.5 -> -min(3.0, 2.56) = -2.56
+#   A = -1: r 0.5 -> -min(-0.5, -0.8) = 0.8; 0.9 -> 0.9; 1 -> 1; 1.25 -> 1.25; 1.5 -> -min(-1.5, -1.28) = 1.5
+# and d l / d r = -A where r A is the min's choice, 0 where the clipped constant is.
+CLIP_LOSS = [[-1.0, -1.8, -2.0, -2.5, -2.56], [0.8, 0.9, 1.0, 1.25, 1.5]]
+CLIP_GRAD = [[-2.0, -2.0, -2.0, -2.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0]]
+
+
+def ratio_rows():
+    ratio = torch.tensor([RATIOS, RATIOS], dtype=torch.float64, requires_grad=True)
+    return ratio, torch.tensor([2.0, -1.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("loss_type", CLIPPED)
+def test_per_token_loss_clip_by_hand(loss_type):
+    ratio, adv = ratio_rows()
+    loss = per_token_loss(ratio, adv, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28)
+    torch.testing.assert_close(loss, torch.tensor(CLIP_LOSS, dtype=torch.float64), rtol=1e-14, atol=1e-15)
+    (grad,) = torch.autograd.grad(loss.sum(), ratio)
+    torch.testing.assert_close(grad, torch.tensor(CLIP_GRAD, dtype=torch.float64), rtol=0, atol=0)
+    # epsilon_high left out is epsilon_low: r = 1.25 with A = +2 is clipped at 1.2 then: -2.4, no gradient.
+    symmetric = per_token_loss(ratio, adv, loss_type=loss_type, epsilon_low=0.2)
+    assert symmetric[0, 3].item() == pytest.approx(-2.4, rel=1e-14)
+    assert symmetric[1].tolist() == pytest.approx(CLIP_LOSS[1], rel=1e-14)
+
+
+def test_per_token_loss_cispo_by_hand():
+    # l = -sg[min(r, 1.28)] A logp: the weights [0.5, 0.9, 1, 1.25, 1.28] whatever A's sign; no gradient
+    # reaches the ratio, and d l / d logp = -weight * A at every token (none is cut).
+    ratio, adv = ratio_rows()
+    logps = torch.log(torch.tensor([[0.5, 0.4, 0.3, 0.2, 0.1]] * 2, dtype=torch.float64)).requires_grad_(True)
+    loss = per_token_loss(ratio, adv, logps, loss_type="cispo", epsilon_low=0.2, epsilon_high=0.28)
+    weights = [0.5, 0.9, 1.0, 1.25, 1.28]
+    expected = [[-w * a * math.log(p) for w, p in zip(weights, [0.5, 0.4, 0.3, 0.2, 0.1])] for a in (2.0, -1.0)]
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64), rtol=1e-14, atol=1e-15)
+    grad_ratio, grad_logps = torch.autograd.grad(loss.sum(), (ratio, logps), allow_unused=True)
+    assert grad_ratio is None or torch.equal(grad_ratio, torch.zeros_like(ratio))
+    torch.testing.assert_close(grad_logps, torch.tensor([[-2 * w for w in weights], weights], dtype=torch.float64),
+                               rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match=r"cispo.*pass logps"):
+        per_token_loss(ratio, adv, loss_type="cispo")
+
+
+def test_per_token_loss_sapo_by_hand():
+    # l = -(4 / tau) sigmoid(tau (r - 1)) A with tau_pos = 1 for A > 0 and tau_neg = 2 for A < 0 (far from
+    # 1, so that a tau taken by the wrong sign shows); d l / d r = -4 sigma (1 - sigma) A, -A at r = 1.
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+
+    ratio, adv = ratio_rows()
+    loss = per_token_loss(ratio, adv, loss_type="sapo", sapo_temperatures=(1.0, 2.0))
+    expected = [[-4 * sigmoid(r - 1) * 2 for r in RATIOS], [4 / 2 * sigmoid(2 * (r - 1)) for r in RATIOS]]
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64), rtol=1e-14, atol=1e-15)
+    assert loss[:, 2].tolist() == pytest.approx([-4.0, 1.0], rel=1e-14)  # r = 1: -(4 / tau) (1/2) A
+    (grad,) = torch.autograd.grad(loss.sum(), ratio)
+    gates = [[sigmoid(r - 1) for r in RATIOS], [sigmoid(2 * (r - 1)) for r in RATIOS]]
+    slopes = [[-4 * s * (1 - s) * a for s in row] for row, a in zip(gates, (2.0, -1.0))]
+    torch.testing.assert_close(grad, torch.tensor(slopes, dtype=torch.float64), rtol=1e-14, atol=1e-15)
+    assert grad[:, 2].tolist() == pytest.approx([-2.0, 1.0], rel=1e-14)
+
+
+def test_per_token_loss_unknown_type():
+    ratio, adv = ratio_rows()
+    with pytest.raises(ValueError, match=r"loss_type='ppo' is unknown; choose one of \['grpo'"):
+        per_token_loss(ratio, adv, loss_type="ppo")
+
+
+def test_k3_by_hand():
+    # ref - logp = [ln 2, 0, -ln 2]:  k3 = e^d - d - 1 = [1 - ln 2, 0, ln 2 - 1/2], all >= 0;
+    # d k3 / d logp = 1 - e^d = [-1, 0, 1/2] (toward the reference).
+    logps = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    ref = logps.detach() + torch.tensor([[LN2, 0.0, -LN2]], dtype=torch.float64)
+    kl = k3(logps, ref)
+    torch.testing.assert_close(kl, torch.tensor([[1 - LN2, 0.0, LN2 - 0.5]], dtype=torch.float64), rtol=1e-14,
+                               atol=1e-15)
+    (grad,) = torch.autograd.grad(kl.sum(), logps)
+    torch.testing.assert_close(grad, torch.tensor([[-1.0, 0.0, 0.5]], dtype=torch.float64), rtol=1e-14, atol=1e-15)
+
+
+# Token terms of 3 completions: [1, 2, 3 | pad], [4 | pad], [] (padding holds 99, which must not count).
+AGG_TERMS = [[1.0, 2.0, 3.0, 99.0], [4.0, 99.0, 99.0, 99.0], [99.0] * 4]
+AGG_MASK = [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+AGG_EXPECTED = {
+    "grpo": (6 / 3 + 4 / 1 + 0) / 3,   # each completion's token mean, then their mean: 2
+    "bnpo": 10 / 4,                    # the micro-batch's token mean
+    "dr_grpo": 10 / (3 * 5),           # N x max_completion_length 5
+    "dapo": 10 / 20,                   # num_items_in_batch 20 (the step's tokens)
+    "cispo": 10 / 20,                  # as dapo
+    "sapo": (6 / 3 + 4 / 1 + 0) / 3,   # as grpo
+}
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_aggregate_each_normaliser_by_hand(loss_type):
+    terms, mask = torch.tensor(AGG_TERMS, dtype=torch.float64), torch.tensor(AGG_MASK, dtype=torch.float64)
+    loss = aggregate(terms, mask, loss_type=loss_type, max_completion_length=5, num_items_in_batch=20)
+    assert loss.item() == pytest.approx(AGG_EXPECTED[loss_type], rel=1e-14)
+    # All completions empty: 0, not NaN (every denominator is clamped at 1).
+    empty = aggregate(terms, torch.zeros_like(mask), loss_type=loss_type, max_completion_length=5, num_items_in_batch=0)
+    assert empty.item() == 0.0
+
+
+def test_aggregate_names_the_missing_normaliser():
+    terms, mask = torch.tensor(AGG_TERMS), torch.tensor(AGG_MASK, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"'dr_grpo' normalises by N \* max_completion_length"):
+        aggregate(terms, mask, loss_type="dr_grpo")
+    for loss_type in ("dapo", "cispo"):
+        with pytest.raises(ValueError, match=rf"'{loss_type}' normalises by num_items_in_batch"):
+            aggregate(terms, mask, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("loss_type, expected", [("grpo", 1 / 3), ("bnpo", 1 / 3), ("dr_grpo", 1 / 3), ("sapo", 1 / 3),
+                                                 ("dapo", 4.0), ("cispo", 4.0)])
+def test_loss_scale_each_loss_type(loss_type, expected):
+    # 4 ranks x 3 micro-batches: the micro-batch means are averaged (1 / 3 here, DeepSpeed's rank average the
+    # 1 / 4); dapo and cispo are already divided by the step's tokens, so world_size undoes the rank average.
+    assert loss_scale(loss_type, world_size=4, accumulation_steps=3) == pytest.approx(expected, rel=1e-15)
+    assert isinstance(loss_scale(loss_type, 4, 3), float)
+    with pytest.raises(ValueError, match=r"loss_type='ppo' is unknown"):
+        loss_scale("ppo", 4, 3)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_step_gradient_over_ranks_and_micro_batches(loss_type):
+    """policy_loss x loss_scale, summed over K micro-batches and averaged over W ranks as DeepSpeed does, at
+    r = 1: every token's gradient is -A_i times its weight in the step's loss (policy_loss's docstring), here
+    from the counts alone: grpo, sapo 1 / (W K N len_i); bnpo 1 / (W K x its micro-batch's tokens);
+    dr_grpo 1 / (W K N max_len); dapo, cispo 1 / (the step's tokens, all ranks and micro-batches)."""
+    W, K, N, T, max_len = 2, 3, 4, 5, 6
+    g = torch.Generator().manual_seed(30)
+    leaves = [[(-3 * torch.rand(N, T, generator=g, dtype=torch.float64)).requires_grad_(True) for _ in range(K)]
+              for _ in range(W)]
+    advs = [[torch.randn(N, generator=g, dtype=torch.float64) for _ in range(K)] for _ in range(W)]
+    masks = [[(torch.arange(T)[None] < torch.randint(0, T + 1, (N, 1), generator=g)).double() for _ in range(K)]
+             for _ in range(W)]
+    step_tokens = sum(m.sum() for rank in masks for m in rank).item()  # train.py's active_tokens
+    scale = loss_scale(loss_type, W, K)
+    total = 0.0
+    for rank in range(W):
+        for b in range(K):
+            lp = leaves[rank][b]
+            loss, _ = policy_loss(lp, lp.detach(), advs[rank][b], masks[rank][b], loss_type=loss_type,
+                                  max_completion_length=max_len, num_items_in_batch=step_tokens)
+            total = total + scale * loss / W  # each rank sums its micro-batches; the ranks are averaged
+    total.backward()
+    for rank in range(W):
+        for b in range(K):
+            m, adv = masks[rank][b], advs[rank][b][:, None]
+            per_completion = 1 / (W * K * N * m.sum(1, keepdim=True).clamp(min=1))
+            per_step_token = 1 / step_tokens
+            weight = {"grpo": per_completion, "sapo": per_completion, "bnpo": 1 / (W * K * m.sum()),
+                      "dr_grpo": 1 / (W * K * N * max_len), "dapo": per_step_token, "cispo": per_step_token}[loss_type]
+            torch.testing.assert_close(leaves[rank][b].grad, -adv * m * weight, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_clip_statistics_by_hand(loss_type):
+    # 8 active tokens: row 0, A = +1, r = [0.5, 1.0, 1.5, 1.3]; row 1, A = -1, r = [0.7, 0.5, 1.5, 1.45]; padding
+    # r = 9 and 0.1. epsilon_low 0.2 (low bound 0.8) and epsilon_high 0.4 (high bound 1.4) differ, so that bounds
+    # swapped or a side counted for the wrong sign of A change the counts:
+    #   clipped surrogate: low = row 1's 0.7 and 0.5 (A < 0): 2/8; high = row 0's 1.5 (A > 0): 1/8
+    #   cispo: the weight is capped where r > 1.4, either sign: 1.5, 1.5 and 1.45 -> high 3/8, low 0
+    #   sapo: nothing is clipped
+    ratio = torch.tensor([[0.5, 1.0, 1.5, 1.3, 9.0], [0.7, 0.5, 1.5, 1.45, 0.1]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    stats = clip_statistics(ratio, adv, mask, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.4)
+    low, high = {"cispo": (0.0, 3 / 8), "sapo": (0.0, 0.0)}.get(loss_type, (2 / 8, 1 / 8))
+    assert stats == pytest.approx({"clip_ratio": low + high, "clip_ratio_low": low, "clip_ratio_high": high}, abs=1e-15)
+    assert all(isinstance(v, float) for v in stats.values())
+    # epsilon_high 0.6 (bound 1.6): every r is inside the band on the high side.
+    wide = clip_statistics(ratio, adv, mask, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.6)
+    assert wide["clip_ratio_high"] == 0.0 and wide["clip_ratio_low"] == low
 
 
 def reference_loss(logps, old, adv, mask, ref=None, beta=0.0, eps_low=0.2, eps_high=None,
