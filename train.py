@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     config.validate(args)  # bad flags stop here, in a second, before anything loads
     config.settle_precision_and_attention(args, on_gpu=torch.cuda.is_available(),
                                           flash_attn=config.flash_attn_version())
-    raw_ds_config = config.read_deepspeed_config(args.deepspeed)
+    raw_ds_config = distributed.read_deepspeed_config(args.deepspeed)
     reward_funcs = rewards.get_reward_funcs(args.reward_funcs)
     config.check_paths(args)
     rank, world_size, device = distributed.init_distributed()
@@ -47,7 +47,8 @@ def main(argv: list[str]) -> None:
         progress=rank == 0, decide=distributed.rank0_decides,  # rank 0 checks every row, the others take its word
         check_solution=answers.unverifiable_reason if "accuracy" in args.reward_funcs else None)
     total_steps, left_out = data.optimizer_steps(len(dataset), args, world_size)
-    ds_config = config.fill_deepspeed_config(raw_ds_config, args, world_size, total_steps, on_gpu=device.type == "cuda")
+    ds_config = distributed.fill_deepspeed_config(raw_ds_config, args, world_size, total_steps,
+                                                  on_gpu=device.type == "cuda")
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = distributed.load_engine(args, ds_config, dtype, total_steps, train=True)
