@@ -310,9 +310,10 @@ def demo_valid_answers(row: dict) -> list[str]:
 # The demo run: data and model written to disk, then train.py on them like on any user's.
 # ---------------------------------------------------------------------------------------------
 
-def prepare(output_dir: str) -> tuple[str, str]:
+def prepare(output_dir: str, warm_up_steps: int = 200) -> tuple[str, str]:
     """The demo's dataset (train and test splits, a save_to_disk folder) and its starting model (the
-    tiny Qwen2-VL after its format warm-up), written under output_dir once. Returns (model, data)."""
+    tiny Qwen2-VL after `warm_up_steps` of format warm-up), written under output_dir once. Returns
+    (model, data)."""
     import datasets
 
     data_folder, model_folder = os.path.join(output_dir, "demo-data"), os.path.join(output_dir, "demo-base-model")
@@ -321,7 +322,7 @@ def prepare(output_dir: str) -> tuple[str, str]:
     if not os.path.exists(os.path.join(model_folder, "config.json")):
         print(f"[demo] building the tiny Qwen2-VL and its format warm-up in {model_folder}")
         save_tiny_qwen2_vl(model_folder + ".tmp")
-        warm_up_format(model_folder + ".tmp", demo_rows("train"), demo_valid_answers, steps=200,
+        warm_up_format(model_folder + ".tmp", demo_rows("train"), demo_valid_answers, steps=warm_up_steps,
                        system_prompt=DEMO_SYSTEM_PROMPT)
         # What eval.py reads to prompt this model as it was trained (train.py writes the same file).
         with open(os.path.join(model_folder + ".tmp", "training_args.json"), "w") as f:

@@ -146,14 +146,14 @@ def answer_batch(model, processor, family, examples: list[dict], system_prompt: 
     inputs = families.build_inputs(processor, conversations, [ex["images"] for ex in examples], family,
                                       [ex["videos"] for ex in examples])
     inputs = {key: value.to(device) for key, value in inputs.items()}
-    tokenizer, suppress = processor.tokenizer, families.forbidden_token_ids(processor, model.config)
-    if args.num_samples is None:
-        rollout = policy.greedy_completions(model, inputs, tokenizer, max_new_tokens=args.max_new_tokens,
-                                             suppress_token_ids=suppress)
-    else:  # ranks run independently here (no ZeRO, no lockstep), so no blank picture is needed
-        rollout = policy.sample_groups(model, inputs, tokenizer, group_size=args.num_samples,
-                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
-                                        suppress_token_ids=suppress, share_prompt=True, zero_stage=0, synced_ranks=False)
+    # Greedy (temperature 0: the argmax) or k samples at --temperature; the run's settings alone, every end
+    # id, placeholders never drawn, as in training. Ranks run independently here (no ZeRO, no lockstep).
+    greedy = args.num_samples is None
+    sampling = policy.Sampling.for_model(
+        model, processor.tokenizer, group_size=1 if greedy else args.num_samples, max_new_tokens=args.max_new_tokens,
+        temperature=0.0 if greedy else args.temperature, share_prompt=not greedy,
+        suppressed_ids=tuple(families.forbidden_token_ids(processor, model.config)))
+    rollout = policy.sample_groups(model, inputs, sampling)
     return rollout.texts, rollout.completion_mask.sum(1).tolist()
 
 

@@ -28,11 +28,12 @@ class RunStopped(RuntimeError):
 
 
 def main(argv: list[str]) -> None:
-    # ---- set-up: flags, ranks, where the run starts, data, models ----
+    # ---- set-up (plumbing): flags, ranks, where the run starts, data, models ----
     args = config.parse_args(argv)
     config.validate(args)  # bad flags stop here, in a second, before anything loads
-    config.settle_precision_and_attention(args, on_gpu=torch.cuda.is_available(), flash_attn=config.flash_attn_version())
-    raw_ds_config = config.read_deepspeed_config(args.deepspeed)
+    config.settle_precision_and_attention(args, on_gpu=torch.cuda.is_available(),
+                                          flash_attn=config.flash_attn_version())
+    raw_ds_config = distributed.read_deepspeed_config(args.deepspeed)
     reward_funcs = rewards.get_reward_funcs(args.reward_funcs)
     config.check_paths(args)
     rank, world_size, device = distributed.init_distributed()
@@ -46,7 +47,8 @@ def main(argv: list[str]) -> None:
         progress=rank == 0, decide=distributed.rank0_decides,  # rank 0 checks every row, the others take its word
         check_solution=answers.unverifiable_reason if "accuracy" in args.reward_funcs else None)
     total_steps, left_out = data.optimizer_steps(len(dataset), args, world_size)
-    ds_config = config.fill_deepspeed_config(raw_ds_config, args, world_size, total_steps, on_gpu=device.type == "cuda")
+    ds_config = distributed.fill_deepspeed_config(raw_ds_config, args, world_size, total_steps,
+                                                  on_gpu=device.type == "cuda")
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = distributed.load_engine(args, ds_config, dtype, total_steps, train=True)
@@ -56,83 +58,58 @@ def main(argv: list[str]) -> None:
         progress = output_dir.resume(model, resume_folder, rank, len(dataset), log)
     else:
         progress = output_dir.Progress(num_prompts=len(dataset))
-        distributed.seed_this_rank(args.seed, rank)
+        distributed.seed_this_rank(args.seed, rank)  # one --seed, a different stream of samples on every rank
     if wandb_run is not None:  # rank 0 writes it into every checkpoint, for a resume to continue this run
         progress.wandb_run_id = wandb_run.id
-    logger = output_dir.RunLogger(args, total_steps, rank, device, start_step=progress.step, unlogged=progress.unlogged,
-                                  wandb_run=wandb_run)
-    G, B = args.num_generations, args.per_device_train_batch_size
-    suppress = families.forbidden_token_ids(processor, model.module.config)
-    end_ids = policy.end_token_ids(model.module, processor.tokenizer)
+    logger = output_dir.RunLogger(args, total_steps, rank, device, progress, wandb_run=wandb_run)
+    sampling = policy.Sampling.for_run(args, model, processor, family, device, zero_stage, world_size)
     for line in output_dir.run_summary(args, world_size, total_steps, zero_stage, left_out, resume_folder,
-                                       progress.step, processor.tokenizer.convert_ids_to_tokens(end_ids), end_ids,
-                                       distributed.parameter_counts(model)):
+                                       progress.step, processor.tokenizer.convert_ids_to_tokens(list(sampling.end_ids)),
+                                       list(sampling.end_ids), distributed.parameter_counts(model)):
         logger.info(line)
-    blank = families.blank_picture_prompt(processor, family, device)  # for micro-batches without pictures
-    weights = args.reward_weights or [1.0] * len(reward_funcs)
     reward_faults = rewards.RewardFaults(lambda message: print(f"[rank {rank}] {message}", flush=True))
-    prompt_order = data.step_prompts(len(dataset), B, args.gradient_accumulation_steps, rank, world_size, args.seed,
-                                     start_rollout=progress.rollouts)
+    prompt_order = data.step_prompts(len(dataset), args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                                     rank, world_size, args.seed, start_rollout=progress.rollouts)
     stop_request = distributed.StopRequest()
     last_saved = progress.step
     if args.gradient_checkpointing and args.share_prompt:
         policy.allow_checkpointing_with_shared_prompt(model)
     model.train()
 
+    # ---- the GRPO loop: one rollout per pass, num_iterations optimizer steps on it ----
     while progress.step < total_steps:
         started, phases = time.time(), distributed.Phases(device)
         # 1. prompts: this rank's share of the step
         examples = [dataset[i] for i in next(prompt_order)]
         prompt_inputs = families.build_inputs(processor, [ex["prompt"] for ex in examples],
-                                              [ex["images"] for ex in examples], family, [ex["videos"] for ex in examples])
+                                              [ex["images"] for ex in examples], family,
+                                              [ex["videos"] for ex in examples])
         prompt_inputs = {key: value.to(device) for key, value in prompt_inputs.items()}
         # 2. sample G completions for each prompt
         with phases("generate"):
-            rollout = policy.sample_groups(
-                model, prompt_inputs, processor.tokenizer, group_size=G, max_new_tokens=args.max_completion_length,
-                temperature=args.temperature, top_p=args.top_p, suppress_token_ids=suppress,
-                share_prompt=args.share_prompt, generation_batch_size=args.generation_batch_size,
-                ignore_eos=args.ignore_eos, blank_prompt=blank, zero_stage=zero_stage,
-                synced_ranks=zero_stage == 3 and world_size > 1)
+            rollout = policy.sample_groups(model, prompt_inputs, sampling)
         rollout.examples = examples
         # 3. score them; 4. group-normalised advantages
         with phases("score"):
-            rollout.reward_per_func, failures = rewards.score(reward_funcs, args.reward_funcs, rollout.texts, examples, G,
-                                                              reward_faults)
-            rollout.rewards = objective.combine_rewards(rollout.reward_per_func, weights)
-            rollout.advantages = objective.group_advantages(rollout.rewards, G, scale=args.scale_rewards).to(device)
-        # 5. old and reference log-probs, from the weights as they are before this rollout's first update
-        with phases("logps"):
-            if args.num_iterations > 1:
-                rollout.old_logps = policy.rollout_logps(model, rollout, B, G, args.temperature, args.share_prompt, blank)
-            if reference is not None:
-                rollout.ref_logps = policy.rollout_logps(reference, rollout, B, G, args.temperature, args.share_prompt,
-                                                         blank)
-        # the step's loss (dapo's tokens of all ranks and micro-batches): grpo/objective.py, policy_loss
-        active_tokens = distributed.reduce_over_ranks(rollout.completion_mask.sum().item(), device,
-                                                      torch.distributed.ReduceOp.SUM)
-        # 6. num_iterations updates on this rollout; 7. log each
-        for _ in range(args.num_iterations):
-            with phases("update"):
-                learning_rate = model.get_lr()[0]
-                loss_stats, skipped = update(model, rollout, args, world_size, active_tokens, blank)
-            progress.step += 1
-            progress.nonfinite_in_a_row = progress.nonfinite_in_a_row + 1 if skipped else 0
+            reward_failures = score(rollout, reward_funcs, args, reward_faults)
+        # 5. old and reference log-probs; 6. num_iterations optimizer steps on the rollout; 7. log each
+        for loss_stats, skipped, learning_rate in learn_from(rollout, model, reference, args, world_size, phases):
+            progress.took_step(skipped)
             if skipped:
-                logger.info(f"[train] step {progress.step}: non-finite loss or gradient; the optimizer step was skipped "
-                            f"({progress.nonfinite_in_a_row} in a row, the run stops at --max_nonfinite_steps "
+                logger.info(f"[train] step {progress.step}: non-finite loss or gradient; the optimizer step was "
+                            f"skipped ({progress.nonfinite_in_a_row} in a row, the run stops at --max_nonfinite_steps "
                             f"{args.max_nonfinite_steps})")
-            logger.record(progress.step, output_dir.step_metrics(rollout, loss_stats, args, model, phases,
-                                                           time.time() - started, learning_rate, skipped, failures))
+            metrics = output_dir.step_metrics(rollout, loss_stats, args, model, phases, time.time() - started,
+                                              learning_rate, skipped, reward_failures)
+            logger.record(progress.step, metrics)
             logger.record_completions(progress.step, rollout)
-            if progress.step >= total_steps or progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
+            if progress.step >= total_steps or progress.diverged(args.max_nonfinite_steps):
                 break
         progress.rollouts += 1
-        progress.unlogged = logger.unlogged
 
-        # 8. at the rollout's end: save when a multiple of --save_steps was reached, or to stop
+        # 8. (plumbing) at the rollout's end: save when a multiple of --save_steps was reached, or to stop
         stopping = stop_request.agreed(device)
-        diverged = progress.nonfinite_in_a_row >= args.max_nonfinite_steps
+        diverged = progress.diverged(args.max_nonfinite_steps)
         save_due = args.save_steps > 0 and progress.step // args.save_steps > last_saved // args.save_steps
         if (save_due or stopping or diverged) and progress.step > last_saved:
             if output_dir.save(model, processor, args, progress, zero_stage, rank, device, logger.info):
@@ -150,6 +127,7 @@ def main(argv: list[str]) -> None:
                              f"checkpoint-{last_saved} holds them. Lower --learning_rate, check the reward functions, "
                              f"or try --bf16 false.")
 
+    # ---- (plumbing) the final model ----
     try:
         distributed.save_model(model, processor, args, args.output_dir, zero_stage, rank == 0)
         if args.merge_adapter and rank == 0:
@@ -164,27 +142,63 @@ def main(argv: list[str]) -> None:
     logger.close()
 
 
-def update(model, rollout: policy.Rollout, args, world_size: int, active_tokens: float, blank: dict):
+def score(rollout: policy.Rollout, reward_funcs: list, args, faults: rewards.RewardFaults) -> list[int]:
+    """Steps 3 and 4 on the rollout: each completion's rewards (K functions), their weighted sum
+    R_i = sum_k w_k r_k(i) (--reward_weights), and the group-normalised advantages
+    A_i = (R_i - mean_group(R)) / (std_group(R) + eps) (grpo/objective.py). Returns how many
+    completions each reward function failed on (they score 0 from it)."""
+    G = rollout.sampling.group_size
+    rollout.reward_per_func, failures = rewards.score(reward_funcs, args.reward_funcs, rollout.texts, rollout.examples,
+                                                      G, faults)  # [N, K]
+    rollout.rewards = objective.combine_rewards(rollout.reward_per_func, args.reward_weights)  # [N]
+    rollout.advantages = objective.group_advantages(rollout.rewards, G, scale=args.scale_rewards).to(
+        rollout.completion_ids.device)  # [N]
+    return failures
+
+
+def learn_from(rollout: policy.Rollout, model, reference, args, world_size: int, phases: distributed.Phases):
+    """Steps 5 and 6 on the rollout: the old log-probs (num_iterations > 1) and the reference's (beta > 0),
+    both from the weights as they are before the rollout's first update, then num_iterations optimizer
+    steps on it. Yields each step's (loss statistics per micro-batch, skipped, learning rate)."""
+    prompts_per_micro_batch = args.per_device_train_batch_size
+    with phases("logps"):
+        if args.num_iterations > 1:  # kept for every update of this rollout: the ratio's denominator
+            rollout.old_logps = policy.rollout_logps(model, rollout, prompts_per_micro_batch)  # [N, T]
+        if reference is not None:
+            rollout.ref_logps = policy.rollout_logps(reference, rollout, prompts_per_micro_batch)  # [N, T]
+    # dapo and cispo divide by the active tokens of the whole optimizer step, every rank's and every
+    # micro-batch's: the step's loss is written out in grpo/objective.py (policy_loss)
+    step_tokens = distributed.reduce_over_ranks(rollout.completion_mask.sum().item(), rollout.completion_ids.device,
+                                                torch.distributed.ReduceOp.SUM)
+    for _ in range(args.num_iterations):
+        with phases("update"):
+            learning_rate = model.get_lr()[0]
+            loss_stats, skipped = update(model, rollout, args, world_size, step_tokens)
+        yield loss_stats, skipped, learning_rate
+
+
+def update(model, rollout: policy.Rollout, args, world_size: int, step_tokens: float):
     """One optimizer step on the rollout: each micro-batch's log-probs -> loss -> backward, and DeepSpeed's
     step, which updates the weights after the last micro-batch (unless a loss or a gradient was not
     finite on some rank: distributed.step). Returns each micro-batch's loss statistics and whether
     the optimizer step was skipped."""
-    G = args.num_generations
+    sampling = rollout.sampling
     scale = objective.loss_scale(args.loss_type, world_size, args.gradient_accumulation_steps)
     stats, nonfinite = [], False
-    for inputs, completions in rollout.micro_batches(args.per_device_train_batch_size, G, model.module.config, blank):
-        ids, mask = rollout.completion_ids[completions], rollout.completion_mask[completions]
-        logps, entropy = policy.completion_logps(model, inputs, ids, mask, args.temperature, G, args.share_prompt,
-                                                 with_entropy=True)
+    for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, families.unwrap(model).config):
+        ids, mask = rollout.completion_ids[rows], rollout.completion_mask[rows]  # [b*G, T]
+        logps, entropy = policy.completion_logps(model, inputs, ids, mask, sampling.temperature, sampling.group_size,
+                                                 sampling.share_prompt, with_entropy=True)  # [b*G, T] each
         # num_iterations = 1: the rollout came from these very weights, so old = logps (ratio 1)
-        old = rollout.old_logps[completions] if rollout.old_logps is not None else logps.detach()
+        old = rollout.old_logps[rows] if rollout.old_logps is not None else logps.detach()  # [b*G, T]
         loss, loss_stats = objective.policy_loss(
-            logps, old, rollout.advantages[completions], mask,
-            ref_logps=rollout.ref_logps[completions] if rollout.ref_logps is not None else None, beta=args.beta,
+            logps, old, rollout.advantages[rows], mask,
+            ref_logps=rollout.ref_logps[rows] if rollout.ref_logps is not None else None, beta=args.beta,
             epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-            max_completion_length=args.max_completion_length, num_items_in_batch=active_tokens,
+            max_completion_length=args.max_completion_length, num_items_in_batch=step_tokens,
             importance_sampling_level=args.importance_sampling_level,
             sapo_temperatures=(args.sapo_temperature_pos, args.sapo_temperature_neg))
+        # a non-finite loss in any micro-batch, on any rank, skips the whole optimizer step
         nonfinite |= not distributed.backward(model, loss * scale, logps)
         skipped = distributed.step(model, skip=nonfinite)
         stats.append(dict(loss_stats, loss=loss.item(),

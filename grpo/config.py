@@ -1,4 +1,4 @@
-"""Command-line arguments, their checks, and the DeepSpeed config filled from them.
+"""Command-line arguments and their checks.
 
 Every flag of train.py is a field of GRPOArguments, `name: type = flag(default, "help")`, grouped in
 the order of a step: GRPO (the group, its rewards, the objective), sampling, optimisation, the run
@@ -20,22 +20,23 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
-import json
-import math
 import os
 import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from . import objective
 
+# The names the objective's switches take (grpo/objective.py imports them from here: the flags' page is
+# stdlib alone, so the scripts start without loading torch).
+SCALES = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")  # where the logs go besides metrics.jsonl; `none` alone: nowhere else
 ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
 # LoRA's default targets: every attention and MLP projection of the language model (all eight families name them so).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zero3.json")
 
 
 def flag(default, help: str, choices: tuple[str, ...] | None = None):
@@ -53,17 +54,17 @@ class GRPOArguments:
     num_generations: int = flag(8, "G: completions sampled per prompt (the group).")
     reward_funcs: list[str] = flag(["accuracy", "format"], "Reward functions by registry name.")
     reward_weights: list[float] | None = flag(None, "One weight per reward function (default 1 each).")
-    scale_rewards: str = flag("group", "Advantage scaling: group, batch or none (Dr. GRPO).", choices=objective.SCALES)
+    scale_rewards: str = flag("group", "Advantage scaling: group, batch or none (Dr. GRPO).", choices=SCALES)
     loss_type: str = flag(
         "grpo", "grpo, bnpo, dr_grpo or dapo (how per-token losses are averaged), or cispo or sapo (the per-token "
-        "loss itself: grpo/objective.py).", choices=objective.LOSS_TYPES)
+        "loss itself: grpo/objective.py).", choices=LOSS_TYPES)
     epsilon: float = flag(0.2, "Lower clip range of the ratio (and upper, unless --epsilon_high).")
     epsilon_high: float | None = flag(
         None, "Upper clip range (DAPO clip-higher uses 0.28); with --loss_type cispo the importance weight's cap "
         "is 1 + this.")
     importance_sampling_level: str = flag(
         "token", "token (GRPO) or sequence (GSPO: one ratio per completion; use --epsilon 3e-4 --epsilon_high 4e-4).",
-        choices=objective.IMPORTANCE_SAMPLING_LEVELS)
+        choices=IMPORTANCE_SAMPLING_LEVELS)
     sapo_temperature_pos: float = flag(
         1.0, "--loss_type sapo: the soft gate's temperature for positive advantages (SAPO's and TRL's 1.0).")
     sapo_temperature_neg: float = flag(
@@ -126,7 +127,7 @@ class GRPOArguments:
         "flash_attention_2 where it can run, else sdpa.", choices=ATTN_IMPLEMENTATIONS)
     seed: int = flag(42, "Seed for data order, init and sampling (each rank samples with seed + rank).")
     deepspeed: str | None = flag(
-        None, f"DeepSpeed JSON config; default {os.path.basename(DEFAULT_DEEPSPEED_CONFIG)} next to train.py.")
+        None, "DeepSpeed JSON config; default zero3.json next to train.py.")
     local_rank: int = flag(-1, "Set by the deepspeed launcher.")
     # --- the run: where it goes, logging and saving ---
     output_dir: str = flag("outputs/grpo", "Where checkpoints, TensorBoard logs and the final model go.")
@@ -477,71 +478,3 @@ def settle_precision_and_attention(args: GRPOArguments, on_gpu: bool, flash_attn
     if args.bf16 is None:
         args.bf16 = on_gpu
     args.attn_implementation = attention_for(args.attn_implementation, args.bf16, on_gpu, flash_attn)
-
-
-def read_deepspeed_config(path: str | None) -> dict:
-    """The DeepSpeed JSON as a dict; an unreadable file stops the run before anything loads."""
-    path = path or DEFAULT_DEEPSPEED_CONFIG
-    try:
-        with open(path) as f:
-            ds_config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"--deepspeed: cannot read DeepSpeed config {path!r}: {e}") from e
-    if not isinstance(ds_config, dict):
-        raise UsageError(f"--deepspeed: {path!r} must hold a JSON object, not {type(ds_config).__name__}.")
-    ds_config["_path"] = path
-    return ds_config
-
-
-def fill_deepspeed_config(ds_config: dict, args: GRPOArguments, world_size: int, total_steps: int,
-                          on_gpu: bool) -> dict:
-    """A copy of the config with its "auto" values filled from the arguments.
-
-    DeepSpeed's micro-batch is the number of completions one rank forwards per micro-step
-    (prompts x G). Any "auto" left that we do not know how to fill is an error naming the key.
-    A world of one runs ZeRO stage 0 whatever the file says (nothing to partition).
-    """
-    ds_config = json.loads(json.dumps(ds_config))
-    path = ds_config.pop("_path", "the DeepSpeed config")
-    micro_batch = args.per_device_train_batch_size * args.num_generations
-    auto_values = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "train_batch_size": micro_batch * args.gradient_accumulation_steps * world_size,
-        "gradient_clipping": args.max_grad_norm,
-        "bf16.enabled": bool(args.bf16),
-        "fp16.enabled": False,
-        "optimizer.params.lr": args.learning_rate,
-        "optimizer.params.betas": [args.adam_beta1, args.adam_beta2],
-        "optimizer.params.eps": args.adam_epsilon,
-        "optimizer.params.weight_decay": args.weight_decay,
-        "scheduler.params.warmup_min_lr": 0.0,
-        "scheduler.params.warmup_max_lr": args.learning_rate,
-        "scheduler.params.warmup_num_steps": math.ceil(args.warmup_ratio * total_steps),
-        "scheduler.params.total_num_steps": total_steps,
-    }
-    _fill_auto(ds_config, auto_values, path)
-    if world_size == 1 and ds_config.get("zero_optimization", {}).get("stage", 0) != 0:
-        # One process has nothing to shard: ZeRO would only add its partition and gather hooks to
-        # every layer. The same config runs partitioned as soon as there are two ranks.
-        ds_config["zero_optimization"] = {"stage": 0}
-    if not on_gpu and "optimizer" in ds_config:
-        # DeepSpeed's fused Adam is CUDA-only; on the CPU accelerator use torch's AdamW.
-        ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
-    return ds_config
-
-
-def _fill_auto(node: dict, auto_values: dict, path: str, prefix: str = "") -> None:
-    for key, value in list(node.items()):
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            _fill_auto(value, auto_values, path, dotted + ".")
-        elif value == "auto" and dotted in auto_values:
-            node[key] = auto_values[dotted]
-        elif value == "auto" and dotted.startswith("zero_optimization."):
-            # HF's Trainer sizes ZeRO's buckets from the hidden size; DeepSpeed's own defaults are
-            # sound for the models here, so an "auto" bucket size falls back to them.
-            del node[key]
-        elif value == "auto":
-            raise UsageError(f"--deepspeed: {path!r} sets {dotted} to \"auto\", which train.py cannot fill; "
-                             f"give it a value. Fillable keys: {sorted(auto_values)}.")

@@ -1,11 +1,11 @@
-"""DeepSpeed and the ranks: the process group, what ranks agree on, the engines, the optimizer step,
-and the checkpoints DeepSpeed writes.
+"""DeepSpeed and the ranks: the process group, what ranks agree on, the engines and their config, the
+optimizer step, and the checkpoints DeepSpeed writes.
 
 - `init_distributed`: one process group for the deepspeed launcher, torchrun and plain `python`
   ([leaked shared memory] on the CPU); `end_distributed` before exit ([exit abort]).
 - `mean_over_ranks`, `all_ranks`, `rank0_decides`: what the ranks must agree on ([ranks that disagree]).
-- `load_engine`: the policy (with its optimizer and LR schedule) or the frozen reference, partitioned
-  while it loads under ZeRO-3 ([ZeRO-3 class patching]).
+- `fill_deepspeed_config`, `load_engine`: the policy (with its optimizer and LR schedule) or the frozen
+  reference, partitioned while it loads under ZeRO-3 ([ZeRO-3 class patching]).
 - `backward` and `step`: one micro-batch's backward and DeepSpeed's step, which updates the weights
   after the last micro-batch of an optimizer step, unless a loss or a gradient was not finite on some
   rank: then nothing changes anywhere ([non-finite steps]). `Phases` times them, with peak memory.
@@ -100,11 +100,9 @@ def all_ranks(ok: bool, device) -> bool:
 
 
 def rank0_decides(decide):
-    """decide() run on rank 0 alone, its result (or its usage error) given to every rank.
-
-    For the decisions that read files (the checkpoint to resume, whether --output_dir holds an earlier
-    run, which rows are usable): made once, so ranks on different machines cannot disagree and wait
-    for each other forever, and the work (decoding every picture of the dataset) is not repeated."""
+    """decide() run on rank 0 alone, its result (or its usage error) given to every rank: for the
+    decisions that read files (the checkpoint to resume, whether --output_dir holds an earlier run),
+    so ranks on different machines cannot disagree and wait for each other forever."""
     outcome = [None, None]
     if torch.distributed.get_rank() == 0:
         try:
@@ -193,6 +191,72 @@ def parameter_counts(engine) -> tuple[int, int]:
     """(trained, all) parameters of the engine's model, counted whole under ZeRO-3 too (ds_numel)."""
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in engine.module.parameters()]
     return sum(n for n, trained in sizes if trained), sum(n for n, _ in sizes)
+
+
+DEFAULT_DEEPSPEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zero3.json")
+
+
+def read_deepspeed_config(path: str | None) -> dict:
+    """The DeepSpeed JSON as a dict; an unreadable file stops the run before anything loads."""
+    path = path or DEFAULT_DEEPSPEED_CONFIG
+    try:
+        with open(path) as f:
+            ds_config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--deepspeed: cannot read DeepSpeed config {path!r}: {e}") from e
+    if not isinstance(ds_config, dict):
+        raise UsageError(f"--deepspeed: {path!r} must hold a JSON object, not {type(ds_config).__name__}.")
+    ds_config["_path"] = path
+    return ds_config
+
+
+def fill_deepspeed_config(ds_config: dict, args, world_size: int, total_steps: int,
+                          on_gpu: bool) -> dict:
+    """A copy of the config with its "auto" values filled from the arguments. DeepSpeed's micro-batch is
+    the completions one rank forwards per micro-step (prompts x G); an "auto" we cannot fill is an
+    error naming the key; a world of one runs ZeRO stage 0 whatever the file says."""
+    ds_config = json.loads(json.dumps(ds_config))
+    path = ds_config.pop("_path", "the DeepSpeed config")
+    micro_batch = args.per_device_train_batch_size * args.num_generations
+    auto_values = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": micro_batch * args.gradient_accumulation_steps * world_size,
+        "gradient_clipping": args.max_grad_norm,
+        "bf16.enabled": bool(args.bf16),
+        "fp16.enabled": False,
+        "optimizer.params.lr": args.learning_rate,
+        "optimizer.params.betas": [args.adam_beta1, args.adam_beta2],
+        "optimizer.params.eps": args.adam_epsilon,
+        "optimizer.params.weight_decay": args.weight_decay,
+        "scheduler.params.warmup_min_lr": 0.0,
+        "scheduler.params.warmup_max_lr": args.learning_rate,
+        "scheduler.params.warmup_num_steps": math.ceil(args.warmup_ratio * total_steps),
+        "scheduler.params.total_num_steps": total_steps,
+    }
+    _fill_auto(ds_config, auto_values, path)
+    if world_size == 1 and ds_config.get("zero_optimization", {}).get("stage", 0) != 0:
+        ds_config["zero_optimization"] = {"stage": 0}  # nothing to shard: ZeRO would only add its hooks
+    if not on_gpu and "optimizer" in ds_config:
+        # DeepSpeed's fused Adam is CUDA-only; on the CPU accelerator use torch's AdamW.
+        ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    return ds_config
+
+
+def _fill_auto(node: dict, auto_values: dict, path: str, prefix: str = "") -> None:
+    for key, value in list(node.items()):
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _fill_auto(value, auto_values, path, dotted + ".")
+        elif value == "auto" and dotted in auto_values:
+            node[key] = auto_values[dotted]
+        elif value == "auto" and dotted.startswith("zero_optimization."):
+            # HF's Trainer sizes ZeRO's buckets from the hidden size; DeepSpeed's own defaults are
+            # sound for the models here, so an "auto" bucket size falls back to them.
+            del node[key]
+        elif value == "auto":
+            raise UsageError(f"--deepspeed: {path!r} sets {dotted} to \"auto\", which train.py cannot fill; "
+                             f"give it a value. Fillable keys: {sorted(auto_values)}.")
 
 
 def lr_schedule(optimizer, args, total_steps: int):
@@ -336,11 +400,8 @@ def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: b
         _save_processor_and_arguments(folder, processor, args)
     elif is_main:
         model = engine.module
-        # save_pretrained writes the key layout the weights were read from, by reverting the renames
-        # from_pretrained recorded in _weight_conversions. Loaded under ZeRO-3 (HfDeepSpeedConfig) it
-        # records extra ones, and their reversal wrote Qwen2-VL's layers as model.model.layers.*
-        # (transformers 5.24), which other readers (vLLM) do not know. Without a record it reverts the
-        # family's default renames: exactly what a save after a plain load writes.
+        # save_pretrained reverts the renames from_pretrained recorded; a ZeRO-3 load records extra ones
+        # ([ZeRO-3 key names]). Without a record it reverts the family's defaults, as after a plain load.
         recorded = getattr(model, "_weight_conversions", None)
         if zero_stage == 3:
             model._weight_conversions = None
@@ -471,7 +532,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
 
 
 class StopRequest:

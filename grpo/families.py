@@ -134,13 +134,8 @@ def load_processor(model_name_or_path: str, min_pixels: int, max_pixels: int):
 def define_model_classes(model_name_or_path: str):
     """Import every module class the model is built from, by building it once on the meta device (no
     memory), and return that skeleton (its layers' names, no weights; of the base model for a LoRA
-    adapter's folder). Call it before a ZeRO-3 load (HfDeepSpeedConfig): DeepSpeed's zero.Init wraps the
-    __init__ of every class defined while it is active and puts back what it wrapped when it exits,
-    which undoes what a class decorator did in between. transformers (5.25, with `kernels` installed)
-    decorates attention classes (Qwen2Attention: use_kernelized_func); LLaVA-OneVision and Aria import
-    their text model's module inside their own __init__, so under ZeRO-3 the first load defined it
-    inside zero.Init, and every later instance (the reference model) lost its decorated __init__ and
-    failed at its first forward ("'Qwen2Attention' object has no attribute '_kernel_funcs'")."""
+    adapter's folder). Call it before a ZeRO-3 load (HfDeepSpeedConfig), whose zero.Init would otherwise
+    be the one to define some of them, and undo their class decorators ([ZeRO-3 class patching])."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     with torch.device("meta"):

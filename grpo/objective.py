@@ -30,9 +30,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+from .config import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALES  # the flags' choices, one list each
 
 
 def _choose(name: str, value: str, choices) -> None:

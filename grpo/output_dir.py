@@ -48,6 +48,16 @@ class Progress:
     unlogged: list = dataclasses.field(default_factory=list)  # the metrics of steps not logged yet
     wandb_run_id: str | None = None  # the wandb run a resume continues (--report_to wandb)
 
+    def took_step(self, skipped: bool) -> None:
+        """One more optimizer step; a skipped one (non-finite) lengthens the run of skipped steps, any
+        other ends it."""
+        self.step += 1
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+
+    def diverged(self, max_nonfinite_steps: int) -> bool:
+        """The run cannot go on: --max_nonfinite_steps steps in a row skipped."""
+        return self.nonfinite_in_a_row >= max_nonfinite_steps
+
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """(step, folder) of every complete checkpoint, oldest first."""
@@ -265,16 +275,15 @@ CONSOLE_FIELDS = [
 
 
 class RunLogger:
-    """The run's logs, continued by a resumed run (start_step > 0): lines and events after start_step,
+    """The run's logs, continued by a resumed run (progress.step > 0): lines and events after that step,
     from the steps the interrupted run did not checkpoint, are dropped, since those steps run again.
+    The metrics of steps not logged yet are kept in `progress.unlogged`, so that a checkpoint holds them.
     Every rank calls `record` and `record_completions` (collectives); rank 0 (`writes`) writes."""
 
-    def __init__(self, args, total_steps: int, rank: int, device, start_step: int = 0, unlogged: list | None = None,
-                 wandb_run=None):
+    def __init__(self, args, total_steps: int, rank: int, device, progress: Progress, wandb_run=None):
         self.args, self.total_steps, self.rank, self.device = args, total_steps, rank, device
-        self.writes = rank == 0
-        self.unlogged = unlogged if unlogged is not None else []  # this rank's metrics of the steps since the last log
-        self.writer = self.progress = self.plotting = None
+        self.writes, self.progress, start_step = rank == 0, progress, progress.step
+        self.writer = self.bar = self.plotting = None  # bar: tqdm's progress bar
         self.wandb, self.logged_step = wandb_run, None  # start_wandb's run (rank 0); the last step logged
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         self.completions_path = os.path.join(args.output_dir, "completions.jsonl")
@@ -292,22 +301,23 @@ class RunLogger:
             # purge_step: TensorBoard hides the earlier run's events from this step on.
             self.writer = SummaryWriter(os.path.join(args.output_dir, "runs", args.run_name),
                                         purge_step=start_step + 1 if start_step else None)
-        self.progress = tqdm(total=total_steps, initial=start_step, desc="GRPO", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="GRPO", unit="step", dynamic_ncols=True)
 
     def info(self, message: str) -> None:
         if self.writes:
-            (self.progress.write if self.progress else print)(message)
+            (self.bar.write if self.bar else print)(message)
 
     def record(self, step: int, metrics: dict[str, float]) -> None:
         """This rank's numbers for optimizer step `step`; at every --logging_steps-th step (and the last)
         their mean over the steps since the last log and over the ranks is logged (min and max for the
         length's extremes)."""
-        if self.progress:
-            self.progress.update(1)
-        self.unlogged.append(metrics)
+        if self.bar:
+            self.bar.update(1)
+        unlogged = self.progress.unlogged  # this rank's metrics of the steps since the last log
+        unlogged.append(metrics)
         if step % self.args.logging_steps and step != self.total_steps:
             return
-        window, self.unlogged = self.unlogged, []
+        window, self.progress.unlogged = unlogged, []
         mean = distributed.mean_over_ranks({key: sum(m[key] for m in window) / len(window) for key in window[0]},
                                            self.device)
         for key, op, pick in (("completion/length_min", torch.distributed.ReduceOp.MIN, min),
@@ -395,8 +405,8 @@ class RunLogger:
         shows the run as preempted, to be resumed), or a run that stopped (exit_code 1: failed). The
         plots as last drawn go to wandb here, once: wandb draws the same scalars live."""
         self._plotted(self.plotting)
-        if self.progress:
-            self.progress.close()
+        if self.bar:
+            self.bar.close()
         if self.writer:
             self.writer.close()
         if self.wandb:

@@ -1,12 +1,19 @@
 """The policy model at work: a step's rollouts sampled from it, and log pi(o | q, image) of their tokens.
 
-Everything that runs the model is here. `sample_groups` draws G completions for every prompt of a
-rank's step in one `generate` call; `completion_logps` gives each completion token's log-probability,
-with gradient for the update and without for the reference and the old policy. Both encode each
-prompt and its pictures once per group (the shared prompt): generate prefills the prompt once and
-copies its cache to the G samples, and the log-prob forward runs the prompt once and lets the G
-completions attend to its keys and values. `share_prompt=False` repeats the prompt G times, the
-plain definition, which the tests hold the shared path to (log-probs, gradients, samples).
+Everything that runs the model is here, in three parts:
+
+1. The definition. `sample_groups` draws G completions for every prompt of a rank's step, from
+   softmax(logits / T) within the top_p nucleus and nothing else; `completion_logps` gives each
+   completion token's log-probability, with gradient for the update and without for the reference and
+   the old policy. Read plainly, each prompt is repeated G times (`share_prompt=False`).
+2. The shared prompt: the same numbers with each prompt and its pictures encoded once per group.
+   generate prefills the prompt once and copies its cache to the G samples; the log-prob forward runs
+   the prompt once and lets the G completions attend to its keys and values. The tests hold it to part
+   1 (log-probs, gradients, samples).
+3. generate's surroundings: the config it is told, the end ids, the attention kernel it decodes with,
+   the ZeRO-3 gather around it.
+
+The run's sampling settings are one `Sampling`, built once at set-up and passed whole.
 
 The traps guarded here (docs/TRAPS.md): [checkpoint sampling defaults] (generate is told the run's
 flags and nothing of the checkpoint's generation config), [end ids], [ZeRO-3 generation] (weights
@@ -28,255 +35,115 @@ from . import families
 from .objective import selective_log_softmax, token_entropy
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How this run draws its rollouts, fixed at set-up and passed whole (nanoGPT's GPTConfig habit).
+    `for_run` builds it from the flags; `for_model` anywhere else (eval, tests, the tour)."""
+
+    tokenizer: object                     # decodes the completions; its pad id fills after an end
+    group_size: int                       # G: completions per prompt
+    max_new_tokens: int                   # the most tokens a completion has
+    temperature: float                    # T: sampled from softmax(logits / T), log-probs taken at T too
+    end_ids: tuple[int, ...]              # a completion ends at the first of any of them ([end ids])
+    top_p: float = 1.0                    # the nucleus
+    suppressed_ids: tuple[int, ...] = ()  # placeholder ids never sampled ([sampled placeholders])
+    share_prompt: bool = True             # each prompt encoded once per group (part 2), else G times
+    completions_per_call: int = 0         # the most completions per generate call (0: the whole step at once)
+    ignore_eos: bool = False              # exactly max_new_tokens tokens, never stopping (benchmarks)
+    blank_picture: dict | None = None     # given to a batch without pictures ([text-only rank])
+    zero_stage: int = 0                   # 3: every weight gathered once around generate ([ZeRO-3 generation])
+    synced_ranks: bool = False            # ZeRO-3 on several ranks: each keeps stepping until all are done
+
+    @classmethod
+    def for_model(cls, model, tokenizer, **settings) -> Sampling:
+        """The settings given, the end ids read from the model's checkpoint and tokenizer."""
+        return cls(tokenizer=tokenizer, end_ids=tuple(end_token_ids(model, tokenizer)), **settings)
+
+    @classmethod
+    def for_run(cls, args, model, processor, family, device, zero_stage: int, world_size: int) -> Sampling:
+        """The run's settings, from train.py's flags."""
+        unwrapped = families.unwrap(model)
+        return cls.for_model(
+            unwrapped, processor.tokenizer, group_size=args.num_generations,
+            max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+            suppressed_ids=tuple(families.forbidden_token_ids(processor, unwrapped.config)),
+            share_prompt=args.share_prompt, completions_per_call=args.generation_batch_size,
+            ignore_eos=args.ignore_eos, blank_picture=families.blank_picture_prompt(processor, family, device),
+            zero_stage=zero_stage, synced_ranks=zero_stage == 3 and world_size > 1)
+
+
 @dataclass
 class Rollout:
-    """One optimizer step's rollout on this rank: B prompts and their G completions each, prompt-major
-    (completion i belongs to prompt i // G: [group order]). Sampling fills the first five fields, the
-    step the others as it scores the completions and compares the policies."""
+    """One optimizer step's rollout on this rank: its prompts and their G completions each, prompt-major
+    (completion i belongs to prompt i // G: [group order]). Sampling fills the first six fields, the
+    step the others as it scores the completions and compares the policies. N = prompts x G rows."""
 
-    prompt_inputs: dict            # the B prompts' inputs, NOT repeated: left-padded [B, P] rows and their pictures
-    completion_ids: torch.Tensor   # [B*G, T] sampled tokens, right-padded
-    completion_mask: torch.Tensor  # [B*G, T] 1 up to and including the first end id
-    texts: list[str]               # B*G decoded completions (special tokens removed)
-    truncated: torch.Tensor        # [B*G] bool: stopped at max_new_tokens without an end id
-    examples: list[dict] = field(default_factory=list)  # the B dataset rows (problem, solution, images, ...)
-    rewards: torch.Tensor | None = None          # [B*G] weighted sum of the reward functions
-    reward_per_func: torch.Tensor | None = None  # [B*G, K]
-    advantages: torch.Tensor | None = None       # [B*G]
-    old_logps: torch.Tensor | None = None        # [B*G, T] before the step's first update (num_iterations > 1)
-    ref_logps: torch.Tensor | None = None        # [B*G, T] under the reference model (beta > 0)
+    prompt_inputs: dict            # the prompts' inputs, NOT repeated: left-padded [prompts, P] rows and their pictures
+    completion_ids: torch.Tensor   # [N, T] sampled tokens, right-padded
+    completion_mask: torch.Tensor  # [N, T] 1 up to and including the first end id
+    texts: list[str]               # N decoded completions (special tokens removed)
+    truncated: torch.Tensor        # [N] bool: stopped at max_new_tokens without an end id
+    sampling: Sampling             # how they were drawn (G, T, the blank picture, ...)
+    examples: list[dict] = field(default_factory=list)  # the dataset rows (problem, solution, images, ...)
+    rewards: torch.Tensor | None = None          # [N] weighted sum of the reward functions
+    reward_per_func: torch.Tensor | None = None  # [N, K]
+    advantages: torch.Tensor | None = None       # [N]
+    old_logps: torch.Tensor | None = None        # [N, T] before the step's first update (num_iterations > 1)
+    ref_logps: torch.Tensor | None = None        # [N, T] under the reference model (beta > 0)
 
-    def micro_batches(self, prompts_per_batch: int, group_size: int, config, blank: dict | None = None):
+    def micro_batches(self, prompts_per_micro_batch: int, model_config):
         """Consecutive runs of prompts, each with its G completions: (prompt inputs, completion rows)
-        pairs. `blank` gives a run without pictures the masked-out blank image ([text-only rank])."""
-        num_prompts = self.prompt_inputs["input_ids"].shape[0]
-        for start in range(0, num_prompts, prompts_per_batch):
-            stop = min(start + prompts_per_batch, num_prompts)
-            yield (families.select_prompts(self.prompt_inputs, start, stop, config, blank),
-                   slice(start * group_size, stop * group_size))
+        pairs. A run without pictures gets the masked-out blank picture ([text-only rank])."""
+        num_prompts, G = self.prompt_inputs["input_ids"].shape[0], self.sampling.group_size
+        for start in range(0, num_prompts, prompts_per_micro_batch):
+            stop = min(start + prompts_per_micro_batch, num_prompts)
+            yield (families.select_prompts(self.prompt_inputs, start, stop, model_config, self.sampling.blank_picture),
+                   slice(start * G, stop * G))
 
-# ---------------------------------------------------------------- sampling
-
-def end_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion ([end ids]): the checkpoint's generation_config.eos_token_id (one
-    id or a list: Qwen's <|im_end|> and <|endoftext|>, Gemma 3's <end_of_turn> and <eos>) and the
-    tokenizer's eos, in that order, each once."""
-    listed = families.unwrap(model).generation_config.eos_token_id
-    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
-    ids = [*listed, tokenizer.convert_tokens_to_ids(tokenizer.eos_token)]
-    return list(dict.fromkeys(int(i) for i in ids if i is not None))
-
-
-def generation_config(*, max_new_tokens: int, end_ids: list[int], pad_token_id: int, suppress_token_ids: list[int],
-                      temperature: float | None, top_p: float = 1.0, ignore_eos: bool = False):
-    """The whole of what `generate` is told, from the run's flags alone: sampling from
-    softmax(logits / temperature) restricted to the top_p nucleus (temperature None: greedy), with
-    placeholders suppressed, stopping at any end id. Every other field that changes what is drawn
-    (top_k, repetition_penalty, typical_p, min_p, no_repeat_ngram_size, bad_words_ids, ...) is left
-    unset, and `run_settings_only` keeps the checkpoint's values from filling them; top_k is set to 0
-    because transformers' own default for it is 50. Compiling is off ([auto-compile])."""
-    from transformers import GenerationConfig
-
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature is not None \
-        else dict(do_sample=False)
-    return GenerationConfig(
-        **sampling, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if ignore_eos else None,
-        use_cache=True, suppress_tokens=suppress_token_ids or None, eos_token_id=end_ids, pad_token_id=pad_token_id,
-        disable_compile=True)
-
-
-@contextlib.contextmanager
-def run_settings_only(model):
-    """Within the block the model's generation_config holds its token ids and nothing else.
-
-    transformers (5.x, `_prepare_generation_config`) fills every field of the config `generate` is
-    given that is unset from the model's generation_config, i.e. from the checkpoint's
-    generation_config.json: a published checkpoint's top_k 1 or repetition_penalty 1.05 would shape
-    the rollouts ([checkpoint sampling defaults]). Setting the checkpoint's config aside for the call leaves only the run's
-    flags and transformers' neutral defaults."""
-    from transformers import GenerationConfig
-
-    published = model.generation_config
-    model.generation_config = GenerationConfig(
-        eos_token_id=published.eos_token_id, pad_token_id=published.pad_token_id, bos_token_id=published.bos_token_id)
-    try:
-        yield
-    finally:
-        model.generation_config = published
-
-
-@contextlib.contextmanager
-def decode_attention(model):
-    """Decode on sdpa when the model runs flash-attention-2 ([unpadding syncs]); the training forwards
-    keep flash-attention-2."""
-    if model.config._attn_implementation != "flash_attention_2":
-        yield
-        return
-    model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation("flash_attention_2")
-
-
-def completion_mask_through_eos(completion_ids: torch.Tensor, end_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask [N, T] that is 1 up to and including each row's first end id (any of end_ids), and which
-    rows had none."""
-    is_eos = torch.isin(completion_ids, torch.tensor(end_ids, device=completion_ids.device))
-    has_eos = is_eos.any(dim=1)
-    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), completion_ids.shape[1] - 1)
-    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
-    return (positions[None, :] <= first_eos[:, None]).long(), ~has_eos
-
-
-@contextlib.contextmanager
-def gathered_weights(model, zero_stage: int):
-    """Under ZeRO-3, every weight gathered on every rank once for the block, and DeepSpeed's per-module
-    hooks off while it lasts ([ZeRO-3 generation]): they fetch a module's weights before its forward
-    and release them after it, GatheredParameters or not, so generate would gather them again. They
-    are registered again at the block's end, as TRL does (`unwrap_model_for_generation`), with the
-    same module ids. `model` is the DeepSpeed engine (or a plain model, which needs nothing)."""
-    if zero_stage != 3:
-        yield
-        return
-    import deepspeed
-
-    offload = getattr(getattr(model, "optimizer", None), "parameter_offload", None)
-    unwrapped = families.unwrap(model)
-    with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
-        if offload is None:  # no ZeRO-3 engine around it: nothing hooked
-            yield
-            return
-        for param in unwrapped.parameters():
-            param.ds_active_sub_modules.clear()
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            offload._register_deepspeed_module(offload.module, count=[0])
-
+# ================================================================ 1. the definition
 
 @torch.no_grad()
-def sample_groups(model, prompt_inputs: dict, tokenizer, *, group_size: int, max_new_tokens: int,
-                  temperature: float, top_p: float, suppress_token_ids: list[int], share_prompt: bool = True,
-                  generation_batch_size: int = 0, ignore_eos: bool = False, blank_prompt: dict | None = None,
-                  zero_stage: int = 0, synced_ranks: bool = False) -> Rollout:
-    """The rollout of B prompts (`prompt_inputs`: left-padded [B, P] rows and their pictures, not
-    repeated): G completions each, rows i*G .. i*G+G-1 for prompt i, right-padded to the longest.
+def sample_groups(model, prompt_inputs: dict, sampling: Sampling) -> Rollout:
+    """The rollout of a rank's prompts (`prompt_inputs`: left-padded [prompts, P] rows and their
+    pictures, not repeated): G completions each, rows i*G .. i*G+G-1 for prompt i, right-padded to the
+    longest.
 
-    Drawn from softmax(logits / temperature) within the top_p nucleus, and from nothing else
+    Drawn from softmax(logits / T) within the top_p nucleus, and from nothing else
     (generation_config), in eval mode with the KV cache ([cache off in train mode]), placeholders
-    suppressed. All B*G completions come from one `generate` call, or from calls of at most
-    `generation_batch_size` completions (0: no limit); every rank makes as many calls, and with
+    suppressed. All the completions come from one `generate` call, or from calls of at most
+    `sampling.completions_per_call` completions; every rank makes as many calls, and with
     `synced_ranks` keeps stepping until all are done ([ZeRO-3 generation]). `model`: the policy, or
-    the DeepSpeed engine around it. `ignore_eos` samples exactly max_new_tokens tokens (benchmarks).
-    `blank_prompt` gives a call without pictures the blank image ([text-only rank]).
+    the DeepSpeed engine around it.
     """
     unwrapped = families.unwrap(model)
-    end_ids = end_token_ids(unwrapped, tokenizer)
-    config = generation_config(max_new_tokens=max_new_tokens, end_ids=end_ids, pad_token_id=tokenizer.pad_token_id,
-                               suppress_token_ids=suppress_token_ids, temperature=temperature, top_p=top_p,
-                               ignore_eos=ignore_eos)
+    config = generation_config(max_new_tokens=sampling.max_new_tokens, end_ids=list(sampling.end_ids),
+                               pad_token_id=sampling.tokenizer.pad_token_id,
+                               suppress_token_ids=list(sampling.suppressed_ids), temperature=sampling.temperature,
+                               top_p=sampling.top_p, ignore_eos=sampling.ignore_eos)
     num_prompts = prompt_inputs["input_ids"].shape[0]
-    per_call = prompts_per_call(generation_batch_size, group_size, num_prompts)
-    generate = _generate_from_shared_prompt if share_prompt else _generate_from_repeated_prompt
+    per_call = prompts_per_call(sampling.completions_per_call, sampling.group_size, num_prompts)
+    generate = _generate_from_shared_prompt if sampling.share_prompt else _generate_from_repeated_prompt
     pieces = []
     was_training = unwrapped.training
     unwrapped.eval()
-    with gathered_weights(model, zero_stage), run_settings_only(unwrapped):
+    with gathered_weights(model, sampling.zero_stage), run_settings_only(unwrapped):
         for start in range(0, num_prompts, per_call):
             inputs = families.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts),
-                                             unwrapped.config, blank_prompt)
-            pieces.append(generate(unwrapped, inputs, group_size, config, synced_ranks))
+                                             unwrapped.config, sampling.blank_picture)
+            pieces.append(generate(unwrapped, inputs, sampling.group_size, config, sampling.synced_ranks))  # [n, t]
     unwrapped.train(was_training)
     longest = max(piece.shape[1] for piece in pieces)
-    padded = [torch.nn.functional.pad(piece, (0, longest - piece.shape[1]), value=tokenizer.pad_token_id)
+    padded = [torch.nn.functional.pad(piece, (0, longest - piece.shape[1]), value=sampling.tokenizer.pad_token_id)
               for piece in pieces]
-    return to_rollout(prompt_inputs, torch.cat(padded), tokenizer, end_ids)
-
-
-@torch.no_grad()
-def greedy_completions(model, prompt_inputs: dict, tokenizer, *, max_new_tokens: int,
-                       suppress_token_ids: list[int]) -> Rollout:
-    """One greedy completion per prompt (eval.py), under the same rules: the run's settings only,
-    every end id, placeholders suppressed."""
-    end_ids = end_token_ids(model, tokenizer)
-    config = generation_config(max_new_tokens=max_new_tokens, end_ids=end_ids, pad_token_id=tokenizer.pad_token_id,
-                               suppress_token_ids=suppress_token_ids, temperature=None)
-    with run_settings_only(model), decode_attention(model):
-        output = model.generate(**prompt_inputs, generation_config=config)
-    return to_rollout(prompt_inputs, output[:, prompt_inputs["input_ids"].shape[1]:], tokenizer, end_ids)
-
-
-def prompts_per_call(generation_batch_size: int, group_size: int, num_prompts: int) -> int:
-    """Prompts per generate call: whole groups of at most generation_batch_size completions (0: all)."""
-    return max(1, generation_batch_size // group_size) if generation_batch_size > 0 else num_prompts
+    return to_rollout(prompt_inputs, torch.cat(padded), sampling)  # [N, T]
 
 
 def _generate_from_repeated_prompt(model, inputs: dict, group_size: int, config, synced_ranks: bool) -> torch.Tensor:
-    """The plain path: every prompt repeated G times and prefilled G times. Returns [B*G, T]."""
+    """The plain path: every prompt repeated G times and prefilled G times. Returns [n*G, t]."""
     with decode_attention(model):
         output = model.generate(**families.repeat_for_group(inputs, group_size, model.config),
-                                generation_config=config, synced_gpus=synced_ranks)
+                                generation_config=config, synced_gpus=synced_ranks)  # [n*G, P + t]
     return output[:, inputs["input_ids"].shape[1]:]
-
-
-def _generate_from_shared_prompt(model, inputs: dict, group_size: int, config, synced_ranks: bool) -> torch.Tensor:
-    """Prefill each prompt once, copy its cache to its G rows, and let `generate` continue. Returns [B*G, T].
-
-    The prefill stops one token short of the prompt: `generate` must have at least one uncached
-    token to start from (given a fully cached prompt it would prefill the whole prompt again on top
-    of the cache). The prefill's positions count each left-padded row's real tokens, as generate
-    numbers the tokens after it. Qwen-VL's decode positions come from `model.rope_deltas`: it is set
-    to the prompts' deltas repeated G times right before `generate` ([stale rope deltas]).
-    """
-    from transformers import DynamicCache, StaticCache
-
-    G, text_config = group_size, model.config.get_text_config()
-    prefill = DynamicCache(config=text_config)
-    text_keys = ["input_ids", "attention_mask", *families.token_type_keys(inputs)]
-    prefix = {key: (value[:, :-1] if key in text_keys else value) for key, value in inputs.items()}
-    positions = families.prompt_positions(model, prefix)
-    model(**prefix, position_ids=positions, cache=prefill, use_cache=True, logits_to_keep=1)
-    if any(layer.is_sliding for layer in prefill.layers):  # windowed layers keep only their window: as they are
-        prefill.batch_repeat_interleave(G)
-        cache = prefill
-    else:  # decode into preallocated keys/values: a growing cache copies all of itself at every step
-        cache = StaticCache(config=text_config,
-                            max_cache_len=inputs["input_ids"].shape[1] + config.max_new_tokens)
-        for layer, prompt_layer in zip(cache.layers, prefill.layers):
-            layer.update(prompt_layer.keys.repeat_interleave(G, dim=0), prompt_layer.values.repeat_interleave(G, dim=0))
-    if positions.dim() == 3:  # mRoPE: decode position = the token's index among real tokens + its row's delta
-        deltas = positions[:, :, -1].amax(0) + 1 - prefix["attention_mask"].sum(-1)
-        model.model.rope_deltas = deltas.repeat_interleave(G)[:, None]
-    # Token types describe the cached prompt only: the one uncached prompt token and all that follow are
-    # text, and a family that builds its mask from them (Gemma 3) must not see prompt-length ones again.
-    repeated = {key: inputs[key].repeat_interleave(G, dim=0) for key in ("input_ids", "attention_mask")}
-    with decode_attention(model):
-        output = model.generate(**repeated, cache=cache, generation_config=config, synced_gpus=synced_ranks)
-    return output[:, inputs["input_ids"].shape[1]:]
-
-
-def to_rollout(prompt_inputs: dict, completion_ids: torch.Tensor, tokenizer, end_ids: list[int]) -> Rollout:
-    """Generated rows [N, T] cut after their first end id: mask, padding, texts, truncation flags."""
-    mask, truncated = completion_mask_through_eos(completion_ids, end_ids)
-    completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(completion_ids.cpu(), skip_special_tokens=True)
-    return Rollout(prompt_inputs, completion_ids, mask, texts, truncated.cpu())
-
-# ---------------------------------------------------------------- log-probabilities
-
-@torch.no_grad()
-def rollout_logps(model, rollout: Rollout, prompts_per_batch: int, group_size: int, temperature: float,
-                  share_prompt: bool, blank: dict | None = None) -> torch.Tensor:
-    """[B*G, T] log-probs of the rollout's completions under `model` (the reference, or the policy
-    before its update), micro-batch by micro-batch as the update walks them."""
-    return torch.cat([
-        completion_logps(model, inputs, rollout.completion_ids[completions], rollout.completion_mask[completions], temperature,
-                         group_size, share_prompt)
-        for inputs, completions in rollout.micro_batches(prompts_per_batch, group_size, families.unwrap(model).config, blank)])
 
 
 def completion_logps(model, prompt_inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -290,14 +157,90 @@ def completion_logps(model, prompt_inputs: dict, completion_ids: torch.Tensor, c
     i belonging to prompt i // G. Returns logps [B*G, T] (and the per-token entropy [B*G, T] when
     asked, without gradient). Positions count real tokens only ([padding positions]).
 
-    share_prompt=True runs each prompt (and its image) through the model once and lets its G
-    completions attend to the same keys/values: P + G*T token positions instead of G*(P + T), and
-    the gradient of all G completions flows back through the one prompt pass into the vision tower.
-    share_prompt=False repeats every prompt G times: the plain path, kept to check the shared one.
-    Either way one [B*G, T, V] logits tensor lives through forward and backward ([full-vocabulary logits]).
+    share_prompt=False repeats every prompt G times: one forward over [prompt; completion] per row, the
+    plain definition. share_prompt=True (part 2) runs each prompt (and its image) through the model once
+    and lets its G completions attend to the same keys/values: P + G*T token positions instead of
+    G*(P + T), and the gradient of all G completions flows back through the one prompt pass into the
+    vision tower. Either way one [B*G, T, V] logits tensor lives through forward and backward
+    ([full-vocabulary logits]).
     """
     return (_shared_completion_logps if share_prompt else _plain_completion_logps)(
         model, prompt_inputs, completion_ids, completion_mask, temperature, group_size, with_entropy)
+
+
+def _plain_completion_logps(model, prompt_inputs: dict, completion_ids, completion_mask, temperature, group_size,
+                            with_entropy):
+    """The log-probs from one forward over [prompt; completion] per completion row, each prompt
+    repeated G times: the definition."""
+    prompt_inputs = families.repeat_for_group(prompt_inputs, group_size, families.unwrap(model).config)  # [B*G, P]
+    mask = completion_mask.to(prompt_inputs["attention_mask"].dtype)  # [B*G, T]
+    inputs = dict(prompt_inputs, input_ids=torch.cat([prompt_inputs["input_ids"], completion_ids], dim=1),  # [B*G, P+T]
+                  attention_mask=torch.cat([prompt_inputs["attention_mask"], mask], dim=1))  # [B*G, P+T]
+    # Completion tokens are text: their token types are 0 (transformers 5.x needs them per row).
+    for key in families.token_type_keys(prompt_inputs):
+        inputs[key] = torch.cat([prompt_inputs[key], torch.zeros_like(completion_ids)], dim=1)  # [B*G, P+T]
+    # Positions over the real tokens, as generate numbered them (the model's own default would count
+    # left padding in some families, and reuse a stale rope_deltas in Qwen's for a text-only batch).
+    inputs["position_ids"] = families.prompt_positions(model, inputs)  # [B*G, P+T] or mRoPE's [3, B*G, P+T]
+    # The logit at position p predicts token p + 1: logits for the T positions before each completion token.
+    P, T = prompt_inputs["input_ids"].shape[1], completion_ids.shape[1]
+    logits = model(**inputs, logits_to_keep=torch.arange(P - 1, P + T - 1, device=completion_ids.device),
+                   use_cache=False).logits  # [B*G, T, V]
+    entropy = token_entropy(logits, temperature) if with_entropy else None  # [B*G, T]
+    logps = selective_log_softmax(logits, completion_ids, temperature, overwrite_logits=True)  # [B*G, T]
+    return (logps, entropy) if with_entropy else logps
+
+
+@torch.no_grad()
+def rollout_logps(model, rollout: Rollout, prompts_per_micro_batch: int) -> torch.Tensor:
+    """[N, T] log-probs of the rollout's completions under `model` (the reference, or the policy
+    before its update), at the rollout's temperature, micro-batch by micro-batch as the update walks them."""
+    sampling = rollout.sampling
+    return torch.cat([
+        completion_logps(model, inputs, rollout.completion_ids[rows], rollout.completion_mask[rows],  # [b*G, T]
+                         sampling.temperature, sampling.group_size, sampling.share_prompt)
+        for inputs, rows in rollout.micro_batches(prompts_per_micro_batch, families.unwrap(model).config)])  # [N, T]
+
+# ================================================================ 2. the shared prompt
+# The same samples and log-probs as part 1, with each prompt and its pictures encoded once per group
+# instead of G times. What makes it exact: the prompt's keys/values are the same for its G rows, the
+# positions continue from each row's real tokens, and Qwen's decode positions come from deltas set
+# for the repeated rows ([stale rope deltas]).
+
+def _generate_from_shared_prompt(model, inputs: dict, group_size: int, config, synced_ranks: bool) -> torch.Tensor:
+    """Prefill each prompt once, copy its cache to its G rows, and let `generate` continue. Returns [n*G, t].
+
+    The prefill stops one token short of the prompt: `generate` must have at least one uncached
+    token to start from (given a fully cached prompt it would prefill the whole prompt again on top
+    of the cache). The prefill's positions count each left-padded row's real tokens, as generate
+    numbers the tokens after it. Qwen-VL's decode positions come from `model.rope_deltas`: it is set
+    to the prompts' deltas repeated G times right before `generate` ([stale rope deltas]).
+    """
+    from transformers import DynamicCache, StaticCache
+
+    G, text_config = group_size, model.config.get_text_config()
+    prefill = DynamicCache(config=text_config)
+    text_keys = ["input_ids", "attention_mask", *families.token_type_keys(inputs)]
+    prefix = {key: (value[:, :-1] if key in text_keys else value) for key, value in inputs.items()}  # [n, P-1]
+    positions = families.prompt_positions(model, prefix)  # [n, P-1] or mRoPE's [3, n, P-1]
+    model(**prefix, position_ids=positions, cache=prefill, use_cache=True, logits_to_keep=1)
+    if any(layer.is_sliding for layer in prefill.layers):  # windowed layers keep only their window: as they are
+        prefill.batch_repeat_interleave(G)
+        cache = prefill
+    else:  # decode into preallocated keys/values: a growing cache copies all of itself at every step
+        cache = StaticCache(config=text_config,
+                            max_cache_len=inputs["input_ids"].shape[1] + config.max_new_tokens)
+        for layer, prompt_layer in zip(cache.layers, prefill.layers):  # keys/values [n, H, P-1, D] -> [n*G, H, P-1, D]
+            layer.update(prompt_layer.keys.repeat_interleave(G, dim=0), prompt_layer.values.repeat_interleave(G, dim=0))
+    if positions.dim() == 3:  # mRoPE: decode position = the token's index among real tokens + its row's delta
+        deltas = positions[:, :, -1].amax(0) + 1 - prefix["attention_mask"].sum(-1)  # [n]
+        model.model.rope_deltas = deltas.repeat_interleave(G)[:, None]  # [n*G, 1]
+    # Token types describe the cached prompt only: the one uncached prompt token and all that follow are
+    # text, and a family that builds its mask from them (Gemma 3) must not see prompt-length ones again.
+    repeated = {key: inputs[key].repeat_interleave(G, dim=0) for key in ("input_ids", "attention_mask")}  # [n*G, P]
+    with decode_attention(model):
+        output = model.generate(**repeated, cache=cache, generation_config=config, synced_gpus=synced_ranks)
+    return output[:, inputs["input_ids"].shape[1]:]  # [n*G, t]
 
 
 def _shared_completion_logps(model, prompt_inputs: dict, completion_ids, completion_mask, temperature, group_size,
@@ -310,7 +253,7 @@ def _shared_completion_logps(model, prompt_inputs: dict, completion_ids, complet
     config = families.unwrap(model).config.get_text_config()
     prompt_cache = Cache(layers=[PromptKV() for _ in range(config.num_hidden_layers)])
     shared_cache = Cache(layers=[SharedPromptKV(layer, G) for layer in prompt_cache.layers])
-    positions = families.prompt_positions(model, prompt_inputs)
+    positions = families.prompt_positions(model, prompt_inputs)  # [B, P] or mRoPE's [3, B, P]
     # 1. The prompt, once per prompt: fills the cache; its last logit predicts every completion's first
     # token, read by its G completions through a view (expand), not a copy.
     first_logits = model(**prompt_inputs, position_ids=positions, cache=prompt_cache, use_cache=True,
@@ -322,39 +265,18 @@ def _shared_completion_logps(model, prompt_inputs: dict, completion_ids, complet
     # positions 0 .. T-2 only. The last token is still fed, so that this pass never has zero length
     # (under ZeRO-3 every rank must run the same forwards, whatever its completions' lengths).
     rest_logits = model(
-        input_ids=completion_ids,
+        input_ids=completion_ids,  # [B*G, T]
         attention_mask=torch.cat([prompt_inputs["attention_mask"].repeat_interleave(G, dim=0),
-                                  completion_mask.to(prompt_inputs["attention_mask"].dtype)], dim=1),
+                                  completion_mask.to(prompt_inputs["attention_mask"].dtype)], dim=1),  # [B*G, P+T]
         position_ids=continuation_positions(positions, G, T), cache=shared_cache, use_cache=True,
         logits_to_keep=torch.arange(T - 1, device=completion_ids.device),
     ).logits  # [B*G, T-1, V]
-    entropy = torch.cat([token_entropy(first_logits, temperature).view(B * G, 1), token_entropy(rest_logits, temperature)],
-                        dim=1) if with_entropy else None  # before the backward overwrites rest_logits
-    rest_logps = selective_log_softmax(rest_logits, completion_ids[:, 1:], temperature, overwrite_logits=True)
-    logps = torch.cat([first_logps, rest_logps], dim=1)
-    return (logps, entropy) if with_entropy else logps
-
-
-def _plain_completion_logps(model, prompt_inputs: dict, completion_ids, completion_mask, temperature, group_size,
-                            with_entropy):
-    """The same log-probs from one forward over [prompt; completion] per completion row, each prompt
-    repeated G times: the plain path."""
-    prompt_inputs = families.repeat_for_group(prompt_inputs, group_size, families.unwrap(model).config)
-    mask = completion_mask.to(prompt_inputs["attention_mask"].dtype)
-    inputs = dict(prompt_inputs, input_ids=torch.cat([prompt_inputs["input_ids"], completion_ids], dim=1),
-                  attention_mask=torch.cat([prompt_inputs["attention_mask"], mask], dim=1))
-    # Completion tokens are text: their token types are 0 (transformers 5.x needs them per row).
-    for key in families.token_type_keys(prompt_inputs):
-        inputs[key] = torch.cat([prompt_inputs[key], torch.zeros_like(completion_ids)], dim=1)
-    # Positions over the real tokens, as generate numbered them (the model's own default would count
-    # left padding in some families, and reuse a stale rope_deltas in Qwen's for a text-only batch).
-    inputs["position_ids"] = families.prompt_positions(model, inputs)
-    # The logit at position p predicts token p + 1: logits for the T positions before each completion token.
-    P, T = prompt_inputs["input_ids"].shape[1], completion_ids.shape[1]
-    logits = model(**inputs, logits_to_keep=torch.arange(P - 1, P + T - 1, device=completion_ids.device),
-                   use_cache=False).logits  # [B*G, T, V]
-    entropy = token_entropy(logits, temperature) if with_entropy else None
-    logps = selective_log_softmax(logits, completion_ids, temperature, overwrite_logits=True)
+    entropy = torch.cat([token_entropy(first_logits, temperature).view(B * G, 1),
+                         token_entropy(rest_logits, temperature)],
+                        dim=1) if with_entropy else None  # [B*G, T], before the backward overwrites rest_logits
+    rest_logps = selective_log_softmax(rest_logits, completion_ids[:, 1:], temperature,
+                                       overwrite_logits=True)  # [B*G, T-1]
+    logps = torch.cat([first_logps, rest_logps], dim=1)  # [B*G, T]
     return (logps, entropy) if with_entropy else logps
 
 
@@ -364,9 +286,9 @@ def continuation_positions(prompt_position_ids: torch.Tensor, group_size: int, l
     + 1; left padding puts every prompt's last real token in the last column."""
     last = prompt_position_ids[..., -1]  # [3, B] or [B]
     if last.dim() == 2:
-        last = last.amax(0)
-    steps = torch.arange(1, length + 1, device=last.device)
-    positions = (last[:, None] + steps[None, :]).repeat_interleave(group_size, dim=0)
+        last = last.amax(0)  # [B]
+    steps = torch.arange(1, length + 1, device=last.device)  # [length]
+    positions = (last[:, None] + steps[None, :]).repeat_interleave(group_size, dim=0)  # [B*G, length]
     return positions[None].expand(3, -1, -1) if prompt_position_ids.dim() == 3 else positions
 
 
@@ -408,7 +330,7 @@ class SharedPromptKV(PromptKV):
 
     def update(self, key_states, value_states, *args, **kwargs):
         G = self.group_size
-        return (torch.cat([self.prompt.keys.repeat_interleave(G, dim=0), key_states], dim=-2),
+        return (torch.cat([self.prompt.keys.repeat_interleave(G, dim=0), key_states], dim=-2),  # [B*G, H, P+T, D]
                 torch.cat([self.prompt.values.repeat_interleave(G, dim=0), value_states], dim=-2))
 
     def get_seq_length(self) -> int:
@@ -426,3 +348,118 @@ def allow_checkpointing_with_shared_prompt(model) -> None:
     for module in families.unwrap(model).modules():
         if isinstance(module, GradientCheckpointingLayer):
             module._can_checkpoint_with_cache = True
+
+# ================================================================ 3. generate's surroundings
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion ([end ids]): the checkpoint's generation_config.eos_token_id (one
+    id or a list: Qwen's <|im_end|> and <|endoftext|>, Gemma 3's <end_of_turn> and <eos>) and the
+    tokenizer's eos, in that order, each once."""
+    listed = families.unwrap(model).generation_config.eos_token_id
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    ids = [*listed, tokenizer.convert_tokens_to_ids(tokenizer.eos_token)]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def generation_config(*, max_new_tokens: int, end_ids: list[int], pad_token_id: int, suppress_token_ids: list[int],
+                      temperature: float, top_p: float = 1.0, ignore_eos: bool = False):
+    """The whole of what `generate` is told, from the run's flags alone: sampling from
+    softmax(logits / temperature) restricted to the top_p nucleus (temperature 0: greedy, the argmax),
+    with placeholders suppressed, stopping at any end id. Every other field that changes what is drawn
+    (top_k, repetition_penalty, typical_p, min_p, no_repeat_ngram_size, bad_words_ids, ...) is left
+    unset, and `run_settings_only` keeps the checkpoint's values from filling them; top_k is set to 0
+    because transformers' own default for it is 50. Compiling is off ([auto-compile])."""
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+        else dict(do_sample=False)
+    return GenerationConfig(
+        **sampling, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if ignore_eos else None,
+        use_cache=True, suppress_tokens=suppress_token_ids or None, eos_token_id=end_ids, pad_token_id=pad_token_id,
+        disable_compile=True)
+
+
+@contextlib.contextmanager
+def run_settings_only(model):
+    """Within the block the model's generation_config holds its token ids and nothing else.
+
+    transformers (`_prepare_generation_config`) fills every field of the config `generate` is given
+    that is unset from the model's generation_config, i.e. from the checkpoint's
+    generation_config.json: a published checkpoint's top_k 1 or repetition_penalty 1.05 would shape
+    the rollouts ([checkpoint sampling defaults]). Setting the checkpoint's config aside for the call
+    leaves only the run's flags and transformers' neutral defaults."""
+    from transformers import GenerationConfig
+
+    published = model.generation_config
+    model.generation_config = GenerationConfig(
+        eos_token_id=published.eos_token_id, pad_token_id=published.pad_token_id, bos_token_id=published.bos_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = published
+
+
+@contextlib.contextmanager
+def decode_attention(model):
+    """Decode on sdpa when the model runs flash-attention-2 ([unpadding syncs]); the training forwards
+    keep flash-attention-2."""
+    if model.config._attn_implementation != "flash_attention_2":
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("flash_attention_2")
+
+
+@contextlib.contextmanager
+def gathered_weights(model, zero_stage: int):
+    """Under ZeRO-3, every weight gathered on every rank once for the block, and DeepSpeed's per-module
+    hooks off while it lasts ([ZeRO-3 generation]): they fetch a module's weights before its forward
+    and release them after it, GatheredParameters or not, so generate would gather them again. They
+    are registered again at the block's end, as TRL does (`unwrap_model_for_generation`), with the
+    same module ids. `model` is the DeepSpeed engine (or a plain model, which needs nothing)."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    offload = getattr(getattr(model, "optimizer", None), "parameter_offload", None)
+    unwrapped = families.unwrap(model)
+    with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
+        if offload is None:  # no ZeRO-3 engine around it: nothing hooked
+            yield
+            return
+        for param in unwrapped.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module, count=[0])
+
+
+def prompts_per_call(completions_per_call: int, group_size: int, num_prompts: int) -> int:
+    """Prompts per generate call: whole groups of at most completions_per_call completions (0: all)."""
+    return max(1, completions_per_call // group_size) if completions_per_call > 0 else num_prompts
+
+
+def completion_mask_through_eos(completion_ids: torch.Tensor, end_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [N, T] that is 1 up to and including each row's first end id (any of end_ids), and which
+    rows [N] had none."""
+    is_eos = torch.isin(completion_ids, torch.tensor(list(end_ids), device=completion_ids.device))  # [N, T]
+    has_eos = is_eos.any(dim=1)  # [N]
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), completion_ids.shape[1] - 1)  # [N]
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)  # [T]
+    return (positions[None, :] <= first_eos[:, None]).long(), ~has_eos
+
+
+def to_rollout(prompt_inputs: dict, completion_ids: torch.Tensor, sampling: Sampling) -> Rollout:
+    """Generated rows [N, T] cut after their first end id: mask, padding, texts, truncation flags."""
+    mask, truncated = completion_mask_through_eos(completion_ids, sampling.end_ids)  # [N, T], [N]
+    completion_ids = completion_ids.masked_fill(mask == 0, sampling.tokenizer.pad_token_id)  # [N, T]
+    texts = sampling.tokenizer.batch_decode(completion_ids.cpu(), skip_special_tokens=True)
+    return Rollout(prompt_inputs, completion_ids, mask, texts, truncated.cpu(), sampling)

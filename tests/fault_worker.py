@@ -10,6 +10,8 @@ variable GRPO_TEST_FAULTS, a JSON object (it reaches every rank the launcher sta
     nan_loss_rank: R      ... on rank R only (default: every rank)
     nan_grad_steps: [..]  the loss of these steps stays finite and its gradient is not (on nan_loss_rank)
     record_prompts: PATH  each step's dataset indices are appended to PATH.<rank> as a JSON line
+    report_exit: PATH     when train.cli has returned, PATH.<rank> gets its status and whether the
+                          process group is still alive (it must not be: [exit abort])
 """
 
 import errno
@@ -108,4 +110,8 @@ if "record_prompts" in FAULTS:
     data.step_prompts = step_prompts
 
 if __name__ == "__main__":
-    sys.exit(train.cli(sys.argv[1:]))
+    status = train.cli(sys.argv[1:])
+    if "report_exit" in FAULTS:
+        with open(f"{FAULTS['report_exit']}.{_rank()}", "w") as f:
+            json.dump({"status": status, "process_group_alive": torch.distributed.is_initialized()}, f)
+    sys.exit(status)

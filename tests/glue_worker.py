@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 tests/glue_worker.py --model TINY_MODEL_DIR --out RESULT.json
 
 (not a test module itself: one launch serves all of that file's tests). Every rank builds the
-same optimizer step's data from one seed and trains on its own share through train.py's update;
+same optimizer step's data from one seed and trains on its own share through train.py's learn_from;
 rank 0 then redoes the step in one process, from the loss's definitions, on a plain model (no
 DeepSpeed, the plain repeated-prompt forward), and writes what it found as JSON:
 
@@ -14,6 +14,9 @@ DeepSpeed, the plain repeated-prompt forward), and writes what it found as JSON:
                step's first update, and the second update's gradient must use them.
   "seeds"      (c) both ranks seeded with the same --seed and given the same prompt must sample
                different completions; re-seeding reproduces a rank's own completions.
+  "gathers"    (d) under ZeRO-3 one sampling call gathers the weights once.
+  "nonfinite"  (e) a NaN loss in the first of a rank's two micro-batches skips the whole step.
+Steps 5 and 6 are train.learn_from itself, the function main calls.
 """
 
 from __future__ import annotations
@@ -83,32 +86,27 @@ def step_data(processor, seed: int) -> list[dict]:
     return micro_batches
 
 
-def rank_rollout(processor, micro_batches: list[dict], rank: int) -> policy.Rollout:
-    """This rank's share of the step as the loop holds it: its B x GAS prompts encoded together."""
+def rank_rollout(processor, micro_batches: list[dict], rank: int, model) -> policy.Rollout:
+    """This rank's share of the step as the loop holds it: its B x GAS prompts encoded together, sampled
+    (as it were) with the run's settings."""
     mine = micro_batches[rank * GAS:(rank + 1) * GAS]
     conversations = [c for mb in mine for c in mb["conversations"]]
     images = [im for mb in mine for im in mb["images"]]
+    sampling = policy.Sampling.for_model(model, processor.tokenizer, group_size=G, max_new_tokens=MAX_LEN,
+                                         temperature=1.0, share_prompt=True)
     return policy.Rollout(
         prompt_inputs=families.build_inputs(processor, conversations, [[image] for image in images], families.FAMILIES["qwen2_vl"]),
         completion_ids=torch.cat([mb["ids"] for mb in mine]), completion_mask=torch.cat([mb["mask"] for mb in mine]),
-        texts=[""] * (B * GAS * G), truncated=torch.zeros(B * GAS * G, dtype=torch.bool),
+        texts=[""] * (B * GAS * G), truncated=torch.zeros(B * GAS * G, dtype=torch.bool), sampling=sampling,
         examples=[{} for _ in conversations], rewards=torch.zeros(B * GAS * G),
         reward_per_func=torch.zeros(B * GAS * G, 1), advantages=torch.cat([mb["advantages"] for mb in mine]))
 
 
 def learn(rollout: policy.Rollout, engine, ref, args, world_size: int, device):
-    """Steps 5 and 6 of train.py's loop as main runs them: the old (num_iterations > 1) and reference
-    (beta > 0) log-probs from the weights before the first update, then num_iterations calls of
-    train.update; yields after each."""
-    B, G = args.per_device_train_batch_size, args.num_generations
-    if args.num_iterations > 1:
-        rollout.old_logps = policy.rollout_logps(engine, rollout, B, G, args.temperature, args.share_prompt)
-    if ref is not None:
-        rollout.ref_logps = policy.rollout_logps(ref, rollout, B, G, args.temperature, args.share_prompt)
-    active_tokens = distributed.reduce_over_ranks(rollout.completion_mask.sum().item(), device,
-                                                  torch.distributed.ReduceOp.SUM)
-    for _ in range(args.num_iterations):
-        yield train.update(engine, rollout, args, world_size, active_tokens, None)
+    """Steps 5 and 6 of train.py's loop, by the function main calls (train.learn_from): the old
+    (num_iterations > 1) and reference (beta > 0) log-probs, then num_iterations updates; yields after each."""
+    for loss_stats, skipped, _ in train.learn_from(rollout, engine, ref, args, world_size, distributed.Phases(device)):
+        yield loss_stats, skipped
 
 
 def reference_model(model_dir: str, seed: int):
@@ -238,7 +236,7 @@ def check_scale(model_dir, processor, rank, world_size, device, stage: int, loss
     engine = sgd_engine(model_dir, stage, lr=1.0)
     ref = reference_model(model_dir, seed=7)
     before = full_weights(engine, stage)
-    rollout = rank_rollout(processor, micro_batches, rank)
+    rollout = rank_rollout(processor, micro_batches, rank, engine)
     updates = list(learn(rollout, engine, ref, args, world_size, device))
     after = full_weights(engine, stage)
     result = {"updates": len(updates)}
@@ -260,7 +258,7 @@ def check_old_logps(model_dir, processor, rank, world_size, device, lr: float) -
     micro_batches = step_data(processor, seed=2000)
     args = config.parse_args(cli_args("grpo", 2, 0.0, model_dir))
     engine = sgd_engine(model_dir, stage, lr=lr)
-    rollout = rank_rollout(processor, micro_batches, rank)
+    rollout = rank_rollout(processor, micro_batches, rank, engine)
     weights = [full_weights(engine, stage)]
     old_seen = []  # rollout.old_logps as each update left it
     for _ in learn(rollout, engine, None, args, world_size, device):
@@ -298,6 +296,26 @@ def check_old_logps(model_dir, processor, rank, world_size, device, lr: float) -
 
 
 # ---------------------------------------------------------------------------------------------
+# (e) a non-finite loss in one micro-batch of one rank skips the whole optimizer step
+# ---------------------------------------------------------------------------------------------
+
+def check_nonfinite_first_micro_batch(model_dir, processor, rank, world_size, device, stage: int) -> dict:
+    """Rank 1's first micro-batch (of 2) has NaN advantages, so its loss is NaN; its second micro-batch
+    and all of rank 0's are finite. The step must be skipped on both ranks with no weight moved, not
+    trained on the finite micro-batches that followed."""
+    micro_batches = step_data(processor, seed=3000)
+    micro_batches[GAS]["advantages"] = torch.full_like(micro_batches[GAS]["advantages"], float("nan"))  # rank 1's first
+    args = config.parse_args(cli_args("grpo", 1, 0.0, model_dir))
+    engine = sgd_engine(model_dir, stage, lr=1.0)
+    before = full_weights(engine, stage)
+    rollout = rank_rollout(processor, micro_batches, rank, engine)
+    (loss_stats, skipped), = learn(rollout, engine, None, args, world_size, device)
+    after = full_weights(engine, stage)
+    return {"skipped": skipped, "losses": [s["loss"] for s in loss_stats],
+            "largest_change": max((before[n] - after[n]).abs().max().item() for n in before)}
+
+
+# ---------------------------------------------------------------------------------------------
 # (c) one seed for the run, different samples on different ranks
 # ---------------------------------------------------------------------------------------------
 
@@ -308,9 +326,10 @@ def check_seeds(model_dir, processor, rank, seed: int) -> dict:
     new_tokens = 16
 
     def sample() -> torch.Tensor:
-        ids = policy.sample_groups(model, inputs, processor.tokenizer, group_size=4, max_new_tokens=new_tokens,
-                                    temperature=1.0, top_p=1.0,
-                                    suppress_token_ids=families.forbidden_token_ids(processor, model.config)).completion_ids
+        ids = policy.sample_groups(model, inputs,
+            policy.Sampling.for_model(model, processor.tokenizer, group_size=4, max_new_tokens=new_tokens,
+                                      temperature=1.0, top_p=1.0,
+                                      suppressed_ids=families.forbidden_token_ids(processor, model.config))).completion_ids
         return torch.nn.functional.pad(ids, (0, new_tokens - ids.shape[1]), value=processor.tokenizer.pad_token_id)
 
     distributed.seed_this_rank(seed, rank)
@@ -365,9 +384,11 @@ def check_gathers(model_dir, processor, rank) -> dict:
               "parameter_tensors": len(list(engine.module.parameters()))}
     for share_prompt in (True, False):
         with counting_gathers() as count:
-            policy.sample_groups(engine, inputs, processor.tokenizer, group_size=3, max_new_tokens=6,
-                                  temperature=1.0, top_p=1.0, share_prompt=share_prompt, zero_stage=3, synced_ranks=True,
-                                  suppress_token_ids=families.forbidden_token_ids(processor, engine.module.config))
+            policy.sample_groups(engine, inputs,
+                policy.Sampling.for_model(engine, processor.tokenizer, group_size=3, max_new_tokens=6,
+                                          temperature=1.0, top_p=1.0, share_prompt=share_prompt, zero_stage=3,
+                                          synced_ranks=True,
+                                          suppressed_ids=families.forbidden_token_ids(processor, engine.module.config)))
         name = "shared" if share_prompt else "plain"
         result[f"gathered_{name}"] = count["elements"]
         result[f"released_after_{name}"] = released(engine)
@@ -406,6 +427,9 @@ def main() -> None:
     # lr 0.3 moves the completions' log-probs by ~0.2 nats on average: ratios well away from 1,
     # some clipped at 1 +- 0.2, none with a vanishing gradient.
     results["old_logps"] = check_old_logps(cli.model, processor, rank, world_size, device, lr=0.3)
+    results["nonfinite"] = {f"stage{s}": check_nonfinite_first_micro_batch(cli.model, processor, rank, world_size,
+                                                                          device, int(s))
+                            for s in cli.stages.split(",") if s}
     if rank == 0:
         with open(cli.out, "w") as f:
             json.dump(results, f, indent=1)

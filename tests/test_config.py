@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, read_metrics, run_command
 
 import train
-from grpo import config
+from grpo import config, distributed
 
 # A model path that does not exist: if validation did not stop first, loading it would fail with
 # a different error, so each test also shows that nothing was loaded.
@@ -55,7 +55,7 @@ def test_unreadable_deepspeed_config(tmp_path):
 def test_zero3_json_autos_filled_from_flags():
     args = config.parse_args(["--num_generations", "4", "--per_device_train_batch_size", "3",
                              "--gradient_accumulation_steps", "2", "--learning_rate", "5e-6", "--bf16"])
-    filled = config.fill_deepspeed_config(config.read_deepspeed_config(None), args, world_size=8,
+    filled = distributed.fill_deepspeed_config(distributed.read_deepspeed_config(None), args, world_size=8,
                                           total_steps=100, on_gpu=True)
     assert filled["train_micro_batch_size_per_gpu"] == 12  # 3 prompts x G=4 completions
     assert filled["gradient_accumulation_steps"] == 2
@@ -65,7 +65,7 @@ def test_zero3_json_autos_filled_from_flags():
     assert filled["zero_optimization"]["stage"] == 3
     assert "torch_adam" not in filled["optimizer"]["params"]
     assert "auto" not in json.dumps(filled)
-    on_cpu = config.fill_deepspeed_config(config.read_deepspeed_config(None), args, 1, 100, on_gpu=False)
+    on_cpu = distributed.fill_deepspeed_config(distributed.read_deepspeed_config(None), args, 1, 100, on_gpu=False)
     assert on_cpu["optimizer"]["params"]["torch_adam"] is True
 
 
@@ -74,7 +74,7 @@ def test_unknown_auto_key_is_named(tmp_path):
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "mystery": {"knob": "auto"}}))
     args = config.parse_args([])
     with pytest.raises(ValueError, match="sets mystery.knob to \"auto\""):
-        config.fill_deepspeed_config(config.read_deepspeed_config(str(path)), args, 1, 10, on_gpu=False)
+        distributed.fill_deepspeed_config(distributed.read_deepspeed_config(str(path)), args, 1, 10, on_gpu=False)
 
 
 def test_defaults_are_the_published_run():

@@ -214,3 +214,45 @@ def test_default_outputs_go_next_to_the_model(tiny_model, colour_dataset):
     args = eval_tool.parse_args(["--model_name_or_path", "org/model", "--dataset_name", "AI4Math/MathVista",
                                  "--output", "results/mathvista.json"])
     assert eval_tool.output_paths(args) == ("results/mathvista.json", "results/mathvista.samples.jsonl")
+
+
+def test_greedy_answers_are_the_argmax_whatever_the_checkpoint_says(tiny_model):
+    """eval.py's greedy answers (answer_batch without --num_samples) are the argmax at every step, worked
+    out here with a full forward per token, placeholders never chosen; the checkpoint's own generation
+    config (here repetition_penalty 10 and no_repeat_ngram_size 1: a published one carries such sampling
+    defaults) is not applied ([checkpoint sampling defaults]). The control: generate under the
+    checkpoint's config picks other tokens, so the test can tell the two apart."""
+    import argparse
+
+    import torch
+
+    from grpo import data, families, policy
+
+    processor = families.load_processor(tiny_model, 56 * 56, 56 * 56)
+    model = families.load_model(tiny_model, torch.float32, "eager").eval()
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 10.0, 1
+    family, tokenizer, tokens = families.family_of(model), processor.tokenizer, 10
+    example = {"problem": "What colour is the image?", "images": [Image.new("RGB", (56, 56), "red")], "videos": []}
+    args = argparse.Namespace(num_samples=None, max_new_tokens=tokens, temperature=None)
+    texts, lengths = eval_tool.answer_batch(model, processor, family, [example], None, args, "cpu")
+
+    inputs = families.build_inputs(processor, [data.build_conversation(example["problem"], None, 1, 0)],
+                                   [example["images"]], family)
+    forbidden = families.forbidden_token_ids(processor, model.config)
+    end_ids = policy.end_token_ids(model, tokenizer)
+    chosen = []
+    with torch.no_grad():
+        for _ in range(tokens):
+            so_far = torch.tensor([chosen], dtype=torch.long)
+            full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], so_far], 1),
+                        attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + len(chosen), dtype=torch.long))
+            for key in families.token_type_keys(inputs):
+                full[key] = torch.cat([inputs[key], torch.zeros_like(so_far)], 1)
+            logits = model(**full).logits[0, -1]
+            logits[forbidden] = -float("inf")
+            chosen.append(int(logits.argmax()))
+            if chosen[-1] in end_ids:
+                break
+        checkpoint_says = model.generate(**inputs, max_new_tokens=tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert texts == [tokenizer.decode(chosen, skip_special_tokens=True)] and lengths == [len(chosen)]
+    assert checkpoint_says.tolist()[:len(chosen)] != chosen  # the checkpoint's settings would change the answer

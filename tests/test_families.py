@@ -88,9 +88,10 @@ def test_shared_generation_samples_what_the_plain_path_samples(family):
     sampled = {}
     for share_prompt in (False, True):
         torch.manual_seed(3)
-        sampled[share_prompt] = policy.sample_groups(
-            model, inputs, processor.tokenizer, group_size=3, max_new_tokens=6, temperature=1.0, top_p=1.0,
-            suppress_token_ids=families.forbidden_token_ids(processor, model.config), share_prompt=share_prompt)
+        sampled[share_prompt] = policy.sample_groups(model, inputs,
+            policy.Sampling.for_model(model, processor.tokenizer, group_size=3, max_new_tokens=6, temperature=1.0,
+                                      top_p=1.0, suppressed_ids=families.forbidden_token_ids(processor, model.config),
+                                      share_prompt=share_prompt))
     assert torch.equal(sampled[True].completion_ids, sampled[False].completion_ids)
 
 
@@ -106,12 +107,13 @@ def test_placeholders_never_sampled(family):
     handle = model.get_output_embeddings().register_forward_hook(favour)
     try:
         torch.manual_seed(4)
-        free = policy.sample_groups(model, _batch(processor, family_config, name), processor.tokenizer, group_size=2,
-                                     max_new_tokens=4, temperature=1.0, top_p=1.0, suppress_token_ids=[])
+        free = policy.sample_groups(model, _batch(processor, family_config, name),
+            policy.Sampling.for_model(model, processor.tokenizer, group_size=2, max_new_tokens=4, temperature=1.0,
+                                      top_p=1.0, suppressed_ids=[]))
         torch.manual_seed(4)
-        guarded = policy.sample_groups(model, _batch(processor, family_config, name), processor.tokenizer,
-                                        group_size=2, max_new_tokens=4, temperature=1.0, top_p=1.0,
-                                        suppress_token_ids=forbidden)
+        guarded = policy.sample_groups(model, _batch(processor, family_config, name),
+            policy.Sampling.for_model(model, processor.tokenizer, group_size=2, max_new_tokens=4, temperature=1.0,
+                                      top_p=1.0, suppressed_ids=forbidden))
     finally:
         handle.remove()
     assert set(free.completion_ids.flatten().tolist()) & set(forbidden)
@@ -156,8 +158,9 @@ def test_a_blank_picture_as_padding_changes_nothing(family):
     sampled = []
     for inputs in (text_only, padded):
         torch.manual_seed(5)
-        sampled.append(policy.sample_groups(model, inputs, processor.tokenizer, group_size=G, max_new_tokens=5,
-                                             temperature=1.0, top_p=1.0, suppress_token_ids=[]).completion_ids)
+        sampled.append(policy.sample_groups(model, inputs,
+            policy.Sampling.for_model(model, processor.tokenizer, group_size=G, max_new_tokens=5, temperature=1.0,
+                                      top_p=1.0, suppressed_ids=[])).completion_ids)
     assert torch.equal(*sampled)
 
 
@@ -192,9 +195,9 @@ def test_video_rows_in_qwen_families(name, family_models):
     sampled = []
     for share_prompt in (False, True):
         torch.manual_seed(6)
-        sampled.append(policy.sample_groups(model, inputs, processor.tokenizer, group_size=G, max_new_tokens=5,
-                                             temperature=1.0, top_p=1.0, suppress_token_ids=[],
-                                             share_prompt=share_prompt).completion_ids)
+        sampled.append(policy.sample_groups(model, inputs,
+            policy.Sampling.for_model(model, processor.tokenizer, group_size=G, max_new_tokens=5, temperature=1.0,
+                                      top_p=1.0, suppressed_ids=[], share_prompt=share_prompt)).completion_ids)
     assert torch.equal(*sampled)
 
 

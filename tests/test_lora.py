@@ -192,3 +192,33 @@ def test_zero3_two_ranks_killed_and_resumed_ends_with_the_straight_runs_adapter(
     assert ends[0].keys() == ends[1].keys()
     assert max((ends[0][k] - ends[1][k]).abs().max().item() for k in ends[0]) < 1e-5
     assert max(tensor.abs().max().item() for key, tensor in ends[1].items() if ".lora_B." in key) > 1e-4
+
+
+ENGINE_LORA_LAYERS = """
+import json, sys, torch
+from grpo import config, distributed, families
+rank, world_size, device = distributed.init_distributed()
+args = config.parse_args(sys.argv[1:])
+config.validate(args)
+config.settle_precision_and_attention(args, on_gpu=False, flash_attn=None)
+ds_config = distributed.fill_deepspeed_config(distributed.read_deepspeed_config(args.deepspeed), args, world_size, 1, on_gpu=False)
+engine = distributed.load_engine(args, ds_config, torch.float32, 1, train=True)
+print("ADAPTED", json.dumps(sorted(name.rsplit(".lora_A", 1)[0] for name, _ in engine.module.named_modules()
+                        if name.endswith(".lora_A"))))
+distributed.end_distributed()
+"""
+
+
+@pytest.mark.parametrize("vision", [False, True])
+def test_the_trained_engine_has_adapters_where_lora_targets_says(tiny_qwen2_5_vl, colour_dataset, tmp_path, vision):
+    """The policy engine train.py builds with --use_peft (distributed.load_engine), on Qwen2.5-VL, whose
+    vision blocks name their MLP as the decoder's does: adapters on exactly the layers lora_targets
+    lists, the language model's alone unless --lora_vision ([LoRA in the vision tower])."""
+    flags = ["--model_name_or_path", tiny_qwen2_5_vl, "--dataset_name", colour_dataset, "--output_dir", str(tmp_path),
+             "--use_peft", "true", "--lora_vision", str(vision).lower(), "--deepspeed", "zero3.json"]
+    log = run_command([sys.executable, "-c", ENGINE_LORA_LAYERS, *flags], tmp_path)
+    adapted = json.loads(next(line for line in log.splitlines() if line.startswith("ADAPTED ")).split(" ", 1)[1])
+    skeleton = families.define_model_classes(tiny_qwen2_5_vl)
+    expected = families.lora_targets(skeleton, list(config.LORA_TARGETS), vision=vision)
+    assert [name.removeprefix("base_model.model.") for name in adapted] == expected
+    assert any(".visual." in name for name in adapted) == vision

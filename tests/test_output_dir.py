@@ -103,13 +103,13 @@ def test_resumed_metrics_continue_after_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "reward/mean": s / 10}) + "\n" for s in range(1, 6)))
     metrics = {"reward/mean": 0.9, "completion/length_min": 2.0, "completion/length_max": 7.0}
-    logger = output_dir.RunLogger(args, total_steps=6, rank=0, device="cpu", start_step=3)
-    assert logger.progress.n == 3  # the progress bar starts at the resumed step
+    logger = output_dir.RunLogger(args, total_steps=6, rank=0, device="cpu", progress=output_dir.Progress(step=3))
+    assert logger.bar.n == 3  # the progress bar starts at the resumed step
     logger.record(4, metrics)
     logger.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(m["step"], m["reward/mean"]) for m in lines] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.9)]
-    output_dir.RunLogger(args, total_steps=6, rank=0, device="cpu").close()  # a fresh run
+    output_dir.RunLogger(args, total_steps=6, rank=0, device="cpu", progress=output_dir.Progress()).close()  # a fresh run
     assert path.read_text() == ""
 
 

@@ -27,8 +27,9 @@ def _inputs(processor, images, problems=None):
 
 def _sample(model, processor, inputs, group_size, suppress=True, max_new_tokens=12, **kwargs):
     ids = families.forbidden_token_ids(processor, model.config) if suppress else []
-    return policy.sample_groups(model, inputs, processor.tokenizer, group_size=group_size, max_new_tokens=max_new_tokens,
-                                 temperature=1.0, top_p=1.0, suppress_token_ids=ids, **kwargs)
+    return policy.sample_groups(model, inputs,
+        policy.Sampling.for_model(model, processor.tokenizer, group_size=group_size, max_new_tokens=max_new_tokens,
+                                  temperature=1.0, top_p=1.0, suppressed_ids=ids, **kwargs))
 
 
 def test_completion_mask_through_first_eos():
@@ -225,7 +226,7 @@ def _check_shared_generation(model, processor):
             torch.manual_seed(5)
             patches_seen.clear()
             results[share_prompt, generation_batch_size] = _sample(
-                model, processor, inputs, G, share_prompt=share_prompt, generation_batch_size=generation_batch_size)
+                model, processor, inputs, G, share_prompt=share_prompt, completions_per_call=generation_batch_size)
             expected = patches if share_prompt else G * patches  # each image once, or G times
             assert sum(patches_seen) == expected, (share_prompt, generation_batch_size, patches_seen)
     finally:
@@ -256,7 +257,7 @@ def test_one_generate_call_for_the_whole_step(model_and_processor, monkeypatch):
         prompt = row // G
         assert calls[0][row][real[prompt]].tolist() == inputs["input_ids"][prompt][real[prompt]].tolist()
     calls.clear()
-    _sample(model, processor, inputs, G, max_new_tokens=4, generation_batch_size=2 * G)
+    _sample(model, processor, inputs, G, max_new_tokens=4, completions_per_call=2 * G)
     assert [c.shape[0] for c in calls] == [2 * G, G]  # 2 prompts, then the last one
 
 
@@ -463,10 +464,11 @@ def _draw(model, processor, share_prompt: bool, tokens: int = 1, top_p: float = 
     repeats the prompt and its image for every draw): [n, <= tokens]."""
     copies, group = (6, SAMPLES // 6) if share_prompt else (3, SAMPLES // 6)
     torch.manual_seed(seed)
-    rollout = policy.sample_groups(
-        model, _prompt(processor, copies), processor.tokenizer, group_size=group, max_new_tokens=tokens,
-        temperature=TEMPERATURE, top_p=top_p, suppress_token_ids=families.forbidden_token_ids(processor, model.config),
-        share_prompt=share_prompt, generation_batch_size=group)
+    rollout = policy.sample_groups(model, _prompt(processor, copies),
+        policy.Sampling.for_model(model, processor.tokenizer, group_size=group, max_new_tokens=tokens,
+                                  temperature=TEMPERATURE, top_p=top_p,
+                                  suppressed_ids=families.forbidden_token_ids(processor, model.config),
+                                  share_prompt=share_prompt, completions_per_call=group))
     return rollout.completion_ids
 
 
@@ -560,8 +562,9 @@ def test_no_checkpoint_field_reaches_generate(loaded, checkpoint, monkeypatch):
 
     monkeypatch.setattr(GenerationMixin, "_prepare_generation_config", spy)
     for share_prompt in (True, False):
-        policy.sample_groups(model, _prompt(processor), processor.tokenizer, group_size=2, max_new_tokens=2,
-                              temperature=0.9, top_p=0.95, suppress_token_ids=[], share_prompt=share_prompt)
+        policy.sample_groups(model, _prompt(processor),
+            policy.Sampling.for_model(model, processor.tokenizer, group_size=2, max_new_tokens=2, temperature=0.9,
+                                      top_p=0.95, suppressed_ids=[], share_prompt=share_prompt))
     tokenizer = processor.tokenizer
     expected_end_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     run = dict(do_sample=True, temperature=0.9, top_p=0.95, top_k=0, max_new_tokens=2, use_cache=True)
@@ -592,8 +595,9 @@ def test_a_completion_ends_at_any_end_id_the_checkpoint_lists(loaded, monkeypatc
     monkeypatch.setattr(model.generation_config, "eos_token_id", listed)
     assert policy.end_token_ids(model, tokenizer) == listed  # the tokenizer's eos (<|im_end|>) is listed already
     torch.manual_seed(0)
-    rollout = policy.sample_groups(model, inputs, tokenizer, group_size=64, max_new_tokens=6, temperature=1.0,
-                                    top_p=1.0, suppress_token_ids=families.forbidden_token_ids(processor, model.config))
+    rollout = policy.sample_groups(model, inputs,
+        policy.Sampling.for_model(model, tokenizer, group_size=64, max_new_tokens=6, temperature=1.0, top_p=1.0,
+                                  suppressed_ids=families.forbidden_token_ids(processor, model.config)))
     ended = 0
     for ids, mask, truncated, text in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist(),
                                           rollout.truncated.tolist(), rollout.texts):
@@ -639,8 +643,10 @@ def _host_syncs_while_sampling(folder: str, max_new_tokens: int, share_prompt: b
     inputs = families.build_inputs(processor, [build_conversation("What colour?"), build_conversation("Which side is it on?")],
                                       [[Image.new("RGB", (56, 56))]] * 2, families.FAMILIES["qwen2_vl"])
     with CountSyncs():
-        policy.sample_groups(model, inputs, processor.tokenizer, group_size=3, max_new_tokens=max_new_tokens,
-                              temperature=1.0, top_p=1.0, suppress_token_ids=[], ignore_eos=True, share_prompt=share_prompt)
+        policy.sample_groups(model, inputs, policy.Sampling.for_model(model, processor.tokenizer, group_size=3,
+                                                                      max_new_tokens=max_new_tokens, temperature=1.0,
+                                                                      top_p=1.0, suppressed_ids=[], ignore_eos=True,
+                                                                      share_prompt=share_prompt))
     return CountSyncs.syncs
 
 

@@ -125,6 +125,36 @@ def test_deepspeed_two_ranks_zero3(format_warmed_model, colour_dataset, tmp_path
     assert moved > 0.0
 
 
+def test_ranks_given_one_prompt_sample_differently_and_end_clean(tiny_model, tmp_path_factory, tmp_path):
+    """[one seed for all ranks] Two rows holding the same prompt and picture, one per rank: at step 1
+    both ranks sample from the same weights and the same prompt, and train.py seeds them from one
+    --seed; their completions must differ (rank r draws from seed + r). And the run ends clean on every
+    rank: its process group destroyed ([exit abort]), its shared-memory buffer unlinked ([leaked
+    shared memory]: the autouse fixture fails the test on a leftover)."""
+    from conftest import colour_rows, save_rows
+
+    import datasets
+
+    row = colour_rows(1)[0]
+    twins = save_rows(tmp_path_factory, "twins", [row, dict(row)], {"image": datasets.Image()})
+    out = tmp_path / "run"
+    env = {"GRPO_TEST_FAULTS": json.dumps({"report_exit": str(tmp_path / "exit")})}
+    run_command(["deepspeed", "--num_gpus", "2", "tests/fault_worker.py", "--deepspeed", "zero3.json",
+                 "--output_dir", str(out), "--model_name_or_path", tiny_model, "--dataset_name", twins,
+                 "--max_steps", "1", "--num_generations", "4", "--per_device_train_batch_size", "1",
+                 "--max_completion_length", "8", "--beta", "0", "--save_steps", "0", "--report_to", "none",
+                 "--log_completions_steps", "1", "--max_pixels", "3136"], tmp_path, env=env)
+    with open(out / "completions.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    by_rank = {rank: [m["completion"] for m in lines if m["rank"] == rank] for rank in (0, 1)}
+    assert len(by_rank[0]) == len(by_rank[1]) == 4
+    assert {m["problem"] for m in lines} == {row["problem"]}  # one prompt on both ranks
+    assert by_rank[0] != by_rank[1], by_rank  # 4 completions of up to 8 tokens from a random model: equal only if seeded alike
+    for rank in (0, 1):
+        with open(tmp_path / f"exit.{rank}") as f:
+            assert json.load(f) == {"status": 0, "process_group_alive": False}
+
+
 @pytest.mark.parametrize("loss_type", ["dapo"])
 def test_plain_python_one_process(tiny_model, colour_dataset, tmp_path, loss_type):
     """No launcher: a world of one; num_iterations 2 reuses the rollout with stored old log-probs."""

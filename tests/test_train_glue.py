@@ -1,6 +1,8 @@
-"""train.py's glue around the loss, on two gloo ranks: the scale of one optimizer step across ranks
-and accumulation micro-steps (loss_scale, policy_update), the old log-probs of num_iterations > 1
-(learn_from), and per-rank sampling seeds (seed_this_rank).
+"""train.py's glue around the loss, on two gloo ranks, through the functions main calls: the scale of one
+optimizer step across ranks and accumulation micro-steps (train.learn_from, train.update, the loss's
+scale), the old log-probs of num_iterations > 1, a non-finite loss in any micro-batch skipping the step,
+per-rank sampling seeds (seed_this_rank), ZeRO-3's one gather per rollout; and, in one process, the
+rewards' weights (train.score).
 
 One `deepspeed --num_gpus 2 tests/glue_worker.py` launch (~30 s) does the work for every test
 here: each rank trains on its share of one step, and rank 0 redoes the step in one process from
@@ -84,6 +86,47 @@ def test_zero3_gathers_the_weights_once_per_sampling_call(glue, path):
     assert g["parameter_elements"] <= g[f"gathered_{path}"] <= g["parameter_elements"] + g["parameter_tensors"]
     assert g[f"released_after_{path}"] == []
     assert g["released_after_training_step"] == []
+
+
+@pytest.mark.parametrize("stage", [3, 0])
+def test_a_nonfinite_loss_in_any_micro_batch_skips_the_whole_step(glue, stage):
+    """(e) Rank 1's first micro-batch of two has a NaN loss; the others are finite. Both ranks skip the
+    optimizer step and no weight moves, though the micro-batches after the NaN one were finite."""
+    result = glue["nonfinite"][f"stage{stage}"]  # rank 0's view: the skip is agreed, the weights gathered whole
+    report = json.dumps(result)
+    assert result["skipped"] is True, report
+    assert result["largest_change"] == 0.0, report
+
+
+def test_reward_weights_reach_the_rewards_and_the_advantages():
+    """Steps 3 and 4 as main runs them (train.score): --reward_weights 2 0.5 make R = 2 r_accuracy +
+    0.5 r_format, and the group-normalised advantages come from that R. By hand, for one group of 4:
+    accuracy 1, 0, 1, 0 and format 1, 1, 0, 0 give R = 2.5, 0.5, 2, 0; mean 1.25; sample std
+    sqrt((1.5625 + 0.5625 + 0.5625 + 1.5625) / 3) = sqrt(17 / 12)."""
+    import math
+
+    import torch
+
+    import train
+    from grpo import config, policy, rewards
+
+    args = config.parse_args(["--reward_funcs", "accuracy", "format", "--reward_weights", "2", "0.5",
+                              "--num_generations", "4"])
+    gold = "<answer>B</answer>"
+    texts = ["<think>x</think><answer>B</answer>", "<think>x</think><answer>A</answer>", "B", "A"]
+    rollout = policy.Rollout(prompt_inputs={}, completion_ids=torch.zeros(4, 3, dtype=torch.long),
+                             completion_mask=torch.ones(4, 3, dtype=torch.long), texts=texts,
+                             truncated=torch.zeros(4, dtype=torch.bool),
+                             sampling=policy.Sampling(tokenizer=None, group_size=4, max_new_tokens=3, temperature=1.0,
+                                                      end_ids=(0,)),
+                             examples=[{"problem": "Which? Choices: A: red B: green", "solution": gold}])
+    failures = train.score(rollout, rewards.get_reward_funcs(args.reward_funcs), args, rewards.RewardFaults(print))
+    assert failures == [0, 0]
+    assert rollout.reward_per_func.tolist() == [[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
+    assert rollout.rewards.tolist() == pytest.approx([2.5, 0.5, 2.0, 0.0])
+    std = math.sqrt(17 / 12)
+    expected = [(r - 1.25) / (std + 1e-4) for r in (2.5, 0.5, 2.0, 0.0)]
+    assert rollout.advantages.tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_peak_memory_per_phase_on_the_cpu():
