@@ -22,6 +22,7 @@ import re
 import signal
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
@@ -259,6 +260,65 @@ def value_kind(answer: str) -> str | None:
         return None
     return "number" if _number(s) and not re.search(r"/|frac", s) else "expression"
 
+# ---------------------------------------------------------------- Unicode mathematics, read as its LaTeX
+
+_SYMBOLS = {"√": "\\sqrt ", "∛": "\\sqrt[3] ", "∜": "\\sqrt[4] ", "·": " \\cdot ", "⋅": " \\cdot ", "∙": " \\cdot ",
+            "×": " \\times ", "÷": " \\div ", "−": "-", "–": "-", "≤": " \\leq ", "⩽": " \\leq ", "≥": " \\geq ",
+            "⩾": " \\geq ", "≠": " \\neq ", "≈": " \\approx ", "±": " \\pm ", "∓": " \\mp ", "∞": "\\infty ",
+            "∪": " \\cup ", "∩": " \\cap ", "∈": " \\in ", "∅": "\\emptyset ", "∠": "\\angle ", "°": "^\\circ ",
+            "º": "^\\circ ", "˚": "^\\circ ", "⁄": "/", "∕": "/", "∶": ":", "′": "'", "’": "'"}
+_SYMBOLS |= dict(zip("αβγδεζηθικλμνξπρστυφχψωΓΔΘΛΞΠΣΦΨΩ", (f"\\{name} " for name in (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi pi rho sigma tau upsilon phi chi psi omega "
+    "Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega").split())))
+
+
+def _decomposed(kind: str) -> dict[int, str]:
+    """{code point: text} of the characters Unicode decomposes as `kind` ("<super>": ² -> 2, "<sub>", "<wide>":
+    １ -> 1, "<fraction>": ½ -> 1⁄2): all of them, not only those seen in answers."""
+    table = {}
+    for c in map(chr, itertools.chain(range(0xA0, 0x100), range(0x2B0, 0x2E5), range(0x1D2C, 0x1D6B),
+                                      range(0x2070, 0x20A0), range(0x2150, 0x218A), range(0xFF01, 0xFF5F))):
+        found, _, codes = unicodedata.decomposition(c).partition(" ")
+        if found == kind and c not in _SYMBOLS:  # º is a degree, not a superscript o
+            table[ord(c)] = "".join(chr(int(code, 16)) for code in codes.split()).replace("−", "-")
+    return table
+
+
+_SUPER, _SUB, _WIDE = (_decomposed(kind) for kind in ("<super>", "<sub>", "<wide>"))
+_SUPERS, _SUBS = (re.compile(f"[{re.escape(''.join(map(chr, table)))}]+") for table in (_SUPER, _SUB))
+_VULGAR = {chr(c): Fraction(*map(int, text.split("⁄"))) for c, text in _decomposed("<fraction>").items()
+           if re.fullmatch(r"\d+⁄\d+", text)}
+_TRANSLATION = _WIDE | {ord(c): latex for c, latex in _SYMBOLS.items()}
+_MIXED = re.compile(rf"(?<![\d.])(\d*)([{''.join(_VULGAR)}])")  # ½, 2½ = 5/2
+_RADICAND = re.compile(r"\s*(\d+(?:\.\d+)?|[A-Za-z]|\\[A-Za-z]+\s*)(\^\{[^{}]*\}|\^\d)?")
+
+
+def _from_unicode(s: str) -> str:
+    """Unicode mathematics as LaTeX: √, ∛, π and other Greek letters, superscripts and subscripts (x², 10⁻³, x₁),
+    · × ÷, the minus sign, ≤ ≥ ≠ ≈ ±, fractions (½, 2½, ³⁄₄), degrees (30°, 30º), full-width forms (（１，２）).
+    A root's radicand is braced later (_braced_roots). Linear in the text."""
+    if s.isascii():
+        return s
+    s = s.translate(_TRANSLATION)
+    s = _MIXED.sub(lambda m: "\\frac{%d}{%d}" % ((f := int(m[1] or 0) + _VULGAR[m[2]]).numerator, f.denominator), s)
+    s = re.sub(f"({_SUPERS.pattern})/({_SUBS.pattern})", lambda m: "\\frac{%s}{%s}" % (  # ³⁄₄
+        m[1].translate(_SUPER), m[2].translate(_SUB)), s)
+    s = _SUPERS.sub(lambda m: "^{" + m[0].translate(_SUPER) + "}", s)
+    return _SUBS.sub(lambda m: "_{" + m[0].translate(_SUB) + "}", s)
+
+
+def _braced_roots(s: str) -> str:
+    """Each \\sqrt with its radicand in braces, the innermost first: \\sqrt(x+1), \\sqrt 5, \\sqrt x^{2}, \\sqrt \\pi
+    -> \\sqrt{x+1}, \\sqrt{5}, \\sqrt{x^{2}}, \\sqrt{\\pi}; a radicand in braces already is left as it is."""
+    for start in reversed([m.end() for m in re.finditer(r"\\sqrt(?:\[[^\[\]]*\])?(?![A-Za-z])", s)]):
+        if (opening := s.find("(", start)) != -1 and not s[start:opening].strip():
+            depth = itertools.accumulate((c == "(") - (c == ")") for c in s[opening:])
+            if (close := next((opening + i for i, d in enumerate(depth) if d == 0), None)) is not None:
+                s = s[:start] + "{" + s[opening + 1:close] + "}" + s[close + 1:]
+        elif m := _RADICAND.match(s, start):
+            s = s[:start] + "{" + m[1].strip() + (m[2] or "") + "}" + s[m.end():]
+    return s
+
 # ---------------------------------------------------------------- when two answers are equal
 
 _NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
@@ -267,7 +327,9 @@ _NUMBER_WORDS |= {w: 10 * i for i, w in enumerate("twenty thirty forty fifty six
 _FUNCTIONS = "arcsin|arccos|arctan|asin|acos|atan|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|log|ln|exp|sqrt"
 # 6 apples, 16\pi cm^2; words of two letters or more, so "2x + y" keeps its y and "16 pi" its pi
 _TRAILING_WORDS = re.compile(rf"(?:\s+(?!(?:pi|{_FUNCTIONS})\b)[a-zA-Z]{{2,}}(?:\^\{{?[23]\}}?)?)+\s*$")
-_GLUED_UNIT = re.compile(r"(?<=\d)\s*(?:(?:cm|mm|km|kg|mg|ml|mL|min|units?)(?:\^\{?[23]\}?)?|m\^[23])$")  # 5cm, 3m²
+# A unit after a number, \pi or a bracket (5cm, 3 m², 8\pi m^{2}, \sqrt{2} mm), a currency before or after (€5, 2.5€)
+_UNIT = re.compile(r"(?:(?<=[\d})])|(?<=\\pi))\s*(?:(?:[kcmd]?m|in|ft)\^\{?[23]\}?|(?:cm|mm|km|kg|mg|ml|mL|min|units?)"
+                   r"(?:\^\{?[23]\}?)?|[€£¥₹])$|^[€£¥₹]\s*(?=\d)")
 _EQUALS = r"(?<![<>!\\])=(?!=)"
 _NAMED = re.compile(rf"^\s*(?:(?:[A-Za-z]{{1,3}}|\\[a-zA-Z]+)(?:_\{{?\w+\}}?)?|\([A-Za-z\s,]+\))\s*{_EQUALS}\s*")  # x=
 _SPACING = re.compile(r"\\(?:displaystyle|left|right|[,;:! ]|q?quad)|\s|~")  # "16 \pi" == "16\pi"
@@ -280,7 +342,7 @@ def _latex(answer: str) -> str:
     (sin(x)^2, pi, sqrt(2)), oo and U as \\infty and \\cup, \\frac\\pi2 as \\frac{\\pi}{2}, number words as numbers,
     the units or words after a number gone ("6 apples", "16\\pi cm^2"), thousands without separators (1,000,
     1 000, 11,\\!111), lists parted by semicolons or "and" parted by commas (1,5; 2 -> 1.5, 2)."""
-    s = _clean(answer).replace("−", "-").replace("°", "^\\circ ")
+    s = _from_unicode(_clean(answer))
     if len(s) > MAX_RAW_CHARS:
         return s
     if "\\\\" in s and not re.search(r"(?<!\\)\\[A-Za-z]", s):  # escaped twice throughout: \\frac{1}{2}
@@ -289,17 +351,17 @@ def _latex(answer: str) -> str:
     s = re.sub(r"(\\frac\{[^{}]*\})\s*(\\[a-zA-Z]+|\d|[a-zA-Z])", r"\1{\2}",  # \frac\pi2 -> \frac{\pi}{2}
                re.sub(r"\\frac\s*(\\[a-zA-Z]+|\d|[a-zA-Z])", r"\\frac{\1}", s))
     s = re.sub(rf"^({'|'.join(_NUMBER_WORDS)})(?![a-z])", lambda m: str(_NUMBER_WORDS[m[1].lower()]), s, flags=re.I)
-    if (words := _TRAILING_WORDS.search(s)) and re.search(r"\d", s[:words.start()]):  # not "A square"
+    if (words := _TRAILING_WORDS.search(s)) and re.search(r"\d|\\pi", s[:words.start()]):  # not "A square"
         s = s[:words.start()]
     s = re.sub(r"(?<![\d.])\d{1,3}(?:(?:[ \u00a0\u2009\u202f]|\\[, ])\d{3})+(?!\d)", lambda m: re.sub(r"\D", "", m[0]),
-               _GLUED_UNIT.sub("", s).strip())
+               _UNIT.sub("", s).strip())
     if not re.search(r"[(\[]|\\\{", s):  # 1,000,000 and 12,345 (not 0,125); in brackets a comma parts items
         s = re.sub(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])", lambda m: m[0].replace(",", ""), s)
     s = re.sub(r"([+-]?)\s*\b(?:oo|inf|infinity)\b", r"\1\\infty", re.sub(r"(?<!\\)\\[,;:! ]|~", " ", s), flags=re.I)
     s = re.sub(rf"(?<![\\A-Za-z])({_FUNCTIONS}|pi)(?![A-Za-z])", r"\\\1", s.replace("**", "^"))
-    s = re.sub(r"\\sqrt\s*\(([^()]*)\)", r"\\sqrt{\1}", re.sub(r"(?<=[)\]])\s*U\s*(?=[(\[])", r" \\cup ", s))
+    s = _braced_roots(re.sub(r"(?<=[)\]])\s*U\s*(?=[(\[])", r" \\cup ", s))
     s = re.sub(r"\s+and\s+", "; " if ";" in s else ", ", s)
-    return re.sub(r"(?<=\d),(?=\d)", ".", s).replace(";", ",") if ";" in s else s
+    return (re.sub(r"(?<=\d),(?=\d)", ".", s).replace(";", ",") if ";" in s else s).strip()
 
 
 def _prose(answer: str) -> bool:
