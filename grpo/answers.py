@@ -90,7 +90,7 @@ def _is_value(text: str) -> bool:
     """An answer by itself at a cheap look: an option letter, or mathematics: short, no prose, brackets balanced,
     no operator dangling ("x = 4.5", "(1, 9/2)", "6 apples", "x \\geq 5"; not "Therefore, x = 4.5")."""
     return bool(text) and as_letter(text, "Z") is not None or 0 < len(s := _latex(text)) <= MAX_RAW_CHARS and not \
-        _prose(text) and _top_commas(s) is not None and not re.search(r"[?\"]|^[*/^=,;<>]|[-+*/^_=<>,;:\\]$", s)
+        _prose(text) and _items(s) is not None and not re.search(r"[?\"]|^[*/^=,;<>]|[-+*/^_=<>,;:\\]$", s)
 
 
 def _concluding_value(text: str) -> str:
@@ -155,7 +155,7 @@ def _clean(answer: str) -> str:
 # ---------------------------------------------------------------- multiple choice
 
 # B, (B), B., B), B: 40°, Option B, option (B); a bare letter ends the answer or is followed by . : ) (not "A square")
-_LETTER = re.compile(r"(?:(?i:option|choice)\s*)?(?:\(([A-Z])\)|([A-Z])(?:[.:)]|$))")
+_LETTER = re.compile(r"(?:(?i:option|choice)\s*)?(?:\(([A-Z])\)|([A-Z])(?:[.)]|:(?![A-Z])|$))")  # A:B is a ratio
 _SEVERAL = re.compile(r"\s*(?:,|/|&|and\b|or\b)", re.I)  # "(A) or (B)", "A) and C)"
 _OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-Z])\)|([A-Z])[.:)])")
 
@@ -331,7 +331,11 @@ _TRAILING_WORDS = re.compile(rf"(?:\s+(?!(?:pi|{_FUNCTIONS})\b)[a-zA-Z]{{2,}}(?:
 _UNIT = re.compile(r"(?:(?<=[\d})])|(?<=\\pi))\s*(?:(?:[kcmd]?m|in|ft)\^\{?[23]\}?|(?:cm|mm|km|kg|mg|ml|mL|min|units?)"
                    r"(?:\^\{?[23]\}?)?|[€£¥₹])$|^[€£¥₹]\s*(?=\d)")
 _EQUALS = r"(?<![<>!\\])=(?!=)"
-_NAMED = re.compile(rf"^\s*(?:(?:[A-Za-z]{{1,3}}|\\[a-zA-Z]+)(?:_\{{?\w+\}}?)?|\([A-Za-z\s,]+\))\s*{_EQUALS}\s*")  # x=
+# A name and "=" (x =, AB =, \angle ABC =, f(x) =, x_1 =, A:B =, (x, y) =); a point's name before its coordinates
+_NAMED = re.compile(rf"^\s*((?:m\s*)?\\angle\s*\w{{1,3}}|(?:[A-Za-z]{{1,3}}|\\[a-zA-Z]+)(?:_\{{?\w+\}}?|')*(?:\([^()=]{{1,12}}\))?"
+                    rf"|[A-Z]{{1,2}}\s*:\s*[A-Z]{{1,2}}|\([A-Za-z\s,]+\))\s*{_EQUALS}\s*")
+_POINT = re.compile(r"^\s*(?i:point\s+)?([A-Z](?:_\{?\w+\}?|')*)\s*(?=\()")  # Q(-1, 4), P_1(2, 3), A'(0, 1)
+_RELATION = rf"{_EQUALS}|[<>]|\\(?:[lg]eq?|neq?|in)\b"
 _SPACING = re.compile(r"\\(?:displaystyle|left|right|[,;:! ]|q?quad)|\s|~")  # "16 \pi" == "16\pi"
 _NUMBER = re.compile(r"(-?)(?:(\d+\.?\d*|\.\d+)|\\frac\{(\d+)\}\{(\d+)\}|(\d+)/(\d+))(?:\^\{?\\circ\}?|\\?%|\\degree)?")
 
@@ -367,28 +371,32 @@ def _latex(answer: str) -> str:
 def _prose(answer: str) -> bool:
     """Words, not mathematics: "a square", "blue", "xy" (a word here, not a product), a hedge ("x = 6 or x = 7")."""
     s = re.sub(r"\\(?:begin|end)\{[^{}]*\}(?:\{[lcr|\s]*\})?", " ", _latex(answer))
+    s = ", ".join(named[1]) if (named := _labelled(s)) else s  # names are no words: "AB = 5", "Q(-1, 4)"
     words = [w.lower() for w in re.findall(r"(?<![\\A-Za-z])[A-Za-z]{2,}", s)]
     return any(w not in _FUNCTIONS.split("|") + ["pi", "mod", "det"] for w in words)  # "or" too: a hedge
 
 
-def _top_commas(s: str) -> int | None:
-    """Commas outside brackets; None when the brackets do not balance (any kind closes any: [1,3) balances)."""
-    depth = commas = 0
-    for c in s:
+def _items(s: str) -> list[str] | None:
+    """s parted at its commas outside brackets; None when the brackets do not balance (any kind closes any: [1,3)
+    balances)."""
+    depth, items, start = 0, [], 0
+    for i, c in enumerate(s):
         depth += (c in "([{") - (c in ")]}")
-        commas += c == "," and depth == 0
         if depth < 0:
             return None
-    return None if depth else commas
+        if c == "," and depth == 0:
+            items, start = items + [s[start:i]], i + 1
+    return None if depth else items + [s[start:]]
 
 
 def _shape(s: str) -> str | None:
     """"set" for \\{..\\}, {1, 2}, \\emptyset, a bare list (x = 1, y = 2); "seq" for (1, 2), [1, 3); else None."""
     s = _SPACING.sub("", s)
     t = s[1:] if s.startswith("\\{") else s
-    if t[:1] in "([{" and t[-1:] in ")]}" and (n := _top_commas(t[1:-1])) is not None:  # one bracket around all
+    if t[:1] in "([{" and t[-1:] in ")]}" and (items := _items(t[1:-1])) is not None:  # one bracket around all
+        n = len(items) - 1
         return "set" if t != s or t[0] == "{" and n else "seq" if n and t[0] != "{" else None
-    return "set" if _top_commas(s) or s in ("\\emptyset", "\\varnothing") else None
+    return "set" if len(_items(s) or "") > 1 or s in ("\\emptyset", "\\varnothing") else None
 
 
 def _number(s: str) -> tuple[Fraction, bool] | None:
@@ -399,14 +407,58 @@ def _number(s: str) -> tuple[Fraction, bool] | None:
     return -value if m[1] else value, "." not in m[0]
 
 
+def _labelled(s: str) -> tuple[list[str], list[str]] | None:
+    """(names, values) of an answer each of whose items names its value ("x = 4.5", "Q(-1, 4)", "AB = 4, CD = 5");
+    None when one does not, or names no single value ("x = 5 + 5 = 10", "Q(1, 2) + 1")."""
+    names, values = [], []
+    for item in _items(s) or []:
+        named = _NAMED.match(item) or _POINT.match(item)
+        value = item[named.end():].strip() if named else ""
+        if not value or re.search(_RELATION, value) or named.re is _POINT and _shape(value) != "seq":
+            return None
+        names, values = names + [named[1]], values + [value]
+    return (names, values) if names else None
+
+
+def _same_name(a: str, b: str) -> bool:
+    """Spacing aside, and a segment or an angle read either way: AB is BA, \\angle ABC is \\angle CBA."""
+    a, b = (re.sub(r"\s|^m(?=\\angle)", "", name) for name in (a, b))
+    return a == b or re.fullmatch(r"(\\angle)?[A-Z]{2,3}", a) is not None and a == re.sub(
+        r"[A-Z]+$", lambda m: m[0][::-1], b)
+
+
+def _unlabelled(x: str, y: str) -> tuple[str, str] | None:
+    """Answer x and gold y without the names before their values, or None when both name theirs and the names
+    differ (P(-1, 4) is not Q(-1, 4), y = 5 not x = 5). Where one side names and the other does not, the name is
+    no part of the value (Q(-1, 4) is (-1, 4)), and several values keep their order ("AB = 4, CD = 5" is "4, 5",
+    not "5, 4"; "x = 2, x = 3" is the set "3, 2"). Against an equation or a relation, and between two lists of
+    names ("x = 1, y = 2" is "y = 2, x = 1"), both stay as they are, for math-verify."""
+    nx, ny = _labelled(x), _labelled(y)
+    if nx and ny:
+        single = len(nx[0]) == len(ny[0]) == 1
+        return (nx[1][0], ny[1][0]) if single and _same_name(nx[0][0], ny[0][0]) else None if single else (x, y)
+    if not (nx or ny) or re.search(_RELATION, other := y if nx else x):
+        return x, y
+    names, values = nx or ny
+    if len(values) > 1 and len(set(names)) > 1:  # in order: as tuples, when the other side lists as many
+        if len(_items(other) or []) != len(values):
+            return x, y
+        values, other = [f"({', '.join(values)})"], f"({other})"
+    return (", ".join(values), other) if nx else (other, ", ".join(values))
+
+
 def _equal(answer: str, gold: str, precision: int | None, deadline: float | None) -> bool:
-    """Text ("Square." is "a square"), and prose only as text; then a bare number's one comma is a decimal comma
-    unless the other side is a list (6,8 is 6.8 against 6.8, a list against 6 and 8), and the exact and the
-    approximate members of each side ("x = 1/3 \\approx 0.33") are compared by _same."""
+    """Text ("Square." is "a square"); names before values as _unlabelled says; prose only as text; then a bare
+    number's one comma is a decimal comma unless the other side is a list (6,8 is 6.8 against 6.8, a list against
+    6 and 8), and the exact and the approximate members of each side ("x = 1/3 \\approx 0.33") are compared by
+    _same."""
     plain = [re.sub(r"^(?:a|an|the)\s+", "", " ".join(_clean(t).lower().split())) for t in (answer, gold)]
     x, y = _latex(answer), _latex(gold)
-    if plain[0] == plain[1] or _prose(answer) or _prose(gold) or max(len(x), len(y)) > MAX_RAW_CHARS:
+    if plain[0] == plain[1] or max(len(x), len(y)) > MAX_RAW_CHARS or (pair := _unlabelled(x, y)) is None:
         return plain[0] == plain[1]
+    x, y = pair
+    if x == y or _prose(x) or _prose(y):
+        return x == y
     x, y = [re.sub(r"(?<![\d.])(\d+),(\d+)(?![\d.])", r"\1.\2", s) if s.count(",") == 1 and _shape(other) != "set"
             and not re.search(r"[(\[]|\\\{", s) else s for s, other in ((x, y), (y, x))]
     members = [dict.fromkeys(m.strip() for m in (s.split("\\approx")[0], s.split("\\approx")[-1])) for s in (x, y)]
