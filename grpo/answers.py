@@ -75,7 +75,7 @@ _ANSWER_PHRASE = re.compile(r"\b(?:answer|option|choice)\**(?:\s+(?:is|would\s+b
                             r"\**\s*(?:(?:therefore|thus|hence|then|clearly|simply)\b)?[\s:]*", re.I)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 _CUE = re.compile(r"\b(?:is|are|was|equals?(?:\s+to)?|so|therefore|thus|hence|gives|get|gets)\b"  # not <=, >=, !=
-                  r"|(?<![<>!=])=|\\approx|≈", re.I)
+                  r"|(?<=\bit)['’]s\b|(?<=\bthat)['’]s\b|(?<![<>!=])=|\\approx|≈", re.I)  # it's 6
 _CLAUSE = re.compile(r"\s(?:because|since|as|which|but|when|where)\b", re.I)  # "6 which is even": 6
 _WORDS = re.compile(r"(?:an?\s+|the\s+)?[A-Za-z]+(?:\s+[A-Za-z]+){0,2}")  # "a square", "dark blue"
 _CLOSING = re.compile(r"(?:\s*(?:<\|[a-z_]+\|>\w*|I hope it is correct\.?))+\s*\Z")  # a template's next turn
@@ -94,15 +94,24 @@ def _is_value(text: str) -> bool:
 
 
 def _concluding_value(text: str) -> str:
-    """What the last sentence states: itself when a value ("x = 1, y = 2"), else the value after a cue ("so the
-    probability is 2/3"), its last $...$, the option it opens with ("(B) is correct"), or a few words after
-    is/are/was ("it is a square"); "" when none, or for a hedge ("x = 6 or x = 7")."""
+    """What the last sentence states: itself when a value ("x = 1, y = 2"), else what it states after a cue
+    (_stated), read first without a clause after its first cue ("it is (B) because the angle is 40°"), then, if
+    that states nothing, whole ("the number is not 10 which is 1,000.99€")."""
     sentences = [s for s in _SENTENCE_END.split(text[-4 * MAX_RAW_CHARS:]) if re.search(r"[0-9A-Za-z]", s)]
     if _is_value(_tidy(sentence := sentences[-1] if sentences else "")):
         return _tidy(sentence)
     cues = list(_CUE.finditer(sentence))
-    if cues and (clause := _CLAUSE.search(sentence, cues[0].end())):  # "it is (B) because the angle is 40°"
-        sentence, cues = sentence[:clause.start()], [cue for cue in cues if cue.end() <= clause.start()]
+    ends = [clause.start()] if cues and (clause := _CLAUSE.search(sentence, cues[0].end())) else []
+    for end in ends + [len(sentence)]:
+        if found := _stated(sentence[:end], [cue for cue in cues if cue.end() <= end]):
+            return found
+    return ""
+
+
+def _stated(sentence: str, cues: list[re.Match]) -> str:
+    """The value after a cue ("so the probability is 2/3"), the sentence's last $...$, the option it opens with
+    ("(B) is correct"), or a few words after is/are/was ("it is a square"); "" when none, or for a hedge ("x = 6
+    or x = 7")."""
     if cues and re.search(r"\bor\b", sentence[cues[0].end():], re.I):
         return ""
     candidates = [(cue.group().lower(), _tidy(sentence[cue.end():])) for cue in cues[-8:]]  # bounded work
