@@ -125,12 +125,14 @@ def _stated(sentence: str, cues: list[re.Match]) -> str:
     return words if cue in ("is", "are", "was") and _WORDS.fullmatch(words) else ""
 
 
-def final_answer(text: str) -> tuple[str, str]:
+def final_answer(text: str, yes_no: bool = False) -> tuple[str, str]:
     """(the final answer, how it was found): "answer tag" (the last <answer> block), "boxed" (the last \\boxed{}
-    and the boxes listed before it), "answer is" (after the last "The answer is" / "Answer:"), "whole text" (a
-    text that is a value, "6 apples", or a short one stating nothing else, "A square"), "last sentence"
-    (_concluding_value), or "none" with "" (nothing stated, or only in <think>, never read, or an unclosed
-    <answer>). verify judges final_answer(t)[0] as t, but "<answer>so it is 6</answer>" is taken as is."""
+    and the boxes listed before it), "yes or no" (with `yes_no`, for a gold that is one: the text when it opens
+    with one, else its last sentence when that does, _yes_or_no), "answer is" (after the last "The answer is" /
+    "Answer:"), "whole text" (a text that is a value, "6 apples", or a short one stating nothing else, "A
+    square"), "last sentence" (_concluding_value), or "none" with "" (nothing stated, or only in <think>, never
+    read, or an unclosed <answer>). verify judges final_answer(t)[0] as t, but "<answer>so it is 6</answer>" is
+    taken as is."""
     if not isinstance(text, str):
         return "", "none"
     if found := _tagged(text):
@@ -139,6 +141,8 @@ def final_answer(text: str) -> tuple[str, str]:
     text = text[:-200] + _CLOSING.sub("", text[-200:])  # on the last characters only: linear on any input
     if "<answer>" in text:  # an answer cut off before </answer> (a length limit) is not judged
         return "", "none"
+    if yes_no and (said := _yes_or_no(text)):
+        return said, "yes or no"
     if phrases := list(_ANSWER_PHRASE.finditer(text)):  # to the end of its sentence or a clause ("6, since ...")
         rest = text[phrases[-1].end():phrases[-1].end() + MAX_RAW_CHARS]
         rest = rest[:end.start()] if (end := _SENTENCE_END.search(rest)) else rest
@@ -199,6 +203,44 @@ def _option_for(answer: str, options: dict[str, str], precision: int | None, dea
             return hits[0] if len(hits) == 1 else None
     return None
 
+# ---------------------------------------------------------------- a yes or a no, and its reason
+
+_OPPOSITE = {"yes": "no", "no": "yes", "true": "false", "false": "true"}
+# A yes or no opening an answer (after "So," at most), alone or before its reason: not "No solution", "yes/no"
+_OPENS = re.compile(r"[\s*_\"'`(\[]*(?:(?:so|therefore|thus|hence|then|finally|overall|in\s+conclusion)\W+)?"
+                    r"(yes|no|true|false)(?=\s*(?:[,.;:!)\]—–*]|-\s|$)|\s+(?:because|since|as|it|they|the|this|that|these"
+                    r"|there|both|each|all|we|its|their)\b)", re.I)
+_AFRESH = re.compile(r"\s+(?:wait|it|i|we|this|that|they|he|she|the|because|since|as|so|actually|but|and|or)\b", re.I)
+
+
+def _says(answer: str, word: str) -> bool:
+    """Does `answer` open with `word` (_OPENS: "Yes, because both pairs of opposite sides are parallel.") and not
+    say its opposite after ("No. Yes, it is", "Yes and no")? An opposite before a word is no answer ("yes, there
+    is no gap", "a false premise") unless the word starts afresh ("No wait", "No it is not")."""
+    if not (opening := _OPENS.match(answer)) or opening[1].lower() != word:
+        return False
+    rest = answer[opening.end():]
+    return not any(not re.match(r"\s+[A-Za-z]", after := rest[m.end():]) or _AFRESH.match(after)
+                   for m in re.finditer(rf"\b{_OPPOSITE[word]}\b(?![-/'])", rest, re.I))
+
+
+def _polarity(answer: str) -> str | None:
+    """"yes", "no", "true" or "false" for an answer that is that word, or opens with it and only explains."""
+    opening = _OPENS.match(answer)
+    return opening[1].lower() if opening and _says(answer, opening[1].lower()) else None
+
+
+def _yes_or_no(text: str) -> str:
+    """What a free text states, for a yes-or-no gold: itself when it opens with a yes or a no (so that a "no"
+    later is seen), else its last sentence from the last yes or no that opens it or a clause ("The lines never
+    meet, so yes."); "" when neither."""
+    if _OPENS.match(text):
+        return text.strip()
+    last = ([s for s in _SENTENCE_END.split(text[-4 * MAX_RAW_CHARS:]) if re.search(r"[A-Za-z]", s)] or [""])[-1]
+    starts = [m.end() for m in re.finditer(r"(?:^|[,;:]|\b(?:so|therefore|thus|hence|is)\b)", last, re.I)]
+    return next((last[i:].strip() for i in reversed(starts) if _OPENS.match(last, i)), "")
+
+
 # ---------------------------------------------------------------- verify
 
 _PRECISION = re.compile(r"(?:to|with)\s+(\d|one|two|three|four)\s+decimal\s+places?|nearest\s+(tenth|hundredth|"
@@ -232,7 +274,8 @@ def read_gold(solution: str, question: str | None = None) -> Gold:
 def judge(prediction: str, gold: Gold) -> bool:
     """Is the final answer of `prediction` the answer of `gold` (from read_gold)? Never raises."""
     try:
-        answer = _clean(final_answer(prediction)[0])
+        yes_no = (_polarity(gold.answer) or _polarity(gold.options.get(gold.letter or "", ""))) is not None
+        answer = _clean(final_answer(prediction, yes_no)[0])
         if not answer or not gold.answer or answer == gold.answer:  # the gold's own text, whatever the options
             return bool(answer) and answer == gold.answer
         deadline, options = time.monotonic() + VERIFY_SECONDS, gold.options
@@ -457,10 +500,12 @@ def _unlabelled(x: str, y: str) -> tuple[str, str] | None:
 
 
 def _equal(answer: str, gold: str, precision: int | None, deadline: float | None) -> bool:
-    """Text ("Square." is "a square"); names before values as _unlabelled says; prose only as text; then a bare
+    """A yes or no as _says reads it; text ("Square." is "a square"); names before values as _unlabelled says; prose only as text; then a bare
     number's one comma is a decimal comma unless the other side is a list (6,8 is 6.8 against 6.8, a list against
     6 and 8), and the exact and the approximate members of each side ("x = 1/3 \\approx 0.33") are compared by
     _same."""
+    if word := _polarity(gold):
+        return _says(answer, word)
     plain = [re.sub(r"^(?:a|an|the)\s+", "", " ".join(_clean(t).lower().split())) for t in (answer, gold)]
     x, y = _latex(answer), _latex(gold)
     if plain[0] == plain[1] or max(len(x), len(y)) > MAX_RAW_CHARS or (pair := _unlabelled(x, y)) is None:
