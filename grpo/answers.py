@@ -210,6 +210,7 @@ _OPPOSITE = {"yes": "no", "no": "yes", "true": "false", "false": "true"}
 _OPENS = re.compile(r"[\s*_\"'`(\[]*(?:(?:so|therefore|thus|hence|then|finally|overall|in\s+conclusion)\W+)?"
                     r"(yes|no|true|false)(?=\s*(?:[,.;:!)\]—–*]|-\s|$)|\s+(?:because|since|as|it|they|the|this|that|these"
                     r"|there|both|each|all|we|its|their)\b)", re.I)
+_A_WORD = re.compile(r"\s+[A-Za-z]")
 _AFRESH = re.compile(r"\s+(?:wait|it|i|we|this|that|they|he|she|the|because|since|as|so|actually|but|and|or)\b", re.I)
 
 
@@ -220,7 +221,7 @@ def _says(answer: str, word: str) -> bool:
     if not (opening := _OPENS.match(answer)) or opening[1].lower() != word:
         return False
     rest = answer[opening.end():]
-    return not any(not re.match(r"\s+[A-Za-z]", after := rest[m.end():]) or _AFRESH.match(after)
+    return not any(not _A_WORD.match(rest, m.end()) or _AFRESH.match(rest, m.end())
                    for m in re.finditer(rf"\b{_OPPOSITE[word]}\b(?![-/'])", rest, re.I))
 
 
@@ -353,7 +354,7 @@ def _from_unicode(s: str) -> str:
         return s
     s = s.translate(_TRANSLATION)
     s = _MIXED.sub(lambda m: "\\frac{%d}{%d}" % ((f := int(m[1] or 0) + _VULGAR[m[2]]).numerator, f.denominator), s)
-    s = re.sub(f"({_SUPERS.pattern})/({_SUBS.pattern})", lambda m: "\\frac{%s}{%s}" % (  # ³⁄₄
+    s = re.sub(f"(?<!{_SUPERS.pattern[:-1]})({_SUPERS.pattern})/({_SUBS.pattern})", lambda m: "\\frac{%s}{%s}" % (  # ³⁄₄
         m[1].translate(_SUPER), m[2].translate(_SUB)), s)
     s = _SUPERS.sub(lambda m: "^{" + m[0].translate(_SUPER) + "}", s)
     return _SUBS.sub(lambda m: "_{" + m[0].translate(_SUB) + "}", s)
@@ -474,7 +475,7 @@ def _labelled(s: str) -> tuple[list[str], list[str]] | None:
 
 def _same_name(a: str, b: str) -> bool:
     """Spacing aside, and a segment or an angle read either way: AB is BA, \\angle ABC is \\angle CBA."""
-    a, b = (re.sub(r"\s|^m(?=\\angle)", "", name) for name in (a, b))
+    a, b = (re.sub(r"[\s{}]|^m(?=\\angle)", "", name) for name in (a, b))
     return a == b or re.fullmatch(r"(\\angle)?[A-Z]{2,3}", a) is not None and a == re.sub(
         r"[A-Z]+$", lambda m: m[0][::-1], b)
 
