@@ -2,13 +2,13 @@
 
 By hand: the final answer (`final_answer`: the last <answer> block, else the last \\boxed{}, else what the free
 text states), options (a letter or an option's text), the gold once per group (`read_gold`), and what benchmark
-conventions decide: text as text, numbers by value (4.5 = 9/2, 40° = 40, 6 apples = 6) to a precision the
-question states, thousands (11,\\!111) and decimal commas as the gold's notation decides (1,22 is 1.22 against a
-number, 6,8 a list against a list), brackets (\\{1, 2\\} is not (1, 2), \\{5\\} not 5), an equation gold matched
-only by an equation ("0" is not "a + b = 0"). Words and hedges never reach math-verify (Hugging Face's), whose
-symbols make "lube" equal "blue"; it judges the rest (expressions, tuples, intervals, sets, matrices,
-relations) in a forked worker, VERIFY_SECONDS per verify call: an overrun is a wrong answer (`timeouts()`).
-Only the final answer is read, never the reasoning ([judging the reasoning]).
+conventions decide: Unicode mathematics read as its LaTeX (3√2, x², ½), a yes or no with its reason, a name before
+a value (Q(-1, 4), x = 5), text as text, numbers by value (4.5 = 9/2, 40° = 40, 6 apples = 6) to a stated
+precision, thousands and decimal commas as the gold's notation decides, brackets (\\{1, 2\\} is not (1, 2)), an
+equation gold matched only by an equation. Words never reach math-verify (Hugging Face's), whose symbols make
+"lube" equal "blue"; it judges the rest (expressions, tuples, intervals, sets, matrices, relations) in a forked
+worker, VERIFY_SECONDS per verify call: an overrun is a wrong answer (`timeouts()`). Only the final answer is
+read, never the reasoning ([judging the reasoning]).
 """
 
 import atexit
@@ -94,45 +94,39 @@ def _is_value(text: str) -> bool:
 
 
 def _concluding_value(text: str) -> str:
-    """What the last sentence states: itself when a value ("x = 1, y = 2"), else what it states after a cue
-    (_stated), read first without a clause after its first cue ("it is (B) because the angle is 40°"), then, if
-    that states nothing, whole ("the number is not 10 which is 1,000.99€")."""
+    """What the last sentence states: itself when a value ("x = 1, y = 2"), else the value after a cue ("so the
+    probability is 2/3"), its last $...$, the option it opens with ("(B) is correct"), or a few words after is,
+    are, was or so ("it is a square", "so yes"); read first up to a clause after its first cue ("it is (B) because
+    the angle is 40°"), then whole ("the number is not 10 which is 1,000.99€"); "" for none or a hedge ("or")."""
     sentences = [s for s in _SENTENCE_END.split(text[-4 * MAX_RAW_CHARS:]) if re.search(r"[0-9A-Za-z]", s)]
     if _is_value(_tidy(sentence := sentences[-1] if sentences else "")):
         return _tidy(sentence)
     cues = list(_CUE.finditer(sentence))
-    ends = [clause.start()] if cues and (clause := _CLAUSE.search(sentence, cues[0].end())) else []
-    for end in ends + [len(sentence)]:
-        if found := _stated(sentence[:end], [cue for cue in cues if cue.end() <= end]):
-            return found
+    clause = _CLAUSE.search(sentence, cues[0].end()) if cues else None
+    for part in ([sentence[:clause.start()]] if clause else []) + [sentence]:
+        stated = [cue for cue in cues if cue.end() <= len(part)]
+        if stated and re.search(r"\bor\b", part[stated[0].end():], re.I):
+            return ""
+        candidates = [(cue.group().lower(), _tidy(part[cue.end():])) for cue in stated[-8:]]  # bounded work
+        math = [m.group(1) or m.group(2) for m in re.finditer(r"\$+([^$]+)\$+|\\\((.+?)\\\)", part)]
+        for candidate in [c for _, c in candidates] + [m.strip() for m in math[-1:]]:  # "Then $x \\geq 5$ holds"
+            if _is_value(candidate):
+                return candidate
+        if as_letter(part) is not None:
+            return _tidy(part)
+        cue, words = candidates[-1] if candidates else ("", "")
+        if cue in ("is", "are", "was", "so", "therefore", "thus", "hence") and _WORDS.fullmatch(words):
+            return words
     return ""
-
-
-def _stated(sentence: str, cues: list[re.Match]) -> str:
-    """The value after a cue ("so the probability is 2/3"), the sentence's last $...$, the option it opens with
-    ("(B) is correct"), or a few words after is/are/was ("it is a square"); "" when none, or for a hedge ("x = 6
-    or x = 7")."""
-    if cues and re.search(r"\bor\b", sentence[cues[0].end():], re.I):
-        return ""
-    candidates = [(cue.group().lower(), _tidy(sentence[cue.end():])) for cue in cues[-8:]]  # bounded work
-    math = [m.group(1) or m.group(2) for m in re.finditer(r"\$+([^$]+)\$+|\\\((.+?)\\\)", sentence)]
-    for candidate in [c for _, c in candidates] + [m.strip() for m in math[-1:]]:  # "Then $x \\geq 5$ holds"
-        if _is_value(candidate):
-            return candidate
-    if as_letter(sentence) is not None:
-        return _tidy(sentence)
-    cue, words = candidates[-1] if candidates else ("", "")
-    return words if cue in ("is", "are", "was") and _WORDS.fullmatch(words) else ""
 
 
 def final_answer(text: str, yes_no: bool = False) -> tuple[str, str]:
     """(the final answer, how it was found): "answer tag" (the last <answer> block), "boxed" (the last \\boxed{}
-    and the boxes listed before it), "yes or no" (with `yes_no`, for a gold that is one: the text when it opens
-    with one, else its last sentence when that does, _yes_or_no), "answer is" (after the last "The answer is" /
-    "Answer:"), "whole text" (a text that is a value, "6 apples", or a short one stating nothing else, "A
-    square"), "last sentence" (_concluding_value), or "none" with "" (nothing stated, or only in <think>, never
-    read, or an unclosed <answer>). verify judges final_answer(t)[0] as t, but "<answer>so it is 6</answer>" is
-    taken as is."""
+    and the boxes listed before it), "yes or no" (given `yes_no`, for a yes-or-no gold: the text, or its last
+    sentence, that opens with one), "answer is" (after the last "The answer is" / "Answer:"), "whole text" (a
+    value, "6 apples", or a short text stating nothing else, "A square"), "last sentence" (_concluding_value),
+    or "none" with "" (nothing stated, or only in <think>, never read, or an unclosed <answer>). verify judges
+    final_answer(t)[0] as t, but "<answer>so it is 6</answer>" is taken as is."""
     if not isinstance(text, str):
         return "", "none"
     if found := _tagged(text):
@@ -141,8 +135,9 @@ def final_answer(text: str, yes_no: bool = False) -> tuple[str, str]:
     text = text[:-200] + _CLOSING.sub("", text[-200:])  # on the last characters only: linear on any input
     if "<answer>" in text:  # an answer cut off before </answer> (a length limit) is not judged
         return "", "none"
-    if yes_no and (said := _yes_or_no(text)):
-        return said, "yes or no"
+    for said in [text, re.split(r"[.!?]\s+|\n", text[-4 * MAX_RAW_CHARS:].strip())[-1]] if yes_no else []:
+        if _OPENS.match(said):  # the whole text first, so that "No. Yes, it is" is read whole
+            return said.strip(), "yes or no"
     if phrases := list(_ANSWER_PHRASE.finditer(text)):  # to the end of its sentence or a clause ("6, since ...")
         rest = text[phrases[-1].end():phrases[-1].end() + MAX_RAW_CHARS]
         rest = rest[:end.start()] if (end := _SENTENCE_END.search(rest)) else rest
@@ -210,37 +205,18 @@ _OPPOSITE = {"yes": "no", "no": "yes", "true": "false", "false": "true"}
 _OPENS = re.compile(r"[\s*_\"'`(\[]*(?:(?:so|therefore|thus|hence|then|finally|overall|in\s+conclusion)\W+)?"
                     r"(yes|no|true|false)(?=\s*(?:[,.;:!)\]—–*]|-\s|$)|\s+(?:because|since|as|it|they|the|this|that|these"
                     r"|there|both|each|all|we|its|their)\b)", re.I)
-_A_WORD = re.compile(r"\s+[A-Za-z]")
-_AFRESH = re.compile(r"\s+(?:wait|it|i|we|this|that|they|he|she|the|because|since|as|so|actually|but|and|or)\b", re.I)
+# After an opposite, a word that makes it no answer ("there is no gap", "a false premise"), unless it starts afresh
+_QUALIFIED = re.compile(r"\s+(?!(?:wait|it|i|we|this|that|they|he|she|the|because|since|as|so|actually|but|and|or)\b)"
+                        r"[a-z]", re.I)
 
 
 def _says(answer: str, word: str) -> bool:
     """Does `answer` open with `word` (_OPENS: "Yes, because both pairs of opposite sides are parallel.") and not
-    say its opposite after ("No. Yes, it is", "Yes and no")? An opposite before a word is no answer ("yes, there
-    is no gap", "a false premise") unless the word starts afresh ("No wait", "No it is not")."""
+    say its opposite after ("No. Yes, it is", "Yes and no", "No wait, yes"; "yes, there is no gap" is no "no")?"""
     if not (opening := _OPENS.match(answer)) or opening[1].lower() != word:
         return False
     rest = answer[opening.end():]
-    return not any(not _A_WORD.match(rest, m.end()) or _AFRESH.match(rest, m.end())
-                   for m in re.finditer(rf"\b{_OPPOSITE[word]}\b(?![-/'])", rest, re.I))
-
-
-def _polarity(answer: str) -> str | None:
-    """"yes", "no", "true" or "false" for an answer that is that word, or opens with it and only explains."""
-    opening = _OPENS.match(answer)
-    return opening[1].lower() if opening and _says(answer, opening[1].lower()) else None
-
-
-def _yes_or_no(text: str) -> str:
-    """What a free text states, for a yes-or-no gold: itself when it opens with a yes or a no (so that a "no"
-    later is seen), else its last sentence from the last yes or no that opens it or a clause ("The lines never
-    meet, so yes."); "" when neither."""
-    if _OPENS.match(text):
-        return text.strip()
-    last = ([s for s in _SENTENCE_END.split(text[-4 * MAX_RAW_CHARS:]) if re.search(r"[A-Za-z]", s)] or [""])[-1]
-    starts = [m.end() for m in re.finditer(r"(?:^|[,;:]|\b(?:so|therefore|thus|hence|is)\b)", last, re.I)]
-    return next((last[i:].strip() for i in reversed(starts) if _OPENS.match(last, i)), "")
-
+    return all(_QUALIFIED.match(rest, m.end()) for m in re.finditer(rf"\b{_OPPOSITE[word]}\b(?![-/'])", rest, re.I))
 
 # ---------------------------------------------------------------- verify
 
@@ -275,7 +251,7 @@ def read_gold(solution: str, question: str | None = None) -> Gold:
 def judge(prediction: str, gold: Gold) -> bool:
     """Is the final answer of `prediction` the answer of `gold` (from read_gold)? Never raises."""
     try:
-        yes_no = (_polarity(gold.answer) or _polarity(gold.options.get(gold.letter or "", ""))) is not None
+        yes_no = any(_clean(t).lower() in _OPPOSITE for t in (gold.answer, gold.options.get(gold.letter or "", "")))
         answer = _clean(final_answer(prediction, yes_no)[0])
         if not answer or not gold.answer or answer == gold.answer:  # the gold's own text, whatever the options
             return bool(answer) and answer == gold.answer
@@ -505,7 +481,7 @@ def _equal(answer: str, gold: str, precision: int | None, deadline: float | None
     number's one comma is a decimal comma unless the other side is a list (6,8 is 6.8 against 6.8, a list against
     6 and 8), and the exact and the approximate members of each side ("x = 1/3 \\approx 0.33") are compared by
     _same."""
-    if word := _polarity(gold):
+    if (word := _clean(gold).lower()) in _OPPOSITE:
         return _says(answer, word)
     plain = [re.sub(r"^(?:a|an|the)\s+", "", " ".join(_clean(t).lower().split())) for t in (answer, gold)]
     x, y = _latex(answer), _latex(gold)
