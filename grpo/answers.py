@@ -1,17 +1,16 @@
 """Answers: what a completion's final answer is, and whether it is the gold's (`verify`, which never raises).
 
 By hand: the final answer (`final_answer`: the last <answer> block, else the last \\boxed{}, else what the free
-text states), options (a letter or an option's text), the gold once per group (`read_gold`), and what benchmark
-conventions decide: Unicode mathematics read as its LaTeX (3√2, x², ½), a yes or no with its reason, a name before
-a value (Q(-1, 4), x = 5), text as text, numbers by value (4.5 = 9/2, 40° = 40, 6 apples = 6) to a stated
-precision, thousands and decimal commas as the gold's notation decides, brackets (\\{1, 2\\} is not (1, 2)), an
-equation gold matched only by an equation. Words never reach math-verify (Hugging Face's), whose symbols make
-"lube" equal "blue"; it judges the rest (expressions, tuples, intervals, sets, matrices, relations) in a forked
-worker, VERIFY_SECONDS per verify call: an overrun is a wrong answer (`timeouts()`). Only the final answer is
-read, never the reasoning ([judging the reasoning]).
+text states; never the reasoning, [judging the reasoning]), options (a letter or an option's text), the gold once
+per group (`read_gold`), and what benchmarks decide: Unicode mathematics as LaTeX (3√2, x², ½), a yes or no with
+its reason, a name before a value (Q(-1, 4), x = 5), numbers by value (4.5 = 9/2, 40° = 40, 6 apples = 6) to a
+stated precision, thousands and decimal commas as the gold's notation says, brackets (\\{1, 2\\} is not (1, 2)),
+an equation gold matched only by an equation. Words never reach math-verify (Hugging Face's), whose symbols make
+"lube" equal "blue"; it judges the rest in a forked worker, VERIFY_SECONDS per call; an overrun is wrong (`timeouts()`).
 """
 
 import atexit
+import contextlib
 import functools
 import gc
 import itertools
@@ -45,12 +44,9 @@ def _last_boxed(text: str) -> str | None:
     (\\boxed{1}, \\boxed{2} -> "1, 2"); None when absent or unclosed. Linear: rfind and a brace count."""
     found, start = [], len(text)
     while len(found) < 64 and (before := text.rfind("\\boxed", 0, start)) != -1:
-        i, depth, end = before + len("\\boxed"), 0, None
-        for j in range(i, len(text) if text.startswith("{", i) else i):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                end = j + 1
-                break
+        i = before + len("\\boxed")
+        depths = itertools.accumulate((c == "{") - (c == "}") for c in (text[i:] if text.startswith("{", i) else ""))
+        end = next((i + j + 1 for j, depth in enumerate(depths) if depth == 0), None)
         if end is None or found and (end > start or not _BOX_GAP.fullmatch(text, end, start)):
             break
         found, start = found + [text[i + 1:end - 1]], before
@@ -87,17 +83,15 @@ def _tidy(candidate: str) -> str:
 
 
 def _is_value(text: str) -> bool:
-    """An answer by itself at a cheap look: an option letter, or mathematics: short, no prose, brackets balanced,
-    no operator dangling ("x = 4.5", "(1, 9/2)", "6 apples", "x \\geq 5"; not "Therefore, x = 4.5")."""
+    """An answer by itself: an option letter, or short mathematics, no prose, brackets balanced, nothing dangling."""
     return bool(text) and as_letter(text, "Z") is not None or 0 < len(s := _latex(text)) <= MAX_RAW_CHARS and not \
         _prose(text) and _items(s) is not None and not re.search(r"[?\"]|^[*/^=,;<>]|[-+*/^_=<>,;:\\]$", s)
 
 
 def _concluding_value(text: str) -> str:
-    """What the last sentence states: itself when a value ("x = 1, y = 2"), else the value after a cue ("so the
-    probability is 2/3"), its last $...$, the option it opens with ("(B) is correct"), or a few words after is,
-    are, was or so ("it is a square", "so yes"); read first up to a clause after its first cue ("it is (B) because
-    the angle is 40°"), then whole ("the number is not 10 which is 1,000.99€"); "" for none or a hedge ("or")."""
+    """What the last sentence states: itself if a value; else the value after a cue ("so it is 2/3"), its last $...$,
+    the option it opens with ("(B) is correct") or a few words after is/are/was/so ("so yes"), read up to a clause
+    after its first cue, then whole ("the number is not 10 which is 1,000.99€"); "" for none or a hedge ("or")."""
     sentences = [s for s in _SENTENCE_END.split(text[-4 * MAX_RAW_CHARS:]) if re.search(r"[0-9A-Za-z]", s)]
     if _is_value(_tidy(sentence := sentences[-1] if sentences else "")):
         return _tidy(sentence)
@@ -122,11 +116,10 @@ def _concluding_value(text: str) -> str:
 
 def final_answer(text: str, yes_no: bool = False) -> tuple[str, str]:
     """(the final answer, how it was found): "answer tag" (the last <answer> block), "boxed" (the last \\boxed{}
-    and the boxes listed before it), "yes or no" (given `yes_no`, for a yes-or-no gold: the text, or its last
-    sentence, that opens with one), "answer is" (after the last "The answer is" / "Answer:"), "whole text" (a
-    value, "6 apples", or a short text stating nothing else, "A square"), "last sentence" (_concluding_value),
-    or "none" with "" (nothing stated, or only in <think>, never read, or an unclosed <answer>). verify judges
-    final_answer(t)[0] as t, but "<answer>so it is 6</answer>" is taken as is."""
+    and boxes listed before it), "yes or no" (with `yes_no`: the text, or its last sentence, opening with one),
+    "answer is" (after the last "The answer is" / "Answer:"), "whole text" (a value, or a short text stating nothing
+    else), "last sentence" (_concluding_value), or "none" with "" (nothing, only in <think>, or an unclosed
+    <answer>). verify judges final_answer(t)[0] as t; "<answer>so it is 6</answer>" is taken as is."""
     if not isinstance(text, str):
         return "", "none"
     if found := _tagged(text):
@@ -198,26 +191,6 @@ def _option_for(answer: str, options: dict[str, str], precision: int | None, dea
             return hits[0] if len(hits) == 1 else None
     return None
 
-# ---------------------------------------------------------------- a yes or a no, and its reason
-
-_OPPOSITE = {"yes": "no", "no": "yes", "true": "false", "false": "true"}
-# A yes or no opening an answer (after "So," at most), alone or before its reason: not "No solution", "yes/no"
-_OPENS = re.compile(r"[\s*_\"'`(\[]*(?:(?:so|therefore|thus|hence|then|finally|overall|in\s+conclusion)\W+)?"
-                    r"(yes|no|true|false)(?=\s*(?:[,.;:!)\]—–*]|-\s|$)|\s+(?:because|since|as|it|they|the|this|that|these"
-                    r"|there|both|each|all|we|its|their)\b)", re.I)
-# After an opposite, a word that makes it no answer ("there is no gap", "a false premise"), unless it starts afresh
-_QUALIFIED = re.compile(r"\s+(?!(?:wait|it|i|we|this|that|they|he|she|the|because|since|as|so|actually|but|and|or)\b)"
-                        r"[a-z]", re.I)
-
-
-def _says(answer: str, word: str) -> bool:
-    """Does `answer` open with `word` (_OPENS: "Yes, because both pairs of opposite sides are parallel.") and not
-    say its opposite after ("No. Yes, it is", "Yes and no", "No wait, yes"; "yes, there is no gap" is no "no")?"""
-    if not (opening := _OPENS.match(answer)) or opening[1].lower() != word:
-        return False
-    rest = answer[opening.end():]
-    return all(_QUALIFIED.match(rest, m.end()) for m in re.finditer(rf"\b{_OPPOSITE[word]}\b(?![-/'])", rest, re.I))
-
 # ---------------------------------------------------------------- verify
 
 _PRECISION = re.compile(r"(?:to|with)\s+(\d|one|two|three|four)\s+decimal\s+places?|nearest\s+(tenth|hundredth|"
@@ -267,8 +240,7 @@ def judge(prediction: str, gold: Gold) -> bool:
 
 
 def verify(prediction: str, gold: str, question: str | None = None) -> bool:
-    """Is the final answer of `prediction` the answer in `gold`? `question` supplies the options of a multiple-
-    choice question (an option's text counts as its letter) and a stated precision."""
+    """Is the final answer of `prediction` the answer in `gold`, with the options and precision `question` states?"""
     return judge(prediction, read_gold(gold, question))
 
 
@@ -282,74 +254,29 @@ def unverifiable_reason(solution: str, problem: str | None = None) -> str | None
 
 
 def value_kind(answer: str) -> str | None:
-    """"number" for one numeric literal, units, degrees, percent and separators aside (12, -3, 4.5, 1,000,
-    40°), "expression" for any other single value (9/2, \\frac{1}{2}, 2x, \\pi), None for the rest."""
+    """"number" for one numeric literal (12, -3, 4.5, 1,000, 40°), "expression" for another (9/2, 2x), else None."""
     s = _NAMED.sub("", _latex(answer), count=1)
-    if not _is_value(answer) or _shape(s) or re.search(rf"{_EQUALS}|[<>]|\\(?:[lg]eq?|neq?|cup)\b", s):
-        return None
-    return "number" if _number(s) and not re.search(r"/|frac", s) else "expression"
-
-# ---------------------------------------------------------------- Unicode mathematics, read as its LaTeX
-
-_SYMBOLS = {"√": "\\sqrt ", "∛": "\\sqrt[3] ", "∜": "\\sqrt[4] ", "·": " \\cdot ", "⋅": " \\cdot ", "∙": " \\cdot ",
-            "×": " \\times ", "÷": " \\div ", "−": "-", "–": "-", "≤": " \\leq ", "⩽": " \\leq ", "≥": " \\geq ",
-            "⩾": " \\geq ", "≠": " \\neq ", "≈": " \\approx ", "±": " \\pm ", "∓": " \\mp ", "∞": "\\infty ",
-            "∪": " \\cup ", "∩": " \\cap ", "∈": " \\in ", "∅": "\\emptyset ", "∠": "\\angle ", "°": "^\\circ ",
-            "º": "^\\circ ", "˚": "^\\circ ", "⁄": "/", "∕": "/", "∶": ":", "′": "'", "’": "'"}
-_SYMBOLS |= dict(zip("αβγδεζηθικλμνξπρστυφχψωΓΔΘΛΞΠΣΦΨΩ", (f"\\{name} " for name in (
-    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi pi rho sigma tau upsilon phi chi psi omega "
-    "Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega").split())))
-
-
-def _decomposed(kind: str) -> dict[int, str]:
-    """{code point: text} of the characters Unicode decomposes as `kind` ("<super>": ² -> 2, "<sub>", "<wide>":
-    １ -> 1, "<fraction>": ½ -> 1⁄2): all of them, not only those seen in answers."""
-    table = {}
-    for c in map(chr, itertools.chain(range(0xA0, 0x100), range(0x2B0, 0x2E5), range(0x1D2C, 0x1D6B),
-                                      range(0x2070, 0x20A0), range(0x2150, 0x218A), range(0xFF01, 0xFF5F))):
-        found, _, codes = unicodedata.decomposition(c).partition(" ")
-        if found == kind and c not in _SYMBOLS:  # º is a degree, not a superscript o
-            table[ord(c)] = "".join(chr(int(code, 16)) for code in codes.split()).replace("−", "-")
-    return table
-
-
-_SUPER, _SUB, _WIDE = (_decomposed(kind) for kind in ("<super>", "<sub>", "<wide>"))
-_SUPERS, _SUBS = (re.compile(f"[{re.escape(''.join(map(chr, table)))}]+") for table in (_SUPER, _SUB))
-_VULGAR = {chr(c): Fraction(*map(int, text.split("⁄"))) for c, text in _decomposed("<fraction>").items()
-           if re.fullmatch(r"\d+⁄\d+", text)}
-_TRANSLATION = _WIDE | {ord(c): latex for c, latex in _SYMBOLS.items()}
-_MIXED = re.compile(rf"(?<![\d.])(\d*)([{''.join(_VULGAR)}])")  # ½, 2½ = 5/2
-_RADICAND = re.compile(r"\s*(\d+(?:\.\d+)?|[A-Za-z]|\\[A-Za-z]+\s*)(\^\{[^{}]*\}|\^\d)?")
-
-
-def _from_unicode(s: str) -> str:
-    """Unicode mathematics as LaTeX: √, ∛, π and other Greek letters, superscripts and subscripts (x², 10⁻³, x₁),
-    · × ÷, the minus sign, ≤ ≥ ≠ ≈ ±, fractions (½, 2½, ³⁄₄), degrees (30°, 30º), full-width forms (（１，２）).
-    A root's radicand is braced later (_braced_roots). Linear in the text."""
-    if s.isascii():
-        return s
-    s = s.translate(_TRANSLATION)
-    s = _MIXED.sub(lambda m: "\\frac{%d}{%d}" % ((f := int(m[1] or 0) + _VULGAR[m[2]]).numerator, f.denominator), s)
-    s = re.sub(f"(?<!{_SUPERS.pattern[:-1]})({_SUPERS.pattern})/({_SUBS.pattern})", lambda m: "\\frac{%s}{%s}" % (  # ³⁄₄
-        m[1].translate(_SUPER), m[2].translate(_SUB)), s)
-    s = _SUPERS.sub(lambda m: "^{" + m[0].translate(_SUPER) + "}", s)
-    return _SUBS.sub(lambda m: "_{" + m[0].translate(_SUB) + "}", s)
-
-
-def _braced_roots(s: str) -> str:
-    """Each \\sqrt with its radicand in braces, the innermost first: \\sqrt(x+1), \\sqrt 5, \\sqrt x^{2}, \\sqrt \\pi
-    -> \\sqrt{x+1}, \\sqrt{5}, \\sqrt{x^{2}}, \\sqrt{\\pi}; a radicand in braces already is left as it is."""
-    for start in reversed([m.end() for m in re.finditer(r"\\sqrt(?:\[[^\[\]]*\])?(?![A-Za-z])", s)]):
-        if (opening := s.find("(", start)) != -1 and not s[start:opening].strip():
-            depth = itertools.accumulate((c == "(") - (c == ")") for c in s[opening:])
-            if (close := next((opening + i for i, d in enumerate(depth) if d == 0), None)) is not None:
-                s = s[:start] + "{" + s[opening + 1:close] + "}" + s[close + 1:]
-        elif m := _RADICAND.match(s, start):
-            s = s[:start] + "{" + m[1].strip() + (m[2] or "") + "}" + s[m.end():]
-    return s
+    return None if not _is_value(answer) or _shape(s) or re.search(rf"{_RELATION}|\\cup\b", s) else \
+        "number" if _number(s) and not re.search(r"/|frac", s) else "expression"
 
 # ---------------------------------------------------------------- when two answers are equal
 
+# Unicode mathematics as LaTeX (3√2, 8π, 2·3, x ≤ 5, 30º, θ); superscripts (x², 10⁻³), subscripts (x₁), vulgar fractions
+# (½) and full-width forms (（１，２）) from Unicode's decompositions: all of them. Roots then take braced radicands.
+_SYMBOLS = {"√": "\\sqrt ", "∛": "\\sqrt[3] ", "∜": "\\sqrt[4] ", "·": " \\cdot ", "⋅": " \\cdot ", "×": " \\times ",
+            "÷": " \\div ", "−": "-", "–": "-", "≤": " \\leq ", "⩽": " \\leq ", "≥": " \\geq ", "⩾": " \\geq ",
+            "≠": " \\neq ", "≈": " \\approx ", "±": " \\pm ", "∞": "\\infty ", "∪": " \\cup ", "∩": " \\cap ",
+            "∈": " \\in ", "∅": "\\emptyset ", "∠": "\\angle ", "°": "^\\circ ", "º": "^\\circ ", "⁄": "/", "′": "'"}
+_SYMBOLS |= {c: f"\\{unicodedata.name(c)[19:].lower().replace('lamda', 'lambda')} " for c in "αβγδεζηθικλμνξπρστυφχψω"}
+_DECOMPOSED = [(c, unicodedata.decomposition(c).partition(" ")[0]) for c in map(chr, range(0xA0, 0xFF5F))
+               if c not in _SYMBOLS]
+_SUPER, _SUB, _WIDE = ({ord(c): unicodedata.normalize("NFKC", c).replace("−", "-") for c, kind in _DECOMPOSED
+                        if kind == tag} for tag in ("<super>", "<sub>", "<wide>"))
+_VULGAR = {c: Fraction(unicodedata.numeric(c)).limit_denominator(10) for c, kind in _DECOMPOSED if kind == "<fraction>"}
+_SUPERS, _SUBS = (f"[{re.escape(''.join(map(chr, table)))}]+" for table in (_SUPER, _SUB))
+_TRANSLATION = _WIDE | {ord(c): latex for c, latex in _SYMBOLS.items()}
+_ROOT = re.compile(r"(\\sqrt(?:\[[^\[\]]*\])?)\s*(?:\(((?:[^()]|\([^()]*\))*)\)"  # (radicand), one bracket deep inside
+                   r"|(\d+(?:\.\d+)?|[A-Za-z]|\\(?!frac)[A-Za-z]+)\s*(\^\{[^{}]*\})?)")  # or a number, letter, command
 _NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
                                             "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())}
 _NUMBER_WORDS |= {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
@@ -361,8 +288,8 @@ _UNIT = re.compile(r"(?:(?<=[\d})])|(?<=\\pi))\s*(?:(?:[kcmd]?m|in|ft)\^\{?[23]\
                    r"(?:\^\{?[23]\}?)?|[€£¥₹])$|^[€£¥₹]\s*(?=\d)")
 _EQUALS = r"(?<![<>!\\])=(?!=)"
 # A name and "=" (x =, AB =, \angle ABC =, f(x) =, x_1 =, A:B =, (x, y) =); a point's name before its coordinates
-_NAMED = re.compile(rf"^\s*((?:m\s*)?\\angle\s*\w{{1,3}}|(?:[A-Za-z]{{1,3}}|\\[a-zA-Z]+)(?:_\{{?\w+\}}?|')*(?:\([^()=]{{1,12}}\))?"
-                    rf"|[A-Z]{{1,2}}\s*:\s*[A-Z]{{1,2}}|\([A-Za-z\s,]+\))\s*{_EQUALS}\s*")
+_NAMED = re.compile(rf"^\s*((?:m\s*)?\\angle\s*\w{{1,3}}|(?:[A-Za-z]{{1,3}}|\\[a-zA-Z]+)(?:_\{{?\w+\}}?|')*"
+                    rf"(?:\([^()=]{{1,12}}\))?|[A-Z]{{1,2}}\s*:\s*[A-Z]{{1,2}}|\([A-Za-z\s,]+\))\s*{_EQUALS}\s*")
 _POINT = re.compile(r"^\s*(?i:point\s+)?([A-Z](?:_\{?\w+\}?|')*)\s*(?=\()")  # Q(-1, 4), P_1(2, 3), A'(0, 1)
 _RELATION = rf"{_EQUALS}|[<>]|\\(?:[lg]eq?|neq?|in)\b"
 _SPACING = re.compile(r"\\(?:displaystyle|left|right|[,;:! ]|q?quad)|\s|~")  # "16 \pi" == "16\pi"
@@ -371,11 +298,14 @@ _NUMBER = re.compile(r"(-?)(?:(\d+\.?\d*|\.\d+)|\\frac\{(\d+)\}\{(\d+)\}|(\d+)/(
 
 @functools.lru_cache(maxsize=4096)
 def _latex(answer: str) -> str:
-    """The answer as LaTeX that math-verify reads as we mean it: _clean's, with plain-text functions as commands
-    (sin(x)^2, pi, sqrt(2)), oo and U as \\infty and \\cup, \\frac\\pi2 as \\frac{\\pi}{2}, number words as numbers,
-    the units or words after a number gone ("6 apples", "16\\pi cm^2"), thousands without separators (1,000,
-    1 000, 11,\\!111), lists parted by semicolons or "and" parted by commas (1,5; 2 -> 1.5, 2)."""
-    s = _from_unicode(_clean(answer))
+    """The answer as LaTeX that math-verify reads as we mean it: _clean's, Unicode as LaTeX, functions as commands
+    (sin(x)^2, pi, sqrt(2)) and roots' radicands braced, \\frac\\pi2 as \\frac{\\pi}{2}, number words as numbers, units
+    or words after a value gone ("6 apples", "8π m²"), thousands unseparated (1,000), lists parted by commas."""
+    if not (s := _clean(answer)).isascii():  # Unicode mathematics as its LaTeX, in time linear in the text
+        s = re.sub(rf"(?<![\d.])(\d*)([{''.join(_VULGAR)}])", lambda m: "\\frac{%d}{%d}" % (  # ½, 2½ = 5/2
+            (f := int(m[1] or 0) + _VULGAR[m[2]]).numerator, f.denominator), s.translate(_TRANSLATION))
+        s = re.sub(_SUBS, lambda m: "_{" + m[0].translate(_SUB) + "}", re.sub(
+            _SUPERS, lambda m: "^{" + m[0].translate(_SUPER) + "}", s))
     if len(s) > MAX_RAW_CHARS:
         return s
     if "\\\\" in s and not re.search(r"(?<!\\)\\[A-Za-z]", s):  # escaped twice throughout: \\frac{1}{2}
@@ -392,7 +322,9 @@ def _latex(answer: str) -> str:
         s = re.sub(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])", lambda m: m[0].replace(",", ""), s)
     s = re.sub(r"([+-]?)\s*\b(?:oo|inf|infinity)\b", r"\1\\infty", re.sub(r"(?<!\\)\\[,;:! ]|~", " ", s), flags=re.I)
     s = re.sub(rf"(?<![\\A-Za-z])({_FUNCTIONS}|pi)(?![A-Za-z])", r"\\\1", s.replace("**", "^"))
-    s = _braced_roots(re.sub(r"(?<=[)\]])\s*U\s*(?=[(\[])", r" \\cup ", s))
+    s = re.sub(r"(?<=[)\]])\s*U\s*(?=[(\[])", r" \\cup ", s)
+    for _ in range(3):  # the outer root first, then one inside it: √(1 + √2)
+        s = _ROOT.sub(lambda m: f"{m[1]}{{{m[2] if m[2] is not None else m[3] + (m[4] or '')}}}", s)
     s = re.sub(r"\s+and\s+", "; " if ";" in s else ", ", s)
     return (re.sub(r"(?<=\d),(?=\d)", ".", s).replace(";", ",") if ";" in s else s).strip()
 
@@ -406,16 +338,12 @@ def _prose(answer: str) -> bool:
 
 
 def _items(s: str) -> list[str] | None:
-    """s parted at its commas outside brackets; None when the brackets do not balance (any kind closes any: [1,3)
-    balances)."""
-    depth, items, start = 0, [], 0
-    for i, c in enumerate(s):
-        depth += (c in "([{") - (c in ")]}")
-        if depth < 0:
-            return None
-        if c == "," and depth == 0:
-            items, start = items + [s[start:i]], i + 1
-    return None if depth else items + [s[start:]]
+    """s parted at its commas outside brackets; None when they do not balance (any kind closes any: [1,3) does)."""
+    depths = list(itertools.accumulate((c in "([{") - (c in ")]}") for c in s))
+    if depths and (min(depths) < 0 or depths[-1]):
+        return None
+    cuts = [i for i, (c, depth) in enumerate(zip(s, depths)) if c == "," and depth == 0]
+    return [s[start + 1:end] for start, end in zip([-1] + cuts, cuts + [len(s)])]
 
 
 def _shape(s: str) -> str | None:
@@ -423,8 +351,7 @@ def _shape(s: str) -> str | None:
     s = _SPACING.sub("", s)
     t = s[1:] if s.startswith("\\{") else s
     if t[:1] in "([{" and t[-1:] in ")]}" and (items := _items(t[1:-1])) is not None:  # one bracket around all
-        n = len(items) - 1
-        return "set" if t != s or t[0] == "{" and n else "seq" if n and t[0] != "{" else None
+        return "set" if t != s or t[0] == "{" and len(items) > 1 else "seq" if len(items) > 1 and t[0] != "{" else None
     return "set" if len(_items(s) or "") > 1 or s in ("\\emptyset", "\\varnothing") else None
 
 
@@ -437,8 +364,7 @@ def _number(s: str) -> tuple[Fraction, bool] | None:
 
 
 def _labelled(s: str) -> tuple[list[str], list[str]] | None:
-    """(names, values) of an answer each of whose items names its value ("x = 4.5", "Q(-1, 4)", "AB = 4, CD = 5");
-    None when one does not, or names no single value ("x = 5 + 5 = 10", "Q(1, 2) + 1")."""
+    """(names, values) when each item names its value ("x = 4.5", "Q(-1, 4)", "AB = 4, CD = 5"), else None."""
     names, values = [], []
     for item in _items(s) or []:
         named = _NAMED.match(item) or _POINT.match(item)
@@ -449,40 +375,39 @@ def _labelled(s: str) -> tuple[list[str], list[str]] | None:
     return (names, values) if names else None
 
 
-def _same_name(a: str, b: str) -> bool:
-    """Spacing aside, and a segment or an angle read either way: AB is BA, \\angle ABC is \\angle CBA."""
-    a, b = (re.sub(r"[\s{}]|^m(?=\\angle)", "", name) for name in (a, b))
-    return a == b or re.fullmatch(r"(\\angle)?[A-Z]{2,3}", a) is not None and a == re.sub(
-        r"[A-Z]+$", lambda m: m[0][::-1], b)
-
-
 def _unlabelled(x: str, y: str) -> tuple[str, str] | None:
-    """Answer x and gold y without the names before their values, or None when both name theirs and the names
-    differ (P(-1, 4) is not Q(-1, 4), y = 5 not x = 5). Where one side names and the other does not, the name is
-    no part of the value (Q(-1, 4) is (-1, 4)), and several values keep their order ("AB = 4, CD = 5" is "4, 5",
-    not "5, 4"; "x = 2, x = 3" is the set "3, 2"). Against an equation or a relation, and between two lists of
-    names ("x = 1, y = 2" is "y = 2, x = 1"), both stay as they are, for math-verify."""
+    """Answer x and gold y without the names before their values; None when each names one by another name (P(-1, 4)
+    is not Q(-1, 4), y = 5 not x = 5). A name the other side lacks is no part of the value; several values keep their
+    order ("AB = 4, CD = 5" is "4, 5"). Against an equation, a relation or another list of names, both stay."""
     nx, ny = _labelled(x), _labelled(y)
-    if nx and ny:
-        single = len(nx[0]) == len(ny[0]) == 1
-        return (nx[1][0], ny[1][0]) if single and _same_name(nx[0][0], ny[0][0]) else None if single else (x, y)
-    if not (nx or ny) or re.search(_RELATION, other := y if nx else x):
+    if nx and ny and len(nx[0]) == len(ny[0]) == 1:
+        return (nx[1][0], ny[1][0]) if len({re.sub(r"[\s{}]", "", named[0][0]) for named in (nx, ny)}) == 1 else None
+    if bool(nx) == bool(ny) or re.search(_RELATION, other := y if nx else x):
         return x, y
     names, values = nx or ny
-    if len(values) > 1 and len(set(names)) > 1:  # in order: as tuples, when the other side lists as many
-        if len(_items(other) or []) != len(values):
-            return x, y
-        values, other = [f"({', '.join(values)})"], f"({other})"
-    return (", ".join(values), other) if nx else (other, ", ".join(values))
+    if (in_order := len(set(names)) > 1) and len(_items(other) or []) != len(values):  # as tuples, against as many
+        return x, y
+    value, other = (f"({', '.join(values)})", f"({other})") if in_order else (", ".join(values), other)
+    return (value, other) if nx else (other, value)
+
+
+_OPPOSITE = {"yes": "no", "no": "yes", "true": "false", "false": "true"}
+# A yes or no opening an answer (after "So," at most), alone or before its reason (not "No solution", "yes/no"); then
+# the opposite that a word after makes no answer ("there is no gap", "a false premise") unless it starts afresh
+_OPENS = re.compile(r"[\s*_\"'`(\[]*(?:(?:so|therefore|thus|hence|then|finally|in\s+conclusion)\W+)?(yes|no|true|false)"
+                    r"(?=\s*(?:[,.;:!)\]—–*]|-\s|$)|\s+(?:because|since|it|they|the|this|that|there|both|we)\b)", re.I)
+_QUALIFIED = re.compile(r"\s+(?!(?:wait|it|i|we|this|that|they|the|because|since|as|so|but|and|or)\b)[a-z]", re.I)
 
 
 def _equal(answer: str, gold: str, precision: int | None, deadline: float | None) -> bool:
-    """A yes or no as _says reads it; text ("Square." is "a square"); names before values as _unlabelled says; prose only as text; then a bare
-    number's one comma is a decimal comma unless the other side is a list (6,8 is 6.8 against 6.8, a list against
-    6 and 8), and the exact and the approximate members of each side ("x = 1/3 \\approx 0.33") are compared by
-    _same."""
+    """A yes or no gold: the answer opens with it ("Yes, because both pairs of opposite sides are parallel.") and
+    says no opposite after ("No. Yes, it is", "Yes and no"). Text ("Square." is "a square"); names as _unlabelled
+    reads them; prose only as text; a bare number's one comma a decimal comma unless the other side is a list (6,8
+    is 6.8 against 6.8, a list against 6 and 8); then the exact and approximate members ("x = 1/3 \\approx 0.33")."""
     if (word := _clean(gold).lower()) in _OPPOSITE:
-        return _says(answer, word)
+        rest = answer[opening.end():] if (opening := _OPENS.match(answer)) and opening[1].lower() == word else None
+        opposites = re.finditer(rf"\b{_OPPOSITE[word]}\b(?![-/'])", rest or "", re.I)
+        return rest is not None and all(_QUALIFIED.match(rest, m.end()) for m in opposites)
     plain = [re.sub(r"^(?:a|an|the)\s+", "", " ".join(_clean(t).lower().split())) for t in (answer, gold)]
     x, y = _latex(answer), _latex(gold)
     if plain[0] == plain[1] or max(len(x), len(y)) > MAX_RAW_CHARS or (pair := _unlabelled(x, y)) is None:
@@ -498,9 +423,8 @@ def _equal(answer: str, gold: str, precision: int | None, deadline: float | None
 
 def _same(x: str, y: str, precision: int | None, deadline: float | None) -> bool:
     """Answer x against gold y (LaTeX). Numbers by value: exact when both are written exactly (1000001 is not
-    1000000), within REL_TOL when a decimal is involved, rounded to a stated precision. A set is not a tuple
-    and neither is a number; an equation gold is matched only by an equation. The rest by math-verify (unless
-    deadline is None), which may read an inequality as the gold's interval when the gold is written as one."""
+    1000000), within REL_TOL with a decimal, rounded to a stated precision. A set is not a tuple, nor a number; an
+    equation gold is matched only by an equation. The rest by math-verify (unless deadline is None)."""
     (nx, ny), (sx, sy) = (_number(x), _number(y)), (_shape(x), _shape(y))
     if nx and ny:
         (u, exact_u), (v, exact_v) = nx, ny
@@ -517,10 +441,9 @@ def _same(x: str, y: str, precision: int | None, deadline: float | None) -> bool
 
 # ---------------------------------------------------------------- math-verify, in a forked worker with a time bound
 # math-verify can run for minutes (9^{9^{9}} is computed exactly; simplify() has no bound) and its own bound,
-# SIGALRM, works on a main thread only. So a process asks a worker it forks (os.fork: a daemonic multiprocessing
-# worker may too; the child runs math-verify only, safe beside torch threads or CUDA), one question at a time.
-# One that overruns is killed and the next question forks a new one in milliseconds. A worker ends with its
-# process: at exit, on shutdown(), or at EOF on its pipe (os._exit, SIGKILL).
+# SIGALRM, works on a main thread only. So a process asks a worker it forks (os.fork, as a daemonic multiprocessing
+# worker may; the child runs math-verify only, safe beside torch or CUDA), one question at a time. One that overruns
+# is killed; the next question forks a new one. A worker ends at exit, on shutdown(), or at EOF on its pipe.
 
 _lock = threading.Lock()  # one question at a time
 _worker: tuple[int, Connection] | None = None  # (pid, pipe) of this process's worker
@@ -576,11 +499,9 @@ def shutdown() -> None:
     if _worker is not None:
         (pid, conn), _worker = _worker, None
         conn.close()
-        try:
+        with contextlib.suppress(OSError):  # gone already
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        except OSError:  # gone already
-            pass
 
 
 @functools.lru_cache(maxsize=1024)  # a group's gold is parsed once in the worker, whatever its G answers
@@ -591,8 +512,7 @@ def _parse(latex: str) -> list:
 
 
 def _answer(gold: str, answer: str, set_relation: bool) -> bool:
-    """math-verify's verify(parse(gold), parse(answer)), or the two equal once evaluated (its parse leaves
-    \\sqrt{x}\\sqrt{x} a product that its simplify does not make x); False on any error."""
+    """math-verify's verify(parse(gold), parse(answer)), or the two equal evaluated (\\sqrt{x}\\sqrt{x}); else False."""
     try:
         x, y = _parse(gold), _parse(answer)
         return math_verify.verify(x, y, allow_set_relation_comp=set_relation, timeout_seconds=None) or bool(
