@@ -659,6 +659,12 @@ def test_all_superscripts_subscripts_and_vulgar_fractions():
 
 
 def test_signs_of_operations_relations_and_full_width_forms():
+    """Each sign read as the LaTeX written here by hand, before math-verify sees it (it reads some by itself)."""
+    for text, latex in [("2·3", "2 \\cdot 3"), ("4×5", "4 \\times 5"), ("12÷4", "12 \\div 4"), ("−7", "-7"),
+                        ("x≤3", "x \\leq 3"), ("x≥3", "x \\geq 3"), ("x≠2", "x \\neq 2"), ("x≈3", "x \\approx 3"),
+                        ("1±2", "1 \\pm 2"), ("8π", "8\\pi"), ("2θ", "2\\theta"), ("(-∞, 2]", "(-\\infty, 2]"),
+                        ("30º", "30^\\circ"), ("（１，２）", "(1,2)")]:
+        assert "".join(answers._latex(text).split()) == "".join(latex.split()), text  # spacing aside
     for prediction, gold in [("2·3", "6"), ("2⋅3", "6"), ("4×5", "20"), ("12÷4", "3"), ("−7", "-7"), ("x≤3", "x \\leq 3"),
                              ("x⩾3", "x \\geq 3"), ("x≠2", "x \\neq 2"), ("1±√2", "1 \\pm \\sqrt{2}"), ("2πr", "2\\pi r"),
                              ("θ = 30º", "30"), ("(-∞, 2]", "(-\\infty, 2]"), ("（１，２）", "(1, 2)"), ("x ≈ 3.14", "3.14")]:
