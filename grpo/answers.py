@@ -268,8 +268,8 @@ _SYMBOLS = {"√": "\\sqrt ", "∛": "\\sqrt[3] ", "∜": "\\sqrt[4] ", "·": " 
             "≠": " \\neq ", "≈": " \\approx ", "±": " \\pm ", "∞": "\\infty ", "∪": " \\cup ", "∩": " \\cap ",
             "∈": " \\in ", "∅": "\\emptyset ", "∠": "\\angle ", "°": "^\\circ ", "º": "^\\circ ", "⁄": "/", "′": "'"}
 _SYMBOLS |= {c: f"\\{unicodedata.name(c)[19:].lower().replace('lamda', 'lambda')} " for c in "αβγδεζηθικλμνξπρστυφχψω"}
-_DECOMPOSED = [(c, unicodedata.decomposition(c).partition(" ")[0]) for c in map(chr, range(0xA0, 0xFF5F))
-               if c not in _SYMBOLS]
+_DECOMPOSED = [(c, unicodedata.decomposition(c).partition(" ")[0]) for block in ((0xA0, 0x2E5), (0x1D2C, 0x1DC0),
+               (0x2070, 0x218A), (0xFF01, 0xFF5F)) for c in map(chr, range(*block)) if c not in _SYMBOLS]
 _SUPER, _SUB, _WIDE = ({ord(c): unicodedata.normalize("NFKC", c).replace("−", "-") for c, kind in _DECOMPOSED
                         if kind == tag} for tag in ("<super>", "<sub>", "<wide>"))
 _VULGAR = {c: Fraction(unicodedata.numeric(c)).limit_denominator(10) for c, kind in _DECOMPOSED if kind == "<fraction>"}
