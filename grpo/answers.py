@@ -205,6 +205,7 @@ class Gold:
     options: dict[str, str] = field(default_factory=dict)  # the question's options, {"A": "30°", ...}
     letter: str | None = None     # the option the gold names, by its letter or by its text
     precision: int | None = None  # decimal places the question asks for ("round to two decimal places")
+    yes_no: bool = False          # a yes or no, true or false (its text, or its option's): final_answer(t, yes_no)
 
 
 def read_gold(solution: str, question: str | None = None) -> Gold:
@@ -216,7 +217,8 @@ def read_gold(solution: str, question: str | None = None) -> Gold:
         letter = as_letter(answer, max(options) if options else "E") if answer else None
         if letter is None and options and answer:  # gold given as an option's text
             letter = _option_for(answer, options, precision, time.monotonic() + VERIFY_SECONDS)
-        return Gold(answer, options, letter, precision)
+        yes_no = any(_clean(t).lower() in _OPPOSITE for t in (answer, options.get(letter or "", "")))
+        return Gold(answer, options, letter, precision, yes_no)
     except Exception:
         return Gold("")
 
@@ -224,8 +226,7 @@ def read_gold(solution: str, question: str | None = None) -> Gold:
 def judge(prediction: str, gold: Gold) -> bool:
     """Is the final answer of `prediction` the answer of `gold` (from read_gold)? Never raises."""
     try:
-        yes_no = any(_clean(t).lower() in _OPPOSITE for t in (gold.answer, gold.options.get(gold.letter or "", "")))
-        answer = _clean(final_answer(prediction, yes_no)[0])
+        answer = _clean(final_answer(prediction, gold.yes_no)[0])
         if not answer or not gold.answer or answer == gold.answer:  # the gold's own text, whatever the options
             return bool(answer) and answer == gold.answer
         deadline, options = time.monotonic() + VERIFY_SECONDS, gold.options
@@ -391,23 +392,22 @@ def _unlabelled(x: str, y: str) -> tuple[str, str] | None:
     return (value, other) if nx else (other, value)
 
 
-_OPPOSITE = {"yes": "no", "no": "yes", "true": "false", "false": "true"}
 # A yes or no opening an answer (after "So," at most), alone or before its reason (not "No solution", "yes/no"); then
 # the opposite that a word after makes no answer ("there is no gap", "a false premise") unless it starts afresh
 _OPENS = re.compile(r"[\s*_\"'`(\[]*(?:(?:so|therefore|thus|hence|then|finally|in\s+conclusion)\W+)?(yes|no|true|false)"
                     r"(?=\s*(?:[,.;:!)\]—–*]|-\s|$)|\s+(?:because|since|it|they|the|this|that|there|both|we)\b)", re.I)
-_QUALIFIED = re.compile(r"\s+(?!(?:wait|it|i|we|this|that|they|the|because|since|as|so|but|and|or)\b)[a-z]", re.I)
+_AFRESH = r"(?:wait|it|i|we|this|that|they|the|because|since|as|so|but|and|or)\b"
+_OPPOSITE = {word: re.compile(rf"\b{opposite}\b(?![-/'])(?!\s+(?!{_AFRESH})[a-z])", re.I)
+             for word, opposite in (("yes", "no"), ("no", "yes"), ("true", "false"), ("false", "true"))}
 
 
 def _equal(answer: str, gold: str, precision: int | None, deadline: float | None) -> bool:
-    """A yes or no gold: the answer opens with it ("Yes, because both pairs of opposite sides are parallel.") and
-    says no opposite after ("No. Yes, it is", "Yes and no"). Text ("Square." is "a square"); names as _unlabelled
-    reads them; prose only as text; a bare number's one comma a decimal comma unless the other side is a list (6,8
-    is 6.8 against 6.8, a list against 6 and 8); then the exact and approximate members ("x = 1/3 \\approx 0.33")."""
+    """A yes or no gold: the answer opens with it, no opposite after ("Yes, because ..."; not "No. Yes, it is"). Text
+    ("Square." is "a square"); names as _unlabelled reads them; prose only as text; a bare number's one comma is a
+    decimal comma unless the other side is a list (6,8 against 6 and 8); then exact and approximate members by _same."""
     if (word := _clean(gold).lower()) in _OPPOSITE:
-        rest = answer[opening.end():] if (opening := _OPENS.match(answer)) and opening[1].lower() == word else None
-        opposites = re.finditer(rf"\b{_OPPOSITE[word]}\b(?![-/'])", rest or "", re.I)
-        return rest is not None and all(_QUALIFIED.match(rest, m.end()) for m in opposites)
+        opening = _OPENS.match(answer)
+        return bool(opening) and opening[1].lower() == word and not _OPPOSITE[word].search(answer, opening.end())
     plain = [re.sub(r"^(?:a|an|the)\s+", "", " ".join(_clean(t).lower().split())) for t in (answer, gold)]
     x, y = _latex(answer), _latex(gold)
     if plain[0] == plain[1] or max(len(x), len(y)) > MAX_RAW_CHARS or (pair := _unlabelled(x, y)) is None:

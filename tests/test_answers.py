@@ -713,6 +713,8 @@ def test_a_yes_or_no_with_its_reason():
     assert verify("True, since 3² + 4² = 5².", "True") is True and verify("True. Actually, false.", "True") is False
     assert verify("Yes, they are similar.", "A", "Similar?\nA. Yes\nB. No") is True
     assert verify("No, it is 5.", "5") is True  # a number gold: the yes or no is not the answer
+    gold = answers.read_gold("Yes")  # as eval.py reports it: the answer judged
+    assert gold.yes_no and answers.final_answer("Yes, because AB ∥ CD.", gold.yes_no) == ("Yes, because AB ∥ CD.", "yes or no")
 
 
 def test_units_and_words_after_an_expression():
