@@ -8,8 +8,8 @@ rewards.accuracy_reward one group at a time, as train.py scores them. "mean" is 
 all completions, divided by their number (the first call forks math-verify's worker, and is included);
 "worst" is the slowest single answers.judge call on a gold already read. With --math_verify_repo (a
 checkout of github.com/huggingface/Math-Verify) it also reports how many of that library's own test
-cases verify judges as their labels say, and how many math-verify alone does. It always reports verify's accuracy on
-tests/test_answers.py's forms of vision-language models' answers (VLM_FORMS).
+cases verify judges as their labels say, and how many math-verify alone does. It always reports verify's
+accuracy on tests/test_answers.py's forms of vision-language models' answers (VLM_FORMS).
 """
 
 import argparse

@@ -635,7 +635,8 @@ def test_root_signs_with_any_radicand():
                         ("√(1+√2)", "\\sqrt{1+\\sqrt{2}}"), ("∛8", "\\sqrt[3]{8}"), ("∜(x)", "\\sqrt[4]{x}"),
                         ("sqrt(2)", "\\sqrt{2}"), ("\\sqrt{3}", "\\sqrt{3}")]:
         assert answers._latex(text) == latex, text
-    assert verify("√((x+1)/2)", "\\sqrt{\\frac{x+1}{2}}") is True and verify("√(x+1)/2", "\\sqrt{\\frac{x+1}{2}}") is False
+    half = "\\sqrt{\\frac{x+1}{2}}"
+    assert verify("√((x+1)/2)", half) is True and verify("√(x+1)/2", half) is False
 
 
 def test_all_superscripts_subscripts_and_vulgar_fractions():
@@ -665,9 +666,10 @@ def test_signs_of_operations_relations_and_full_width_forms():
                         ("1±2", "1 \\pm 2"), ("8π", "8\\pi"), ("2θ", "2\\theta"), ("(-∞, 2]", "(-\\infty, 2]"),
                         ("30º", "30^\\circ"), ("（１，２）", "(1,2)")]:
         assert "".join(answers._latex(text).split()) == "".join(latex.split()), text  # spacing aside
-    for prediction, gold in [("2·3", "6"), ("2⋅3", "6"), ("4×5", "20"), ("12÷4", "3"), ("−7", "-7"), ("x≤3", "x \\leq 3"),
-                             ("x⩾3", "x \\geq 3"), ("x≠2", "x \\neq 2"), ("1±√2", "1 \\pm \\sqrt{2}"), ("2πr", "2\\pi r"),
-                             ("θ = 30º", "30"), ("(-∞, 2]", "(-\\infty, 2]"), ("（１，２）", "(1, 2)"), ("x ≈ 3.14", "3.14")]:
+    for prediction, gold in [("2·3", "6"), ("2⋅3", "6"), ("4×5", "20"), ("12÷4", "3"), ("−7", "-7"),
+                             ("x≤3", "x \\leq 3"), ("x⩾3", "x \\geq 3"), ("x≠2", "x \\neq 2"),
+                             ("1±√2", "1 \\pm \\sqrt{2}"), ("2πr", "2\\pi r"), ("θ = 30º", "30"), ("(-∞, 2]", "(-\\infty, 2]"),
+                             ("（１，２）", "(1, 2)"), ("x ≈ 3.14", "3.14")]:
         assert verify(prediction, gold) is True, prediction
     for prediction, gold in [("2·3", "5"), ("12÷4", "4"), ("−7", "7"), ("x≤3", "x \\geq 3"), ("x≠2", "x \\neq 3")]:
         assert verify(prediction, gold) is False, prediction
@@ -678,9 +680,11 @@ def test_a_name_before_a_value_is_no_part_of_it():
     list of named values against a list of values, in order. Neither reading may make a right answer wrong."""
     for prediction, gold in [("Q(-1, 4)", "(-1, 4)"), ("Point B(0, 2)", "(0, 2)"), ("P_1(2, 3)", "(2, 3)"),
                              ("AB = 5", "5"), ("∠ABC = 40°", "40"), ("m∠A = 30°", "30"), ("f(x) = x^2", "x^2"),
-                             ("A(1, 2), B(3, 4)", "(1, 2), (3, 4)"), ("4, 5", "AB = 4, CD = 5"), ("3, 2", "x = 2, x = 3")]:
+                             ("A(1, 2), B(3, 4)", "(1, 2), (3, 4)"), ("4, 5", "AB = 4, CD = 5"),
+                             ("3, 2", "x = 2, x = 3")]:
         assert verify(prediction, gold) is True and verify(gold, prediction) is True, prediction
-    for prediction, gold in [("Q(1, -4)", "(-1, 4)"), ("AB = 6", "5"), ("5, 4", "AB = 4, CD = 5"), ("f(2, 3)", "(2, 3)")]:
+    for prediction, gold in [("Q(1, -4)", "(-1, 4)"), ("AB = 6", "5"), ("5, 4", "AB = 4, CD = 5"),
+                             ("f(2, 3)", "(2, 3)")]:
         assert verify(prediction, gold) is False, prediction
     # what stays as it was: lists of named values, equations, a chain
     assert verify("y = 3, x = 5", "x = 5, y = 3") is True and verify("x = 3, y = 5", "x = 5, y = 3") is False
@@ -692,7 +696,8 @@ def test_two_names_must_agree():
     """Where both sides name their value, the names are compared too (spacing and braces aside)."""
     for prediction, gold, expected in [("P(-1, 4)", "Q(-1, 4)", False), ("Q(-1, 4)", "Q(-1, 4)", True),
                                        ("y = 5", "x = 5", False), ("x=5", "x = 5", True), ("x₁ = 2", "x_{1} = 2", True),
-                                       ("x₂ = 2", "x_1 = 2", False), ("CD = 4", "AB = 4", False), ("A:B = 1", "1", True)]:
+                                       ("x₂ = 2", "x_1 = 2", False), ("CD = 4", "AB = 4", False),
+                                       ("A:B = 1", "1", True)]:
         assert verify(prediction, gold) is expected, prediction
 
 
@@ -714,7 +719,8 @@ def test_a_yes_or_no_with_its_reason():
     assert verify("Yes, they are similar.", "A", "Similar?\nA. Yes\nB. No") is True
     assert verify("No, it is 5.", "5") is True  # a number gold: the yes or no is not the answer
     gold = answers.read_gold("Yes")  # as eval.py reports it: the answer judged
-    assert gold.yes_no and answers.final_answer("Yes, because AB ∥ CD.", gold.yes_no) == ("Yes, because AB ∥ CD.", "yes or no")
+    text = "Yes, because AB ∥ CD."
+    assert gold.yes_no and answers.final_answer(text, gold.yes_no) == (text, "yes or no")
 
 
 def test_units_and_words_after_an_expression():
@@ -722,7 +728,7 @@ def test_units_and_words_after_an_expression():
                              ("\\frac{25\\pi}{2} square units", "\\frac{25\\pi}{2}"), ("2\\sqrt{2} m^2", "2\\sqrt{2}"),
                              ("5√2 units", "5\\sqrt{2}"), ("(x+1) cm", "x+1")]:
         assert verify(prediction, gold) is True and verify(prediction, f"2 \\cdot ({gold})") is False, prediction
-    assert verify("4\\pi r", "4\\pi") is False and verify("2\\sqrt{2} x", "2\\sqrt{2}") is False  # a variable is no unit
+    assert verify("4\\pi r", "4\\pi") is False and verify("2\\sqrt{2} x", "2\\sqrt{2}") is False  # a variable: no unit
 
 
 def test_a_currency_before_or_after_a_number():
