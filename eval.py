@@ -162,10 +162,10 @@ def judge(examples: list[dict], mode: str, texts: list[str], lengths: list[int],
     records = []
     for i, ex in enumerate(examples):
         group = slice(i * (k or 1), (i + 1) * (k or 1))
-        found = [answers.final_answer(text) for text in texts[group]]
         # The verdict is training's: verify reads the whole completion (its answer tag, else its box,
         # else the final answer of its free text), so eval and the accuracy reward never disagree.
         gold = answers.read_gold(ex["solution"], ex["problem"])  # once for the example's k answers
+        found = [answers.final_answer(text, gold.yes_no) for text in texts[group]]  # as judge reads it
         fields = {"completion": texts[group], "answer": [a for a, _ in found], "extracted_by": [how for _, how in found],
                   "correct": [answers.judge(text, gold) for text in texts[group]],
                   "format": [f == 1.0 for f in rewards.format_reward(texts[group])], "tokens": lengths[group]}

@@ -1,17 +1,16 @@
 """Answers: what a completion's final answer is, and whether it is the gold's (`verify`, which never raises).
 
 By hand: the final answer (`final_answer`: the last <answer> block, else the last \\boxed{}, else what the free
-text states), options (a letter or an option's text), the gold once per group (`read_gold`), and what benchmark
-conventions decide: text as text, numbers by value (4.5 = 9/2, 40° = 40, 6 apples = 6) to a precision the
-question states, thousands (11,\\!111) and decimal commas as the gold's notation decides (1,22 is 1.22 against a
-number, 6,8 a list against a list), brackets (\\{1, 2\\} is not (1, 2), \\{5\\} not 5), an equation gold matched
-only by an equation ("0" is not "a + b = 0"). Words and hedges never reach math-verify (Hugging Face's), whose
-symbols make "lube" equal "blue"; it judges the rest (expressions, tuples, intervals, sets, matrices,
-relations) in a forked worker, VERIFY_SECONDS per verify call: an overrun is a wrong answer (`timeouts()`).
-Only the final answer is read, never the reasoning ([judging the reasoning]).
+text states; never the reasoning, [judging the reasoning]), options (a letter or an option's text), the gold once
+per group (`read_gold`), and what benchmarks decide: Unicode mathematics as LaTeX (3√2, x², ½), a yes or no with
+its reason, a name before a value (Q(-1, 4), x = 5), numbers by value (4.5 = 9/2, 40° = 40, 6 apples = 6) to a
+stated precision, thousands and decimal commas as the gold's notation says, brackets (\\{1, 2\\} is not (1, 2)),
+an equation gold matched only by an equation. Words never reach math-verify (Hugging Face's), whose symbols make
+"lube" equal "blue"; it judges the rest in a forked worker, VERIFY_SECONDS per call; an overrun is wrong (`timeouts()`).
 """
 
 import atexit
+import contextlib
 import functools
 import gc
 import itertools
@@ -22,6 +21,7 @@ import re
 import signal
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
@@ -44,12 +44,9 @@ def _last_boxed(text: str) -> str | None:
     (\\boxed{1}, \\boxed{2} -> "1, 2"); None when absent or unclosed. Linear: rfind and a brace count."""
     found, start = [], len(text)
     while len(found) < 64 and (before := text.rfind("\\boxed", 0, start)) != -1:
-        i, depth, end = before + len("\\boxed"), 0, None
-        for j in range(i, len(text) if text.startswith("{", i) else i):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                end = j + 1
-                break
+        i = before + len("\\boxed")
+        depths = itertools.accumulate((c == "{") - (c == "}") for c in (text[i:] if text.startswith("{", i) else ""))
+        end = next((i + j + 1 for j, depth in enumerate(depths) if depth == 0), None)
         if end is None or found and (end > start or not _BOX_GAP.fullmatch(text, end, start)):
             break
         found, start = found + [text[i + 1:end - 1]], before
@@ -74,7 +71,7 @@ _ANSWER_PHRASE = re.compile(r"\b(?:answer|option|choice)\**(?:\s+(?:is|would\s+b
                             r"\**\s*(?:(?:therefore|thus|hence|then|clearly|simply)\b)?[\s:]*", re.I)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 _CUE = re.compile(r"\b(?:is|are|was|equals?(?:\s+to)?|so|therefore|thus|hence|gives|get|gets)\b"  # not <=, >=, !=
-                  r"|(?<![<>!=])=|\\approx|≈", re.I)
+                  r"|(?<=\bit)['’]s\b|(?<=\bthat)['’]s\b|(?<![<>!=])=|\\approx|≈", re.I)  # it's 6
 _CLAUSE = re.compile(r"\s(?:because|since|as|which|but|when|where)\b", re.I)  # "6 which is even": 6
 _WORDS = re.compile(r"(?:an?\s+|the\s+)?[A-Za-z]+(?:\s+[A-Za-z]+){0,2}")  # "a square", "dark blue"
 _CLOSING = re.compile(r"(?:\s*(?:<\|[a-z_]+\|>\w*|I hope it is correct\.?))+\s*\Z")  # a template's next turn
@@ -86,41 +83,43 @@ def _tidy(candidate: str) -> str:
 
 
 def _is_value(text: str) -> bool:
-    """An answer by itself at a cheap look: an option letter, or mathematics: short, no prose, brackets balanced,
-    no operator dangling ("x = 4.5", "(1, 9/2)", "6 apples", "x \\geq 5"; not "Therefore, x = 4.5")."""
+    """An answer by itself: an option letter, or short mathematics, no prose, brackets balanced, nothing dangling."""
     return bool(text) and as_letter(text, "Z") is not None or 0 < len(s := _latex(text)) <= MAX_RAW_CHARS and not \
-        _prose(text) and _top_commas(s) is not None and not re.search(r"[?\"]|^[*/^=,;<>]|[-+*/^_=<>,;:\\]$", s)
+        _prose(text) and _items(s) is not None and not re.search(r"[?\"]|^[*/^=,;<>]|[-+*/^_=<>,;:\\]$", s)
 
 
 def _concluding_value(text: str) -> str:
-    """What the last sentence states: itself when a value ("x = 1, y = 2"), else the value after a cue ("so the
-    probability is 2/3"), its last $...$, the option it opens with ("(B) is correct"), or a few words after
-    is/are/was ("it is a square"); "" when none, or for a hedge ("x = 6 or x = 7")."""
+    """What the last sentence states: itself if a value; else the value after a cue ("so it is 2/3"), its last $...$,
+    the option it opens with ("(B) is correct") or a few words after is/are/was/so ("so yes"), read up to a clause
+    after its first cue, then whole ("the number is not 10 which is 1,000.99€"); "" for none or a hedge ("or")."""
     sentences = [s for s in _SENTENCE_END.split(text[-4 * MAX_RAW_CHARS:]) if re.search(r"[0-9A-Za-z]", s)]
     if _is_value(_tidy(sentence := sentences[-1] if sentences else "")):
         return _tidy(sentence)
     cues = list(_CUE.finditer(sentence))
-    if cues and (clause := _CLAUSE.search(sentence, cues[0].end())):  # "it is (B) because the angle is 40°"
-        sentence, cues = sentence[:clause.start()], [cue for cue in cues if cue.end() <= clause.start()]
-    if cues and re.search(r"\bor\b", sentence[cues[0].end():], re.I):
-        return ""
-    candidates = [(cue.group().lower(), _tidy(sentence[cue.end():])) for cue in cues[-8:]]  # bounded work
-    math = [m.group(1) or m.group(2) for m in re.finditer(r"\$+([^$]+)\$+|\\\((.+?)\\\)", sentence)]
-    for candidate in [c for _, c in candidates] + [m.strip() for m in math[-1:]]:  # "Then $x \\geq 5$ holds"
-        if _is_value(candidate):
-            return candidate
-    if as_letter(sentence) is not None:
-        return _tidy(sentence)
-    cue, words = candidates[-1] if candidates else ("", "")
-    return words if cue in ("is", "are", "was") and _WORDS.fullmatch(words) else ""
+    clause = _CLAUSE.search(sentence, cues[0].end()) if cues else None
+    for part in ([sentence[:clause.start()]] if clause else []) + [sentence]:
+        stated = [cue for cue in cues if cue.end() <= len(part)]
+        if stated and re.search(r"\bor\b", part[stated[0].end():], re.I):
+            return ""
+        candidates = [(cue.group().lower(), _tidy(part[cue.end():])) for cue in stated[-8:]]  # bounded work
+        math = [m.group(1) or m.group(2) for m in re.finditer(r"\$+([^$]+)\$+|\\\((.+?)\\\)", part)]
+        for candidate in [c for _, c in candidates] + [m.strip() for m in math[-1:]]:  # "Then $x \\geq 5$ holds"
+            if _is_value(candidate):
+                return candidate
+        if as_letter(part) is not None:
+            return _tidy(part)
+        cue, words = candidates[-1] if candidates else ("", "")
+        if cue in ("is", "are", "was", "so", "therefore", "thus", "hence") and _WORDS.fullmatch(words):
+            return words
+    return ""
 
 
-def final_answer(text: str) -> tuple[str, str]:
+def final_answer(text: str, yes_no: bool = False) -> tuple[str, str]:
     """(the final answer, how it was found): "answer tag" (the last <answer> block), "boxed" (the last \\boxed{}
-    and the boxes listed before it), "answer is" (after the last "The answer is" / "Answer:"), "whole text" (a
-    text that is a value, "6 apples", or a short one stating nothing else, "A square"), "last sentence"
-    (_concluding_value), or "none" with "" (nothing stated, or only in <think>, never read, or an unclosed
-    <answer>). verify judges final_answer(t)[0] as t, but "<answer>so it is 6</answer>" is taken as is."""
+    and boxes listed before it), "yes or no" (with `yes_no`: the text, or its last sentence, opening with one),
+    "answer is" (after the last "The answer is" / "Answer:"), "whole text" (a value, or a short text stating nothing
+    else), "last sentence" (_concluding_value), or "none" with "" (nothing, only in <think>, or an unclosed
+    <answer>). verify judges final_answer(t)[0] as t; "<answer>so it is 6</answer>" is taken as is."""
     if not isinstance(text, str):
         return "", "none"
     if found := _tagged(text):
@@ -129,6 +128,9 @@ def final_answer(text: str) -> tuple[str, str]:
     text = text[:-200] + _CLOSING.sub("", text[-200:])  # on the last characters only: linear on any input
     if "<answer>" in text:  # an answer cut off before </answer> (a length limit) is not judged
         return "", "none"
+    for said in [text, re.split(r"[.!?]\s+|\n", text[-4 * MAX_RAW_CHARS:].strip())[-1]] if yes_no else []:
+        if _OPENS.match(said):  # the whole text first, so that "No. Yes, it is" is read whole
+            return said.strip(), "yes or no"
     if phrases := list(_ANSWER_PHRASE.finditer(text)):  # to the end of its sentence or a clause ("6, since ...")
         rest = text[phrases[-1].end():phrases[-1].end() + MAX_RAW_CHARS]
         rest = rest[:end.start()] if (end := _SENTENCE_END.search(rest)) else rest
@@ -154,7 +156,7 @@ def _clean(answer: str) -> str:
 # ---------------------------------------------------------------- multiple choice
 
 # B, (B), B., B), B: 40°, Option B, option (B); a bare letter ends the answer or is followed by . : ) (not "A square")
-_LETTER = re.compile(r"(?:(?i:option|choice)\s*)?(?:\(([A-Z])\)|([A-Z])(?:[.:)]|$))")
+_LETTER = re.compile(r"(?:(?i:option|choice)\s*)?(?:\(([A-Z])\)|([A-Z])(?:[.)]|:(?![A-Z])|$))")  # A:B is a ratio
 _SEVERAL = re.compile(r"\s*(?:,|/|&|and\b|or\b)", re.I)  # "(A) or (B)", "A) and C)"
 _OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-Z])\)|([A-Z])[.:)])")
 
@@ -203,6 +205,7 @@ class Gold:
     options: dict[str, str] = field(default_factory=dict)  # the question's options, {"A": "30°", ...}
     letter: str | None = None     # the option the gold names, by its letter or by its text
     precision: int | None = None  # decimal places the question asks for ("round to two decimal places")
+    yes_no: bool = False          # a yes or no, true or false (its text, or its option's): final_answer(t, yes_no)
 
 
 def read_gold(solution: str, question: str | None = None) -> Gold:
@@ -214,7 +217,8 @@ def read_gold(solution: str, question: str | None = None) -> Gold:
         letter = as_letter(answer, max(options) if options else "E") if answer else None
         if letter is None and options and answer:  # gold given as an option's text
             letter = _option_for(answer, options, precision, time.monotonic() + VERIFY_SECONDS)
-        return Gold(answer, options, letter, precision)
+        yes_no = any(_clean(t).lower() in _OPPOSITE for t in (answer, options.get(letter or "", "")))
+        return Gold(answer, options, letter, precision, yes_no)
     except Exception:
         return Gold("")
 
@@ -222,7 +226,7 @@ def read_gold(solution: str, question: str | None = None) -> Gold:
 def judge(prediction: str, gold: Gold) -> bool:
     """Is the final answer of `prediction` the answer of `gold` (from read_gold)? Never raises."""
     try:
-        answer = _clean(final_answer(prediction)[0])
+        answer = _clean(final_answer(prediction, gold.yes_no)[0])
         if not answer or not gold.answer or answer == gold.answer:  # the gold's own text, whatever the options
             return bool(answer) and answer == gold.answer
         deadline, options = time.monotonic() + VERIFY_SECONDS, gold.options
@@ -237,8 +241,7 @@ def judge(prediction: str, gold: Gold) -> bool:
 
 
 def verify(prediction: str, gold: str, question: str | None = None) -> bool:
-    """Is the final answer of `prediction` the answer in `gold`? `question` supplies the options of a multiple-
-    choice question (an option's text counts as its letter) and a stated precision."""
+    """Is the final answer of `prediction` the answer in `gold`, with the options and precision `question` states?"""
     return judge(prediction, read_gold(gold, question))
 
 
@@ -252,35 +255,58 @@ def unverifiable_reason(solution: str, problem: str | None = None) -> str | None
 
 
 def value_kind(answer: str) -> str | None:
-    """"number" for one numeric literal, units, degrees, percent and separators aside (12, -3, 4.5, 1,000,
-    40°), "expression" for any other single value (9/2, \\frac{1}{2}, 2x, \\pi), None for the rest."""
+    """"number" for one numeric literal (12, -3, 4.5, 1,000, 40°), "expression" for another (9/2, 2x), else None."""
     s = _NAMED.sub("", _latex(answer), count=1)
-    if not _is_value(answer) or _shape(s) or re.search(rf"{_EQUALS}|[<>]|\\(?:[lg]eq?|neq?|cup)\b", s):
-        return None
-    return "number" if _number(s) and not re.search(r"/|frac", s) else "expression"
+    return None if not _is_value(answer) or _shape(s) or re.search(rf"{_RELATION}|\\cup\b", s) else \
+        "number" if _number(s) and not re.search(r"/|frac", s) else "expression"
 
 # ---------------------------------------------------------------- when two answers are equal
 
+# Unicode mathematics as LaTeX (3√2, 8π, 2·3, x ≤ 5, 30º, θ); superscripts (x², 10⁻³), subscripts (x₁), vulgar fractions
+# (½) and full-width forms (（１，２）) from Unicode's decompositions: all of them. Roots then take braced radicands.
+_SYMBOLS = {"√": "\\sqrt ", "∛": "\\sqrt[3] ", "∜": "\\sqrt[4] ", "·": " \\cdot ", "⋅": " \\cdot ", "×": " \\times ",
+            "÷": " \\div ", "−": "-", "–": "-", "≤": " \\leq ", "⩽": " \\leq ", "≥": " \\geq ", "⩾": " \\geq ",
+            "≠": " \\neq ", "≈": " \\approx ", "±": " \\pm ", "∞": "\\infty ", "∪": " \\cup ", "∩": " \\cap ",
+            "∈": " \\in ", "∅": "\\emptyset ", "∠": "\\angle ", "°": "^\\circ ", "º": "^\\circ ", "⁄": "/", "′": "'"}
+_SYMBOLS |= {c: f"\\{unicodedata.name(c)[19:].lower().replace('lamda', 'lambda')} " for c in "αβγδεζηθικλμνξπρστυφχψω"}
+_DECOMPOSED = [(c, unicodedata.decomposition(c).partition(" ")[0]) for block in ((0xA0, 0x2E5), (0x1D2C, 0x1DC0),
+               (0x2070, 0x218A), (0xFF01, 0xFF5F)) for c in map(chr, range(*block)) if c not in _SYMBOLS]
+_SUPER, _SUB, _WIDE = ({ord(c): unicodedata.normalize("NFKC", c).replace("−", "-") for c, kind in _DECOMPOSED
+                        if kind == tag} for tag in ("<super>", "<sub>", "<wide>"))
+_VULGAR = {c: Fraction(unicodedata.numeric(c)).limit_denominator(10) for c, kind in _DECOMPOSED if kind == "<fraction>"}
+_SUPERS, _SUBS = (f"[{re.escape(''.join(map(chr, table)))}]+" for table in (_SUPER, _SUB))
+_TRANSLATION = _WIDE | {ord(c): latex for c, latex in _SYMBOLS.items()}
+_ROOT = re.compile(r"(\\sqrt(?:\[[^\[\]]*\])?)\s*(?:\(((?:[^()]|\([^()]*\))*)\)"  # (radicand), one bracket deep inside
+                   r"|(\d+(?:\.\d+)?|[A-Za-z]|\\(?!frac)[A-Za-z]+)\s*(\^\{[^{}]*\})?)")  # or a number, letter, command
 _NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
                                             "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())}
 _NUMBER_WORDS |= {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
 _FUNCTIONS = "arcsin|arccos|arctan|asin|acos|atan|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|log|ln|exp|sqrt"
 # 6 apples, 16\pi cm^2; words of two letters or more, so "2x + y" keeps its y and "16 pi" its pi
 _TRAILING_WORDS = re.compile(rf"(?:\s+(?!(?:pi|{_FUNCTIONS})\b)[a-zA-Z]{{2,}}(?:\^\{{?[23]\}}?)?)+\s*$")
-_GLUED_UNIT = re.compile(r"(?<=\d)\s*(?:(?:cm|mm|km|kg|mg|ml|mL|min|units?)(?:\^\{?[23]\}?)?|m\^[23])$")  # 5cm, 3m²
+# A unit after a number, \pi or a bracket (5cm, 3 m², 8\pi m^{2}, \sqrt{2} mm), a currency before or after (€5, 2.5€)
+_UNIT = re.compile(r"(?:(?<=[\d})])|(?<=\\pi))\s*(?:(?:[kcmd]?m|in|ft)\^\{?[23]\}?|(?:cm|mm|km|kg|mg|ml|mL|min|units?)"
+                   r"(?:\^\{?[23]\}?)?|[€£¥₹])$|^[€£¥₹]\s*(?=\d)")
 _EQUALS = r"(?<![<>!\\])=(?!=)"
-_NAMED = re.compile(rf"^\s*(?:(?:[A-Za-z]{{1,3}}|\\[a-zA-Z]+)(?:_\{{?\w+\}}?)?|\([A-Za-z\s,]+\))\s*{_EQUALS}\s*")  # x=
+# A name and "=" (x =, AB =, \angle ABC =, f(x) =, x_1 =, A:B =, (x, y) =); a point's name before its coordinates
+_NAMED = re.compile(rf"^\s*((?:m\s*)?\\angle\s*\w{{1,3}}|(?:[A-Za-z]{{1,3}}|\\[a-zA-Z]+)(?:_\{{?\w+\}}?|')*"
+                    rf"(?:\([^()=]{{1,12}}\))?|[A-Z]{{1,2}}\s*:\s*[A-Z]{{1,2}}|\([A-Za-z\s,]+\))\s*{_EQUALS}\s*")
+_POINT = re.compile(r"^\s*(?i:point\s+)?([A-Z](?:_\{?\w+\}?|')*)\s*(?=\()")  # Q(-1, 4), P_1(2, 3), A'(0, 1)
+_RELATION = rf"{_EQUALS}|[<>]|\\(?:[lg]eq?|neq?|in)\b"
 _SPACING = re.compile(r"\\(?:displaystyle|left|right|[,;:! ]|q?quad)|\s|~")  # "16 \pi" == "16\pi"
 _NUMBER = re.compile(r"(-?)(?:(\d+\.?\d*|\.\d+)|\\frac\{(\d+)\}\{(\d+)\}|(\d+)/(\d+))(?:\^\{?\\circ\}?|\\?%|\\degree)?")
 
 
 @functools.lru_cache(maxsize=4096)
 def _latex(answer: str) -> str:
-    """The answer as LaTeX that math-verify reads as we mean it: _clean's, with plain-text functions as commands
-    (sin(x)^2, pi, sqrt(2)), oo and U as \\infty and \\cup, \\frac\\pi2 as \\frac{\\pi}{2}, number words as numbers,
-    the units or words after a number gone ("6 apples", "16\\pi cm^2"), thousands without separators (1,000,
-    1 000, 11,\\!111), lists parted by semicolons or "and" parted by commas (1,5; 2 -> 1.5, 2)."""
-    s = _clean(answer).replace("−", "-").replace("°", "^\\circ ")
+    """The answer as LaTeX that math-verify reads as we mean it: _clean's, Unicode as LaTeX, functions as commands
+    (sin(x)^2, pi, sqrt(2)) and roots' radicands braced, \\frac\\pi2 as \\frac{\\pi}{2}, number words as numbers, units
+    or words after a value gone ("6 apples", "8π m²"), thousands unseparated (1,000), lists parted by commas."""
+    if not (s := _clean(answer)).isascii():  # Unicode mathematics as its LaTeX, in time linear in the text
+        s = re.sub(rf"(?<![\d.])(\d*)([{''.join(_VULGAR)}])", lambda m: "\\frac{%d}{%d}" % (  # ½, 2½ = 5/2
+            (f := int(m[1] or 0) + _VULGAR[m[2]]).numerator, f.denominator), s.translate(_TRANSLATION))
+        s = re.sub(_SUBS, lambda m: "_{" + m[0].translate(_SUB) + "}", re.sub(
+            _SUPERS, lambda m: "^{" + m[0].translate(_SUPER) + "}", s))
     if len(s) > MAX_RAW_CHARS:
         return s
     if "\\\\" in s and not re.search(r"(?<!\\)\\[A-Za-z]", s):  # escaped twice throughout: \\frac{1}{2}
@@ -289,44 +315,45 @@ def _latex(answer: str) -> str:
     s = re.sub(r"(\\frac\{[^{}]*\})\s*(\\[a-zA-Z]+|\d|[a-zA-Z])", r"\1{\2}",  # \frac\pi2 -> \frac{\pi}{2}
                re.sub(r"\\frac\s*(\\[a-zA-Z]+|\d|[a-zA-Z])", r"\\frac{\1}", s))
     s = re.sub(rf"^({'|'.join(_NUMBER_WORDS)})(?![a-z])", lambda m: str(_NUMBER_WORDS[m[1].lower()]), s, flags=re.I)
-    if (words := _TRAILING_WORDS.search(s)) and re.search(r"\d", s[:words.start()]):  # not "A square"
+    if (words := _TRAILING_WORDS.search(s)) and re.search(r"\d|\\pi", s[:words.start()]):  # not "A square"
         s = s[:words.start()]
     s = re.sub(r"(?<![\d.])\d{1,3}(?:(?:[ \u00a0\u2009\u202f]|\\[, ])\d{3})+(?!\d)", lambda m: re.sub(r"\D", "", m[0]),
-               _GLUED_UNIT.sub("", s).strip())
+               _UNIT.sub("", s).strip())
     if not re.search(r"[(\[]|\\\{", s):  # 1,000,000 and 12,345 (not 0,125); in brackets a comma parts items
         s = re.sub(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])", lambda m: m[0].replace(",", ""), s)
     s = re.sub(r"([+-]?)\s*\b(?:oo|inf|infinity)\b", r"\1\\infty", re.sub(r"(?<!\\)\\[,;:! ]|~", " ", s), flags=re.I)
     s = re.sub(rf"(?<![\\A-Za-z])({_FUNCTIONS}|pi)(?![A-Za-z])", r"\\\1", s.replace("**", "^"))
-    s = re.sub(r"\\sqrt\s*\(([^()]*)\)", r"\\sqrt{\1}", re.sub(r"(?<=[)\]])\s*U\s*(?=[(\[])", r" \\cup ", s))
+    s = re.sub(r"(?<=[)\]])\s*U\s*(?=[(\[])", r" \\cup ", s)
+    for _ in range(3):  # the outer root first, then one inside it: √(1 + √2)
+        s = _ROOT.sub(lambda m: f"{m[1]}{{{m[2] if m[2] is not None else m[3] + (m[4] or '')}}}", s)
     s = re.sub(r"\s+and\s+", "; " if ";" in s else ", ", s)
-    return re.sub(r"(?<=\d),(?=\d)", ".", s).replace(";", ",") if ";" in s else s
+    return (re.sub(r"(?<=\d),(?=\d)", ".", s).replace(";", ",") if ";" in s else s).strip()
 
 
 def _prose(answer: str) -> bool:
     """Words, not mathematics: "a square", "blue", "xy" (a word here, not a product), a hedge ("x = 6 or x = 7")."""
     s = re.sub(r"\\(?:begin|end)\{[^{}]*\}(?:\{[lcr|\s]*\})?", " ", _latex(answer))
+    s = ", ".join(named[1]) if (named := _labelled(s)) else s  # names are no words: "AB = 5", "Q(-1, 4)"
     words = [w.lower() for w in re.findall(r"(?<![\\A-Za-z])[A-Za-z]{2,}", s)]
     return any(w not in _FUNCTIONS.split("|") + ["pi", "mod", "det"] for w in words)  # "or" too: a hedge
 
 
-def _top_commas(s: str) -> int | None:
-    """Commas outside brackets; None when the brackets do not balance (any kind closes any: [1,3) balances)."""
-    depth = commas = 0
-    for c in s:
-        depth += (c in "([{") - (c in ")]}")
-        commas += c == "," and depth == 0
-        if depth < 0:
-            return None
-    return None if depth else commas
+def _items(s: str) -> list[str] | None:
+    """s parted at its commas outside brackets; None when they do not balance (any kind closes any: [1,3) does)."""
+    depths = list(itertools.accumulate((c in "([{") - (c in ")]}") for c in s))
+    if depths and (min(depths) < 0 or depths[-1]):
+        return None
+    cuts = [i for i, (c, depth) in enumerate(zip(s, depths)) if c == "," and depth == 0]
+    return [s[start + 1:end] for start, end in zip([-1] + cuts, cuts + [len(s)])]
 
 
 def _shape(s: str) -> str | None:
     """"set" for \\{..\\}, {1, 2}, \\emptyset, a bare list (x = 1, y = 2); "seq" for (1, 2), [1, 3); else None."""
     s = _SPACING.sub("", s)
     t = s[1:] if s.startswith("\\{") else s
-    if t[:1] in "([{" and t[-1:] in ")]}" and (n := _top_commas(t[1:-1])) is not None:  # one bracket around all
-        return "set" if t != s or t[0] == "{" and n else "seq" if n and t[0] != "{" else None
-    return "set" if _top_commas(s) or s in ("\\emptyset", "\\varnothing") else None
+    if t[:1] in "([{" and t[-1:] in ")]}" and (items := _items(t[1:-1])) is not None:  # one bracket around all
+        return "set" if t != s or t[0] == "{" and len(items) > 1 else "seq" if len(items) > 1 and t[0] != "{" else None
+    return "set" if len(_items(s) or "") > 1 or s in ("\\emptyset", "\\varnothing") else None
 
 
 def _number(s: str) -> tuple[Fraction, bool] | None:
@@ -337,14 +364,57 @@ def _number(s: str) -> tuple[Fraction, bool] | None:
     return -value if m[1] else value, "." not in m[0]
 
 
+def _labelled(s: str) -> tuple[list[str], list[str]] | None:
+    """(names, values) when each item names its value ("x = 4.5", "Q(-1, 4)", "AB = 4, CD = 5"), else None."""
+    names, values = [], []
+    for item in _items(s) or []:
+        named = _NAMED.match(item) or _POINT.match(item)
+        value = item[named.end():].strip() if named else ""
+        if not value or re.search(_RELATION, value) or named.re is _POINT and _shape(value) != "seq":
+            return None
+        names, values = names + [named[1]], values + [value]
+    return (names, values) if names else None
+
+
+def _unlabelled(x: str, y: str) -> tuple[str, str] | None:
+    """Answer x and gold y without the names before their values; None when each names one by another name (P(-1, 4)
+    is not Q(-1, 4), y = 5 not x = 5). A name the other side lacks is no part of the value; several values keep their
+    order ("AB = 4, CD = 5" is "4, 5"). Against an equation, a relation or another list of names, both stay."""
+    nx, ny = _labelled(x), _labelled(y)
+    if nx and ny and len(nx[0]) == len(ny[0]) == 1:
+        return (nx[1][0], ny[1][0]) if len({re.sub(r"[\s{}]", "", named[0][0]) for named in (nx, ny)}) == 1 else None
+    if bool(nx) == bool(ny) or re.search(_RELATION, other := y if nx else x):
+        return x, y
+    names, values = nx or ny
+    if (in_order := len(set(names)) > 1) and len(_items(other) or []) != len(values):  # as tuples, against as many
+        return x, y
+    value, other = (f"({', '.join(values)})", f"({other})") if in_order else (", ".join(values), other)
+    return (value, other) if nx else (other, value)
+
+
+# A yes or no opening an answer (after "So," at most), alone or before its reason (not "No solution", "yes/no"); then
+# the opposite that a word after makes no answer ("there is no gap", "a false premise") unless it starts afresh
+_OPENS = re.compile(r"[\s*_\"'`(\[]*(?:(?:so|therefore|thus|hence|then|finally|in\s+conclusion)\W+)?(yes|no|true|false)"
+                    r"(?=\s*(?:[,.;:!)\]—–*]|-\s|$)|\s+(?:because|since|it|they|the|this|that|there|both|we)\b)", re.I)
+_AFRESH = r"(?:wait|it|i|we|this|that|they|the|because|since|as|so|but|and|or)\b"
+_OPPOSITE = {word: re.compile(rf"\b{opposite}\b(?![-/'])(?!\s+(?!{_AFRESH})[a-z])", re.I)
+             for word, opposite in (("yes", "no"), ("no", "yes"), ("true", "false"), ("false", "true"))}
+
+
 def _equal(answer: str, gold: str, precision: int | None, deadline: float | None) -> bool:
-    """Text ("Square." is "a square"), and prose only as text; then a bare number's one comma is a decimal comma
-    unless the other side is a list (6,8 is 6.8 against 6.8, a list against 6 and 8), and the exact and the
-    approximate members of each side ("x = 1/3 \\approx 0.33") are compared by _same."""
+    """A yes or no gold: the answer opens with it, no opposite after ("Yes, because ..."; not "No. Yes, it is"). Text
+    ("Square." is "a square"); names as _unlabelled reads them; prose only as text; a bare number's one comma is a
+    decimal comma unless the other side is a list (6,8 against 6 and 8); then exact and approximate members by _same."""
+    if (word := _clean(gold).lower()) in _OPPOSITE:
+        opening = _OPENS.match(answer)
+        return bool(opening) and opening[1].lower() == word and not _OPPOSITE[word].search(answer, opening.end())
     plain = [re.sub(r"^(?:a|an|the)\s+", "", " ".join(_clean(t).lower().split())) for t in (answer, gold)]
     x, y = _latex(answer), _latex(gold)
-    if plain[0] == plain[1] or _prose(answer) or _prose(gold) or max(len(x), len(y)) > MAX_RAW_CHARS:
+    if plain[0] == plain[1] or max(len(x), len(y)) > MAX_RAW_CHARS or (pair := _unlabelled(x, y)) is None:
         return plain[0] == plain[1]
+    x, y = pair
+    if x == y or _prose(x) or _prose(y):
+        return x == y
     x, y = [re.sub(r"(?<![\d.])(\d+),(\d+)(?![\d.])", r"\1.\2", s) if s.count(",") == 1 and _shape(other) != "set"
             and not re.search(r"[(\[]|\\\{", s) else s for s, other in ((x, y), (y, x))]
     members = [dict.fromkeys(m.strip() for m in (s.split("\\approx")[0], s.split("\\approx")[-1])) for s in (x, y)]
@@ -353,9 +423,8 @@ def _equal(answer: str, gold: str, precision: int | None, deadline: float | None
 
 def _same(x: str, y: str, precision: int | None, deadline: float | None) -> bool:
     """Answer x against gold y (LaTeX). Numbers by value: exact when both are written exactly (1000001 is not
-    1000000), within REL_TOL when a decimal is involved, rounded to a stated precision. A set is not a tuple
-    and neither is a number; an equation gold is matched only by an equation. The rest by math-verify (unless
-    deadline is None), which may read an inequality as the gold's interval when the gold is written as one."""
+    1000000), within REL_TOL with a decimal, rounded to a stated precision. A set is not a tuple, nor a number; an
+    equation gold is matched only by an equation. The rest by math-verify (unless deadline is None)."""
     (nx, ny), (sx, sy) = (_number(x), _number(y)), (_shape(x), _shape(y))
     if nx and ny:
         (u, exact_u), (v, exact_v) = nx, ny
@@ -372,10 +441,9 @@ def _same(x: str, y: str, precision: int | None, deadline: float | None) -> bool
 
 # ---------------------------------------------------------------- math-verify, in a forked worker with a time bound
 # math-verify can run for minutes (9^{9^{9}} is computed exactly; simplify() has no bound) and its own bound,
-# SIGALRM, works on a main thread only. So a process asks a worker it forks (os.fork: a daemonic multiprocessing
-# worker may too; the child runs math-verify only, safe beside torch threads or CUDA), one question at a time.
-# One that overruns is killed and the next question forks a new one in milliseconds. A worker ends with its
-# process: at exit, on shutdown(), or at EOF on its pipe (os._exit, SIGKILL).
+# SIGALRM, works on a main thread only. So a process asks a worker it forks (os.fork, as a daemonic multiprocessing
+# worker may; the child runs math-verify only, safe beside torch or CUDA), one question at a time. One that overruns
+# is killed; the next question forks a new one. A worker ends at exit, on shutdown(), or at EOF on its pipe.
 
 _lock = threading.Lock()  # one question at a time
 _worker: tuple[int, Connection] | None = None  # (pid, pipe) of this process's worker
@@ -431,11 +499,9 @@ def shutdown() -> None:
     if _worker is not None:
         (pid, conn), _worker = _worker, None
         conn.close()
-        try:
+        with contextlib.suppress(OSError):  # gone already
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        except OSError:  # gone already
-            pass
 
 
 @functools.lru_cache(maxsize=1024)  # a group's gold is parsed once in the worker, whatever its G answers
@@ -446,8 +512,7 @@ def _parse(latex: str) -> list:
 
 
 def _answer(gold: str, answer: str, set_relation: bool) -> bool:
-    """math-verify's verify(parse(gold), parse(answer)), or the two equal once evaluated (its parse leaves
-    \\sqrt{x}\\sqrt{x} a product that its simplify does not make x); False on any error."""
+    """math-verify's verify(parse(gold), parse(answer)), or the two equal evaluated (\\sqrt{x}\\sqrt{x}); else False."""
     try:
         x, y = _parse(gold), _parse(answer)
         return math_verify.verify(x, y, allow_set_relation_comp=set_relation, timeout_seconds=None) or bool(

@@ -8,7 +8,8 @@ rewards.accuracy_reward one group at a time, as train.py scores them. "mean" is 
 all completions, divided by their number (the first call forks math-verify's worker, and is included);
 "worst" is the slowest single answers.judge call on a gold already read. With --math_verify_repo (a
 checkout of github.com/huggingface/Math-Verify) it also reports how many of that library's own test
-cases verify judges as their labels say, and how many math-verify alone does.
+cases verify judges as their labels say, and how many math-verify alone does. It always reports verify's
+accuracy on tests/test_answers.py's forms of vision-language models' answers (VLM_FORMS).
 """
 
 import argparse
@@ -89,18 +90,35 @@ def timing(groups) -> dict:
             "worst_ms": 1000 * max(single), "to_math_verify": len(asked), "timeouts": answers.timeouts()}
 
 
+def alone(gold: str, pred: str) -> bool:
+    """math-verify's verdict by itself, as its README calls it."""
+    import math_verify
+
+    return bool(math_verify.verify(math_verify.parse(gold), math_verify.parse(pred)))
+
+
+def vision_language_forms() -> None:
+    """tests/test_answers.py's VLM_FORMS (Unicode, names, a yes or no with its reason, units, currencies), judged by
+    verify, each form apart, and by math-verify alone; and verify's mean time a case (its gold read each time)."""
+    from tests.test_answers import VLM_FORMS
+
+    start = time.perf_counter()
+    verdicts = [answers.verify(p, g, q) is e for _, p, g, q, e in VLM_FORMS]
+    seconds = time.perf_counter() - start
+    forms = {form: [v for (f, *_), v in zip(VLM_FORMS, verdicts) if f == form] for form, *_ in VLM_FORMS}
+    theirs = sum(alone(g, p) is e for _, p, g, q, e in VLM_FORMS)
+    print(f"vision-language forms ({len(VLM_FORMS)}): verify {sum(verdicts) / len(verdicts):.2f} ("
+          + ", ".join(f"{form} {sum(v)}/{len(v)}" for form, v in forms.items())
+          + f"; {1000 * seconds / len(VLM_FORMS):.1f} ms a case), math-verify alone {theirs / len(VLM_FORMS):.2f}")
+
+
 def held_out(repo: str) -> None:
     """tests/test_answers.py's multiple-choice cases, and Math-Verify's own test cases (tests/test_all.py:
     core; test_numina_cases.py, test_open_thoughts.py: hard), judged by verify and by math-verify alone."""
     import importlib.util
     import sys
 
-    import math_verify
-
     from tests.test_answers import CHOICE, test_free_text_multiple_choice
-
-    def alone(gold, pred):
-        return bool(math_verify.verify(math_verify.parse(gold), math_verify.parse(pred)))
 
     choice = CHOICE + list(test_free_text_multiple_choice.pytestmark[0].args[1])  # its parametrize table
     ours = sum(answers.verify(p, g, q) is e for p, g, q, e in choice)
@@ -119,8 +137,8 @@ def held_out(repo: str) -> None:
                         cases += [dict(zip(keys, getattr(v, "values", v))) for v in mark.args[1]]
         ours = sum(answers.verify(c["pred"], c["gold"]) == bool(c["expected"]) for c in cases)
         theirs = sum(alone(c["gold"], c["pred"]) == bool(c["expected"]) for c in cases)
-        print(f"math-verify's {name} cases ({len(cases)}): verify {ours / len(cases):.2f}, math-verify alone "
-              f"{theirs / len(cases):.2f}")
+        print(f"math-verify's {name} cases ({len(cases)}): verify {ours / len(cases):.2f} ({ours}), math-verify "
+              f"alone {theirs / len(cases):.2f}")
 
 
 def main():
@@ -134,6 +152,7 @@ def main():
         print(f"{name}: {r['completions']} completions, {r['right']} right; accuracy reward {r['mean_ms']:.2f} ms mean, "
               f"judge {r['median_ms']:.2f} ms median, {r['worst_ms']:.1f} ms worst; {r['to_math_verify']} "
               f"comparisons asked math-verify, {r['timeouts']} timeouts")
+    vision_language_forms()
     if args.math_verify_repo:
         held_out(args.math_verify_repo)
     answers.shutdown()

@@ -302,6 +302,8 @@ FINAL_ANSWERS = [  # text -> (answer, how it was found)
     ("Therefore, $x = \\frac{9}{2}$.", ("\\frac{9}{2}", "last sentence")),
     ("The result is 6 which is even.", ("6", "last sentence")),
     ("It is (B) because the angle is 40°.", ("(B)", "last sentence")),
+    ("The number is not 10, which is 1,000.99€.", ("1,000.99€", "last sentence")),  # before "which": nothing
+    ("No, it's not 10, it's 12.", ("12", "last sentence")),
     ("The shape is a square.", ("a square", "last sentence")),
     ("There are 6 apples.", ("6 apples", "last sentence")),
     ("We count again.\n7", ("7", "last sentence")),
@@ -503,6 +505,238 @@ def test_value_kind():
     assert [answers.value_kind(a) for a in ("12", "-3", "4.5", "1,000", "40°", "6 apples")] == ["number"] * 6
     assert [answers.value_kind(a) for a in ("9/2", "\\frac{1}{2}", "2x", "\\pi")] == ["expression"] * 4
     assert [answers.value_kind(a) for a in ("a circle", "(1, 2)", "x > 2", "")] == [None] * 4
+
+# ---------------------------------------------------------------- what vision-language models write
+
+# (form, completion, gold, question, expected), each verdict decided by hand: forms Qwen2-VL and its kind write, each
+# right answer beside a wrong one of the same shape. docs/GUIDE.md gives verify's accuracy on them.
+YES_NO = "Are the two triangles similar?\nA. Yes\nB. No"
+VLM_FORMS = [
+    # Unicode mathematics
+    ("unicode", "<answer>3√2</answer>", "3\\sqrt{2}", None, True),
+    ("unicode", "<answer>3√2</answer>", "2\\sqrt{3}", None, False),
+    ("unicode", "<answer>√5/5</answer>", "\\frac{\\sqrt{5}}{5}", None, True),
+    ("unicode", "<answer>√5/2</answer>", "\\frac{\\sqrt{5}}{5}", None, False),
+    ("unicode", "<answer>2√(3)</answer>", "2\\sqrt{3}", None, True),
+    ("unicode", "<answer>2√(3) + 1</answer>", "2\\sqrt{3}", None, False),
+    ("unicode", "<answer>√(x+1)</answer>", "\\sqrt{x+1}", None, True),
+    ("unicode", "<answer>√x+1</answer>", "\\sqrt{x+1}", None, False),  # the root of x, plus 1
+    ("unicode", "<answer>∛27</answer>", "3", None, True),
+    ("unicode", "<answer>∛9</answer>", "3", None, False),
+    ("unicode", "<answer>x² + 2x + 1</answer>", "(x+1)^2", None, True),
+    ("unicode", "<answer>x² + 2x - 1</answer>", "(x+1)^2", None, False),
+    ("unicode", "<answer>10⁻³</answer>", "0.001", None, True),
+    ("unicode", "<answer>10³</answer>", "0.001", None, False),
+    ("unicode", "<answer>2·3</answer>", "6", None, True),
+    ("unicode", "<answer>2·4</answer>", "6", None, False),
+    ("unicode", "<answer>4 × 5</answer>", "20", None, True),
+    ("unicode", "<answer>4 × 6</answer>", "20", None, False),
+    ("unicode", "<answer>12 ÷ 4</answer>", "3", None, True),
+    ("unicode", "<answer>12 ÷ 3</answer>", "3", None, False),
+    ("unicode", "<answer>(−2, 5)</answer>", "(-2, 5)", None, True),
+    ("unicode", "<answer>(−2, −5)</answer>", "(-2, 5)", None, False),
+    ("unicode", "<answer>x ≤ 3</answer>", "x \\leq 3", None, True),
+    ("unicode", "<answer>x ≥ 3</answer>", "x \\leq 3", None, False),
+    ("unicode", "<answer>x ≠ 2</answer>", "x \\neq 2", None, True),
+    ("unicode", "<answer>x ≠ 3</answer>", "x \\neq 2", None, False),
+    ("unicode", "<answer>½</answer>", "\\frac{1}{2}", None, True),
+    ("unicode", "<answer>⅓</answer>", "\\frac{1}{2}", None, False),
+    ("unicode", "<answer>2¾</answer>", "\\frac{11}{4}", None, True),
+    ("unicode", "<answer>2¼</answer>", "\\frac{11}{4}", None, False),
+    ("unicode", "<answer>π/3</answer>", "\\frac{\\pi}{3}", None, True),
+    ("unicode", "<answer>π/6</answer>", "\\frac{\\pi}{3}", None, False),
+    ("unicode", "<answer>30º</answer>", "30^\\circ", None, True),  # an ordinal sign for the degree sign
+    ("unicode", "<answer>35º</answer>", "30^\\circ", None, False),
+    ("unicode", "<answer>(√3, 1)</answer>", "(\\sqrt{3}, 1)", None, True),
+    ("unicode", "<answer>(1, √3)</answer>", "(\\sqrt{3}, 1)", None, False),
+    ("unicode", "So the length of AB is 2√3.", "2\\sqrt{3}", None, True),
+    ("unicode", "So the length of AB is 3√2.", "2\\sqrt{3}", None, False),
+    # a name before the value
+    ("label", "<answer>Q(-1, 4)</answer>", "(-1, 4)", None, True),
+    ("label", "<answer>Q(1, -4)</answer>", "(-1, 4)", None, False),
+    ("label", "<answer>(2, 3)</answer>", "P(2, 3)", None, True),
+    ("label", "<answer>Q(2, 3)</answer>", "P(2, 3)", None, False),  # the gold names P
+    ("label", "<answer>Point B(0, −2)</answer>", "(0,-2)", None, True),
+    ("label", "<answer>Point B(−2, 0)</answer>", "(0,-2)", None, False),
+    ("label", "<answer>A'(3, −1)</answer>", "(3,-1)", None, True),
+    ("label", "<answer>A'(−1, 3)</answer>", "(3,-1)", None, False),
+    ("label", "<answer>∠ABC = 40°</answer>", "40", None, True),
+    ("label", "<answer>∠ABC = 50°</answer>", "40", None, False),
+    ("label", "<answer>BC = 2√5</answer>", "2\\sqrt{5}", None, True),
+    ("label", "<answer>BC = 5√2</answer>", "2\\sqrt{5}", None, False),
+    ("label", "<answer>x₁ = 2</answer>", "x_1 = 2", None, True),
+    ("label", "<answer>x₂ = 2</answer>", "x_1 = 2", None, False),
+    ("label", "<answer>4, 5</answer>", "AB = 4, CD = 5", None, True),
+    ("label", "<answer>5, 4</answer>", "AB = 4, CD = 5", None, False),  # in the gold's order
+    ("label", "<answer>y = 3, x = 5</answer>", "x = 5, y = 3", None, True),
+    ("label", "<answer>x = 3, y = 5</answer>", "x = 5, y = 3", None, False),
+    ("label", "<answer>y = 2x + 1</answer>", "2x - y + 1 = 0", None, True),
+    ("label", "<answer>y = 2x - 1</answer>", "2x - y + 1 = 0", None, False),
+    ("label", "<answer>f(x) = x² − 1</answer>", "x^2 - 1", None, True),
+    ("label", "<answer>f(x) = x² + 1</answer>", "x^2 - 1", None, False),
+    ("label", "The coordinates of point Q are Q(−1, 4).", "(-1, 4)", None, True),
+    ("label", "The coordinates of point Q are Q(4, −1).", "(-1, 4)", None, False),
+    # a yes or no with its reason
+    ("yes/no", "<answer>Yes, because both pairs of opposite sides are parallel.</answer>", "Yes", None, True),
+    ("yes/no", "<answer>No, because the opposite sides are not parallel.</answer>", "Yes", None, False),
+    ("yes/no", "Yes, because both pairs of opposite sides are parallel.", "Yes", None, True),
+    ("yes/no", "Yes and no.", "Yes", None, False),
+    ("yes/no", "<answer>No. The two angles are not equal.</answer>", "No", None, True),
+    ("yes/no", "<answer>No. Yes, it is.</answer>", "No", None, False),
+    ("yes/no", "<answer>True, since 3² + 4² = 5².</answer>", "True", None, True),
+    ("yes/no", "<answer>True. Actually, false.</answer>", "True", None, False),
+    ("yes/no", "**Yes**, the triangles are congruent by SAS.", "yes", None, True),
+    ("yes/no", "**No**, the triangles are not congruent.", "yes", None, False),
+    ("yes/no", "The two lines never meet, so yes.", "Yes", None, True),
+    ("yes/no", "The two lines meet at C, so no.", "Yes", None, False),
+    ("yes/no", "<answer>Yes, there is no gap between the bars.</answer>", "Yes", None, True),
+    ("yes/no", "<answer>Yes, no wait, no.</answer>", "Yes", None, False),
+    ("yes/no", "Yes, they are similar by AA.", "A", YES_NO, True),
+    ("yes/no", "No, they are not similar.", "A", YES_NO, False),
+    ("yes/no", "<answer>no.</answer>", "No", None, True),
+    ("yes/no", "<answer>No solution</answer>", "No", None, False),
+    # units and words after a value that is an expression
+    ("units", "<answer>8π m²</answer>", "8\\pi", None, True),
+    ("units", "<answer>8π m²</answer>", "4\\pi", None, False),
+    ("units", "<answer>16√3 cm²</answer>", "16\\sqrt{3}", None, True),
+    ("units", "<answer>16√2 cm²</answer>", "16\\sqrt{3}", None, False),
+    ("units", "<answer>π cm</answer>", "\\pi", None, True),
+    ("units", "<answer>2π cm</answer>", "\\pi", None, False),
+    ("units", "<answer>\\frac{25\\pi}{2} square units</answer>", "\\frac{25\\pi}{2}", None, True),
+    ("units", "<answer>\\frac{25\\pi}{4} square units</answer>", "\\frac{25\\pi}{2}", None, False),
+    ("units", "<answer>36π cm³</answer>", "36\\pi", None, True),
+    ("units", "<answer>12π cm³</answer>", "36\\pi", None, False),
+    ("units", "The rope is 4.5 m long, so the answer is 4.5 m.", "4.5", None, True),
+    ("units", "So the answer is 5.4 m.", "4.5", None, False),
+    # currency and decimal commas
+    ("currency", "<answer>1,250 €</answer>", "1250", None, True),
+    ("currency", "<answer>1,250 €</answer>", "125", None, False),
+    ("currency", "The total cost is 12,50 €.", "12.5", None, True),
+    ("currency", "The total cost is 12,05 €.", "12.5", None, False),
+    ("currency", "The price is £3,200.", "3200", None, True),
+    ("currency", "The price is £3,020.", "3200", None, False),
+    ("currency", "The length of the side is 2,5 cm.", "2.5", None, True),
+    ("currency", "The length of the side is 25 cm.", "2.5", None, False),
+    ("currency", "<answer>$1,000.50</answer>", "1000.5", None, True),
+    ("currency", "<answer>$1,000.05</answer>", "1000.5", None, False),
+]
+
+
+@pytest.mark.parametrize("form, prediction, gold, question, expected", VLM_FORMS)
+def test_verify_what_vision_language_models_write(form, prediction, gold, question, expected):
+    assert verify(prediction, gold, question) is expected
+
+
+def test_root_signs_with_any_radicand():
+    """√ before a number, a letter, a command, a bracketed group (nested too), with ∛ and ∜: the radicand as
+    written by hand; a root in braces already is left alone."""
+    for text, latex in [("3√2", "3\\sqrt{2}"), ("√12.5", "\\sqrt{12.5}"), ("√ x", "\\sqrt{x}"), ("√π", "\\sqrt{\\pi}"),
+                        ("√x²+1", "\\sqrt{x^{2}}+1"), ("√(x+1)/2", "\\sqrt{x+1}/2"), ("√((x+1)/2)", "\\sqrt{(x+1)/2}"),
+                        ("√(1+√2)", "\\sqrt{1+\\sqrt{2}}"), ("∛8", "\\sqrt[3]{8}"), ("∜(x)", "\\sqrt[4]{x}"),
+                        ("sqrt(2)", "\\sqrt{2}"), ("\\sqrt{3}", "\\sqrt{3}")]:
+        assert answers._latex(text) == latex, text
+    half = "\\sqrt{\\frac{x+1}{2}}"
+    assert verify("√((x+1)/2)", half) is True and verify("√(x+1)/2", half) is False
+
+
+def test_all_superscripts_subscripts_and_vulgar_fractions():
+    """Every superscript digit and sign, every subscript digit, every vulgar fraction Unicode has (its value from
+    unicodedata.numeric, an independent table), and a whole number before one (2½ = 5/2)."""
+    import unicodedata
+    from fractions import Fraction
+
+    for digit, sup in enumerate("⁰¹²³⁴⁵⁶⁷⁸⁹"):
+        assert verify(f"2{sup}", str(2 ** digit)) is True and verify(f"2{sup}", str(2 ** digit + 1)) is False
+        assert verify(f"3⁻{sup}", f"3^{{-{digit}}}") is True and verify(f"x⁽{sup}⁾", f"x^{{({digit})}}") is True
+    for digit, sub in enumerate("₀₁₂₃₄₅₆₇₈₉"):
+        assert verify(f"x{sub} = 7", f"x_{digit} = 7") is True and verify(f"x{sub} = 7", f"x_{digit + 1} = 7") is False
+    vulgar = "¼½¾⅐⅑⅒⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞"
+    for c in vulgar:
+        value = Fraction(unicodedata.numeric(c)).limit_denominator(10)
+        assert verify(c, f"{value.numerator}/{value.denominator}") is True
+        assert verify(f"2{c}", f"{2 * value.denominator + value.numerator}/{value.denominator}") is True
+        assert verify(c, f"{value.numerator + 1}/{value.denominator}") is False
+    assert verify("x²+y²", "y^2+x^2") is True and verify("x²+y³", "y^2+x^3") is False
+
+
+def test_signs_of_operations_relations_and_full_width_forms():
+    """Each sign read as the LaTeX written here by hand, before math-verify sees it (it reads some by itself)."""
+    for text, latex in [("2·3", "2 \\cdot 3"), ("4×5", "4 \\times 5"), ("12÷4", "12 \\div 4"), ("−7", "-7"),
+                        ("x≤3", "x \\leq 3"), ("x≥3", "x \\geq 3"), ("x≠2", "x \\neq 2"), ("x≈3", "x \\approx 3"),
+                        ("1±2", "1 \\pm 2"), ("8π", "8\\pi"), ("2θ", "2\\theta"), ("(-∞, 2]", "(-\\infty, 2]"),
+                        ("30º", "30^\\circ"), ("（１，２）", "(1,2)")]:
+        assert "".join(answers._latex(text).split()) == "".join(latex.split()), text  # spacing aside
+    for prediction, gold in [("2·3", "6"), ("2⋅3", "6"), ("4×5", "20"), ("12÷4", "3"), ("−7", "-7"),
+                             ("x≤3", "x \\leq 3"), ("x⩾3", "x \\geq 3"), ("x≠2", "x \\neq 2"),
+                             ("1±√2", "1 \\pm \\sqrt{2}"), ("2πr", "2\\pi r"), ("θ = 30º", "30"),
+                             ("(-∞, 2]", "(-\\infty, 2]"), ("（１，２）", "(1, 2)"), ("x ≈ 3.14", "3.14")]:
+        assert verify(prediction, gold) is True, prediction
+    for prediction, gold in [("2·3", "5"), ("12÷4", "4"), ("−7", "7"), ("x≤3", "x \\geq 3"), ("x≠2", "x \\neq 3")]:
+        assert verify(prediction, gold) is False, prediction
+
+
+def test_a_name_before_a_value_is_no_part_of_it():
+    """A point's name before its coordinates, a name and "=" before a value, where the gold names none; and a
+    list of named values against a list of values, in order. Neither reading may make a right answer wrong."""
+    for prediction, gold in [("Q(-1, 4)", "(-1, 4)"), ("Point B(0, 2)", "(0, 2)"), ("P_1(2, 3)", "(2, 3)"),
+                             ("AB = 5", "5"), ("∠ABC = 40°", "40"), ("m∠A = 30°", "30"), ("f(x) = x^2", "x^2"),
+                             ("A(1, 2), B(3, 4)", "(1, 2), (3, 4)"), ("4, 5", "AB = 4, CD = 5"),
+                             ("3, 2", "x = 2, x = 3")]:
+        assert verify(prediction, gold) is True and verify(gold, prediction) is True, prediction
+    for prediction, gold in [("Q(1, -4)", "(-1, 4)"), ("AB = 6", "5"), ("5, 4", "AB = 4, CD = 5"),
+                             ("f(2, 3)", "(2, 3)")]:
+        assert verify(prediction, gold) is False, prediction
+    # what stays as it was: lists of named values, equations, a chain
+    assert verify("y = 3, x = 5", "x = 5, y = 3") is True and verify("x = 3, y = 5", "x = 5, y = 3") is False
+    assert verify("y = -x/2 + 3/4", "2x + 4y - 3 = 0") is True and verify("5", "x + y = 5") is False
+    assert verify("x = 5 + 5 + 1 = 11", "11") is True
+
+
+def test_two_names_must_agree():
+    """Where both sides name their value, the names are compared too (spacing and braces aside)."""
+    for prediction, gold, expected in [("P(-1, 4)", "Q(-1, 4)", False), ("Q(-1, 4)", "Q(-1, 4)", True),
+                                       ("y = 5", "x = 5", False), ("x=5", "x = 5", True), ("x₁ = 2", "x_{1} = 2", True),
+                                       ("x₂ = 2", "x_1 = 2", False), ("CD = 4", "AB = 4", False),
+                                       ("A:B = 1", "1", True)]:
+        assert verify(prediction, gold) is expected, prediction
+
+
+def test_a_ratio_is_not_an_option():
+    assert answers.as_letter("A:B = 2:3") is None and answers.as_letter("B: 40°") == "B"
+
+
+def test_a_yes_or_no_with_its_reason():
+    """A yes or no gold (true or false too) is matched by an answer that opens with the same word and then only
+    explains, tagged or free; not by one that says the opposite too, nor by a word that only begins like one."""
+    for prediction in ["Yes", "yes.", "Yes, because both pairs of opposite sides are parallel.", "**Yes**, they are.",
+                       "<answer>Yes because AB ∥ CD</answer>", "Yes, there is no gap.", "So, yes, they are parallel.",
+                       "The two lines never meet, so yes.", "They never meet. Yes.", "The answer is yes."]:
+        assert verify(prediction, "Yes") is True and verify(prediction, "No") is False, prediction
+    for prediction in ["No. Yes, it is.", "Yes and no", "Yes or no", "Yes/no", "Yes, no wait, no.", "No solution",
+                       "Nothing", "Not sure, yes", "yesterday"]:
+        assert verify(prediction, "Yes") is False and verify(prediction, "No") is False, prediction
+    assert verify("True, since 3² + 4² = 5².", "True") is True and verify("True. Actually, false.", "True") is False
+    assert verify("Yes, they are similar.", "A", "Similar?\nA. Yes\nB. No") is True
+    assert verify("No, it is 5.", "5") is True  # a number gold: the yes or no is not the answer
+    gold = answers.read_gold("Yes")  # as eval.py reports it: the answer judged
+    text = "Yes, because AB ∥ CD."
+    assert gold.yes_no and answers.final_answer(text, gold.yes_no) == (text, "yes or no")
+
+
+def test_units_and_words_after_an_expression():
+    for prediction, gold in [("8π m²", "8\\pi"), ("16√3 cm²", "16\\sqrt{3}"), ("π cm", "\\pi"), ("36π cm³", "36\\pi"),
+                             ("\\frac{25\\pi}{2} square units", "\\frac{25\\pi}{2}"), ("2\\sqrt{2} m^2", "2\\sqrt{2}"),
+                             ("5√2 units", "5\\sqrt{2}"), ("(x+1) cm", "x+1")]:
+        assert verify(prediction, gold) is True and verify(prediction, f"2 \\cdot ({gold})") is False, prediction
+    assert verify("4\\pi r", "4\\pi") is False and verify("2\\sqrt{2} x", "2\\sqrt{2}") is False  # a variable: no unit
+
+
+def test_a_currency_before_or_after_a_number():
+    for prediction, gold, expected in [("1,250 €", "1250", True), ("€1,250", "1250", True), ("£3,200", "3200", True),
+                                       ("12,50 €", "12.5", True), ("12,05 €", "12.5", False), ("1,250 €", "125", False),
+                                       ("¥500", "500", True), ("₹ 75", "75", True)]:
+        assert verify(prediction, gold) is expected, prediction
+
 
 # ---------------------------------------------------------------- gold answers
 
