@@ -165,26 +165,8 @@ def load_reference(args, policy, ds_config: dict, dtype, total_steps: int):
     LoRA run the policy itself with its adapters switched off, since LoRA never changes the weights
     under them: no second copy is held."""
     if families.has_adapters(policy.module):
-        return WithoutAdapters(policy)
+        return families.WithoutAdapters(policy)
     return load_engine(args, ds_config, dtype, total_steps, train=False)
-
-
-class WithoutAdapters:
-    """A LoRA policy's engine run with its adapters off, in eval mode as the frozen reference runs:
-    the starting model. `module` is the policy's, so families.unwrap finds its transformers model.
-    Under ZeRO-3 the adapters' weights are simply not gathered while they are off."""
-
-    def __init__(self, engine):
-        self.engine, self.module = engine, engine.module
-
-    def __call__(self, *args, **kwargs):
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with self.module.disable_adapter():
-                return self.engine(*args, **kwargs)
-        finally:
-            self.module.train(was_training)
 
 
 def parameter_counts(engine) -> tuple[int, int]:

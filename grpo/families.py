@@ -7,7 +7,9 @@ Qwen3-VL, LLaVA-OneVision, Idefics3, SmolVLM, Gemma 3 and Aria, in one table (`F
 - the tokens sampling must never emit ([sampled placeholders]);
 - the positions of left-padded prompts, counted over real tokens (Qwen's 3-D mRoPE included:
   [padding positions]);
-- the masked-out blank picture that keeps every rank's vision tower running ([text-only rank]).
+- the masked-out blank picture that keeps every rank's vision tower running ([text-only rank]);
+- LoRA through PEFT: where the adapters go, and the reference as the policy with them off
+  (`WithoutAdapters`).
 A new family is an entry in the table; the loop and the policy never branch on it. The names in
 brackets are traps, described in docs/TRAPS.md.
 """
@@ -234,6 +236,24 @@ def add_lora(model, targets: list[str], r: int, alpha: int, dropout: float, seed
     if name and os.path.isdir(name):
         wrapped.peft_config["default"].base_model_name_or_path = os.path.abspath(name)
     return wrapped
+
+
+class WithoutAdapters:
+    """A LoRA policy's engine run with its adapters off, in eval mode as the frozen reference runs:
+    the starting model. `module` is the policy's, so families.unwrap finds its transformers model.
+    Under ZeRO-3 the adapters' weights are simply not gathered while they are off."""
+
+    def __init__(self, engine):
+        self.engine, self.module = engine, engine.module
+
+    def __call__(self, *args, **kwargs):
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with self.module.disable_adapter():
+                return self.engine(*args, **kwargs)
+        finally:
+            self.module.train(was_training)
 
 
 def has_adapters(model) -> bool:

@@ -89,7 +89,7 @@ def test_reference_is_the_base_model_and_the_shared_prompt_runs_the_adapters(tin
     mask[1, 4:] = 0
     with torch.no_grad():
         base_logps = policy.completion_logps(base.eval(), inputs, ids, mask, 0.9, G, share_prompt=False)
-        reference = policy.completion_logps(distributed.WithoutAdapters(_Engine(lora)), inputs, ids, mask, 0.9, G,
+        reference = policy.completion_logps(families.WithoutAdapters(_Engine(lora)), inputs, ids, mask, 0.9, G,
                                             share_prompt=True)
     assert lora.training
     torch.testing.assert_close(reference * mask, base_logps * mask, atol=1e-5, rtol=0)
