@@ -15,7 +15,8 @@ DeepSpeed, the plain repeated-prompt forward), and writes what it found as JSON:
   "seeds"      (c) both ranks seeded with the same --seed and given the same prompt must sample
                different completions; re-seeding reproduces a rank's own completions.
   "gathers"    (d) under ZeRO-3 one sampling call gathers the weights once.
-  "nonfinite"  (e) a NaN loss in the first of a rank's two micro-batches skips the whole step.
+  "nonfinite"  (e) a NaN loss in the first of a rank's two micro-batches skips the whole step; a
+               finite step's non-finite check is one all-reduce.
 Steps 5 and 6 are train.learn_from itself, the function main calls.
 """
 
@@ -302,7 +303,9 @@ def check_old_logps(model_dir, processor, rank, world_size, device, lr: float) -
 def check_nonfinite_first_micro_batch(model_dir, processor, rank, world_size, device, stage: int) -> dict:
     """Rank 1's first micro-batch (of 2) has NaN advantages, so its loss is NaN; its second micro-batch
     and all of rank 0's are finite. The step must be skipped on both ranks with no weight moved, not
-    trained on the finite micro-batches that followed."""
+    trained on the finite micro-batches that followed. Then a finite step on the same engine: it moves
+    the weights (the skip left no NaN behind), and the loop's own all-reduces in its two micro-steps
+    (train.update's, outside DeepSpeed's backward and step) are counted."""
     micro_batches = step_data(processor, seed=3000)
     micro_batches[GAS]["advantages"] = torch.full_like(micro_batches[GAS]["advantages"], float("nan"))  # rank 1's first
     args = config.parse_args(cli_args("grpo", 1, 0.0, model_dir))
@@ -311,8 +314,45 @@ def check_nonfinite_first_micro_batch(model_dir, processor, rank, world_size, de
     rollout = rank_rollout(processor, micro_batches, rank, engine)
     (loss_stats, skipped), = learn(rollout, engine, None, args, world_size, device)
     after = full_weights(engine, stage)
-    return {"skipped": skipped, "losses": [s["loss"] for s in loss_stats],
-            "largest_change": max((before[n] - after[n]).abs().max().item() for n in before)}
+    result = {"skipped": skipped, "losses": [s["loss"] for s in loss_stats],
+              "largest_change": max((before[n] - after[n]).abs().max().item() for n in before)}
+    finite = rank_rollout(processor, step_data(processor, seed=3001), rank, engine)
+    for group in engine.optimizer.param_groups:  # the rate the skip set to 0 (train.py's LR schedule sets it again)
+        group["lr"] = 1.0
+    with counting_all_reduces(engine) as count:
+        _, result["finite_step_skipped"] = train.update(engine, finite, args, world_size, step_tokens=100.0)
+    result["loop_all_reduces"] = count["calls"]
+    again = full_weights(engine, stage)
+    result["finite_step_change"] = max((after[n] - again[n]).abs().max().item() for n in after)
+    return result
+
+
+@contextlib.contextmanager
+def counting_all_reduces(engine):
+    """Counts the all-reduces made in the block outside DeepSpeed's own backward and step (the
+    reduction of gradients is theirs; what the loop adds around them is counted)."""
+    count, original = {"calls": 0, "paused": False}, torch.distributed.all_reduce
+
+    def all_reduce(*args, **kwargs):
+        count["calls"] += not count["paused"]
+        return original(*args, **kwargs)
+
+    def paused(method):
+        def call(*args, **kwargs):
+            count["paused"] = True
+            try:
+                return method(*args, **kwargs)
+            finally:
+                count["paused"] = False
+        return call
+
+    torch.distributed.all_reduce = all_reduce
+    engine.backward, engine.step = paused(engine.backward), paused(engine.step)
+    try:
+        yield count
+    finally:
+        torch.distributed.all_reduce = original
+        del engine.backward, engine.step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +453,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--stages", default="3,0")
+    parser.add_argument("--stages", default="3,2,0")
     parser.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed launcher
     cli = parser.parse_args()
     torch.set_num_threads(1)
