@@ -126,7 +126,7 @@ def sample_groups(model, prompt_inputs: dict, sampling: Sampling) -> Rollout:
     pieces = []
     was_training = unwrapped.training
     unwrapped.eval()
-    with gathered_weights(model, sampling.zero_stage), run_settings_only(unwrapped):
+    with gathered_weights(model, sampling.zero_stage), families.adapters_merged(model), run_settings_only(unwrapped):
         for start in range(0, num_prompts, per_call):
             inputs = families.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts),
                                              unwrapped.config, sampling.blank_picture)
