@@ -159,7 +159,21 @@ def load_engine(args, ds_config: dict, dtype, total_steps: int, train: bool):
     scheduler = None if "scheduler" in ds_config else (lambda opt: lr_schedule(opt, args, total_steps))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config, lr_scheduler=scheduler)
+    trace_micro_batches(engine)
     return engine
+
+
+def trace_micro_batches(engine) -> None:
+    """Under ZeRO-3, DeepSpeed records the order in which modules fetch their weights over one of its
+    "steps" and, once a step repeats the recorded one, prefetches the weights ahead of the module that
+    needs them and keeps those used again soon (stage3_max_reuse_distance). Its step begins at every
+    call of the model, and a micro-batch makes two (the shared prompt's prompt and completion passes),
+    so no step repeats the last: it never prefetches, and every pass gathers every weight ([ZeRO-3
+    prefetch]). Here its step is a micro-batch: the reset at each call is removed, and `backward`
+    resets once the micro-batch's backward is done. Other engines: nothing."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is not None:
+        offload.fwd_pre_hook.remove()
 
 
 def load_reference(args, policy, ds_config: dict, dtype, total_steps: int):
@@ -266,6 +280,9 @@ def backward(engine, loss: torch.Tensor) -> torch.Tensor:
     the device: `step` reads it with the gradients, once per optimizer step, with no host sync here. A
     non-finite loss leaves non-finite gradients, which `step` sets to 0 before they reach the optimizer."""
     engine.backward(loss, scale_wrt_gas=False)
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is not None:  # ZeRO-3: the micro-batch is one step of DeepSpeed's trace (trace_micro_batches)
+        offload.get_param_coordinator().reset_step()
     return torch.isfinite(loss)
 
 
@@ -283,7 +300,7 @@ def step(engine, losses_finite) -> bool:
         # The norm is not finite when an element is not, or when the squares overflow (which Adam's
         # second moment, g^2, would too).
         finite = torch.stack(torch._foreach_norm(gradients)).isfinite().all() if gradients else True
-        if not all_ranks(torch.as_tensor(losses_finite, device=engine.device) & finite, engine.device):
+        if not all_ranks(finite & losses_finite, engine.device):
             torch._foreach_zero_(gradients)
             for group in engine.optimizer.param_groups:
                 group["lr"] = 0.0
@@ -295,17 +312,13 @@ def step(engine, losses_finite) -> bool:
 def _local_gradients(engine) -> list[torch.Tensor]:
     """This rank's share of the accumulated gradient: the tensors DeepSpeed's step reads, in place (no
     copy, no communication, no sync per tensor). Under ZeRO-1/2/3 its optimizer's partitions
-    (averaged_gradients); under its bf16 optimizer (ZeRO-1 with fp32 accumulation) the flat fp32
-    buffers; else every trained parameter's .grad, the whole gradient, the same on every rank."""
-    optimizer = engine.optimizer
-    partitions = getattr(optimizer, "averaged_gradients", None)
+    (averaged_gradients), else every trained parameter's .grad (the whole gradient, on every rank)."""
+    partitions = getattr(engine.optimizer, "averaged_gradients", None)
     if partitions:
         return [grad for group in partitions.values() if group is not None for grad in group]
-    if hasattr(optimizer, "fp32_groups_gradients_flat"):
-        return list(optimizer.fp32_groups_gradients_flat)
-    if engine.zero_optimization_stage() > 0:  # e.g. ZeRO-Offload's CPU copies: not read here, so not checked
+    if engine.zero_optimization_stage() > 0:  # ZeRO-Offload's CPU copies, bf16 ZeRO-1's buffers: not read here
         raise UsageError(f"--deepspeed: the non-finite check cannot find the gradients DeepSpeed's "
-                         f"{type(optimizer).__name__} holds; use zero2.json or zero3.json (no offload).")
+                         f"{type(engine.optimizer).__name__} holds; use zero2.json or zero3.json.")
     return [param.grad for param in engine.module.parameters() if param.requires_grad and param.grad is not None]
 
 

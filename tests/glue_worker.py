@@ -14,7 +14,8 @@ DeepSpeed, the plain repeated-prompt forward), and writes what it found as JSON:
                step's first update, and the second update's gradient must use them.
   "seeds"      (c) both ranks seeded with the same --seed and given the same prompt must sample
                different completions; re-seeding reproduces a rank's own completions.
-  "gathers"    (d) under ZeRO-3 one sampling call gathers the weights once.
+  "gathers"    (d) under ZeRO-3 one sampling call gathers the weights once; and per step, the
+               update's gathers with DeepSpeed's trace per micro-batch and without it.
   "nonfinite"  (e) a NaN loss in the first of a rank's two micro-batches skips the whole step; a
                finite step's non-finite check is one all-reduce.
 Steps 5 and 6 are train.learn_from itself, the function main calls.
@@ -195,14 +196,15 @@ def compare(change: dict, expected: dict) -> dict:
 # DeepSpeed
 # ---------------------------------------------------------------------------------------------
 
-def sgd_engine(model_dir: str, stage: int, lr: float):
+def sgd_engine(model_dir: str, stage: int, lr: float, zero: dict | None = None):
     """The tiny model in float32 in a DeepSpeed engine with plain SGD (no momentum, no weight decay,
-    no clipping, no schedule): one optimizer step changes each weight by exactly -lr x gradient."""
+    no clipping, no schedule): one optimizer step changes each weight by exactly -lr x gradient.
+    `zero`: more zero_optimization settings."""
     import deepspeed
 
     model = families.load_model(model_dir, torch.float32)
     config = {"train_micro_batch_size_per_gpu": B * G, "gradient_accumulation_steps": GAS,
-              "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}, "bf16": {"enabled": False},
+              "gradient_clipping": 0.0, "zero_optimization": {"stage": stage, **(zero or {})}, "bf16": {"enabled": False},
               "fp16": {"enabled": False}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -300,19 +302,33 @@ def check_old_logps(model_dir, processor, rank, world_size, device, lr: float) -
 # (e) a non-finite loss in one micro-batch of one rank skips the whole optimizer step
 # ---------------------------------------------------------------------------------------------
 
-def check_nonfinite_first_micro_batch(model_dir, processor, rank, world_size, device, stage: int) -> dict:
-    """Rank 1's first micro-batch (of 2) has NaN advantages, so its loss is NaN; its second micro-batch
-    and all of rank 0's are finite. The step must be skipped on both ranks with no weight moved, not
-    trained on the finite micro-batches that followed. Then a finite step on the same engine: it moves
-    the weights (the skip left no NaN behind), and the loop's own all-reduces in its two micro-steps
-    (train.update's, outside DeepSpeed's backward and step) are counted."""
+def check_nonfinite_first_micro_batch(model_dir, processor, rank, world_size, device, stage: int,
+                                     fault: str = "loss") -> dict:
+    """Rank 1's first micro-batch (of 2) has NaN advantages, so its loss is NaN (`fault` "loss"), or a
+    finite loss whose gradient is infinite ("gradient": sqrt(l - sg[l]) added, 0 with derivative inf);
+    its second micro-batch and all of rank 0's are finite. The step must be skipped on both ranks with
+    no weight moved, not trained on the finite micro-batches that followed. Then a finite step on the
+    same engine: it moves the weights (the skip left no NaN behind), and the loop's own all-reduces in
+    its two micro-steps (train.update's, outside DeepSpeed's backward and step) are counted."""
     micro_batches = step_data(processor, seed=3000)
-    micro_batches[GAS]["advantages"] = torch.full_like(micro_batches[GAS]["advantages"], float("nan"))  # rank 1's first
+    if fault == "loss":  # rank 1's first
+        micro_batches[GAS]["advantages"] = torch.full_like(micro_batches[GAS]["advantages"], float("nan"))
     args = config.parse_args(cli_args("grpo", 1, 0.0, model_dir))
     engine = sgd_engine(model_dir, stage, lr=1.0)
     before = full_weights(engine, stage)
     rollout = rank_rollout(processor, micro_batches, rank, engine)
-    (loss_stats, skipped), = learn(rollout, engine, None, args, world_size, device)
+    policy_loss, calls = train.objective.policy_loss, []
+
+    def infinite_gradient_once(*args, **kwargs):
+        loss, stats = policy_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss + torch.sqrt(loss - loss.detach()) if rank == 1 and len(calls) == 1 else loss), stats
+
+    train.objective.policy_loss = infinite_gradient_once if fault == "gradient" else policy_loss
+    try:
+        (loss_stats, skipped), = learn(rollout, engine, None, args, world_size, device)
+    finally:
+        train.objective.policy_loss = policy_loss
     after = full_weights(engine, stage)
     result = {"skipped": skipped, "losses": [s["loss"] for s in loss_stats],
               "largest_change": max((before[n] - after[n]).abs().max().item() for n in before)}
@@ -441,6 +457,39 @@ def check_gathers(model_dir, processor, rank) -> dict:
     return result
 
 
+def check_gathers_per_step(model_dir, processor, rank, world_size, traced: bool, steps: int = 3) -> list[dict]:
+    """ZeRO-3 weights gathered per step (a sampling call, then an optimizer step of GAS micro-batches
+    through train.update), as multiples of the model's size, with DeepSpeed's trace per micro-batch
+    (`traced`: distributed.trace_micro_batches, as load_engine sets it) or as DeepSpeed sets it. No
+    weight is kept whole for being small (stage3_param_persistence_threshold 0: Qwen2-VL-2B's matrices
+    are all above zero3.json's threshold, this tiny model's all below), and zero3.json's reuse distance
+    (1e9 elements, more than this model) keeps a weight used again in the micro-batch."""
+    engine = sgd_engine(model_dir, 3, lr=0.0, zero={"stage3_param_persistence_threshold": 0,
+                                                    "stage3_max_reuse_distance": 1e9, "stage3_max_live_parameters": 1e9})
+    if traced:
+        distributed.trace_micro_batches(engine)
+    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    invalidate, invalidations = coordinator._invalidate_trace, []
+    coordinator._invalidate_trace = lambda: invalidations.append(1) or invalidate()
+    size, tensors = sum(p.ds_numel for p in engine.module.parameters()), len(list(engine.module.parameters()))
+    args = config.parse_args(cli_args("grpo", 1, 0.0, model_dir))
+    found = []
+    for step in range(steps):
+        rollout = rank_rollout(processor, step_data(processor, seed=5000 + step), rank, engine)
+        invalidations.clear()
+        with counting_gathers() as sampling:
+            policy.sample_groups(engine, rollout.prompt_inputs, policy.Sampling.for_model(
+                engine, processor.tokenizer, group_size=G, max_new_tokens=4, temperature=1.0, zero_stage=3,
+                synced_ranks=True))
+        with counting_gathers() as update:
+            train.update(engine, rollout, args, world_size, step_tokens=100.0)
+        found.append({"generate": sampling["elements"] / size, "update": update["elements"] / size,
+                      "update_padding_bound": (update["elements"] - GAS * size) / tensors,
+                      "invalidations": len(invalidations), "trace_complete": coordinator.is_complete_trace(),
+                      "released_after_step": released(engine)})
+    return found
+
+
 def released(engine) -> list[str]:
     """The weights that are gathered now (not partitioned), leaving out those ZeRO-3 keeps whole on purpose."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -461,15 +510,17 @@ def main() -> None:
     assert world_size == W, f"launch with --num_gpus {W}"
     processor = families.load_processor(cli.model, 56 * 56, 56 * 112)
     results = {"gathers": check_gathers(cli.model, processor, rank),
+               "gathers_per_step": {name: check_gathers_per_step(cli.model, processor, rank, world_size, traced)
+                                    for name, traced in (("deepspeed", False), ("traced", True))},
                "seeds": check_seeds(cli.model, processor, rank, seed=1234)}
     results["scale"] = {f"stage{s}": {lt: check_scale(cli.model, processor, rank, world_size, device, int(s), lt)
                                       for lt in LOSS_TYPES} for s in cli.stages.split(",") if s}
     # lr 0.3 moves the completions' log-probs by ~0.2 nats on average: ratios well away from 1,
     # some clipped at 1 +- 0.2, none with a vanishing gradient.
     results["old_logps"] = check_old_logps(cli.model, processor, rank, world_size, device, lr=0.3)
-    results["nonfinite"] = {f"stage{s}": check_nonfinite_first_micro_batch(cli.model, processor, rank, world_size,
-                                                                          device, int(s))
-                            for s in cli.stages.split(",") if s}
+    results["nonfinite"] = {f"stage{s}-{fault}": check_nonfinite_first_micro_batch(cli.model, processor, rank,
+                                                                                  world_size, device, int(s), fault)
+                            for s in cli.stages.split(",") if s for fault in ("loss", "gradient")}
     if rank == 0:
         with open(cli.out, "w") as f:
             json.dump(results, f, indent=1)

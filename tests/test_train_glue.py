@@ -88,14 +88,35 @@ def test_zero3_gathers_the_weights_once_per_sampling_call(glue, path):
     assert g["released_after_training_step"] == []
 
 
+def test_zero3_traces_a_micro_batch_and_gathers_each_weight_once_per_micro_batch(glue):
+    """(d) [ZeRO-3 prefetch] A step: one sampling call, then an optimizer step of 2 micro-batches (each a
+    prompt pass, a completion pass and their backward). DeepSpeed's own trace starts at every call of the
+    model, so the next call never repeats it: it is discarded within every step, and every pass gathers on
+    demand, 8.4 times the model per update here. With the micro-batch as the trace's step (distributed.trace_micro_batches,
+    and gathered_weights keeping the trace across the sampling call), the trace is complete from the
+    second step on, nothing invalidates it, prefetching can run, and a weight gathered for the prompt
+    pass is kept for the completion pass and the backward: once per micro-batch (2 per update).
+    Sampling gathers the model once either way, and every weight is partitioned again after the step."""
+    report = json.dumps(glue["gathers_per_step"], indent=1)
+    before, after = glue["gathers_per_step"]["deepspeed"], glue["gathers_per_step"]["traced"]
+    for step in before:
+        assert step["update"] > 3 * 2 and step["invalidations"] > 0, report  # 3 passes a micro-batch, 2 micro-batches
+    for step in after[1:]:
+        assert step["invalidations"] == 0 and step["trace_complete"], report
+        assert 2.0 <= step["update"] and step["update_padding_bound"] <= 2, report  # 2 x (the model + padding)
+    for step in before + after:
+        assert 1.0 <= step["generate"] < 1.1 and step["released_after_step"] == [], report
+
+
+@pytest.mark.parametrize("fault", ["loss", "gradient"])
 @pytest.mark.parametrize("stage", [3, 2, 0])
-def test_a_nonfinite_loss_in_any_micro_batch_skips_the_whole_step(glue, stage):
-    """(e) Rank 1's first micro-batch of two has a NaN loss; the others are finite. Both ranks skip the
-    optimizer step and no weight moves, though the micro-batches after the NaN one were finite; the next,
-    finite, step trains. The check is one fused reduction over the rank's gradients and one all-reduce
+def test_a_nonfinite_loss_in_any_micro_batch_skips_the_whole_step(glue, stage, fault):
+    """(e) Rank 1's first micro-batch of two has a NaN loss, or a finite loss with an infinite gradient;
+    the others are finite. Both ranks skip the optimizer step and no weight moves, though the
+    micro-batches after the bad one were finite; the next, finite, step trains. The check is one fused reduction over the rank's gradients and one all-reduce
     per optimizer step: the loop's own all-reduces in a step of two micro-batches are 1 (it was one per
     micro-batch and one per step, and under ZeRO-2 one more per parameter)."""
-    result = glue["nonfinite"][f"stage{stage}"]  # rank 0's view: the skip is agreed, the weights gathered whole
+    result = glue["nonfinite"][f"stage{stage}-{fault}"]  # rank 0's view: the skip is agreed, the weights gathered whole
     report = json.dumps(result)
     assert result["skipped"] is True, report
     assert result["largest_change"] == 0.0, report
