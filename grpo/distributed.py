@@ -237,7 +237,7 @@ def fill_deepspeed_config(ds_config: dict, args, world_size: int, total_steps: i
         ds_config["zero_optimization"] = {"stage": 0}  # nothing to shard: ZeRO would only add its hooks
     if str(ds_config.get("optimizer", {}).get("type", "")).lower() in ("adam", "adamw"):
         # torch's AdamW (torch_adam), fused on a GPU: DeepSpeed's own FusedAdam is built by a JIT compile on
-        # first use, which needs nvcc and ninja on every node, and is CUDA-only.
+        # first use, which needs nvcc and ninja on every node ([optimizer JIT build]).
         params = ds_config["optimizer"].setdefault("params", {})
         if params.setdefault("torch_adam", True) and on_gpu:
             params.setdefault("fused", True)

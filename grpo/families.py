@@ -241,13 +241,13 @@ def add_lora(model, targets: list[str], r: int, alpha: int, dropout: float, seed
 
 @contextlib.contextmanager
 def adapters_merged(model):
-    """Within the block a LoRA model's adapters are merged into the weights they adapt, W' = W + (alpha / r)
-    B A (PEFT's merge), so that each layer runs one matmul instead of three: for sampling, where the
-    weights do not change while a rollout is drawn. Exact afterwards: each merged weight is a new tensor,
-    and the original tensors are put back (PEFT's unmerge subtracts, and W + d - d is not W in floating
-    point: the frozen weights would drift a little every rollout). Holds one more copy of the adapted
-    weights while it lasts. `model`: a DeepSpeed engine or the model; without adapters, nothing. Under
-    ZeRO-3, enter it inside the gather of every weight (policy.gathered_weights)."""
+    """Within the block a LoRA model's adapters are merged into the weights they adapt, W' = W + (alpha /
+    r) B A (PEFT's merge), so that each layer runs one matmul instead of three: for sampling, where the
+    weights do not change while a rollout is drawn. Exact afterwards: each merged weight is a new
+    tensor, and the original tensors are put back (PEFT's unmerge subtracts, and W + d - d is not W in
+    floating point: the frozen weights would drift every rollout, [unmerge drift]). Holds one more copy
+    of the adapted weights while it lasts. `model`: a DeepSpeed engine or the model; without adapters,
+    nothing. Under ZeRO-3, enter it inside the gather of every weight (policy.gathered_weights)."""
     model = getattr(model, "module", model)
     if not has_adapters(model):
         yield

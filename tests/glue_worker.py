@@ -14,8 +14,9 @@ DeepSpeed, the plain repeated-prompt forward), and writes what it found as JSON:
                step's first update, and the second update's gradient must use them.
   "seeds"      (c) both ranks seeded with the same --seed and given the same prompt must sample
                different completions; re-seeding reproduces a rank's own completions.
-  "gathers"    (d) under ZeRO-3 one sampling call gathers the weights once; and per step, the
-               update's gathers with DeepSpeed's trace per micro-batch and without it.
+  "gathers"    (d) under ZeRO-3 one sampling call gathers the weights once (a LoRA policy's too,
+               merged for it and bitwise as before after it); and per step, the update's gathers
+               with DeepSpeed's trace per micro-batch and without it.
   "nonfinite"  (e) a NaN loss in the first of a rank's two micro-batches skips the whole step; a
                finite step's non-finite check is one all-reduce.
 Steps 5 and 6 are train.learn_from itself, the function main calls.
@@ -490,6 +491,42 @@ def check_gathers_per_step(model_dir, processor, rank, world_size, traced: bool,
     return found
 
 
+def check_lora_sampling(model_dir, processor, rank) -> dict:
+    """A LoRA policy under ZeRO-3 (PEFT's adapters on the decoder's projections, B drawn at random so that
+    they matter; no weight kept whole for its size): one sample_groups call, whose adapters are merged
+    inside the one gather (families.adapters_merged). The elements it gathers, and whether every weight
+    and this rank's log-probs of fixed completions are bitwise those before it."""
+    import deepspeed
+
+    model = families.load_model(model_dir, torch.float32)
+    model = families.add_lora(model, families.lora_targets(model, list(config.LORA_TARGETS), False), 4, 8, 0.0, 0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    ds_config = {"train_micro_batch_size_per_gpu": B * G, "gradient_accumulation_steps": GAS,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                 "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trained, lr=0.0), config=ds_config)
+    rollout = rank_rollout(processor, step_data(processor, seed=6000), rank, engine)
+
+    def logps() -> torch.Tensor:
+        with torch.no_grad():
+            return policy.rollout_logps(engine, rollout, B)
+
+    before, weights = logps(), full_weights(engine, 3)
+    with counting_gathers() as count:
+        policy.sample_groups(engine, rollout.prompt_inputs, policy.Sampling.for_model(
+            engine, processor.tokenizer, group_size=G, max_new_tokens=4, temperature=1.0, zero_stage=3,
+            synced_ranks=True))
+    after = full_weights(engine, 3)
+    return {"gathered": count["elements"], "parameter_elements": sum(p.ds_numel for p in engine.module.parameters()),
+            "parameter_tensors": len(list(engine.module.parameters())), "released_after": released(engine),
+            "logps_unchanged": bool(torch.equal(logps(), before)),
+            "weights_unchanged": all(torch.equal(after[name], weights[name]) for name in weights)}
+
+
 def released(engine) -> list[str]:
     """The weights that are gathered now (not partitioned), leaving out those ZeRO-3 keeps whole on purpose."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -510,6 +547,7 @@ def main() -> None:
     assert world_size == W, f"launch with --num_gpus {W}"
     processor = families.load_processor(cli.model, 56 * 56, 56 * 112)
     results = {"gathers": check_gathers(cli.model, processor, rank),
+               "lora_sampling": check_lora_sampling(cli.model, processor, rank),
                "gathers_per_step": {name: check_gathers_per_step(cli.model, processor, rank, world_size, traced)
                                     for name, traced in (("deepspeed", False), ("traced", True))},
                "seeds": check_seeds(cli.model, processor, rank, seed=1234)}

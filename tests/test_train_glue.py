@@ -88,6 +88,16 @@ def test_zero3_gathers_the_weights_once_per_sampling_call(glue, path):
     assert g["released_after_training_step"] == []
 
 
+def test_zero3_lora_sampling_merges_inside_the_one_gather_and_leaves_every_weight_as_it_was(glue):
+    """(d) A LoRA policy under ZeRO-3: one sampling call gathers the model (adapters included) once, the
+    adapters merged into the gathered weights for it (families.adapters_merged); afterwards every weight
+    is partitioned again and bitwise as before, and so are the log-probs."""
+    g = glue["lora_sampling"]
+    report = json.dumps(g)
+    assert g["parameter_elements"] <= g["gathered"] <= g["parameter_elements"] + g["parameter_tensors"], report
+    assert g["released_after"] == [] and g["weights_unchanged"] and g["logps_unchanged"], report
+
+
 def test_zero3_traces_a_micro_batch_and_gathers_each_weight_once_per_micro_batch(glue):
     """(d) [ZeRO-3 prefetch] A step: one sampling call, then an optimizer step of 2 micro-batches (each a
     prompt pass, a completion pass and their backward). DeepSpeed's own trace starts at every call of the
