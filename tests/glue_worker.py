@@ -494,8 +494,9 @@ def check_gathers_per_step(model_dir, processor, rank, world_size, traced: bool,
 def check_lora_sampling(model_dir, processor, rank) -> dict:
     """A LoRA policy under ZeRO-3 (PEFT's adapters on the decoder's projections, B drawn at random so that
     they matter; no weight kept whole for its size): one sample_groups call, whose adapters are merged
-    inside the one gather (families.adapters_merged). The elements it gathers, and whether every weight
-    and this rank's log-probs of fixed completions are bitwise those before it."""
+    inside the one gather (families.adapters_merged). The elements it gathers, how often an adapter ran
+    during it, and whether every weight and this rank's log-probs of fixed completions are bitwise those
+    before it."""
     import deepspeed
 
     model = families.load_model(model_dir, torch.float32)
@@ -516,12 +517,16 @@ def check_lora_sampling(model_dir, processor, rank) -> dict:
             return policy.rollout_logps(engine, rollout, B)
 
     before, weights = logps(), full_weights(engine, 3)
+    adapter_calls = []
+    for name, module in engine.module.named_modules():
+        if name.endswith(".lora_A.default"):
+            module.register_forward_hook(lambda *_: adapter_calls.append(1))
     with counting_gathers() as count:
         policy.sample_groups(engine, rollout.prompt_inputs, policy.Sampling.for_model(
             engine, processor.tokenizer, group_size=G, max_new_tokens=4, temperature=1.0, zero_stage=3,
             synced_ranks=True))
     after = full_weights(engine, 3)
-    return {"gathered": count["elements"], "parameter_elements": sum(p.ds_numel for p in engine.module.parameters()),
+    return {"gathered": count["elements"], "adapter_calls_while_sampling": len(adapter_calls), "parameter_elements": sum(p.ds_numel for p in engine.module.parameters()),
             "parameter_tensors": len(list(engine.module.parameters())), "released_after": released(engine),
             "logps_unchanged": bool(torch.equal(logps(), before)),
             "weights_unchanged": all(torch.equal(after[name], weights[name]) for name in weights)}

@@ -95,6 +95,7 @@ def test_zero3_lora_sampling_merges_inside_the_one_gather_and_leaves_every_weigh
     g = glue["lora_sampling"]
     report = json.dumps(g)
     assert g["parameter_elements"] <= g["gathered"] <= g["parameter_elements"] + g["parameter_tensors"], report
+    assert g["adapter_calls_while_sampling"] == 0, report
     assert g["released_after"] == [] and g["weights_unchanged"] and g["logps_unchanged"], report
 
 
