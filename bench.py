@@ -29,7 +29,8 @@ the throughput ratio from the same bench run. TRL is a benchmark-only dependency
 `--compare share_prompt` runs ours with `--share_prompt true` and `false`; `--compare lora` runs ours
 training every weight and training LoRA adapters (`--use_peft true`, train.py's default r, alpha and
 targets; the reference then is the policy with its adapters off), for their step time and peak
-memory. `--profile` adds one run
+memory, and LoRA once more with its adapters left unmerged while sampling (train_worker sets
+grpo.families.adapters_merged aside), for the generate phase with and without the merge. `--profile` adds one run
 of ours whose first step after the warm-up runs under torch.profiler, phase by phase, and prints
 where each phase's time goes (matmuls, attention, softmax, copies, elementwise ops, communication,
 other ops, outside any op): `train_worker` runs train.py's own loop with its phase functions wrapped
@@ -52,6 +53,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import io
 import json
@@ -521,9 +523,11 @@ def launch(args, script: list[str]) -> list[str]:
     return ["deepspeed", "--master_port", str(free_port()), "--num_gpus", str(args.ranks), *script]
 
 
-def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool = False, lora: bool = False) -> list[dict]:
+def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool = False, lora: bool = False,
+             unmerged: bool = False) -> list[dict]:
     """One run of train.py: `python train.py ...`, or under `deepspeed --num_gpus R ... --deepspeed
-    zero3.json` for R ranks; or, with --freeze_embeddings or for the profile run, bench.py's
+    zero3.json` for R ranks; or, with --freeze_embeddings, for the profile run or for LoRA sampled with its
+    adapters unmerged (`unmerged`), bench.py's
     train_worker, which runs train.py's own loop with its changes made from outside. Returns the
     timed steps' metrics from its metrics.jsonl (each the mean over ranks, as train.py logs them),
     per-phase peak memory in GB and the process's peak resident memory (the largest rank's). The
@@ -532,8 +536,8 @@ def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool 
     out = tempfile.mkdtemp(prefix="ours-", dir=workdir)
     steps = args.warmup_steps + (1 if profile else args.steps)
     flags = train_flags(args, setup, share_prompt, out, steps, lora)
-    if profile or args.freeze_embeddings:
-        spec = dict(argv=flags, freeze_embeddings=args.freeze_embeddings,
+    if profile or args.freeze_embeddings or unmerged:
+        spec = dict(argv=flags, freeze_embeddings=args.freeze_embeddings, unmerged_sampling=unmerged,
                     profile_step=steps if profile else None, profile_out=os.path.join(out, "profile"))
         with open(os.path.join(out, "worker.json"), "w") as f:
             json.dump(spec, f)
@@ -725,6 +729,8 @@ def train_worker(spec_path: str) -> None:
       window; each rank writes its per-phase op classes to profile_out.rank<r>.json.
     - freeze_embeddings: the input embedding and the lm_head get no gradient and no optimizer state
       (the policy's; grpo.families.load_model is wrapped).
+    - unmerged_sampling: LoRA adapters stay unmerged while sampling (grpo.families.adapters_merged
+      does nothing), for the generate phase without the merge.
     A name train.py or the package no longer has stops the run with a message naming it."""
     import importlib
 
@@ -751,6 +757,9 @@ def train_worker(spec_path: str) -> None:
             return model
 
         adapter.load_model = load_frozen
+    if spec.get("unmerged_sampling"):
+        adapter, _ = find("grpo.families", "adapters_merged")
+        adapter.adapters_merged = lambda model: contextlib.nullcontext()
     if spec["profile_step"] is not None:
         on_gpu = torch.cuda.is_available()
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
@@ -949,7 +958,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=3, help="Runs per kind, alternated between kinds.")
     p.add_argument("--compare", default="none", choices=["none", "trl", "share_prompt", "lora"],
                    help="trl: also TRL's GRPOTrainer; share_prompt: ours with --share_prompt true and false; "
-                        "lora: ours training every weight and LoRA adapters (--use_peft true).")
+                        "lora: ours training every weight, LoRA adapters (--use_peft true), and LoRA with its "
+                        "adapters unmerged while sampling.")
     p.add_argument("--profile", action="store_true", help="Then one more run of ours whose step after the warm-up "
                    "runs under torch.profiler: per phase, the share of time in matmuls, attention, softmax, copies, "
                    "elementwise ops, communication, other ops and outside any op.")
@@ -1061,6 +1071,8 @@ def main(argv: list[str]) -> None:
     if args.compare == "lora":  # its update's FLOPs differ (no weight gradients but the adapters'): times and memory only
         kinds[f"ours, LoRA (share_prompt {str(share).lower()})"] = (
             lambda: run_ours(args, setup, share, workdir, lora=True), share, False)
+        kinds[f"ours, LoRA unmerged while sampling (share_prompt {str(share).lower()})"] = (
+            lambda: run_ours(args, setup, share, workdir, lora=True, unmerged=True), share, False)
     if args.compare == "trl":
         kinds["trl"] = (lambda: run_trl(args, setup, workdir), False, False)
     flops = {kind: phase_flops(args, setup, share_prompt) for kind, (_, share_prompt, _) in kinds.items()}

@@ -184,7 +184,7 @@ def update(model, rollout: policy.Rollout, args, world_size: int, step_tokens: f
     the optimizer step was skipped."""
     sampling = rollout.sampling
     scale = objective.loss_scale(args.loss_type, world_size, args.gradient_accumulation_steps)
-    stats, nonfinite = [], False
+    stats, losses_finite = [], True
     for inputs, rows in rollout.micro_batches(args.per_device_train_batch_size, families.unwrap(model).config):
         ids, mask = rollout.completion_ids[rows], rollout.completion_mask[rows]  # [b*G, T]
         logps, entropy = policy.completion_logps(model, inputs, ids, mask, sampling.temperature, sampling.group_size,
@@ -199,8 +199,8 @@ def update(model, rollout: policy.Rollout, args, world_size: int, step_tokens: f
             importance_sampling_level=args.importance_sampling_level,
             sapo_temperatures=(args.sapo_temperature_pos, args.sapo_temperature_neg))
         # a non-finite loss in any micro-batch, on any rank, skips the whole optimizer step
-        nonfinite |= not distributed.backward(model, loss * scale, logps)
-        skipped = distributed.step(model, skip=nonfinite)
+        losses_finite = distributed.backward(model, loss * scale) & losses_finite  # a flag on the device
+        skipped = distributed.step(model, losses_finite)
         stats.append(dict(loss_stats, loss=loss.item(),
                           entropy=((entropy * mask).sum() / mask.sum().clamp(min=1)).item()))
     return stats, skipped

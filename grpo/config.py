@@ -123,7 +123,7 @@ class GRPOArguments:
         None, "Train in bfloat16 (`--bf16` alone means true); default: true on a GPU (the published run), "
         "false (float32) on the CPU.")
     attn_implementation: str | None = flag(
-        None, "flash_attention_2 (16-bit weights on a GPU, flash-attn >= 2.1), sdpa or eager; default "
+        None, "flash_attention_2 (16-bit weights on a GPU, flash-attn >= 2.3.3), sdpa or eager; default "
         "flash_attention_2 where it can run, else sdpa.", choices=ATTN_IMPLEMENTATIONS)
     seed: int = flag(42, "Seed for data order, init and sampling (each rank samples with seed + rank).")
     deepspeed: str | None = flag(
@@ -428,9 +428,11 @@ def check_lora(args: GRPOArguments) -> None:
             "drop one.")
 
 
-# [flash-attn causal alignment] flash-attn before 2.1 aligns the causal mask of fewer queries than keys
-# to the top left; the completion pass (T queries over P + T keys) needs the bottom right.
-MIN_FLASH_ATTN = (2, 1)
+# transformers' own floor (5.25, utils/import_utils.is_flash_attn_2_available: below it transformers
+# refuses flash_attention_2 at load). It covers [flash-attn causal alignment]: before 2.1 the causal mask
+# of fewer queries than keys is aligned to the top left; the completion pass (T queries over P + T keys)
+# needs the bottom right.
+MIN_FLASH_ATTN = (2, 3, 3)
 
 
 def flash_attn_version() -> str | None:
@@ -448,9 +450,10 @@ def attention_for(requested: str | None, half_precision: bool, on_gpu: bool, fla
     UsageError naming the flag; None: flash_attention_2 where it can run, else sdpa.
 
     flash_attention_2 runs on a CUDA GPU (`on_gpu`), with 16-bit weights (`half_precision`: flash-attn
-    rejects float32 at the first forward), and flash-attn >= 2.1 installed (`flash_attn`: its version,
-    flash_attn_version(), or None): an older one would make the completion pass wrong without any error
-    ([flash-attn causal alignment]), so it is refused even when flash_attention_2 was not asked for."""
+    rejects float32 at the first forward), and flash-attn >= 2.3.3 installed (`flash_attn`: its version,
+    flash_attn_version(), or None; transformers' floor, MIN_FLASH_ATTN): an older one is refused even
+    when flash_attention_2 was not asked for (before 2.1 it would make the completion pass wrong without
+    any error: [flash-attn causal alignment])."""
     if requested is None and not (on_gpu and half_precision and flash_attn is not None):
         return "sdpa"
     if requested not in (None, "flash_attention_2"):
@@ -463,10 +466,11 @@ def attention_for(requested: str | None, half_precision: bool, on_gpu: bool, fla
     if flash_attn is None:
         bad("attn_implementation", "flash_attention_2 needs flash-attn (pip install flash-attn "
             "--no-build-isolation); or use sdpa.")
-    if tuple(int(part) for part in re.findall(r"\d+", flash_attn)[:2]) < MIN_FLASH_ATTN:
-        bad("attn_implementation", f"flash-attn {flash_attn} is installed, and before 2.1 it aligns a causal mask of "
-            "fewer queries than keys to the top left (the completion pass would be wrong without any error); "
-            "upgrade it (pip install -U flash-attn --no-build-isolation) or use sdpa.")
+    if tuple(int(part) for part in re.findall(r"\d+", flash_attn)[:3]) < MIN_FLASH_ATTN:
+        bad("attn_implementation", f"flash-attn {flash_attn} is installed, and transformers takes 2.3.3 or newer "
+            "(before 2.1 it also aligns a causal mask of fewer queries than keys to the top left, which would make "
+            "the completion pass wrong without any error); upgrade it (pip install -U flash-attn "
+            "--no-build-isolation) or use sdpa.")
     return "flash_attention_2"
 
 

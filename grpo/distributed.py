@@ -4,11 +4,12 @@ optimizer step, and the checkpoints DeepSpeed writes.
 - `init_distributed`: one process group for the deepspeed launcher, torchrun and plain `python`
   ([leaked shared memory] on the CPU); `end_distributed` before exit ([exit abort]).
 - `mean_over_ranks`, `all_ranks`, `rank0_decides`: what the ranks must agree on ([ranks that disagree]).
-- `fill_deepspeed_config`, `load_engine`: the policy (with its optimizer and LR schedule) or the frozen
-  reference, partitioned while it loads under ZeRO-3 ([ZeRO-3 class patching]).
+- `fill_deepspeed_config`, `load_engine`: the policy (with torch's AdamW, no JIT build, and the LR
+  schedule) or the frozen reference, partitioned while it loads under ZeRO-3 ([ZeRO-3 class patching]).
 - `backward` and `step`: one micro-batch's backward and DeepSpeed's step, which updates the weights
   after the last micro-batch of an optimizer step, unless a loss or a gradient was not finite on some
-  rank: then nothing changes anywhere ([non-finite steps]). `Phases` times them, with peak memory.
+  rank (one check per optimizer step): then nothing changes anywhere ([non-finite steps]). `Phases`
+  times them (after the device finishes, on a GPU), with peak memory.
 - `save_checkpoint`, `load_checkpoint`, `save_model`: a checkpoint's weights, optimizer, schedule and
   random generators, written atomically and agreed on by every rank ([saves that fail on one rank]);
   `StopRequest`: SIGTERM, which stops the run at a step boundary.
@@ -86,17 +87,18 @@ def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, (tensor / torch.distributed.get_world_size()).tolist()))
 
 
-def reduce_over_ranks(value: float, device, op) -> float:
-    if not torch.distributed.is_initialized():
-        return float(value)
-    tensor = torch.tensor([float(value)], device=device, dtype=torch.float64)
-    torch.distributed.all_reduce(tensor, op=op)
+def reduce_over_ranks(value, device, op) -> float:
+    """`value` (a number, or a one-element tensor on the device, read after the reduce: one host sync)
+    reduced over the ranks by `op` (a collective; without a process group, the value)."""
+    tensor = torch.as_tensor(value, device=device).to(torch.float64, copy=True).reshape(1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=op)
     return tensor.item()
 
 
-def all_ranks(ok: bool, device) -> bool:
-    """True when `ok` holds on every rank (a collective)."""
-    return reduce_over_ranks(float(ok), device, torch.distributed.ReduceOp.MIN) == 1.0
+def all_ranks(ok, device) -> bool:
+    """True when `ok` (a bool, or a bool tensor on the device) holds on every rank (a collective)."""
+    return reduce_over_ranks(ok, device, torch.distributed.ReduceOp.MIN) == 1.0
 
 
 def rank0_decides(decide):
@@ -157,7 +159,21 @@ def load_engine(args, ds_config: dict, dtype, total_steps: int, train: bool):
     scheduler = None if "scheduler" in ds_config else (lambda opt: lr_schedule(opt, args, total_steps))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config, lr_scheduler=scheduler)
+    trace_micro_batches(engine)
     return engine
+
+
+def trace_micro_batches(engine) -> None:
+    """Under ZeRO-3, DeepSpeed records the order in which modules fetch their weights over one of its
+    "steps" and, once a step repeats the recorded one, prefetches the weights ahead of the module that
+    needs them and keeps those used again soon (stage3_max_reuse_distance). Its step begins at every
+    call of the model, and a micro-batch makes two (the shared prompt's prompt and completion passes),
+    so no step repeats the last: it never prefetches, and every pass gathers every weight ([ZeRO-3
+    prefetch]). Here its step is a micro-batch: the reset at each call is removed, and `backward`
+    resets once the micro-batch's backward is done. Other engines: nothing."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is not None:
+        offload.fwd_pre_hook.remove()
 
 
 def load_reference(args, policy, ds_config: dict, dtype, total_steps: int):
@@ -165,26 +181,8 @@ def load_reference(args, policy, ds_config: dict, dtype, total_steps: int):
     LoRA run the policy itself with its adapters switched off, since LoRA never changes the weights
     under them: no second copy is held."""
     if families.has_adapters(policy.module):
-        return WithoutAdapters(policy)
+        return families.WithoutAdapters(policy)
     return load_engine(args, ds_config, dtype, total_steps, train=False)
-
-
-class WithoutAdapters:
-    """A LoRA policy's engine run with its adapters off, in eval mode as the frozen reference runs:
-    the starting model. `module` is the policy's, so families.unwrap finds its transformers model.
-    Under ZeRO-3 the adapters' weights are simply not gathered while they are off."""
-
-    def __init__(self, engine):
-        self.engine, self.module = engine, engine.module
-
-    def __call__(self, *args, **kwargs):
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with self.module.disable_adapter():
-                return self.engine(*args, **kwargs)
-        finally:
-            self.module.train(was_training)
 
 
 def parameter_counts(engine) -> tuple[int, int]:
@@ -237,9 +235,12 @@ def fill_deepspeed_config(ds_config: dict, args, world_size: int, total_steps: i
     _fill_auto(ds_config, auto_values, path)
     if world_size == 1 and ds_config.get("zero_optimization", {}).get("stage", 0) != 0:
         ds_config["zero_optimization"] = {"stage": 0}  # nothing to shard: ZeRO would only add its hooks
-    if not on_gpu and "optimizer" in ds_config:
-        # DeepSpeed's fused Adam is CUDA-only; on the CPU accelerator use torch's AdamW.
-        ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    if str(ds_config.get("optimizer", {}).get("type", "")).lower() in ("adam", "adamw"):
+        # torch's AdamW (torch_adam), fused on a GPU: DeepSpeed's own FusedAdam is built by a JIT compile on
+        # first use, which needs nvcc and ninja on every node ([optimizer JIT build]).
+        params = ds_config["optimizer"].setdefault("params", {})
+        if params.setdefault("torch_adam", True) and on_gpu:
+            params.setdefault("fused", True)
     return ds_config
 
 
@@ -273,62 +274,52 @@ def lr_schedule(optimizer, args, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def backward(engine, loss: torch.Tensor, logps: torch.Tensor) -> bool:
-    """engine.backward(loss), unless the loss is not finite on some rank (a collective): then the
-    backward of 0 x logps, so that every rank still runs the same backward (ZeRO's hooks and
-    DeepSpeed's counters stay in step) and no NaN reaches a gradient. Returns whether it was finite."""
-    finite = all_ranks(bool(torch.isfinite(loss).item()), loss.device)
-    engine.backward(loss if finite else (logps * 0.0).sum(), scale_wrt_gas=False)
-    return finite
+def backward(engine, loss: torch.Tensor) -> torch.Tensor:
+    """engine.backward(loss) on every rank, whatever the loss (every rank runs the same backward, so
+    ZeRO's hooks and DeepSpeed's counters stay in step). Returns whether the loss is finite, as a flag on
+    the device: `step` reads it with the gradients, once per optimizer step, with no host sync here. A
+    non-finite loss leaves non-finite gradients, which `step` sets to 0 before they reach the optimizer."""
+    engine.backward(loss, scale_wrt_gas=False)
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is not None:  # ZeRO-3: the micro-batch is one step of DeepSpeed's trace (trace_micro_batches)
+        offload.get_param_coordinator().reset_step()
+    return torch.isfinite(loss)
 
 
-def step(engine, skip: bool) -> bool:
+def step(engine, losses_finite) -> bool:
     """DeepSpeed's step after a micro-batch's backward: after the optimizer step's last micro-batch
-    the weights change, by AdamW with the LR schedule, unless `skip` (a loss of this step was not
-    finite) or some rank's gradient is not finite (an overflow in backward, in bf16 most likely):
-    then every rank's gradient is set to 0 and the step runs at learning rate 0, so that no weight
-    moves (the step's other micro-batches still enter Adam's moments), and the schedule sets the
-    rate again after. Returns whether this optimizer step was skipped."""
+    the weights change, by AdamW with the LR schedule, unless a loss of this step was not finite
+    (`losses_finite`: the `backward` flags of its micro-batches and-ed together) or some rank's gradient
+    is not finite (an overflow in backward, in bf16 most likely): then every rank's gradient is set to
+    0 and the step runs at learning rate 0, so that no weight moves and no NaN enters Adam's moments, and
+    the schedule sets the rate again after. Checked once per optimizer step: one fused norm over the
+    rank's gradients, one all-reduce, one host sync. Returns whether this optimizer step was skipped."""
+    skip = False
     if engine.is_gradient_accumulation_boundary():
-        if not all_ranks(_gradients_finite(engine), engine.device):
-            _zero_gradients(engine)
-            skip = True
-        if skip:
+        gradients = _local_gradients(engine)
+        # The norm is not finite when an element is not, or when the squares overflow (which Adam's
+        # second moment, g^2, would too).
+        finite = torch.stack(torch._foreach_norm(gradients)).isfinite().all() if gradients else True
+        if not all_ranks(finite & losses_finite, engine.device):
+            torch._foreach_zero_(gradients)
             for group in engine.optimizer.param_groups:
                 group["lr"] = 0.0
+            skip = True
     engine.step()
     return skip
 
 
-def _gradients(engine):
-    """(parameter, this rank's gradient of it) for every trained parameter: under ZeRO-3 the rank's
-    partition (DeepSpeed's safe_get_local_grad), else the whole gradient (safe_get_full_grad). Under
-    ZeRO-1/2 the whole gradient is gathered parameter by parameter, an all-reduce of the model's size
-    per step; ZeRO-0 and ZeRO-3 (zero3.json) read what the rank holds."""
-    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
-
-    for param in engine.module.parameters():
-        if param.requires_grad:
-            grad = safe_get_local_grad(param) if hasattr(param, "ds_id") else safe_get_full_grad(param)
-            if grad is not None:
-                yield param, grad
-
-
-def _gradients_finite(engine) -> bool:
-    """Whether this rank's share of the accumulated gradient is all finite (one device sync)."""
-    flags = [torch.isfinite(grad).all() for _, grad in _gradients(engine)]
-    return bool(torch.stack(flags).all().item()) if flags else True
-
-
-def _zero_gradients(engine) -> None:
-    """Set this rank's share of the accumulated gradient to 0, through DeepSpeed's setters."""
-    from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
-
-    for param, grad in _gradients(engine):
-        if hasattr(param, "ds_id"):
-            safe_set_local_grad(param, torch.zeros_like(grad))
-        else:
-            safe_set_full_grad(param, torch.zeros_like(grad))
+def _local_gradients(engine) -> list[torch.Tensor]:
+    """This rank's share of the accumulated gradient: the tensors DeepSpeed's step reads, in place (no
+    copy, no communication, no sync per tensor). Under ZeRO-1/2/3 its optimizer's partitions
+    (averaged_gradients), else every trained parameter's .grad (the whole gradient, on every rank)."""
+    partitions = getattr(engine.optimizer, "averaged_gradients", None)
+    if partitions:
+        return [grad for group in partitions.values() if group is not None for grad in group]
+    if engine.zero_optimization_stage() > 0:  # ZeRO-Offload's CPU copies, bf16 ZeRO-1's buffers: not read here
+        raise UsageError(f"--deepspeed: the non-finite check cannot find the gradients DeepSpeed's "
+                         f"{type(engine.optimizer).__name__} holds; use zero2.json or zero3.json.")
+    return [param.grad for param in engine.module.parameters() if param.requires_grad and param.grad is not None]
 
 
 def reset_peak_memory(device) -> None:
@@ -361,17 +352,24 @@ def peak_memory_gb(device) -> float:
 class Phases:
     """Each phase's seconds and peak memory (the device's, or the process's resident memory on the
     CPU), for one step: `with phases("generate"): ...`; `phases.metrics()` names them time/<phase>_seconds
-    and memory/<phase>_peak_gb."""
+    and memory/<phase>_peak_gb. On a GPU the clock is read after the device has finished the work queued
+    so far (torch.cuda.synchronize), at each phase's start and end: the host runs ahead of the GPU, and
+    without it a phase would be timed by when its kernels were launched, not when they ran."""
 
     def __init__(self, device):
         self.device, self.seconds, self.peak_gb = device, {}, {}
 
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     @contextlib.contextmanager
     def __call__(self, name: str):
+        start = self._clock()
         reset_peak_memory(self.device)
-        start = time.time()
         yield
-        self.seconds[name] = time.time() - start
+        self.seconds[name] = self._clock() - start
         self.peak_gb[name] = peak_memory_gb(self.device)
 
     def metrics(self) -> dict[str, float]:

@@ -7,13 +7,16 @@ Qwen3-VL, LLaVA-OneVision, Idefics3, SmolVLM, Gemma 3 and Aria, in one table (`F
 - the tokens sampling must never emit ([sampled placeholders]);
 - the positions of left-padded prompts, counted over real tokens (Qwen's 3-D mRoPE included:
   [padding positions]);
-- the masked-out blank picture that keeps every rank's vision tower running ([text-only rank]).
+- the masked-out blank picture that keeps every rank's vision tower running ([text-only rank]);
+- LoRA through PEFT: where the adapters go, the reference as the policy with them off
+  (`WithoutAdapters`), and sampling with them merged into the weights (`adapters_merged`).
 A new family is an entry in the table; the loop and the policy never branch on it. The names in
 brackets are traps, described in docs/TRAPS.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -234,6 +237,52 @@ def add_lora(model, targets: list[str], r: int, alpha: int, dropout: float, seed
     if name and os.path.isdir(name):
         wrapped.peft_config["default"].base_model_name_or_path = os.path.abspath(name)
     return wrapped
+
+
+@contextlib.contextmanager
+def adapters_merged(model):
+    """Within the block a LoRA model's adapters are merged into the weights they adapt, W' = W + (alpha /
+    r) B A (PEFT's merge), so that each layer runs one matmul instead of three: for sampling, where the
+    weights do not change while a rollout is drawn. Exact afterwards: each merged weight is a new
+    tensor, and the original tensors are put back (PEFT's unmerge subtracts, and W + d - d is not W in
+    floating point: the frozen weights would drift every rollout, [unmerge drift]). Holds one more copy
+    of the adapted weights while it lasts. `model`: a DeepSpeed engine or the model; without adapters,
+    nothing. Under ZeRO-3, enter it inside the gather of every weight (policy.gathered_weights)."""
+    model = getattr(model, "module", model)
+    if not has_adapters(model):
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    originals = [(param, param.data) for layer in layers for param in layer.get_base_layer().parameters(recurse=False)]
+    for param, data in originals:
+        param.data = data.clone()
+    model.base_model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.base_model.unmerge_adapter()  # PEFT's bookkeeping: its layers run their adapters again
+        for param, data in originals:
+            param.data = data
+
+
+class WithoutAdapters:
+    """A LoRA policy's engine run with its adapters off, in eval mode as the frozen reference runs:
+    the starting model. `module` is the policy's, so families.unwrap finds its transformers model.
+    Under ZeRO-3 the adapters' weights are simply not gathered while they are off."""
+
+    def __init__(self, engine):
+        self.engine, self.module = engine, engine.module
+
+    def __call__(self, *args, **kwargs):
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with self.module.disable_adapter():
+                return self.engine(*args, **kwargs)
+        finally:
+            self.module.train(was_training)
 
 
 def has_adapters(model) -> bool:

@@ -126,7 +126,7 @@ def sample_groups(model, prompt_inputs: dict, sampling: Sampling) -> Rollout:
     pieces = []
     was_training = unwrapped.training
     unwrapped.eval()
-    with gathered_weights(model, sampling.zero_stage), run_settings_only(unwrapped):
+    with gathered_weights(model, sampling.zero_stage), families.adapters_merged(model), run_settings_only(unwrapped):
         for start in range(0, num_prompts, per_call):
             inputs = families.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts),
                                              unwrapped.config, sampling.blank_picture)
@@ -419,7 +419,8 @@ def gathered_weights(model, zero_stage: int):
     hooks off while it lasts ([ZeRO-3 generation]): they fetch a module's weights before its forward
     and release them after it, GatheredParameters or not, so generate would gather them again. They
     are registered again at the block's end, as TRL does (`unwrap_model_for_generation`), with the
-    same module ids. `model` is the DeepSpeed engine (or a plain model, which needs nothing)."""
+    same module ids, keeping DeepSpeed's trace of them ([ZeRO-3 prefetch]: registering them again on the
+    root discards it). `model` is the DeepSpeed engine (or a plain model, which needs nothing)."""
     if zero_stage != 3:
         yield
         return
@@ -439,7 +440,9 @@ def gathered_weights(model, zero_stage: int):
         try:
             yield
         finally:
+            coordinator, offload.param_coordinator = offload.param_coordinator, None  # unseen: its trace is kept
             offload._register_deepspeed_module(offload.module, count=[0])
+            offload.param_coordinator = coordinator
 
 
 def prompts_per_call(completions_per_call: int, group_size: int, num_prompts: int) -> int:

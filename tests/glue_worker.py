@@ -14,8 +14,11 @@ DeepSpeed, the plain repeated-prompt forward), and writes what it found as JSON:
                step's first update, and the second update's gradient must use them.
   "seeds"      (c) both ranks seeded with the same --seed and given the same prompt must sample
                different completions; re-seeding reproduces a rank's own completions.
-  "gathers"    (d) under ZeRO-3 one sampling call gathers the weights once.
-  "nonfinite"  (e) a NaN loss in the first of a rank's two micro-batches skips the whole step.
+  "gathers"    (d) under ZeRO-3 one sampling call gathers the weights once (a LoRA policy's too,
+               merged for it and bitwise as before after it); and per step, the update's gathers
+               with DeepSpeed's trace per micro-batch and without it.
+  "nonfinite"  (e) a NaN loss in the first of a rank's two micro-batches skips the whole step; a
+               finite step's non-finite check is one all-reduce.
 Steps 5 and 6 are train.learn_from itself, the function main calls.
 """
 
@@ -194,14 +197,15 @@ def compare(change: dict, expected: dict) -> dict:
 # DeepSpeed
 # ---------------------------------------------------------------------------------------------
 
-def sgd_engine(model_dir: str, stage: int, lr: float):
+def sgd_engine(model_dir: str, stage: int, lr: float, zero: dict | None = None):
     """The tiny model in float32 in a DeepSpeed engine with plain SGD (no momentum, no weight decay,
-    no clipping, no schedule): one optimizer step changes each weight by exactly -lr x gradient."""
+    no clipping, no schedule): one optimizer step changes each weight by exactly -lr x gradient.
+    `zero`: more zero_optimization settings."""
     import deepspeed
 
     model = families.load_model(model_dir, torch.float32)
     config = {"train_micro_batch_size_per_gpu": B * G, "gradient_accumulation_steps": GAS,
-              "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}, "bf16": {"enabled": False},
+              "gradient_clipping": 0.0, "zero_optimization": {"stage": stage, **(zero or {})}, "bf16": {"enabled": False},
               "fp16": {"enabled": False}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -299,20 +303,73 @@ def check_old_logps(model_dir, processor, rank, world_size, device, lr: float) -
 # (e) a non-finite loss in one micro-batch of one rank skips the whole optimizer step
 # ---------------------------------------------------------------------------------------------
 
-def check_nonfinite_first_micro_batch(model_dir, processor, rank, world_size, device, stage: int) -> dict:
-    """Rank 1's first micro-batch (of 2) has NaN advantages, so its loss is NaN; its second micro-batch
-    and all of rank 0's are finite. The step must be skipped on both ranks with no weight moved, not
-    trained on the finite micro-batches that followed."""
+def check_nonfinite_first_micro_batch(model_dir, processor, rank, world_size, device, stage: int,
+                                     fault: str = "loss") -> dict:
+    """Rank 1's first micro-batch (of 2) has NaN advantages, so its loss is NaN (`fault` "loss"), or a
+    finite loss whose gradient is infinite ("gradient": sqrt(l - sg[l]) added, 0 with derivative inf);
+    its second micro-batch and all of rank 0's are finite. The step must be skipped on both ranks with
+    no weight moved, not trained on the finite micro-batches that followed. Then a finite step on the
+    same engine: it moves the weights (the skip left no NaN behind), and the loop's own all-reduces in
+    its two micro-steps (train.update's, outside DeepSpeed's backward and step) are counted."""
     micro_batches = step_data(processor, seed=3000)
-    micro_batches[GAS]["advantages"] = torch.full_like(micro_batches[GAS]["advantages"], float("nan"))  # rank 1's first
+    if fault == "loss":  # rank 1's first
+        micro_batches[GAS]["advantages"] = torch.full_like(micro_batches[GAS]["advantages"], float("nan"))
     args = config.parse_args(cli_args("grpo", 1, 0.0, model_dir))
     engine = sgd_engine(model_dir, stage, lr=1.0)
     before = full_weights(engine, stage)
     rollout = rank_rollout(processor, micro_batches, rank, engine)
-    (loss_stats, skipped), = learn(rollout, engine, None, args, world_size, device)
+    policy_loss, calls = train.objective.policy_loss, []
+
+    def infinite_gradient_once(*args, **kwargs):
+        loss, stats = policy_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss + torch.sqrt(loss - loss.detach()) if rank == 1 and len(calls) == 1 else loss), stats
+
+    train.objective.policy_loss = infinite_gradient_once if fault == "gradient" else policy_loss
+    try:
+        (loss_stats, skipped), = learn(rollout, engine, None, args, world_size, device)
+    finally:
+        train.objective.policy_loss = policy_loss
     after = full_weights(engine, stage)
-    return {"skipped": skipped, "losses": [s["loss"] for s in loss_stats],
-            "largest_change": max((before[n] - after[n]).abs().max().item() for n in before)}
+    result = {"skipped": skipped, "losses": [s["loss"] for s in loss_stats],
+              "largest_change": max((before[n] - after[n]).abs().max().item() for n in before)}
+    finite = rank_rollout(processor, step_data(processor, seed=3001), rank, engine)
+    for group in engine.optimizer.param_groups:  # the rate the skip set to 0 (train.py's LR schedule sets it again)
+        group["lr"] = 1.0
+    with counting_all_reduces(engine) as count:
+        _, result["finite_step_skipped"] = train.update(engine, finite, args, world_size, step_tokens=100.0)
+    result["loop_all_reduces"] = count["calls"]
+    again = full_weights(engine, stage)
+    result["finite_step_change"] = max((after[n] - again[n]).abs().max().item() for n in after)
+    return result
+
+
+@contextlib.contextmanager
+def counting_all_reduces(engine):
+    """Counts the all-reduces made in the block outside DeepSpeed's own backward and step (the
+    reduction of gradients is theirs; what the loop adds around them is counted)."""
+    count, original = {"calls": 0, "paused": False}, torch.distributed.all_reduce
+
+    def all_reduce(*args, **kwargs):
+        count["calls"] += not count["paused"]
+        return original(*args, **kwargs)
+
+    def paused(method):
+        def call(*args, **kwargs):
+            count["paused"] = True
+            try:
+                return method(*args, **kwargs)
+            finally:
+                count["paused"] = False
+        return call
+
+    torch.distributed.all_reduce = all_reduce
+    engine.backward, engine.step = paused(engine.backward), paused(engine.step)
+    try:
+        yield count
+    finally:
+        torch.distributed.all_reduce = original
+        del engine.backward, engine.step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +458,80 @@ def check_gathers(model_dir, processor, rank) -> dict:
     return result
 
 
+def check_gathers_per_step(model_dir, processor, rank, world_size, traced: bool, steps: int = 3) -> list[dict]:
+    """ZeRO-3 weights gathered per step (a sampling call, then an optimizer step of GAS micro-batches
+    through train.update), as multiples of the model's size, with DeepSpeed's trace per micro-batch
+    (`traced`: distributed.trace_micro_batches, as load_engine sets it) or as DeepSpeed sets it. No
+    weight is kept whole for being small (stage3_param_persistence_threshold 0: Qwen2-VL-2B's matrices
+    are all above zero3.json's threshold, this tiny model's all below), and zero3.json's reuse distance
+    (1e9 elements, more than this model) keeps a weight used again in the micro-batch."""
+    engine = sgd_engine(model_dir, 3, lr=0.0, zero={"stage3_param_persistence_threshold": 0,
+                                                    "stage3_max_reuse_distance": 1e9, "stage3_max_live_parameters": 1e9})
+    if traced:
+        distributed.trace_micro_batches(engine)
+    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    invalidate, invalidations = coordinator._invalidate_trace, []
+    coordinator._invalidate_trace = lambda: invalidations.append(1) or invalidate()
+    size, tensors = sum(p.ds_numel for p in engine.module.parameters()), len(list(engine.module.parameters()))
+    args = config.parse_args(cli_args("grpo", 1, 0.0, model_dir))
+    found = []
+    for step in range(steps):
+        rollout = rank_rollout(processor, step_data(processor, seed=5000 + step), rank, engine)
+        invalidations.clear()
+        with counting_gathers() as sampling:
+            policy.sample_groups(engine, rollout.prompt_inputs, policy.Sampling.for_model(
+                engine, processor.tokenizer, group_size=G, max_new_tokens=4, temperature=1.0, zero_stage=3,
+                synced_ranks=True))
+        with counting_gathers() as update:
+            train.update(engine, rollout, args, world_size, step_tokens=100.0)
+        found.append({"generate": sampling["elements"] / size, "update": update["elements"] / size,
+                      "update_padding_bound": (update["elements"] - GAS * size) / tensors,
+                      "invalidations": len(invalidations), "trace_complete": coordinator.is_complete_trace(),
+                      "released_after_step": released(engine)})
+    return found
+
+
+def check_lora_sampling(model_dir, processor, rank) -> dict:
+    """A LoRA policy under ZeRO-3 (PEFT's adapters on the decoder's projections, B drawn at random so that
+    they matter; no weight kept whole for its size): one sample_groups call, whose adapters are merged
+    inside the one gather (families.adapters_merged). The elements it gathers, how often an adapter ran
+    during it, and whether every weight and this rank's log-probs of fixed completions are bitwise those
+    before it."""
+    import deepspeed
+
+    model = families.load_model(model_dir, torch.float32)
+    model = families.add_lora(model, families.lora_targets(model, list(config.LORA_TARGETS), False), 4, 8, 0.0, 0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    ds_config = {"train_micro_batch_size_per_gpu": B * G, "gradient_accumulation_steps": GAS,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                 "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trained, lr=0.0), config=ds_config)
+    rollout = rank_rollout(processor, step_data(processor, seed=6000), rank, engine)
+
+    def logps() -> torch.Tensor:
+        with torch.no_grad():
+            return policy.rollout_logps(engine, rollout, B)
+
+    before, weights = logps(), full_weights(engine, 3)
+    adapter_calls = []
+    for name, module in engine.module.named_modules():
+        if name.endswith(".lora_A.default"):
+            module.register_forward_hook(lambda *_: adapter_calls.append(1))
+    with counting_gathers() as count:
+        policy.sample_groups(engine, rollout.prompt_inputs, policy.Sampling.for_model(
+            engine, processor.tokenizer, group_size=G, max_new_tokens=4, temperature=1.0, zero_stage=3,
+            synced_ranks=True))
+    after = full_weights(engine, 3)
+    return {"gathered": count["elements"], "adapter_calls_while_sampling": len(adapter_calls), "parameter_elements": sum(p.ds_numel for p in engine.module.parameters()),
+            "parameter_tensors": len(list(engine.module.parameters())), "released_after": released(engine),
+            "logps_unchanged": bool(torch.equal(logps(), before)),
+            "weights_unchanged": all(torch.equal(after[name], weights[name]) for name in weights)}
+
+
 def released(engine) -> list[str]:
     """The weights that are gathered now (not partitioned), leaving out those ZeRO-3 keeps whole on purpose."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -413,7 +544,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--stages", default="3,0")
+    parser.add_argument("--stages", default="3,2,0")
     parser.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed launcher
     cli = parser.parse_args()
     torch.set_num_threads(1)
@@ -421,15 +552,18 @@ def main() -> None:
     assert world_size == W, f"launch with --num_gpus {W}"
     processor = families.load_processor(cli.model, 56 * 56, 56 * 112)
     results = {"gathers": check_gathers(cli.model, processor, rank),
+               "lora_sampling": check_lora_sampling(cli.model, processor, rank),
+               "gathers_per_step": {name: check_gathers_per_step(cli.model, processor, rank, world_size, traced)
+                                    for name, traced in (("deepspeed", False), ("traced", True))},
                "seeds": check_seeds(cli.model, processor, rank, seed=1234)}
     results["scale"] = {f"stage{s}": {lt: check_scale(cli.model, processor, rank, world_size, device, int(s), lt)
                                       for lt in LOSS_TYPES} for s in cli.stages.split(",") if s}
     # lr 0.3 moves the completions' log-probs by ~0.2 nats on average: ratios well away from 1,
     # some clipped at 1 +- 0.2, none with a vanishing gradient.
     results["old_logps"] = check_old_logps(cli.model, processor, rank, world_size, device, lr=0.3)
-    results["nonfinite"] = {f"stage{s}": check_nonfinite_first_micro_batch(cli.model, processor, rank, world_size,
-                                                                          device, int(s))
-                            for s in cli.stages.split(",") if s}
+    results["nonfinite"] = {f"stage{s}-{fault}": check_nonfinite_first_micro_batch(cli.model, processor, rank,
+                                                                                  world_size, device, int(s), fault)
+                            for s in cli.stages.split(",") if s for fault in ("loss", "gradient")}
     if rank == 0:
         with open(cli.out, "w") as f:
             json.dump(results, f, indent=1)

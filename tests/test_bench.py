@@ -143,6 +143,27 @@ def test_compare_lora_trains_adapters_in_the_second_kind_alone():
     assert full[-2:] == ["--deepspeed", "zero3.json"]
 
 
+def test_lora_unmerged_while_sampling_sets_the_merge_aside(tmp_path, monkeypatch):
+    """--compare lora's third kind runs train.py through train_worker with unmerged_sampling: there
+    grpo.families.adapters_merged, which sample_groups enters around generate, does nothing."""
+    import contextlib
+    import json
+
+    import train
+    from grpo import families
+
+    merging, seen = families.adapters_merged, {}
+    monkeypatch.setattr(families, "adapters_merged", merging)  # put back after the test
+    monkeypatch.setattr(train, "cli", lambda argv: seen.update(argv=argv, merge=families.adapters_merged) or 0)
+    spec = tmp_path / "worker.json"
+    spec.write_text(json.dumps(dict(argv=["--use_peft", "true"], freeze_embeddings=False, unmerged_sampling=True,
+                                    profile_step=None, profile_out=str(tmp_path / "profile"))))
+    with pytest.raises(SystemExit) as exit_status:
+        bench.train_worker(str(spec))
+    assert exit_status.value.code == 0 and seen["argv"] == ["--use_peft", "true"]
+    assert seen["merge"] is not merging and isinstance(seen["merge"](object()), contextlib.nullcontext)
+
+
 # ---- FLOPs per phase, by hand on a made-up model -------------------------------------------------
 
 # Text: 2 layers, 2 heads of 4 (attention width 8). Vision: 3 blocks of width 6, 14-px patches merged 2 x 2.

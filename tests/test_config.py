@@ -52,21 +52,72 @@ def test_unreadable_deepspeed_config(tmp_path):
         train.main(NO_MODEL + ["--deepspeed", str(tmp_path / "missing.json")])
 
 
-def test_zero3_json_autos_filled_from_flags():
+@pytest.mark.parametrize("path, stage", [(None, 3), ("zero2.json", 2)])
+def test_deepspeed_json_autos_filled_from_flags(path, stage):
+    """zero3.json (the default) and zero2.json, filled for 8 GPUs: the batch sizes from the flags, and
+    torch's fused AdamW (DeepSpeed's FusedAdam would be JIT-built on first use); on the CPU torch's AdamW."""
     args = config.parse_args(["--num_generations", "4", "--per_device_train_batch_size", "3",
                              "--gradient_accumulation_steps", "2", "--learning_rate", "5e-6", "--bf16"])
-    filled = distributed.fill_deepspeed_config(distributed.read_deepspeed_config(None), args, world_size=8,
+    filled = distributed.fill_deepspeed_config(distributed.read_deepspeed_config(path), args, world_size=8,
                                           total_steps=100, on_gpu=True)
     assert filled["train_micro_batch_size_per_gpu"] == 12  # 3 prompts x G=4 completions
     assert filled["gradient_accumulation_steps"] == 2
     assert filled["train_batch_size"] == 12 * 2 * 8
     assert filled["optimizer"]["params"]["lr"] == 5e-6
     assert filled["bf16"]["enabled"] is True
-    assert filled["zero_optimization"]["stage"] == 3
-    assert "torch_adam" not in filled["optimizer"]["params"]
+    assert filled["zero_optimization"]["stage"] == stage
+    assert filled["optimizer"]["params"]["torch_adam"] is True and filled["optimizer"]["params"]["fused"] is True
     assert "auto" not in json.dumps(filled)
-    on_cpu = distributed.fill_deepspeed_config(distributed.read_deepspeed_config(None), args, 1, 100, on_gpu=False)
-    assert on_cpu["optimizer"]["params"]["torch_adam"] is True
+    on_cpu = distributed.fill_deepspeed_config(distributed.read_deepspeed_config(path), args, 1, 100, on_gpu=False)
+    assert on_cpu["optimizer"]["params"]["torch_adam"] is True and "fused" not in on_cpu["optimizer"]["params"]
+    assert on_cpu["zero_optimization"] == {"stage": 0}  # a world of one
+
+
+def test_an_optimizer_the_config_names_itself_is_left_as_it_is(tmp_path):
+    """torch_adam is set only where the user has not decided: their own torch_adam false keeps DeepSpeed's
+    FusedAdam, and an optimizer other than Adam is not given Adam's switches."""
+    path = tmp_path / "ds.json"
+    args = config.parse_args([])
+    for optimizer in ({"type": "Adam", "params": {"torch_adam": False}}, {"type": "Lamb", "params": {}}):
+        path.write_text(json.dumps({"optimizer": optimizer}))
+        filled = distributed.fill_deepspeed_config(distributed.read_deepspeed_config(str(path)), args, 8, 10, on_gpu=True)
+        assert filled["optimizer"] == optimizer
+
+
+# The optimizer DeepSpeed builds from the config filled for a GPU, here on the CPU (torch's fused AdamW
+# runs on both); one step of it against torch.optim.AdamW unfused, from the same weights and gradient.
+GPU_CONFIG_OPTIMIZER = """
+import copy, json, sys, torch
+import deepspeed
+from grpo import config, distributed
+distributed.init_distributed()
+args = config.parse_args(["--learning_rate", "0.1", "--weight_decay", "0.01", "--bf16", "false", "--max_grad_norm", "0"])
+ds_config = distributed.fill_deepspeed_config(distributed.read_deepspeed_config(sys.argv[1]), args, 1, 10, on_gpu=True)
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 3)
+reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config)
+x = torch.randn(5, 4)
+engine.backward(engine(x).square().sum())
+engine.step()
+adamw = torch.optim.AdamW(reference.parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+reference(x).square().sum().backward()
+adamw.step()
+print("RESULT", json.dumps({"optimizer": type(engine.basic_optimizer).__module__ + "." + type(engine.basic_optimizer).__name__,
+    "fused": engine.basic_optimizer.param_groups[0].get("fused"),
+    "difference": max((a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters())),
+    "moved": min((a - b).abs().min().item() for a, b in zip(model.parameters(), initial.parameters()))}))
+distributed.end_distributed()
+"""
+
+
+def test_the_gpu_configs_optimizer_is_torchs_fused_adamw_with_no_build(tmp_path):
+    """The first GPU run cannot fail on an optimizer build: the config written for a GPU makes DeepSpeed
+    build torch.optim.AdamW with fused=True (not its FusedAdam), and its step is AdamW's."""
+    log = run_command([sys.executable, "-c", GPU_CONFIG_OPTIMIZER, "zero3.json"], tmp_path)
+    result = json.loads(next(line for line in log.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1])
+    assert result["optimizer"] == "torch.optim.adamw.AdamW" and result["fused"] is True
+    assert result["moved"] > 0.05 and result["difference"] < 1e-6  # Adam's first step moves every weight by about lr
 
 
 def test_unknown_auto_key_is_named(tmp_path):
@@ -233,7 +284,7 @@ def test_usage_errors_exit_2_with_one_line(flags, named, tiny_model, colour_data
     (["--bf16", "false"], True, "2.7.4", False, "sdpa"),           # float32 asked for: flash-attn cannot take it
     (["--bf16"], False, "2.7.4", True, "sdpa"),                    # bf16 asked for on the CPU: given, with sdpa
     (["--attn_implementation", "eager"], True, "2.7.4", True, "eager"),
-    (["--attn_implementation", "flash_attention_2"], True, "2.1.0", True, "flash_attention_2"),
+    (["--attn_implementation", "flash_attention_2"], True, "2.3.3", True, "flash_attention_2"),
 ])
 def test_precision_and_attention_defaults(flags, on_gpu, flash_attn, bf16, attention):
     args = config.parse_args(flags)
@@ -271,17 +322,20 @@ def test_words_no_flag_takes_are_a_usage_error(argv, message):
 
 
 # attention_for(requested, half_precision, on_gpu, flash_attn): what each machine gets, worked out by hand
-# from the rule "flash_attention_2 needs a CUDA GPU, 16-bit weights and flash-attn >= 2.1".
+# from the rule "flash_attention_2 needs a CUDA GPU, 16-bit weights and flash-attn >= 2.3.3" (transformers'
+# floor, in transformers/utils/import_utils.py: is_flash_attn_2_available).
 @pytest.mark.parametrize("requested, half_precision, on_gpu, flash_attn, attention", [
     (None, False, False, None, "sdpa"),                            # the CPU, float32
     (None, True, False, "2.7.4", "sdpa"),                          # bf16 on the CPU: flash-attn cannot run there
     (None, True, True, None, "sdpa"),                              # a GPU without flash-attn
     (None, False, True, "2.7.4", "sdpa"),                          # float32 on a GPU: flash-attn cannot take it
     (None, True, True, "2.7.4", "flash_attention_2"),              # the published run
-    (None, True, True, "2.10.0", "flash_attention_2"),             # 2.10 is after 2.1 (numbers, not text)
+    (None, True, True, "2.10.0", "flash_attention_2"),             # 2.10 is after 2.3 (numbers, not text)
+    (None, True, True, "2.3.10", "flash_attention_2"),             # 2.3.10 is after 2.3.3
+    (None, True, True, "2.7.4.post1", "flash_attention_2"),        # a release's suffix is no fourth number to compare
     ("sdpa", True, True, "2.7.4", "sdpa"),                         # asked for: given
     ("eager", False, False, None, "eager"),
-    ("flash_attention_2", True, True, "2.1.0", "flash_attention_2"),
+    ("flash_attention_2", True, True, "2.3.3", "flash_attention_2"),
 ])
 def test_attention_for(requested, half_precision, on_gpu, flash_attn, attention):
     assert config.attention_for(requested, half_precision, on_gpu, flash_attn) == attention
@@ -291,9 +345,11 @@ def test_attention_for(requested, half_precision, on_gpu, flash_attn, attention)
     ("flash_attention_2", True, False, "2.7.4", "CUDA GPU only"),
     ("flash_attention_2", False, True, "2.7.4", "16-bit weights only"),
     ("flash_attention_2", True, True, None, "needs flash-attn"),
-    ("flash_attention_2", True, True, "2.0.9", "before 2.1"),
-    (None, True, True, "2.0.4", "before 2.1"),                     # the default would pick an old flash-attn: refused
-    (None, True, True, "1.0.9", "before 2.1"),
+    ("flash_attention_2", True, True, "2.0.9", "takes 2.3.3 or newer"),
+    ("flash_attention_2", True, True, "2.3.2", "takes 2.3.3 or newer"),  # one below transformers' floor
+    ("flash_attention_2", True, True, "2.3", "takes 2.3.3 or newer"),
+    (None, True, True, "2.1.0", "takes 2.3.3 or newer"),           # the default would pick an old flash-attn: refused
+    (None, True, True, "1.0.9", "takes 2.3.3 or newer"),
 ])
 def test_attention_that_cannot_run_is_a_usage_error(requested, half_precision, on_gpu, flash_attn, says):
     with pytest.raises(config.UsageError, match=f"^--attn_implementation: .*{says}"):

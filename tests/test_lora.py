@@ -89,7 +89,7 @@ def test_reference_is_the_base_model_and_the_shared_prompt_runs_the_adapters(tin
     mask[1, 4:] = 0
     with torch.no_grad():
         base_logps = policy.completion_logps(base.eval(), inputs, ids, mask, 0.9, G, share_prompt=False)
-        reference = policy.completion_logps(distributed.WithoutAdapters(_Engine(lora)), inputs, ids, mask, 0.9, G,
+        reference = policy.completion_logps(families.WithoutAdapters(_Engine(lora)), inputs, ids, mask, 0.9, G,
                                             share_prompt=True)
     assert lora.training
     torch.testing.assert_close(reference * mask, base_logps * mask, atol=1e-5, rtol=0)
@@ -105,6 +105,46 @@ def test_reference_is_the_base_model_and_the_shared_prompt_runs_the_adapters(tin
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(),
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_sampling_runs_the_merged_weights_and_leaves_the_model_bitwise_as_it_was(tiny_model):
+    """sample_groups on a LoRA model (families.adapters_merged): generate runs on W + (alpha / r) B A with
+    no adapter branch called, and draws exactly what the same weights merged by PEFT's merge_and_unload
+    draw at the same seed; afterwards every weight and the log-probs are bitwise as before (float32 here;
+    PEFT's own unmerge subtracts the delta again, and W + d - d is not W in floating point)."""
+    import copy
+
+    processor = families.load_processor(tiny_model, 56 * 56, 112 * 112)
+    lora = _with_adapters(tiny_model)
+    inputs = _three_prompts(processor)
+    G, T = 3, 7
+    ids = torch.randint(10, len(processor.tokenizer) - 20, (3 * G, T), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+
+    def sample(model) -> torch.Tensor:
+        torch.manual_seed(5)
+        settings = dict(group_size=G, max_new_tokens=8, temperature=1.0, ignore_eos=True,
+                        suppressed_ids=tuple(families.forbidden_token_ids(processor, families.unwrap(model).config)))
+        return policy.sample_groups(model, inputs, policy.Sampling.for_model(model, processor.tokenizer, **settings)
+                                    ).completion_ids
+
+    def logps() -> torch.Tensor:
+        with torch.no_grad():
+            return policy.completion_logps(lora.eval(), inputs, ids, mask, 0.9, G)
+
+    weights, logps_before = {name: p.detach().clone() for name, p in lora.named_parameters()}, logps()
+    adapter_calls = []
+    for name, module in lora.named_modules():
+        if name.endswith(".lora_A.default"):
+            module.register_forward_hook(lambda *_: adapter_calls.append(1))
+    sampled = sample(lora)
+    assert adapter_calls == []
+    assert all(torch.equal(p, weights[name]) for name, p in lora.named_parameters())
+    assert torch.equal(logps(), logps_before)
+    assert adapter_calls  # the hooks count: outside sampling the adapters run
+    merged = copy.deepcopy(lora).merge_and_unload()
+    assert torch.equal(sample(merged), sampled)
+    assert not torch.equal(sample(families.load_model(tiny_model, torch.float32, "sdpa")), sampled)  # the adapters count
 
 
 LORA_RUN = ["--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0",

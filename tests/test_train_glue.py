@@ -35,7 +35,7 @@ def _assert_matches(result: dict, what: str) -> None:
     assert result["worst_relative_error"] < WORST_TENSOR_TOLERANCE, f"{what}\n{report}"
 
 
-@pytest.mark.parametrize("stage", [3, 0])
+@pytest.mark.parametrize("stage", [3, 2, 0])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_one_step_over_two_ranks_and_two_micro_steps_is_the_gradient_of_the_step_loss(glue, loss_type, stage):
     """With SGD at lr 1, each weight's change is minus the gradient of the whole step's loss as its
@@ -88,14 +88,51 @@ def test_zero3_gathers_the_weights_once_per_sampling_call(glue, path):
     assert g["released_after_training_step"] == []
 
 
-@pytest.mark.parametrize("stage", [3, 0])
-def test_a_nonfinite_loss_in_any_micro_batch_skips_the_whole_step(glue, stage):
-    """(e) Rank 1's first micro-batch of two has a NaN loss; the others are finite. Both ranks skip the
-    optimizer step and no weight moves, though the micro-batches after the NaN one were finite."""
-    result = glue["nonfinite"][f"stage{stage}"]  # rank 0's view: the skip is agreed, the weights gathered whole
+def test_zero3_lora_sampling_merges_inside_the_one_gather_and_leaves_every_weight_as_it_was(glue):
+    """(d) A LoRA policy under ZeRO-3: one sampling call gathers the model (adapters included) once, the
+    adapters merged into the gathered weights for it (families.adapters_merged); afterwards every weight
+    is partitioned again and bitwise as before, and so are the log-probs."""
+    g = glue["lora_sampling"]
+    report = json.dumps(g)
+    assert g["parameter_elements"] <= g["gathered"] <= g["parameter_elements"] + g["parameter_tensors"], report
+    assert g["adapter_calls_while_sampling"] == 0, report
+    assert g["released_after"] == [] and g["weights_unchanged"] and g["logps_unchanged"], report
+
+
+def test_zero3_traces_a_micro_batch_and_gathers_each_weight_once_per_micro_batch(glue):
+    """(d) [ZeRO-3 prefetch] A step: one sampling call, then an optimizer step of 2 micro-batches (each a
+    prompt pass, a completion pass and their backward). DeepSpeed's own trace starts at every call of the
+    model, so the next call never repeats it: it is discarded within every step, and every pass gathers on
+    demand, 8.4 times the model per update here. With the micro-batch as the trace's step (distributed.trace_micro_batches,
+    and gathered_weights keeping the trace across the sampling call), the trace is complete from the
+    second step on, nothing invalidates it, prefetching can run, and a weight gathered for the prompt
+    pass is kept for the completion pass and the backward: once per micro-batch (2 per update).
+    Sampling gathers the model once either way, and every weight is partitioned again after the step."""
+    report = json.dumps(glue["gathers_per_step"], indent=1)
+    before, after = glue["gathers_per_step"]["deepspeed"], glue["gathers_per_step"]["traced"]
+    for step in before:
+        assert step["update"] > 3 * 2 and step["invalidations"] > 0, report  # 3 passes a micro-batch, 2 micro-batches
+    for step in after[1:]:
+        assert step["invalidations"] == 0 and step["trace_complete"], report
+        assert 2.0 <= step["update"] and step["update_padding_bound"] <= 2, report  # 2 x (the model + padding)
+    for step in before + after:
+        assert 1.0 <= step["generate"] < 1.1 and step["released_after_step"] == [], report
+
+
+@pytest.mark.parametrize("fault", ["loss", "gradient"])
+@pytest.mark.parametrize("stage", [3, 2, 0])
+def test_a_nonfinite_loss_in_any_micro_batch_skips_the_whole_step(glue, stage, fault):
+    """(e) Rank 1's first micro-batch of two has a NaN loss, or a finite loss with an infinite gradient;
+    the others are finite. Both ranks skip the optimizer step and no weight moves, though the
+    micro-batches after the bad one were finite; the next, finite, step trains. The check is one fused reduction over the rank's gradients and one all-reduce
+    per optimizer step: the loop's own all-reduces in a step of two micro-batches are 1 (it was one per
+    micro-batch and one per step, and under ZeRO-2 one more per parameter)."""
+    result = glue["nonfinite"][f"stage{stage}-{fault}"]  # rank 0's view: the skip is agreed, the weights gathered whole
     report = json.dumps(result)
     assert result["skipped"] is True, report
     assert result["largest_change"] == 0.0, report
+    assert result["finite_step_skipped"] is False and result["finite_step_change"] > 0, report
+    assert result["loop_all_reduces"] == 1, report
 
 
 def test_reward_weights_reach_the_rewards_and_the_advantages():
@@ -146,3 +183,28 @@ def test_peak_memory_per_phase_on_the_cpu():
     after = distributed.peak_memory_gb(cpu)
     assert during - before > 0.35
     assert after < during - 0.3
+
+
+def test_phase_times_on_a_gpu_are_read_after_the_device_finishes(monkeypatch):
+    """On a GPU the host queues kernels and runs ahead: a phase's clock is read after
+    torch.cuda.synchronize, at its start and at its end, else it times the launches. The device and the
+    clock are mocked: the calls come in that order, and the phase's seconds are the two readings apart."""
+    import torch
+
+    from grpo import distributed
+
+    events, readings = [], iter([10.0, 12.5, 20.0, 20.25])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset peak"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(distributed.time, "perf_counter", lambda: events.append("clock") or next(readings))
+    gpu = torch.device("cuda", 0)
+    phases = distributed.Phases(gpu)
+    with phases("update"):
+        events.append("work")
+    assert events == [("synchronize", gpu), "clock", "reset peak", "work", ("synchronize", gpu), "clock"]
+    assert phases.metrics() == {"time/update_seconds": 2.5, "memory/update_peak_gb": 3.0}
+    events.clear()
+    with distributed.Phases(torch.device("cpu"))("generate"):  # the CPU's work is done when the call returns
+        events.append("work")
+    assert events == ["clock", "work", "clock"]
