@@ -11,7 +11,7 @@ Everything that runs the model is here, in three parts:
    the prompt once and lets the G completions attend to its keys and values. The tests hold it to part
    1 (log-probs, gradients, samples).
 3. generate's surroundings: the config it is told, the end ids, the attention kernel it decodes with,
-   the ZeRO-3 gather around it.
+   the fixed shapes of a compiled decode step (--compile_decode), the ZeRO-3 gather around it.
 
 The run's sampling settings are one `Sampling`, built once at set-up and passed whole.
 
@@ -19,7 +19,7 @@ The traps guarded here (docs/TRAPS.md): [checkpoint sampling defaults] (generate
 flags and nothing of the checkpoint's generation config), [end ids], [ZeRO-3 generation] (weights
 gathered once per rollout, ranks kept in step), [cache off in train mode], [sampled placeholders],
 [pictures in every forward], [padding positions], [stale rope deltas], [full-vocabulary logits],
-[checkpointing drops the cache], and on a GPU [auto-compile] and [unpadding syncs].
+[checkpointing drops the cache], [auto-compile], and on a GPU [unpadding syncs].
 """
 
 from __future__ import annotations
