@@ -119,18 +119,18 @@ def sample_groups(model, prompt_inputs: dict, sampling: Sampling) -> Rollout:
     the DeepSpeed engine around it.
     """
     unwrapped = families.unwrap(model)
-    compiled = sampling.compile_decode and not getattr(unwrapped, "_decode_compile_failed", False)
     config = generation_config(max_new_tokens=sampling.max_new_tokens, end_ids=list(sampling.end_ids),
                                pad_token_id=sampling.tokenizer.pad_token_id,
                                suppress_token_ids=list(sampling.suppressed_ids), temperature=sampling.temperature,
                                top_p=sampling.top_p, ignore_eos=sampling.ignore_eos,
-                               compile_for=unwrapped.device if compiled else None)
+                               compile_for=unwrapped.device if sampling.compile_decode else None)
     num_prompts = prompt_inputs["input_ids"].shape[0]
     per_call = prompts_per_call(sampling.completions_per_call, sampling.group_size, num_prompts)
     pieces = []
     was_training = unwrapped.training
     unwrapped.eval()
-    with gathered_weights(model, sampling.zero_stage), run_settings_only(unwrapped):
+    with gathered_weights(model, sampling.zero_stage), engine_hooks_aside(model, sampling.compile_decode), \
+            run_settings_only(unwrapped):
         for start in range(0, num_prompts, per_call):
             inputs = families.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts),
                                              unwrapped.config, sampling.blank_picture)
@@ -375,8 +375,7 @@ def generation_config(*, max_new_tokens: int, end_ids: list[int], pad_token_id: 
     (top_k, repetition_penalty, typical_p, min_p, no_repeat_ngram_size, bad_words_ids, ...) is left
     unset, and `run_settings_only` keeps the checkpoint's values from filling them; top_k is set to 0
     because transformers' own default for it is 50. The decode step is compiled only when asked
-    (`compile_for`: the model's device, --compile_decode), with `decode_compile_config`'s settings, on
-    the fixed shapes `static_cache` and `_generate_call` keep; transformers' own choice is off ([auto-compile])."""
+    (`compile_for`: the model's device, --compile_decode), never by transformers' own choice ([auto-compile])."""
     from transformers import GenerationConfig
 
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
@@ -390,10 +389,9 @@ def generation_config(*, max_new_tokens: int, end_ids: list[int], pad_token_id: 
 
 
 def decode_compile_config(device):
-    """How the decode step is compiled ([auto-compile]): one graph (fullgraph: a graph break is an error,
-    and the run decodes eagerly, rather than a step half compiled), static shapes (the cache buckets
-    keep them), CUDA graphs on a GPU (reduce-overhead: a decode step is launch-bound) and inductor's
-    C++ kernels on the CPU, where transformers would not compile at all unless told to."""
+    """How the decode step is compiled ([auto-compile]): one graph (a graph break is an error, not a step
+    half compiled), static shapes (static_cache keeps them), CUDA graphs on a GPU (a decode step is
+    bound by launches) and inductor's C++ kernels on the CPU, which transformers' own criteria skip."""
     from transformers import CompileConfig
 
     config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
@@ -402,13 +400,10 @@ def decode_compile_config(device):
 
 
 def static_cache(model, rows: int, length: int, config):
-    """The preallocated keys/values `generate` decodes into, for `rows` rows of up to `length` tokens.
-
-    Eager: exactly `length`, new each call. Compiled ([auto-compile]): the length rounded up to a power
-    of two, so that the compiled step sees one shape per bucket (a run whose prompts vary in length
-    compiles a few times, not once per step; at most 2x the keys/values, which a decode step reads
-    far less of than the weights), and one cache kept on the model for the next call of the same
-    shape, reset: CUDA graphs replay on the same memory instead of being recorded again."""
+    """The preallocated keys/values `generate` decodes into, `rows` rows of up to `length` tokens: new
+    each call when eager; compiled ([auto-compile]), `length` rounded up to a power of two (one compile
+    per bucket, for at most 2x the keys/values, which a decode step reads far less of than the weights)
+    and one cache per shape kept on the model, reset, so that CUDA graphs replay on the same memory."""
     from transformers import StaticCache
 
     if config.disable_compile:
@@ -424,29 +419,47 @@ def static_cache(model, rows: int, length: int, config):
 
 
 def _generate_call(model, inputs: dict, sampling: Sampling, config, prompts: int) -> torch.Tensor:
-    """One generate call on n prompts: [n*G, t]. With the decode step compiled, the call is padded to
-    `prompts` prompts (copies of the last one, whose rows are dropped after), so that every call of a
-    run has the same rows. If compiling fails (no C++ compiler, an unsupported operation), the call
-    is made again eagerly from the same random state, and so are the run's later calls: one line says so."""
+    """One generate call on n prompts: [n*G, t]. Compiled, it is padded to `prompts` prompts (copies of
+    the last, their rows dropped after): every call of a run has the same rows. A compile that fails
+    (no C++ compiler, an unsupported operation, too many shapes) leaves the run eager from there on,
+    this call made again from the same random state, and one line says so."""
     generate = _generate_from_shared_prompt if sampling.share_prompt else _generate_from_repeated_prompt
     G, n = sampling.group_size, inputs["input_ids"].shape[0]
-    if config.disable_compile:
-        return generate(model, inputs, G, config, sampling.synced_ranks)
-    random_state = torch.get_rng_state(), torch.cuda.get_rng_state() if model.device.type == "cuda" else None
+    if not config.disable_compile and not getattr(model, "_decode_compile_failed", False):
+        cuda = [model.device] if model.device.type == "cuda" else []
+        random_state = torch.get_rng_state(), [torch.cuda.get_rng_state(device) for device in cuda]
+        try:
+            padded = families.pad_prompts(inputs, prompts, model.config)
+            return generate(model, padded, G, config, sampling.synced_ranks)[:n * G]
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as error:
+            cause = getattr(error, "inner_exception", None) or error  # the backend's own error, if it raised one
+            print(f"[compile_decode] compiling the decode step failed ({type(cause).__name__}: "
+                  f"{(str(cause).strip() or '-').splitlines()[0]}); this run decodes eagerly from here on", flush=True)
+            model._decode_compile_failed, model._decode_cache = True, (None, None)
+            torch.set_rng_state(random_state[0])
+            for device, state in zip(cuda, random_state[1]):
+                torch.cuda.set_rng_state(state, device)
+    eager = copy.copy(config)
+    eager.disable_compile, eager.compile_config = True, None
+    return generate(model, inputs, G, eager, sampling.synced_ranks)
+
+
+@contextlib.contextmanager
+def engine_hooks_aside(model, compiling: bool):
+    """While a compiled decode runs, DeepSpeed's engine hooks around every forward of the model it wraps
+    are set aside ([auto-compile]), and registered again after as DeepSpeed registers them: traced into
+    the compiled step, their throughput timer's step count changes the graph at every step, and from
+    the third its device synchronisation and clock cannot be compiled at all. `model`: the engine."""
+    if not compiling or not hasattr(model, "module_forward_pre_hook"):
+        yield
+        return
+    model.module_forward_pre_hook.remove()
+    model.module_forward_post_hook.remove()
     try:
-        padded = families.pad_prompts(inputs, prompts, model.config)
-        return generate(model, padded, G, config, sampling.synced_ranks)[:n * G]
-    except torch._dynamo.exc.TorchDynamoException as error:
-        cause = getattr(error, "inner_exception", None) or error  # the backend's own error, if it raised one
-        print(f"[compile_decode] compiling the decode step failed ({type(cause).__name__}: "
-              f"{(str(cause).strip() or '-').splitlines()[0]}); this run decodes eagerly from here on", flush=True)
-        model._decode_compile_failed, model._decode_cache = True, (None, None)
-        torch.set_rng_state(random_state[0])
-        if random_state[1] is not None:
-            torch.cuda.set_rng_state(random_state[1])
-        config = copy.deepcopy(config)
-        config.disable_compile, config.compile_config = True, None
-        return generate(model, inputs, G, config, sampling.synced_ranks)
+        yield
+    finally:
+        model.module_forward_pre_hook = model._create_module_forward_pre_hook()
+        model.module_forward_post_hook = model._create_module_forward_post_hook()
 
 
 @contextlib.contextmanager

@@ -838,7 +838,7 @@ def test_compiled_decode_syncs_the_host_as_often_as_eager(decode_model):
 def test_a_compiler_that_fails_leaves_eager_decoding_and_says_so_once(tiny_model, monkeypatch, capsys):
     """A machine without a working C++ compiler (simulated: the backend raises inductor's error for a
     missing one): the run decodes eagerly, with the samples the eager path draws at the same seed,
-    and one line says why, once, not at every step."""
+    and one line says why, once, not at every step or generate call."""
     processor = families.load_processor(tiny_model, 56 * 56, 112 * 112)
     model = families.load_model(tiny_model, torch.float32, "sdpa")  # its own: it stays eager after this
     attempts = []
@@ -856,8 +856,8 @@ def test_a_compiler_that_fails_leaves_eager_decoding_and_says_so_once(tiny_model
 
     monkeypatch.setattr(policy, "decode_compile_config", failing_config)
     inputs = _two_prompts(processor, model.config, 1)
-    for step in range(2):
-        settings = dict(group_size=3, max_new_tokens=5, ignore_eos=True)
+    for step in range(2):  # two steps of two generate calls each
+        settings = dict(group_size=3, max_new_tokens=5, ignore_eos=True, completions_per_call=3)
         eager = _sample_at_seed(model, processor, inputs, step, **settings)
         compiled = _sample_at_seed(model, processor, inputs, step, compile_decode=True, **settings)
         assert torch.equal(compiled.completion_ids, eager.completion_ids), step

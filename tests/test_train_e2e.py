@@ -177,6 +177,25 @@ def test_plain_python_one_process(tiny_model, colour_dataset, tmp_path, loss_typ
     assert glob.glob(os.path.join(out, "*.safetensors"))
 
 
+def test_plain_python_compiled_decode_samples_what_eager_samples(tiny_model, colour_dataset, tmp_path):
+    """--compile_decode true in the real loop (the policy inside DeepSpeed's engine, whose hooks around
+    every forward change at every step and, from the third, cannot be compiled: [auto-compile]): three
+    steps sample exactly the completions of the same run decoded eagerly, compiled once (the prompts'
+    lengths stay in one cache bucket: no recompile), and nothing falls back."""
+    completions, logs = {}, {}
+    for compiled in ("false", "true"):
+        out = str(tmp_path / f"compile-{compiled}")
+        logs[compiled] = run_command([sys.executable, "train.py", "--output_dir", out, "--model_name_or_path", tiny_model,
+                                      "--dataset_name", colour_dataset, "--max_steps", "3", "--beta", "0",
+                                      "--report_to", "none", "--save_steps", "0", "--compile_decode", compiled, *COMMON],
+                                     tmp_path, env={"TORCH_LOGS": "recompiles"})
+        with open(os.path.join(out, "completions.jsonl")) as f:
+            completions[compiled] = [(m["step"], m["prompt"], m["completion"]) for m in map(json.loads, f)]
+    assert [step for step, _, _ in completions["true"]] == [1] * 8 + [2] * 8 + [3] * 8
+    assert completions["true"] == completions["false"]
+    assert "[compile_decode]" not in logs["true"] and "Recompiling" not in logs["true"]
+
+
 # --- every model family through train.py ---------------------------------------------------------
 
 FAMILY_STEP = ["--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
