@@ -129,7 +129,7 @@ def sample_groups(model, prompt_inputs: dict, sampling: Sampling) -> Rollout:
     pieces = []
     was_training = unwrapped.training
     unwrapped.eval()
-    with gathered_weights(model, sampling.zero_stage), engine_hooks_aside(model, sampling.compile_decode), \
+    with gathered_weights(model, sampling.zero_stage), forward_hooks_aside(unwrapped, sampling.compile_decode), \
             run_settings_only(unwrapped):
         for start in range(0, num_prompts, per_call):
             inputs = families.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts),
@@ -445,21 +445,23 @@ def _generate_call(model, inputs: dict, sampling: Sampling, config, prompts: int
 
 
 @contextlib.contextmanager
-def engine_hooks_aside(model, compiling: bool):
-    """While a compiled decode runs, DeepSpeed's engine hooks around every forward of the model it wraps
-    are set aside ([auto-compile]), and registered again after as DeepSpeed registers them: traced into
-    the compiled step, their throughput timer's step count changes the graph at every step, and from
-    the third its device synchronisation and clock cannot be compiled at all. `model`: the engine."""
-    if not compiling or not hasattr(model, "module_forward_pre_hook"):
+def forward_hooks_aside(model, compiling: bool):
+    """While a compiled decode runs, the hooks DeepSpeed put on the model's forward are set aside and put
+    back after as they were ([auto-compile]): the engine's timer (it changes the graph every step, then
+    syncs and reads the clock) and ZeRO-3's start of forward cannot be compiled. `model`: unwrapped."""
+    if not compiling:
         yield
         return
-    model.module_forward_pre_hook.remove()
-    model.module_forward_post_hook.remove()
+    names = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+             "_forward_hooks_always_called")
+    kept = {name: getattr(model, name).copy() for name in names}
+    for name in names:
+        getattr(model, name).clear()
     try:
         yield
     finally:
-        model.module_forward_pre_hook = model._create_module_forward_pre_hook()
-        model.module_forward_post_hook = model._create_module_forward_post_hook()
+        for name in names:
+            getattr(model, name).update(kept[name])
 
 
 @contextlib.contextmanager

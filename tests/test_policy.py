@@ -2,6 +2,7 @@
 plain path, and the rollouts as samples of the policy and of nothing else."""
 
 import contextlib
+import time
 
 import pytest
 import torch
@@ -816,6 +817,28 @@ def test_compiled_decode_keeps_the_rows_of_every_call(decode_model, monkeypatch)
     assert _graphs_compiled() - compiled_before <= 1  # one shape (none if an earlier test compiled it)
     assert compiled.completion_ids.shape[0] == len(compiled.texts) == 3 * G
     assert torch.equal(compiled.completion_ids[:2 * G], eager.completion_ids[:2 * G])
+
+
+def test_compiled_decode_sets_the_model_s_own_hooks_aside(decode_model, capsys):
+    """DeepSpeed's engine hooks the model's forward with a timer that reads the clock (and syncs the
+    device), which cannot be compiled: a hook like it is set aside while the compiled decode runs (it
+    compiles, nothing falls back) and is back after, in its place, on the next forward."""
+    model, processor = decode_model
+    calls = []
+    handles = [model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(time.time()), with_kwargs=True),
+               model.register_forward_hook(lambda module, args, output: calls.append("after"))]
+    try:
+        hooks = [list(getattr(model, name).items()) for name in ("_forward_pre_hooks", "_forward_hooks")]
+        inputs = _two_prompts(processor, model.config, 1)
+        _sample_at_seed(model, processor, inputs, 0, group_size=4, max_new_tokens=4, compile_decode=True)
+        assert calls == [] and "[compile_decode]" not in capsys.readouterr().out
+        assert [list(getattr(model, name).items()) for name in ("_forward_pre_hooks", "_forward_hooks")] == hooks
+        with torch.no_grad():
+            model(**inputs)
+        assert len(calls) == 2 and calls[1] == "after"
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_compiled_decode_syncs_the_host_as_often_as_eager(decode_model):
