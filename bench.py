@@ -16,7 +16,8 @@ With `--ranks R` each rank samples its own `--prompts` prompts; times and phase 
 over ranks (as train.py logs them), FLOPs and FLOP/s per rank. On a shared CPU other work skews
 everything: the load average is printed at the start and the end.
 
-Models (`--model`): `tiny` (a Qwen2-VL with text hidden size 256 and 4 layers, for the CPU),
+Models (`--model`): `tiny` (a Qwen2-VL with text hidden size 256 and 4 layers, for the CPU), `demo`
+(the CPU demo's: 64 wide, 2 layers),
 `qwen2-vl-2b` and `qwen2.5-vl-7b` (the published Qwen/Qwen2-VL-2B-Instruct and
 Qwen/Qwen2.5-VL-7B-Instruct architectures, written out below, with a word-level tokenizer that
 covers the whole vocabulary so every sampled id decodes). `--layers N --vision_layers M` cut a
@@ -30,7 +31,10 @@ the throughput ratio from the same bench run. TRL is a benchmark-only dependency
 training every weight and training LoRA adapters (`--use_peft true`, train.py's default r, alpha and
 targets; the reference then is the policy with its adapters off), for their step time and peak
 memory, and LoRA once more with its adapters left unmerged while sampling (train_worker sets
-grpo.families.adapters_merged aside), for the generate phase with and without the merge. `--profile` adds one run
+grpo.families.adapters_merged aside), for the generate phase with and without the merge.
+`--compare compile_decode` runs ours with the decode step compiled and eager
+(`--compile_decode true` and `false`); the compile happens in the first (warm-up) step, whose
+generate seconds are printed apart. `--profile` adds one run
 of ours whose first step after the warm-up runs under torch.profiler, phase by phase, and prints
 where each phase's time goes (matmuls, attention, softmax, copies, elementwise ops, communication,
 other ops, outside any op): `train_worker` runs train.py's own loop with its phase functions wrapped
@@ -172,10 +176,10 @@ def save_model_folder(name: str, folder: str, dtype: str, layers: int | None = N
     """Write a random model of architecture `name` (cut to `layers` and `vision_layers`, see
     model_config) with its tokenizer and processor to `folder`, loadable by `from_pretrained`
     exactly like a real checkpoint."""
-    if name == "tiny":
+    if name in ("tiny", "demo"):
         from demo import save_tiny_qwen2_vl
 
-        return save_tiny_qwen2_vl(folder, hidden_size=256, num_layers=4)
+        return save_tiny_qwen2_vl(folder, **(dict(hidden_size=256, num_layers=4) if name == "tiny" else {}))
     import torch
     from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLForConditionalGeneration,
                               Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
@@ -499,8 +503,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_flags(args, setup: dict, share_prompt: bool, out: str, steps: int, lora: bool = False) -> list[str]:
-    """train.py's arguments for one run of ours (`lora`: training LoRA adapters, --use_peft true)."""
+def train_flags(args, setup: dict, share_prompt: bool, out: str, steps: int, lora: bool = False,
+                compile_decode: bool | None = None) -> list[str]:
+    """train.py's arguments for one run of ours (`lora`: training LoRA adapters, --use_peft true;
+    `compile_decode`: its --compile_decode, else --compile_decode's, else train.py's default)."""
     pixels = args.image_size ** 2  # min = max = the image's area: no resizing
     flags = ["--model_name_or_path", setup["folder"], "--dataset_name", setup["data"], "--output_dir", out,
              "--max_steps", str(steps), "--per_device_train_batch_size", str(args.prompts),
@@ -512,6 +518,8 @@ def train_flags(args, setup: dict, share_prompt: bool, out: str, steps: int, lor
              "--generation_batch_size", str(args.generation_batch_size),
              "--gradient_checkpointing", str(args.gradient_checkpointing).lower(),
              "--ignore_eos", "true"]  # exactly completion_length tokens: runs compare
+    compile_decode = args.compile_decode if compile_decode is None else compile_decode
+    flags += [] if compile_decode is None else ["--compile_decode", str(compile_decode).lower()]
     return flags + (["--deepspeed", "zero3.json"] if args.ranks > 1 else []) + (["--use_peft", "true"] if lora else [])
 
 
@@ -524,7 +532,7 @@ def launch(args, script: list[str]) -> list[str]:
 
 
 def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool = False, lora: bool = False,
-             unmerged: bool = False) -> list[dict]:
+             unmerged: bool = False, compile_decode: bool | None = None) -> list[dict]:
     """One run of train.py: `python train.py ...`, or under `deepspeed --num_gpus R ... --deepspeed
     zero3.json` for R ranks; or, with --freeze_embeddings, for the profile run or for LoRA sampled with its
     adapters unmerged (`unmerged`), bench.py's
@@ -532,10 +540,11 @@ def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool 
     timed steps' metrics from its metrics.jsonl (each the mean over ranks, as train.py logs them),
     per-phase peak memory in GB and the process's peak resident memory (the largest rank's). The
     profile run is one step after the warm-up, profiled: its per-phase op times are in its
-    `profile` entry, its timings (slowed by the profiler) are not reported."""
+    `profile` entry, its timings (slowed by the profiler) are not reported. Each step also carries the
+    run's first generate seconds (`first_generate`: a compiled decode step compiles then)."""
     out = tempfile.mkdtemp(prefix="ours-", dir=workdir)
     steps = args.warmup_steps + (1 if profile else args.steps)
-    flags = train_flags(args, setup, share_prompt, out, steps, lora)
+    flags = train_flags(args, setup, share_prompt, out, steps, lora, compile_decode)
     if profile or args.freeze_embeddings or unmerged:
         spec = dict(argv=flags, freeze_embeddings=args.freeze_embeddings, unmerged_sampling=unmerged,
                     profile_step=steps if profile else None, profile_out=os.path.join(out, "profile"))
@@ -556,7 +565,8 @@ def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool 
         steps.append(dict(step=m["time/step_seconds"], generate=m.get("time/generate_seconds"),
                           score=m.get("time/score_seconds"), logps=m.get("time/logps_seconds"),
                           update=m.get("time/update_seconds"), length=m.get("completion/length_mean"),
-                          peak_gb=max(peaks) if setup["on_gpu"] and peaks else peak_rss, rss_gb=peak_rss, **memory))
+                          peak_gb=max(peaks) if setup["on_gpu"] and peaks else peak_rss, rss_gb=peak_rss,
+                          first_generate=logged[0].get("time/generate_seconds"), **memory))
     if profile:
         steps = [dict(steps[-1], profile=[read_json(os.path.join(out, name)) for name in sorted(os.listdir(out))
                                           if name.startswith("profile.rank")])]
@@ -821,7 +831,7 @@ def phase_flops(args, setup: dict, share_prompt: bool) -> dict[str, float]:
 def summarise(runs: list[list[dict]], args, setup: dict, share_prompt: bool, phases: bool) -> dict:
     """Medians over each run's timed steps, then over runs; rates and utilisation from them. With
     `phases` (our runs), each phase's FLOPs (one rank's), achieved FLOP/s and share of the peak."""
-    keys = ("step", "generate", "score", "logps", "update", "length", "peak_gb", "rss_gb",
+    keys = ("step", "generate", "score", "logps", "update", "length", "peak_gb", "rss_gb", "first_generate",
             *(f"{phase}_gb" for phase in PHASES))
     per_run = [{k: _median([s.get(k) for s in run]) for k in keys} for run in runs]
     s = {k: _median([r[k] for r in per_run]) for k in keys}
@@ -929,7 +939,7 @@ def parse_args(argv):
 
     p = UsageParser(prog="bench.py", description=__doc__.split("\n")[0],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=["tiny", *MODELS], help="Architecture, random weights.")
+    p.add_argument("--model", default="tiny", choices=["tiny", "demo", *MODELS], help="Architecture, random weights.")
     p.add_argument("--layers", type=int, default=None, help="Cut a published model to this many decoder layers "
                    "(widths, vocabulary and vision tower unchanged; default: all).")
     p.add_argument("--vision_layers", type=int, default=None, help="Cut its vision tower to this many blocks (default: all).")
@@ -942,6 +952,8 @@ def parse_args(argv):
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (0: no reference model).")
     p.add_argument("--share_prompt", default="true", choices=["true", "false"], help="Our trainer's --share_prompt.")
     p.add_argument("--generation_batch_size", type=int, default=0, help="Our completions per generate call (0: all).")
+    p.add_argument("--compile_decode", type=_true_false, default=None,
+                   help="Our trainer's --compile_decode (default: train.py's, true on a GPU and false on the CPU).")
     p.add_argument("--gradient_checkpointing", type=_true_false, default=False,
                    help="Our trainer's --gradient_checkpointing (the update's FLOPs then count the recompute).")
     p.add_argument("--freeze_embeddings", type=_true_false, default=False, help="Our policy's input embedding and "
@@ -956,10 +968,11 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3, help="Timed steps per run.")
     p.add_argument("--warmup_steps", type=int, default=1, help="Steps run first and not timed.")
     p.add_argument("--repeats", type=int, default=3, help="Runs per kind, alternated between kinds.")
-    p.add_argument("--compare", default="none", choices=["none", "trl", "share_prompt", "lora"],
+    p.add_argument("--compare", default="none", choices=["none", "trl", "share_prompt", "lora", "compile_decode"],
                    help="trl: also TRL's GRPOTrainer; share_prompt: ours with --share_prompt true and false; "
                         "lora: ours training every weight, LoRA adapters (--use_peft true), and LoRA with its "
-                        "adapters unmerged while sampling.")
+                        "adapters unmerged while sampling; compile_decode: ours with the decode step compiled and "
+                        "eager.")
     p.add_argument("--profile", action="store_true", help="Then one more run of ours whose step after the warm-up "
                    "runs under torch.profiler: per phase, the share of time in matmuls, attention, softmax, copies, "
                    "elementwise ops, communication, other ops and outside any op.")
@@ -1065,6 +1078,10 @@ def main(argv: list[str]) -> None:
     # G times (ours with false, and TRL), for the FLOP counts; only ours logs its phases.
     share = args.share_prompt == "true"
     kinds = {f"ours (share_prompt {str(share).lower()})": (lambda: run_ours(args, setup, share, workdir), share, True)}
+    if args.compare == "compile_decode":  # the compiled run first: the ratio printed is its speed-up
+        kinds = {f"ours (compile_decode {str(compiled).lower()})":
+                 (lambda compiled=compiled: run_ours(args, setup, share, workdir, compile_decode=compiled), share, True)
+                 for compiled in (True, False)}
     if args.compare == "share_prompt":
         kinds[f"ours (share_prompt {str(not share).lower()})"] = (lambda: run_ours(args, setup, not share, workdir),
                                                                   not share, True)
@@ -1109,6 +1126,10 @@ def main(argv: list[str]) -> None:
     if len(names) == 2:
         ratio = results[names[1]]["step"] / results[names[0]]["step"]
         print(f"\n{names[0]} / {names[1]} step throughput: {ratio:.2f}x (medians of {args.repeats} runs)")
+    if args.compare == "compile_decode":
+        generate = results[names[1]]["generate"] / results[names[0]]["generate"]
+        print(f"generate phase: {generate:.2f}x faster compiled; the first step's generate (a compile, "
+              "not timed above): " + ", ".join(f"{kind} {_fmt(s['first_generate'], '.1f')} s" for kind, s in results.items()))
     print("\nPer phase" + (f", per rank (each of {args.ranks} ranks; times and phase memory are the mean over ranks, "
                            "the process's RSS the largest rank's)" if args.ranks > 1 else "")
           + f"; FLOPs by the formulas in bench.py, peak {_fmt(flop_peak and flop_peak / 1e9, '.1f')} GFLOP/s:")

@@ -83,6 +83,9 @@ class GRPOArguments:
         0, "Most completions per generate call (0: the whole optimizer step's prompts x G in one call).")
     ignore_eos: bool = flag(
         False, "Sample exactly max_completion_length tokens, never stopping at EOS (for benchmarks).")
+    compile_decode: bool | None = flag(
+        None, "Decode with the model's forward compiled (torch.compile; once per cache-length bucket, the first "
+        "step waits for it); default: true on a GPU, false on the CPU.")
 
     # --- optimisation: the batch, AdamW and its schedule, how long, what trains ---
     per_device_train_batch_size: int = flag(
@@ -184,8 +187,8 @@ def parse_args(argv: list[str]) -> GRPOArguments:
 
     parser = TrainParser(GRPOArguments, prog="train.py", description="GRPO for vision-language models (train.py). "
                          "--config FILE.yaml takes the flags from a recipe (recipes/); flags given here override it.")
-    bf16 = parser._option_string_actions["--bf16"]  # unset (None) means "on a GPU": `--bf16` alone still means true
-    bf16.nargs, bf16.const = "?", True
+    for name in ("--bf16", "--compile_decode"):  # unset (None) means "on a GPU": `--bf16` alone still means true
+        parser._option_string_actions[name].nargs, parser._option_string_actions[name].const = "?", True
     recipe, argv = split_config_flag(argv)
     if recipe is not None:
         parser.set_defaults(**read_recipe(recipe, parser))
@@ -475,10 +478,15 @@ def attention_for(requested: str | None, half_precision: bool, on_gpu: bool, fla
 
 
 def settle_precision_and_attention(args: GRPOArguments, on_gpu: bool, flash_attn: str | None) -> None:
-    """Fill --bf16 and --attn_implementation, and refuse an attention that cannot run, before loading.
+    """Fill --bf16, --attn_implementation and --compile_decode, and refuse an attention that cannot run,
+    before loading.
 
     --bf16 unset: true on a GPU (the published run), false on the CPU (bf16 matmuls there are slow
-    and the tests compare float32 numbers). --attn_implementation: attention_for's."""
+    and the tests compare float32 numbers). --attn_implementation: attention_for's. --compile_decode
+    unset: true on a GPU, false on the CPU (docs/PERFORMANCE.md: there a compile costs more than short
+    runs win back)."""
     if args.bf16 is None:
         args.bf16 = on_gpu
+    if args.compile_decode is None:
+        args.compile_decode = on_gpu
     args.attn_implementation = attention_for(args.attn_implementation, args.bf16, on_gpu, flash_attn)

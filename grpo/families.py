@@ -397,6 +397,14 @@ def repeat_for_group(inputs: dict, group_size: int, config) -> dict:
     return _regroup(inputs, config, [i for i in range(num_prompts) for _ in range(group_size)])
 
 
+def pad_prompts(inputs: dict, count: int, config) -> dict:
+    """The batch padded to `count` prompts with copies of its last one (and their pictures)."""
+    num_prompts = inputs["input_ids"].shape[0]
+    if count <= num_prompts:
+        return inputs
+    return _regroup(inputs, config, list(range(num_prompts)) + [num_prompts - 1] * (count - num_prompts))
+
+
 def select_prompts(inputs: dict, start: int, stop: int, config, blank: dict | None = None) -> dict:
     """Prompts start .. stop-1 of a batch (their pictures too), without the padding columns that only
     longer prompts of the batch needed (prompts are left-padded, so those are leading columns).

@@ -11,7 +11,7 @@ Everything that runs the model is here, in three parts:
    the prompt once and lets the G completions attend to its keys and values. The tests hold it to part
    1 (log-probs, gradients, samples).
 3. generate's surroundings: the config it is told, the end ids, the attention kernel it decodes with,
-   the ZeRO-3 gather around it.
+   the fixed shapes of a compiled decode step (--compile_decode), the ZeRO-3 gather around it.
 
 The run's sampling settings are one `Sampling`, built once at set-up and passed whole.
 
@@ -19,12 +19,13 @@ The traps guarded here (docs/TRAPS.md): [checkpoint sampling defaults] (generate
 flags and nothing of the checkpoint's generation config), [end ids], [ZeRO-3 generation] (weights
 gathered once per rollout, ranks kept in step), [cache off in train mode], [sampled placeholders],
 [pictures in every forward], [padding positions], [stale rope deltas], [full-vocabulary logits],
-[checkpointing drops the cache], and on a GPU [auto-compile] and [unpadding syncs].
+[checkpointing drops the cache], [auto-compile], and on a GPU [unpadding syncs].
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,7 @@ class Sampling:
     blank_picture: dict | None = None     # given to a batch without pictures ([text-only rank])
     zero_stage: int = 0                   # 3: every weight gathered once around generate ([ZeRO-3 generation])
     synced_ranks: bool = False            # ZeRO-3 on several ranks: each keeps stepping until all are done
+    compile_decode: bool = False          # decode steps through torch.compile, shapes fixed per bucket ([auto-compile])
 
     @classmethod
     def for_model(cls, model, tokenizer, **settings) -> Sampling:
@@ -69,7 +71,8 @@ class Sampling:
             suppressed_ids=tuple(families.forbidden_token_ids(processor, unwrapped.config)),
             share_prompt=args.share_prompt, completions_per_call=args.generation_batch_size,
             ignore_eos=args.ignore_eos, blank_picture=families.blank_picture_prompt(processor, family, device),
-            zero_stage=zero_stage, synced_ranks=zero_stage == 3 and world_size > 1)
+            zero_stage=zero_stage, synced_ranks=zero_stage == 3 and world_size > 1,
+            compile_decode=args.compile_decode)
 
 
 @dataclass
@@ -119,18 +122,19 @@ def sample_groups(model, prompt_inputs: dict, sampling: Sampling) -> Rollout:
     config = generation_config(max_new_tokens=sampling.max_new_tokens, end_ids=list(sampling.end_ids),
                                pad_token_id=sampling.tokenizer.pad_token_id,
                                suppress_token_ids=list(sampling.suppressed_ids), temperature=sampling.temperature,
-                               top_p=sampling.top_p, ignore_eos=sampling.ignore_eos)
+                               top_p=sampling.top_p, ignore_eos=sampling.ignore_eos,
+                               compile_for=unwrapped.device if sampling.compile_decode else None)
     num_prompts = prompt_inputs["input_ids"].shape[0]
     per_call = prompts_per_call(sampling.completions_per_call, sampling.group_size, num_prompts)
-    generate = _generate_from_shared_prompt if sampling.share_prompt else _generate_from_repeated_prompt
     pieces = []
     was_training = unwrapped.training
     unwrapped.eval()
-    with gathered_weights(model, sampling.zero_stage), families.adapters_merged(model), run_settings_only(unwrapped):
+    with gathered_weights(model, sampling.zero_stage), families.adapters_merged(model), \
+            forward_hooks_aside(unwrapped, sampling.compile_decode), run_settings_only(unwrapped):
         for start in range(0, num_prompts, per_call):
             inputs = families.select_prompts(prompt_inputs, start, min(start + per_call, num_prompts),
                                              unwrapped.config, sampling.blank_picture)
-            pieces.append(generate(unwrapped, inputs, sampling.group_size, config, sampling.synced_ranks))  # [n, t]
+            pieces.append(_generate_call(unwrapped, inputs, sampling, config, per_call))  # [n, t]
     unwrapped.train(was_training)
     longest = max(piece.shape[1] for piece in pieces)
     padded = [torch.nn.functional.pad(piece, (0, longest - piece.shape[1]), value=sampling.tokenizer.pad_token_id)
@@ -140,10 +144,12 @@ def sample_groups(model, prompt_inputs: dict, sampling: Sampling) -> Rollout:
 
 def _generate_from_repeated_prompt(model, inputs: dict, group_size: int, config, synced_ranks: bool) -> torch.Tensor:
     """The plain path: every prompt repeated G times and prefilled G times. Returns [n*G, t]."""
+    rows, P = inputs["input_ids"].shape[0] * group_size, inputs["input_ids"].shape[1]
+    cache = None if config.disable_compile else static_cache(model, rows, P + config.max_new_tokens, config)
     with decode_attention(model):
-        output = model.generate(**families.repeat_for_group(inputs, group_size, model.config),
+        output = model.generate(**families.repeat_for_group(inputs, group_size, model.config), cache=cache,
                                 generation_config=config, synced_gpus=synced_ranks)  # [n*G, P + t]
-    return output[:, inputs["input_ids"].shape[1]:]
+    return output[:, P:]
 
 
 def completion_logps(model, prompt_inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -216,7 +222,7 @@ def _generate_from_shared_prompt(model, inputs: dict, group_size: int, config, s
     numbers the tokens after it. Qwen-VL's decode positions come from `model.rope_deltas`: it is set
     to the prompts' deltas repeated G times right before `generate` ([stale rope deltas]).
     """
-    from transformers import DynamicCache, StaticCache
+    from transformers import DynamicCache
 
     G, text_config = group_size, model.config.get_text_config()
     prefill = DynamicCache(config=text_config)
@@ -228,8 +234,8 @@ def _generate_from_shared_prompt(model, inputs: dict, group_size: int, config, s
         prefill.batch_repeat_interleave(G)
         cache = prefill
     else:  # decode into preallocated keys/values: a growing cache copies all of itself at every step
-        cache = StaticCache(config=text_config,
-                            max_cache_len=inputs["input_ids"].shape[1] + config.max_new_tokens)
+        cache = static_cache(model, prefix["input_ids"].shape[0] * G, inputs["input_ids"].shape[1] + config.max_new_tokens,
+                             config)
         for layer, prompt_layer in zip(cache.layers, prefill.layers):  # keys/values [n, H, P-1, D] -> [n*G, H, P-1, D]
             layer.update(prompt_layer.keys.repeat_interleave(G, dim=0), prompt_layer.values.repeat_interleave(G, dim=0))
     if positions.dim() == 3:  # mRoPE: decode position = the token's index among real tokens + its row's delta
@@ -362,21 +368,100 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 
 def generation_config(*, max_new_tokens: int, end_ids: list[int], pad_token_id: int, suppress_token_ids: list[int],
-                      temperature: float, top_p: float = 1.0, ignore_eos: bool = False):
+                      temperature: float, top_p: float = 1.0, ignore_eos: bool = False, compile_for=None):
     """The whole of what `generate` is told, from the run's flags alone: sampling from
     softmax(logits / temperature) restricted to the top_p nucleus (temperature 0: greedy, the argmax),
     with placeholders suppressed, stopping at any end id. Every other field that changes what is drawn
     (top_k, repetition_penalty, typical_p, min_p, no_repeat_ngram_size, bad_words_ids, ...) is left
     unset, and `run_settings_only` keeps the checkpoint's values from filling them; top_k is set to 0
-    because transformers' own default for it is 50. Compiling is off ([auto-compile])."""
+    because transformers' own default for it is 50. The decode step is compiled only when asked
+    (`compile_for`: the model's device, --compile_decode), never by transformers' own choice ([auto-compile])."""
     from transformers import GenerationConfig
 
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
         else dict(do_sample=False)
+    compiling = dict(disable_compile=True) if compile_for is None else \
+        dict(disable_compile=False, compile_config=decode_compile_config(compile_for))
     return GenerationConfig(
         **sampling, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if ignore_eos else None,
         use_cache=True, suppress_tokens=suppress_token_ids or None, eos_token_id=end_ids, pad_token_id=pad_token_id,
-        disable_compile=True)
+        **compiling)
+
+
+def decode_compile_config(device):
+    """How the decode step is compiled ([auto-compile]): one graph (a graph break is an error, not a step
+    half compiled), static shapes (static_cache keeps them), CUDA graphs on a GPU (a decode step is
+    bound by launches) and inductor's C++ kernels on the CPU, which transformers' own criteria skip."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
+    config._compile_all_devices = True
+    return config
+
+
+def static_cache(model, rows: int, length: int, config):
+    """The preallocated keys/values `generate` decodes into, `rows` rows of up to `length` tokens: new
+    each call when eager; compiled ([auto-compile]), `length` rounded up to a power of two (one compile
+    per bucket, for at most 2x the keys/values, which a decode step reads far less of than the weights)
+    and one cache per shape kept on the model, reset, so that CUDA graphs replay on the same memory."""
+    from transformers import StaticCache
+
+    if config.disable_compile:
+        return StaticCache(config=model.config.get_text_config(), max_cache_len=length)
+    shape = (rows, 1 << (length - 1).bit_length())
+    kept_shape, cache = getattr(model, "_decode_cache", (None, None))
+    if kept_shape == shape:
+        cache.reset()
+    else:
+        cache = StaticCache(config=model.config.get_text_config(), max_cache_len=shape[1])
+        model._decode_cache = (shape, cache)
+    return cache
+
+
+def _generate_call(model, inputs: dict, sampling: Sampling, config, prompts: int) -> torch.Tensor:
+    """One generate call on n prompts: [n*G, t]. Compiled, it is padded to `prompts` prompts (copies of
+    the last, their rows dropped after): every call of a run has the same rows. A compile that fails
+    (no C++ compiler, an unsupported operation, too many shapes) leaves the run eager from there on,
+    this call made again from the same random state, and one line says so."""
+    generate = _generate_from_shared_prompt if sampling.share_prompt else _generate_from_repeated_prompt
+    G, n = sampling.group_size, inputs["input_ids"].shape[0]
+    if not config.disable_compile and not getattr(model, "_decode_compile_failed", False):
+        cuda = [model.device] if model.device.type == "cuda" else []
+        random_state = torch.get_rng_state(), [torch.cuda.get_rng_state(device) for device in cuda]
+        try:
+            padded = families.pad_prompts(inputs, prompts, model.config)
+            return generate(model, padded, G, config, sampling.synced_ranks)[:n * G]
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as error:
+            cause = getattr(error, "inner_exception", None) or error  # the backend's own error, if it raised one
+            print(f"[compile_decode] compiling the decode step failed ({type(cause).__name__}: "
+                  f"{(str(cause).strip() or '-').splitlines()[0]}); this run decodes eagerly from here on", flush=True)
+            model._decode_compile_failed, model._decode_cache = True, (None, None)
+            torch.set_rng_state(random_state[0])
+            for device, state in zip(cuda, random_state[1]):
+                torch.cuda.set_rng_state(state, device)
+    eager = copy.copy(config)
+    eager.disable_compile, eager.compile_config = True, None
+    return generate(model, inputs, G, eager, sampling.synced_ranks)
+
+
+@contextlib.contextmanager
+def forward_hooks_aside(model, compiling: bool):
+    """While a compiled decode runs, the hooks DeepSpeed put on the model's forward are set aside and put
+    back after as they were ([auto-compile]): the engine's timer (it changes the graph every step, then
+    syncs and reads the clock) and ZeRO-3's start of forward cannot be compiled. `model`: unwrapped."""
+    if not compiling:
+        yield
+        return
+    names = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+             "_forward_hooks_always_called")
+    kept = {name: getattr(model, name).copy() for name in names}
+    for name in names:
+        getattr(model, name).clear()
+    try:
+        yield
+    finally:
+        for name in names:
+            getattr(model, name).update(kept[name])
 
 
 @contextlib.contextmanager

@@ -164,6 +164,17 @@ def test_lora_unmerged_while_sampling_sets_the_merge_aside(tmp_path, monkeypatch
     assert seen["merge"] is not merging and isinstance(seen["merge"](object()), contextlib.nullcontext)
 
 
+def test_compile_decode_is_train_py_s_default_unless_given():
+    setup = dict(folder="m", data="d", attn="sdpa")
+    default = bench.train_flags(bench.parse_args([]), setup, True, "out", 3)
+    assert "--compile_decode" not in default  # train.py decides: true on a GPU, false on the CPU
+    given = bench.train_flags(bench.parse_args(["--compile_decode", "true"]), setup, True, "out", 3)
+    assert given == default + ["--compile_decode", "true"]
+    compare = bench.parse_args(["--compare", "compile_decode"])
+    assert [bench.train_flags(compare, setup, True, "out", 3, compile_decode=compiled)[-2:]
+            for compiled in (True, False)] == [["--compile_decode", "true"], ["--compile_decode", "false"]]
+
+
 # ---- FLOPs per phase, by hand on a made-up model -------------------------------------------------
 
 # Text: 2 layers, 2 heads of 4 (attention width 8). Vision: 3 blocks of width 6, 14-px patches merged 2 x 2.

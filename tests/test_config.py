@@ -292,6 +292,19 @@ def test_precision_and_attention_defaults(flags, on_gpu, flash_attn, bf16, atten
     assert (args.bf16, args.attn_implementation) == (bf16, attention)
 
 
+@pytest.mark.parametrize("flags, on_gpu, compile_decode", [
+    ([], True, True),                                              # a GPU: the decode step compiled
+    ([], False, False),                                            # the CPU: eager (docs/PERFORMANCE.md)
+    (["--compile_decode"], False, True),                           # the flag alone means true
+    (["--compile_decode", "true"], False, True),
+    (["--compile_decode", "false"], True, False),
+])
+def test_compile_decode_defaults(flags, on_gpu, compile_decode):
+    args = config.parse_args(flags)
+    config.settle_precision_and_attention(args, on_gpu=on_gpu, flash_attn=None)
+    assert args.compile_decode is compile_decode
+
+
 @pytest.mark.parametrize("command, nearest", [
     (["train.py", "--leraning_rate", "1e-6"], "--learning_rate"),
     (["eval.py", "--model_name_or_path", "m", "--dataset_name", "d", "--bacth_size", "2"], "--batch_size"),

@@ -2,6 +2,7 @@
 plain path, and the rollouts as samples of the policy and of nothing else."""
 
 import contextlib
+import time
 
 import pytest
 import torch
@@ -459,7 +460,8 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
 
 
-def _draw(model, processor, share_prompt: bool, tokens: int = 1, top_p: float = 1.0, seed: int = 0) -> torch.Tensor:
+def _draw(model, processor, share_prompt: bool, tokens: int = 1, top_p: float = 1.0, seed: int = 0,
+          compile_decode: bool = False) -> torch.Tensor:
     """SAMPLES completions of `tokens` tokens for the prompt, half as many on the plain path (it
     repeats the prompt and its image for every draw): [n, <= tokens]."""
     copies, group = (6, SAMPLES // 6) if share_prompt else (3, SAMPLES // 6)
@@ -468,37 +470,47 @@ def _draw(model, processor, share_prompt: bool, tokens: int = 1, top_p: float = 
         policy.Sampling.for_model(model, processor.tokenizer, group_size=group, max_new_tokens=tokens,
                                   temperature=TEMPERATURE, top_p=top_p,
                                   suppressed_ids=families.forbidden_token_ids(processor, model.config),
-                                  share_prompt=share_prompt, completions_per_call=group))
+                                  share_prompt=share_prompt, completions_per_call=group,
+                                  compile_decode=compile_decode))
     return rollout.completion_ids
 
 
-def _first_token_p_value(model, processor, share_prompt: bool, top_p: float = 1.0) -> float:
+def _first_token_p_value(model, processor, share_prompt: bool, top_p: float = 1.0, compile_decode: bool = False) -> float:
     forbidden = families.forbidden_token_ids(processor, model.config)
     probs = _policy(_first_token_logits(model, _prompt(processor)), TEMPERATURE, top_p, forbidden)
-    drawn = _draw(model, processor, share_prompt, top_p=top_p)[:, 0]
+    drawn = _draw(model, processor, share_prompt, top_p=top_p, compile_decode=compile_decode)[:, 0]
     return chi_square_p_value(torch.bincount(drawn, minlength=len(probs)), probs)
 
 
+# The decode step eager, and compiled (--compile_decode true: docs/TRAPS.md [auto-compile]).
+DECODE = pytest.mark.parametrize("compile_decode", [False, True], ids=["eager", "compiled"])
+
+
+@DECODE
 @pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "plain"])
-def test_first_token_is_drawn_from_the_policy(loaded, share_prompt):
+def test_first_token_is_drawn_from_the_policy(loaded, share_prompt, compile_decode):
     model, processor = loaded
-    assert _first_token_p_value(model, processor, share_prompt) > SIGNIFICANCE
+    assert _first_token_p_value(model, processor, share_prompt, compile_decode=compile_decode) > SIGNIFICANCE
 
 
-def test_first_token_is_drawn_from_the_nucleus(loaded):
+@DECODE
+def test_first_token_is_drawn_from_the_nucleus(loaded, compile_decode):
     model, processor = loaded
-    assert _first_token_p_value(model, processor, share_prompt=True, top_p=0.9) > SIGNIFICANCE
+    assert _first_token_p_value(model, processor, share_prompt=True, top_p=0.9,
+                                compile_decode=compile_decode) > SIGNIFICANCE
 
 
+@DECODE
 @pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "plain"])
-def test_a_later_token_is_drawn_from_the_policy(loaded, share_prompt):
-    """The second token, from the decode loop (cache, positions): for every first token drawn at least
-    400 times, the second tokens that followed it against softmax(logits / T) after prompt + that token.
-    The tests for different first tokens are independent, so their statistics add (and their dofs)."""
+def test_a_later_token_is_drawn_from_the_policy(loaded, share_prompt, compile_decode):
+    """The second token, from the decode loop (cache, positions; compiled, the compiled decode step):
+    for every first token drawn at least 400 times, the second tokens that followed it against
+    softmax(logits / T) after prompt + that token. The tests for different first tokens are
+    independent, so their statistics add (and their dofs)."""
     model, processor = loaded
     forbidden = families.forbidden_token_ids(processor, model.config)
     end_ids = policy.end_token_ids(model, processor.tokenizer)
-    drawn = _draw(model, processor, share_prompt, tokens=2, seed=1)
+    drawn = _draw(model, processor, share_prompt, tokens=2, seed=1, compile_decode=compile_decode)
     firsts, counts = drawn[:, 0].unique(return_counts=True)
     tested = 0
     for first, count in zip(firsts.tolist(), counts.tolist()):
@@ -611,19 +623,26 @@ def test_a_completion_ends_at_any_end_id_the_checkpoint_lists(loaded, monkeypatc
     assert ended > 64 / 3  # the likeliest tokens ended many at once: the list was used, not the tokenizer's eos alone
 
 
-def test_generate_never_compiles_the_decode_step(loaded, monkeypatch):
+def test_generate_compiles_the_decode_step_only_when_asked(loaded, monkeypatch):
     """On a GPU, transformers compiles the decode step (CUDA graphs) whenever generate is given a static
     cache, as the shared prompt's generate is: minutes of compiling, and a recompile whenever the cache
-    length changes. The hazard is real for transformers' own defaults, and the sampler's config turns it off."""
+    length changes. The hazard is real for transformers' own defaults; the sampler's config turns it
+    off, unless --compile_decode asks for it, and then it compiles on any device (transformers' own
+    criteria skip CPUs), in one graph of static shapes."""
     from transformers import GenerationConfig, StaticCache
 
     model, _ = loaded
-    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
     cache = StaticCache(config=model.config.get_text_config(), max_cache_len=8)
+    settings = dict(max_new_tokens=4, end_ids=[1], pad_token_id=0, suppress_token_ids=[], temperature=1.0)
+    assert model._valid_auto_compile_criteria({"cache": cache}, GenerationConfig()) is False  # the CPU
+    asked = policy.generation_config(**settings, compile_for=torch.device("cpu"))
+    assert model._valid_auto_compile_criteria({"cache": cache}, asked) is True
+    assert (asked.compile_config.fullgraph, asked.compile_config.dynamic, asked.compile_config.mode) == \
+        (True, False, "default")
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
     assert model._valid_auto_compile_criteria({"cache": cache}, GenerationConfig()) is True
-    ours = policy.generation_config(max_new_tokens=4, end_ids=[1], pad_token_id=0, suppress_token_ids=[],
-                                     temperature=1.0)
-    assert model._valid_auto_compile_criteria({"cache": cache}, ours) is False
+    assert model._valid_auto_compile_criteria({"cache": cache}, policy.generation_config(**settings)) is False
+    assert policy.generation_config(**settings, compile_for=torch.device("cuda")).compile_config.mode == "reduce-overhead"
 
 
 def _host_syncs_while_sampling(folder: str, max_new_tokens: int, share_prompt: bool) -> int:
@@ -687,3 +706,184 @@ def test_decoding_runs_on_sdpa_when_the_model_runs_flash_attention(loaded, monke
     finally:
         model.set_attn_implementation("sdpa")
     assert inside == {"sdpa"} and after == {"flash_attention_2"}
+
+
+# ---------------------------------------------------------------- the compiled decode step ([auto-compile])
+#
+# --compile_decode true runs each decode step through torch.compile (inductor; on this CPU its C++
+# kernels): the static cache's length rounded up to a power of two and the rows of every generate call
+# fixed, so a run compiles once per length bucket. The models these tests compile, by fixture name
+# (one line adds a model; each compile takes some seconds here, so the tests share their shapes).
+COMPILED_DECODE_MODELS = ["tiny_model"]
+ATTENTION_SCALE = 6.0
+
+
+@pytest.fixture(scope="module", params=COMPILED_DECODE_MODELS)
+def decode_model(request):
+    """The model with real-scale logits (LOGIT_SCALE) and attention sharpened (queries and keys x
+    ATTENTION_SCALE: scores of about 1 instead of 0.03), so that where a token attends, and so its
+    position, moves what is sampled: a random model attends almost uniformly, and would sample the
+    same tokens from the wrong positions."""
+    folder = request.getfixturevalue(request.param)
+    processor = families.load_processor(folder, 56 * 56, 112 * 112)
+    model = families.load_model(folder, torch.float32, "sdpa")
+    text_model = model.model.language_model
+    with torch.no_grad():
+        text_model.norm.weight.mul_(LOGIT_SCALE)
+        for layer in text_model.layers:
+            layer.self_attn.q_proj.weight.mul_(ATTENTION_SCALE)
+            layer.self_attn.k_proj.weight.mul_(ATTENTION_SCALE)
+    return model, processor
+
+
+def _two_prompts(processor, config, words: int) -> dict:
+    """A short prompt and one of `words` words, with pictures of two sizes: left-padded [2, P]."""
+    problems = ["Which colour?", " ".join(["red"] * words)]
+    images = [[Image.new("RGB", (56, 56), COLOURS["red"])], [Image.new("RGB", (112, 84), COLOURS["blue"])]]
+    return families.build_inputs(processor, [build_conversation(p) for p in problems], images,
+                                 families.family_of(config))
+
+
+def _prompts_across_a_bucket(processor, config, new_tokens: int) -> list[dict]:
+    """Three batches whose cache lengths P + new_tokens differ: the first two within one power of two
+    (the bucket), the third in the next one."""
+    def bucket(batch):
+        return 1 << (batch["input_ids"].shape[1] + new_tokens - 1).bit_length()
+
+    first = _two_prompts(processor, config, 1)
+    batches = [first]
+    for words in range(2, 400):
+        batch = _two_prompts(processor, config, words)
+        if len(batches) == 1 and bucket(batch) == bucket(first) and batch["input_ids"].shape[1] > first["input_ids"].shape[1]:
+            batches.append(batch)
+        if bucket(batch) == 2 * bucket(first):
+            assert len(batches) == 2, "no second length within the first bucket"
+            return batches + [batch]
+    raise AssertionError("no prompt reached the next bucket")
+
+
+def _sample_at_seed(model, processor, inputs, seed, **settings):
+    torch.manual_seed(seed)
+    return policy.sample_groups(model, inputs, policy.Sampling.for_model(
+        model, processor.tokenizer, temperature=1.0, suppressed_ids=families.forbidden_token_ids(processor, model.config),
+        **settings))
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "plain"])
+def test_compiled_decode_samples_what_eager_samples_and_compiles_once_per_bucket(decode_model, share_prompt):
+    """Prompts whose length changes from step to step: the compiled decode step samples exactly the
+    eager one's tokens at the same seed (it ends where they end, at an end id or max_new_tokens), and
+    compiles once per cache-length bucket: two compiles for three lengths in two buckets, none when the
+    first comes back."""
+    model, processor = decode_model
+    new_tokens = 10
+    short, longer, longest = _prompts_across_a_bucket(processor, model.config, new_tokens)
+    torch._dynamo.reset()  # count this test's compiles from none
+    compiled_before = _graphs_compiled()
+    for seed, batch in enumerate([short, longer, longest, short]):
+        settings = dict(group_size=4, max_new_tokens=new_tokens, share_prompt=share_prompt)
+        eager = _sample_at_seed(model, processor, batch, seed, **settings)
+        compiled = _sample_at_seed(model, processor, batch, seed, compile_decode=True, **settings)
+        assert torch.equal(compiled.completion_ids, eager.completion_ids), seed
+        assert compiled.texts == eager.texts and torch.equal(compiled.truncated, eager.truncated)
+    assert _graphs_compiled() - compiled_before == 2
+
+
+def test_compiled_decode_keeps_the_rows_of_every_call(decode_model, monkeypatch):
+    """Three prompts two at a time: the second call is padded with a copy of its last prompt to the
+    first one's rows (no new compile), and the copy's rows are dropped; the first call samples the
+    eager one's tokens."""
+    model, processor = decode_model
+    inputs = _three_prompts(processor)
+    G, rows_seen = 4, []
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        rows_seen.append(kwargs["input_ids"].shape[0])
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    settings = dict(group_size=G, max_new_tokens=6, completions_per_call=2 * G)
+    eager = _sample_at_seed(model, processor, inputs, 0, **settings)
+    compiled_before = _graphs_compiled()
+    compiled = _sample_at_seed(model, processor, inputs, 0, compile_decode=True, **settings)
+    assert rows_seen == [2 * G, G, 2 * G, 2 * G]  # eager: 2 prompts, then 1; compiled: 2 and 2
+    assert _graphs_compiled() - compiled_before <= 1  # one shape (none if an earlier test compiled it)
+    assert compiled.completion_ids.shape[0] == len(compiled.texts) == 3 * G
+    assert torch.equal(compiled.completion_ids[:2 * G], eager.completion_ids[:2 * G])
+
+
+def test_compiled_decode_sets_the_model_s_own_hooks_aside(decode_model, capsys):
+    """DeepSpeed's engine hooks the model's forward with a timer that reads the clock (and syncs the
+    device), which cannot be compiled: a hook like it is set aside while the compiled decode runs (it
+    compiles, nothing falls back) and is back after, in its place, on the next forward."""
+    model, processor = decode_model
+    calls = []
+    handles = [model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(time.time()), with_kwargs=True),
+               model.register_forward_hook(lambda module, args, output: calls.append("after"))]
+    try:
+        hooks = [list(getattr(model, name).items()) for name in ("_forward_pre_hooks", "_forward_hooks")]
+        inputs = _two_prompts(processor, model.config, 1)
+        _sample_at_seed(model, processor, inputs, 0, group_size=4, max_new_tokens=4, compile_decode=True)
+        assert calls == [] and "[compile_decode]" not in capsys.readouterr().out
+        assert [list(getattr(model, name).items()) for name in ("_forward_pre_hooks", "_forward_hooks")] == hooks
+        with torch.no_grad():
+            model(**inputs)
+        assert len(calls) == 2 and calls[1] == "after"
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_compiled_decode_syncs_the_host_as_often_as_eager(decode_model):
+    """Each decode step the compiled path adds reads no tensor on the host beyond what the eager one
+    reads (transformers' stopping check: at most two a step, test_decoding_syncs_the_host_per_step_not_per_layer).
+    Counted with the profiler (aten::_local_scalar_dense, also inside CPU kernels, the same for both):
+    a dispatch mode cannot watch a compiled graph."""
+    model, processor = decode_model
+    inputs = _two_prompts(processor, model.config, 1)
+    syncs = {}
+    for compile_decode in (True, False):
+        for tokens in (4, 9, 12):  # 4 first: the compile's own reads are not counted
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                _sample_at_seed(model, processor, inputs, 0, group_size=4, max_new_tokens=tokens, ignore_eos=True,
+                                compile_decode=compile_decode)
+            syncs[compile_decode, tokens] = sum(event.name == "aten::_local_scalar_dense" for event in profile.events())
+    assert syncs[True, 12] - syncs[True, 9] == syncs[False, 12] - syncs[False, 9] > 0
+
+
+def test_a_compiler_that_fails_leaves_eager_decoding_and_says_so_once(tiny_model, monkeypatch, capsys):
+    """A machine without a working C++ compiler (simulated: the backend raises inductor's error for a
+    missing one): the run decodes eagerly, with the samples the eager path draws at the same seed,
+    and one line says why, once, not at every step or generate call."""
+    processor = families.load_processor(tiny_model, 56 * 56, 112 * 112)
+    model = families.load_model(tiny_model, torch.float32, "sdpa")  # its own: it stays eager after this
+    attempts = []
+
+    def no_compiler(graph, example_inputs):
+        attempts.append(graph)
+        raise torch._inductor.exc.InvalidCxxCompiler()
+
+    real_config = policy.decode_compile_config
+
+    def failing_config(device):
+        config = real_config(device)
+        config.backend = no_compiler
+        return config
+
+    monkeypatch.setattr(policy, "decode_compile_config", failing_config)
+    inputs = _two_prompts(processor, model.config, 1)
+    for step in range(2):  # two steps of two generate calls each
+        settings = dict(group_size=3, max_new_tokens=5, ignore_eos=True, completions_per_call=3)
+        eager = _sample_at_seed(model, processor, inputs, step, **settings)
+        compiled = _sample_at_seed(model, processor, inputs, step, compile_decode=True, **settings)
+        assert torch.equal(compiled.completion_ids, eager.completion_ids), step
+    lines = [line for line in capsys.readouterr().out.splitlines() if "compile" in line]
+    assert len(attempts) == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("[compile_decode] compiling the decode step failed (InvalidCxxCompiler: No working C++ compiler")

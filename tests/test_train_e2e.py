@@ -178,6 +178,30 @@ def test_plain_python_one_process(tiny_model, colour_dataset, tmp_path, loss_typ
     assert glob.glob(os.path.join(out, "*.safetensors"))
 
 
+@pytest.mark.parametrize("launcher", ["plain_python", "deepspeed_zero3"])
+def test_compiled_decode_in_train_py_samples_what_eager_samples(launcher, tiny_model, colour_dataset, tmp_path):
+    """--compile_decode true in the real loop, the policy inside DeepSpeed's engine, whose hooks on the
+    model's forward cannot be compiled (the engine's timer changes at every step and from the third
+    synchronises; ZeRO-3 resets its coordinator at every forward: [auto-compile]): three steps sample
+    exactly the completions of the same run decoded eagerly, on one process and on two ZeRO-3 ranks,
+    compiled once (the prompts' lengths stay in one cache bucket: no recompile), nothing falling back."""
+    command = {"plain_python": [sys.executable, "train.py"],
+               "deepspeed_zero3": ["deepspeed", "--num_gpus", "2", "train.py", "--deepspeed", "zero3.json"]}[launcher]
+    completions, logs = {}, {}
+    for compiled in ("false", "true"):
+        out = str(tmp_path / f"compile-{compiled}")
+        logs[compiled] = run_command([*command, "--output_dir", out, "--model_name_or_path", tiny_model,
+                                      "--dataset_name", colour_dataset, "--max_steps", "3", "--beta", "0.04",
+                                      "--report_to", "none", "--save_steps", "0", "--compile_decode", compiled, *COMMON],
+                                     tmp_path, env={"TORCH_LOGS": "recompiles"})
+        with open(os.path.join(out, "completions.jsonl")) as f:
+            completions[compiled] = [(m["step"], m["rank"], m["prompt"], m["completion"]) for m in map(json.loads, f)]
+    ranks = 2 if launcher == "deepspeed_zero3" else 1
+    assert [step for step, *_ in completions["true"]] == [s for s in (1, 2, 3) for _ in range(8 * ranks)]
+    assert completions["true"] == completions["false"]
+    assert "[compile_decode]" not in logs["true"] and "Recompiling" not in logs["true"]
+
+
 # --- every model family through train.py ---------------------------------------------------------
 
 FAMILY_STEP = ["--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
