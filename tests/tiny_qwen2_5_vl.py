@@ -23,7 +23,8 @@ import os
 
 # Qwen2.5-VL-Instruct's chat template as published with the checkpoints (Qwen/Qwen2.5-VL-3B-Instruct and
 # -7B-Instruct: chat_template.json, the same text in tokenizer_config.json's "chat_template"; Qwen2-VL-
-# Instruct's is the same), written out from memory of those files: this machine cannot read the hub.
+# Instruct's is the same). Written out here, since this machine cannot read the hub: as those files are
+# known, and character for character the copy that public projects quote as the official template.
 # A conversation that opens without a system turn gets "You are a helpful assistant."; add_vision_id
 # numbers the pictures.
 QWEN2_5_VL_CHAT_TEMPLATE = (
@@ -68,12 +69,14 @@ def save_tiny_qwen2_5_vl(folder: str, seed: int = 0) -> str:
 
 
 def save_tiny_qwen2_5_vl_real_vocab(folder: str, seed: int = 0) -> str:
-    """The tiny Qwen2.5-VL with the real vocabulary: Qwen's tokenizer, 151,936 rows, 16 wide (the tied
-    embedding and lm_head, one [151936, 16] matrix, are 4.9 MB of the 5 MB of weights in bf16), grouped-
-    query attention (2 heads, 1 key-value head) like the real text model, Qwen2.5-VL-Instruct's template,
-    and its published generation_config (end ids [151645, 151643], pad 151643, and the sampling
-    defaults top_k 1, top_p 0.001, temperature 0.1, repetition_penalty 1.05 that must not reach the
-    rollouts)."""
+    """The tiny Qwen2.5-VL with the real vocabulary: Qwen's tokenizer, 151,936 rows, 16 wide (the
+    embedding and lm_head tied, as Qwen2.5-VL-3B's are: one [151936, 16] matrix, 4.9 MB of the 5 MB of
+    weights in bf16), grouped-query attention (2 heads, 1 key-value head) like the real text model,
+    Qwen2.5-VL-Instruct's template, and its published generation_config (end ids [151645, 151643], pad
+    151643, and the sampling defaults top_k 1, top_p 0.001, temperature 0.1, repetition_penalty 1.05 that
+    must not reach the rollouts). Tied, the random model's logits favour the tokens it has just read (its
+    embedding echoes through the residual stream): the prompt's tokens hold some of the probability,
+    which a repetition penalty then moves (untied, they held none: the penalty could not be seen)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(real_qwen_tokenizer_files())
@@ -85,7 +88,7 @@ def _save(folder: str, tokenizer, chat_template: str, vocab_rows: int | None, hi
           seed: int, bf16: bool) -> str:
     """A random Qwen2.5-VL `hidden_size` wide (2 text layers of 2 heads, a 2-block vision tower with one
     windowed and one full-attention block) for `tokenizer`, with `vocab_rows` embedding rows (None: one
-    per token), saved with its processor to `folder`, in bf16 like the published weights."""
+    per token), saved with its processor to `folder`: in bf16 as the published weights are, or float32."""
     import torch
     from transformers import (
         Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
