@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Qwen2-VL saved to disk, and small visual-math data made in code.
+"""Shared fixtures: tiny random models saved to disk (Qwen2-VL; Qwen2.5-VL, also with the real vocabulary;
+one per family), and small visual-math data made in code.
 
 Both are used through the same paths as real ones (--model_name_or_path, --dataset_name), offline.
 """
@@ -48,37 +49,18 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl(tmp_path_factory):
     """A tiny random Qwen2.5-VL (its windowed vision tower, its processor class), saved like a real one."""
-    import torch
-    from transformers import (
-        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from tiny_qwen2_5_vl import save_tiny_qwen2_5_vl
 
-    from demo import CHAT_TEMPLATE, _mrope_section, build_tokenizer, carry_published_generation_config
+    return save_tiny_qwen2_5_vl(str(tmp_path_factory.mktemp("tiny-qwen2.5-vl")))
 
-    folder = str(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
-    tokenizer = build_tokenizer()
-    token_id = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(32)},
-                         bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>"),
-                         pad_token_id=token_id("<|endoftext|>")),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
-                           window_size=56, fullatt_block_indexes=[1]),
-        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    carry_published_generation_config(model, tokenizer, "qwen2_5_vl")
-    model.save_pretrained(folder)
-    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
-                        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                        chat_template=CHAT_TEMPLATE).save_pretrained(folder)
-    return folder
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_real_vocab(tmp_path_factory):
+    """A tiny random Qwen2.5-VL with the real vocabulary: Qwen's tokenizer, 151,936 embedding rows,
+    Qwen2.5-VL-Instruct's chat template and published generation config (tests/tiny_qwen2_5_vl.py)."""
+    from tiny_qwen2_5_vl import save_tiny_qwen2_5_vl_real_vocab
+
+    return save_tiny_qwen2_5_vl_real_vocab(str(tmp_path_factory.mktemp("tiny-qwen2.5-vl-real-vocab")))
 
 
 # Every family's tiny model, by model_type: name -> builder(folder) -> folder.

@@ -1,5 +1,6 @@
 """Reward functions that fail on purpose, for the tests of fault-tolerant scoring and for end-to-end
-runs such as `train.py --reward_funcs format tests.faulty_rewards:raises_on_b`.
+runs such as `train.py --reward_funcs format tests.faulty_rewards:raises_on_b`; and one that never fails
+(`characters`), for runs of an untrained model.
 
 Each has the reward signature fn(completions, **dataset_columns) -> list[float], is deterministic and
 cheap, and misbehaves only on rows whose gold answer is B, so a run over the colour data (answers
@@ -49,3 +50,9 @@ def one_short(completions, **kwargs):
 def value_column(completions, value, **kwargs):
     """The dataset column `value` as the rewards, unchanged: lets a test hand in None, NaN, text, ..."""
     return list(value)
+
+
+def characters(completions, **kwargs):
+    """The completion's length in characters / 100: it differs between the completions of an untrained
+    model, which never writes the format, so a run of one still has a policy gradient."""
+    return [len(c) / 100 for c in completions]

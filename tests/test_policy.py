@@ -3,6 +3,7 @@ plain path, and the rollouts as samples of the policy and of nothing else."""
 
 import contextlib
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -274,6 +275,59 @@ def test_ignore_eos_samples_the_full_length(model_and_processor):
     assert full.completion_mask.sum(1).tolist() == [6, 6, 6] and full.truncated.all()
 
 
+@contextlib.contextmanager
+def _writing(model, rows: list[list[int]]):
+    """Within the block, the model writes rows[r][k] as the k-th token of completion r, whatever it would
+    have drawn: at every forward whose logits have one row per completion (the prefill of the shared
+    prompt has one per prompt), all other tokens' logits are pushed 10^4 below."""
+    step = [0]
+
+    def steer(module, args, output):
+        if output.shape[0] == len(rows):
+            for r, script in enumerate(rows):
+                output[r, -1, :] = -1e4
+                output[r, -1, script[min(step[0], len(script) - 1)]] = 0.0
+            step[0] += 1
+        return output
+
+    handle = model.lm_head.register_forward_hook(steer)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "plain"])
+def test_real_vocabulary_think_tags_are_text_and_the_published_end_ids_end_completions(tiny_qwen2_5_vl_real_vocab,
+                                                                                        share_prompt):
+    """With Qwen's tokenizer, <think> (151667) and </think> (151668) are added tokens that are not special:
+    a completion keeps them in its text, where the format reward reads them. <|im_end|> (151645) and
+    <|endoftext|> (151643), the end ids of Qwen2.5-VL-Instruct's generation_config.json, each end a
+    completion and are left out of its text; a completion without either runs to max_new_tokens."""
+    from grpo.rewards import format_reward
+
+    processor = families.load_processor(tiny_qwen2_5_vl_real_vocab, 56 * 56, 56 * 56)
+    model = families.load_model(tiny_qwen2_5_vl_real_vocab, torch.float32, "sdpa")
+    tokenizer = processor.tokenizer
+    assert tokenizer.convert_tokens_to_ids(["<think>", "</think>", "<|im_end|>", "<|endoftext|>"]) == [
+        151667, 151668, 151645, 151643]
+    text = "<think>It is red.</think><answer>A</answer>"
+    answer = tokenizer.encode(text)
+    assert answer[0] == 151667 and 151668 in answer  # each tag one token
+    (more,) = tokenizer.encode(" more")
+    rows = [answer + [151645], answer + [151643], answer + [more]]
+    inputs = _inputs(processor, [Image.new("RGB", (56, 56), "red")])
+    with _writing(model, rows):
+        rollout = policy.sample_groups(model, inputs, policy.Sampling.for_model(
+            model, tokenizer, group_size=3, max_new_tokens=len(answer) + 1, temperature=1.0, top_p=1.0,
+            suppressed_ids=families.forbidden_token_ids(processor, model.config), share_prompt=share_prompt))
+    assert rollout.sampling.end_ids == (151645, 151643)  # the checkpoint's list; the tokenizer's eos is in it
+    assert rollout.completion_ids.tolist() == rows
+    assert rollout.texts == [text, text, text + " more"]
+    assert rollout.truncated.tolist() == [False, False, True]
+    assert format_reward(rollout.texts) == [1.0, 1.0, 0.0]
+
+
 class LiveVocabularyTensors(torch.utils._python_dispatch.TorchDispatchMode):
     """Follows every tensor an operation returns whose last dimension is the vocabulary and that holds
     at least `min_elements`, by its memory (views share it), and records the most of them alive at once
@@ -303,14 +357,22 @@ class LiveVocabularyTensors(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "plain"])
-def test_one_full_vocabulary_tensor_in_the_log_prob_forward_and_backward(model_and_processor, share_prompt,
+@pytest.mark.parametrize("vocabulary", ["small_vocab", "real_vocab"])
+def test_one_full_vocabulary_tensor_in_the_log_prob_forward_and_backward(request, vocabulary, share_prompt,
                                                                          monkeypatch):
     """The logits of the completion tokens are the only [N, T, V] tensor alive at any time, forward and
     backward, entropy included: no slice, concatenation or division by the temperature copies them, and
     the backward writes its gradient into their memory (at Qwen2-VL's 151,936 words and N x T = 8 x
-    1,024 each copy is 2.5 GB in bf16). The float32 chunks stay far below the size counted here."""
-    model, processor = model_and_processor
-    monkeypatch.setattr("grpo.objective.CHUNK_ELEMENTS", 2 * model.config.get_text_config().vocab_size)
+    1,024 each copy is 2.5 GB in bf16). The float32 chunks stay far below the size counted here: on the
+    small vocabulary two positions each (CHUNK_ELEMENTS made small), on the real one as they are (110
+    positions of 151,936 words, within one row)."""
+    if vocabulary == "small_vocab":
+        model, processor = request.getfixturevalue("model_and_processor")
+        monkeypatch.setattr("grpo.objective.CHUNK_ELEMENTS", 2 * model.config.get_text_config().vocab_size)
+    else:
+        folder = request.getfixturevalue("tiny_qwen2_5_vl_real_vocab")
+        model = families.load_model(folder, torch.float32, "eager")
+        processor = families.load_processor(folder, 56 * 56, 112 * 112)
     text = model.config.get_text_config()
     G, T, V = 4, 40, text.vocab_size
     # Counted: tensors of at least half the completion logits, more than the lm_head weight [V, hidden]
@@ -334,25 +396,43 @@ def test_one_full_vocabulary_tensor_in_the_log_prob_forward_and_backward(model_a
 
 # ---------------------------------------------------------------- on-policy sampling ([checkpoint sampling defaults], [end ids])
 #
-# The checkpoint here is the tiny Qwen2-VL with two changes that make it look like a published one to
-# `generate`:
-# - its logits have a real model's scale: the final norm is multiplied by LOGIT_SCALE, so the logits'
-#   standard deviation is about 1 and the largest about 7, a next-token entropy of about 3 nats (the
-#   random model's logits are about 0.16 across, where a repetition penalty of 1.05 moves nothing
-#   measurable);
-# - its generation_config.json carries every sampling field transformers 5.x knows (CHECKPOINT_FIELDS),
+# The checkpoints here are tiny models (ON_POLICY_MODELS) with two changes that make them look like
+# published ones to `generate`:
+# - their logits have a real model's scale: the final norm is multiplied by a logit scale (the random
+#   models' logits are about 0.16 or 0.7 across, where a repetition penalty of 1.05 moves nothing
+#   measurable), to a next-token entropy of about 3 nats;
+# - their generation_config.json carries every sampling field transformers 5.x knows (CHECKPOINT_FIELDS),
 #   each set to a value that changes what is drawn.
 #
-# The on-policy tests draw SAMPLES tokens and compare their frequencies with softmax(logits / T) computed
-# here from a plain forward (no cache, no generate), the placeholder tokens removed (the sampler forbids
-# them, [sampled placeholders]) and, when top_p < 1, restricted to the nucleus: Pearson's chi-square, bins of expected
-# count >= 5 (the rest pooled), each test at SIGNIFICANCE. The draws are seeded, so each test's outcome is
-# fixed; the significance says how unlikely a failure is for a correct sampler over the seeds.
+# The on-policy tests draw a model's `samples` tokens and compare their frequencies with softmax(logits / T)
+# computed here from a plain forward (no cache, no generate), the placeholder tokens removed (the sampler
+# forbids them, [sampled placeholders]) and, when top_p < 1, restricted to the nucleus: Pearson's
+# chi-square (chi_square_p_value: bins of expected count >= 5), each test at SIGNIFICANCE. The draws are
+# seeded, so each test's outcome is fixed; the significance says how unlikely a failure is for a correct
+# sampler over the seeds.
 
 SIGNIFICANCE = 1e-4
-SAMPLES = 6000
-LOGIT_SCALE = 6.0
 TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True)
+class OnPolicyModel:
+    fixture: str        # the conftest fixture of the tiny model's folder
+    logit_scale: float  # the final norm multiplied by it
+    samples: int        # first tokens drawn per test on the shared path (half as many on the plain path)
+
+
+ON_POLICY_MODELS = {
+    # The tiny Qwen2-VL, 400 words: logits of standard deviation about 1, the largest about 7.
+    "small_vocab": OnPolicyModel("tiny_model", logit_scale=6.0, samples=6000),
+    # The tiny Qwen2.5-VL with Qwen's 151,936-word vocabulary: logits of standard deviation about 5.5, the
+    # largest about 24 (a trained model's scale), the three likeliest tokens 57% of the probability and a
+    # long tail (12% in tokens below 3e-3 each). Fewer draws: on a CPU each costs a softmax and a
+    # multinomial over 151,936 words (~13 ms a row on this shared 2-core machine), and at 1,200 every
+    # leak checked below is still rejected at p < 1e-10 (the subtlest, repetition_penalty, at p = 8e-7
+    # with 600 draws, 6e-15 with 1,200; without a leak p = 0.93 shared, 0.92 plain).
+    "real_vocab": OnPolicyModel("tiny_qwen2_5_vl_real_vocab", logit_scale=70.0, samples=1200),
+}
 # Every field of transformers' GenerationConfig that changes what is sampled, as a checkpoint could
 # ship it (the values are chosen to move the distribution measurably; the published ones are in
 # demo.PUBLISHED_GENERATION_CONFIGS). Fields naming tokens are filled in by the fixture.
@@ -370,36 +450,68 @@ CHECKPOINT_FIELDS = dict(
 FIRST_TOKEN_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
                       "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "sequence_bias",
                       "begin_suppress_tokens", "watermarking_config")
+# Of the fields Qwen2.5-VL-Instruct's published generation_config.json sets (demo.PUBLISHED_GENERATION_CONFIGS),
+# the leaks the check must see at the real vocabulary too: the greedy-like top_k (p = 9e-33), and the
+# repetition penalty, the subtlest (p = 6e-15). Tried once and left to the small model, for time:
+# temperature (p = 9e-45) and top_p (5e-22 with 600 draws; it sorts 151,936 words a row).
+REAL_VOCAB_LEAKS = ("top_k", "repetition_penalty")
+# The on-policy tests run on both models; the nucleus, the other leaks and the later token on the plain
+# path on the small one alone (they cost more draws or a sort of the vocabulary).
+ON_BOTH_MODELS = pytest.mark.parametrize("checkpoint", list(ON_POLICY_MODELS), indirect=True)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    folder: str
+    fields: dict   # the sampling fields of its generation config
+    samples: int   # how many first tokens a test draws from it
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A folder like a published checkpoint: real-scale logits, every sampling field in its generation config."""
+def made() -> dict:
+    """What this module made, kept for its other tests: each model's Checkpoint (by name) and the model
+    and processor loaded from it (by folder)."""
+    return {}
+
+
+@pytest.fixture
+def checkpoint(request, made, tmp_path_factory) -> Checkpoint:
+    """A folder like a published checkpoint: real-scale logits, every sampling field in its generation
+    config. Of the tiny model named by the test's parameter (ON_POLICY_MODELS), the small one by default."""
+    name = getattr(request, "param", "small_vocab")
+    if name not in made:
+        made[name] = _published_like(name, request.getfixturevalue(ON_POLICY_MODELS[name].fixture),
+                                     str(tmp_path_factory.mktemp(f"real-scale-{name}") / "model"))
+    return made[name]
+
+
+def _published_like(name: str, tiny_model_folder: str, folder: str) -> Checkpoint:
+    import shutil
+
     from transformers import GenerationConfig
 
-    from demo import save_tiny_qwen2_vl
-
-    folder = save_tiny_qwen2_vl(str(tmp_path_factory.mktemp("real-scale-qwen2-vl")))
+    shutil.copytree(tiny_model_folder, folder)
     processor = families.load_processor(folder, 56 * 56, 56 * 56)
     model = families.load_model(folder, torch.float32, "sdpa")
     with torch.no_grad():
-        model.model.language_model.norm.weight.mul_(LOGIT_SCALE)
+        model.model.language_model.norm.weight.mul_(ON_POLICY_MODELS[name].logit_scale)
         top = _first_token_logits(model, _prompt(processor)).topk(2).indices.tolist()
     ids = {key: getattr(model.generation_config, key) for key in ("eos_token_id", "pad_token_id", "bos_token_id")}
-    # The likeliest first token (about half the probability) suppressed at the start and biased down, the
-    # second banned, by the checkpoint.
+    # The likeliest first token (about half the probability in the small model, a fifth in the real
+    # vocabulary's) suppressed at the start and biased down, the second banned, by the checkpoint.
     fields = dict(CHECKPOINT_FIELDS, begin_suppress_tokens=[top[0]], sequence_bias={(top[0],): -3.0},
                   bad_words_ids=[[top[1]]])
     model.generation_config = GenerationConfig(**ids, **fields)
     model.save_pretrained(folder)
-    return folder, fields
+    return Checkpoint(folder, fields, ON_POLICY_MODELS[name].samples)
 
 
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    folder, _ = checkpoint
-    processor = families.load_processor(folder, 56 * 56, 56 * 56)
-    return families.load_model(folder, torch.float32, "sdpa"), processor
+@pytest.fixture
+def loaded(checkpoint, made):
+    if checkpoint.folder not in made:
+        processor = families.load_processor(checkpoint.folder, 56 * 56, 56 * 56)
+        made[checkpoint.folder] = families.load_model(checkpoint.folder, torch.float32, "sdpa"), processor
+    return made[checkpoint.folder]
 
 
 def _prompt(processor, copies: int = 1) -> dict:
@@ -436,35 +548,61 @@ def _policy(logits: torch.Tensor, temperature: float, top_p: float, forbidden: l
     return p
 
 
+# The tokens of expected count under 5 are binned in this many runs (fewer when they expect under 50 draws).
+TAIL_RUNS = 10
+
+
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square test of observed counts [V] against probabilities [V]: bins with an expected
-    count of at least 5, the others pooled into one bin (merged with the smallest when still under 5).
-    A count where the probability is 0 fails at once (p-value 0)."""
+    """Pearson's chi-square test of observed counts [V] against probabilities [V], on bins of expected
+    count at least 5: one per token that reaches 5 alone, and the others (the tail), in order of
+    probability, in TAIL_RUNS runs of about equal expected count (a last run short of it joins the one
+    before it; with no run before it, the smallest single-token bin). At 151,936 words most tokens
+    expect far less than one draw and the tail can hold much of the probability: one pooled bin would
+    say nothing of how the draws spread over it, and a run per 5 expected draws would add so many
+    degrees of freedom that a leak on one token drowns (banning a token of 1% probability in the
+    400-word model, 6,000 draws: p = 3e-5 with ten runs, 9e-4 with 114, 5e-5 with one). The bins
+    follow from `probs` alone, never from the counts, so the statistic has bins - 1 degrees of freedom.
+    A count where the probability is 0 fails at once (p-value 0). When everything falls in one bin (one
+    token all but certain), the draws off that token are tested against their Poisson count instead."""
     n = counts.sum().double()
-    expected = probs.double() * n
+    expected = probs.double() * n  # [V]
     if (counts[probs == 0] > 0).any():
         return 0.0
-    big = expected >= 5
-    observed_bins, expected_bins = list(counts[big].double()), list(expected[big])
-    rest_o, rest_e = counts[~big].double().sum(), expected[~big].sum()
-    if rest_e >= 5:
-        observed_bins.append(rest_o)
-        expected_bins.append(rest_e)
-    elif rest_e > 0:
-        smallest = int(torch.stack(expected_bins).argmin())
-        observed_bins[smallest] += rest_o
-        expected_bins[smallest] += rest_e
-    o, e = torch.stack(observed_bins), torch.stack(expected_bins)
+    order = expected.argsort(descending=True)[:int((probs > 0).sum())]  # [K] the possible tokens, likeliest first
+    singles = int((expected >= 5).sum())
+    run_size = max(5.0, float(expected[order[singles:]].sum()) / TAIL_RUNS)
+    bin_of = list(range(singles))  # each token's bin, in probability order
+    bins, filled = singles, 0.0  # bins so far; what the open run expects
+    for value in expected[order[singles:]].tolist():
+        bin_of.append(bins)
+        filled += value
+        if filled >= run_size:
+            bins, filled = bins + 1, 0.0
+    bin_of = torch.tensor(bin_of)  # [K]
+    if filled > 0:  # the last run is short
+        bin_of[bin_of == bins] = bins - 1 if bins > singles else singles - 1
+    if bins == 1:  # one token all but certain, under 5 draws expected off it: too few to bin
+        return _poisson_upper_tail(int(n - counts[order[0]]), float(n - expected[order[0]]))
+    o = torch.zeros(bins, dtype=torch.float64).index_add_(0, bin_of, counts[order].double())  # [bins]
+    e = torch.zeros(bins, dtype=torch.float64).index_add_(0, bin_of, expected[order])  # [bins]
     statistic = ((o - e) ** 2 / e).sum()
     dof = len(o) - 1
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
 
 
-def _draw(model, processor, share_prompt: bool, tokens: int = 1, top_p: float = 1.0, seed: int = 0,
-          compile_decode: bool = False) -> torch.Tensor:
-    """SAMPLES completions of `tokens` tokens for the prompt, half as many on the plain path (it
+def _poisson_upper_tail(observed: int, mean: float) -> float:
+    """P(X >= observed) for X ~ Poisson(mean) = the regularized lower incomplete gamma P(observed, mean): the
+    one-sided test of a count of rare draws (Binomial(n, q) with small q; Poisson's tail is the wider)."""
+    if observed == 0:
+        return 1.0
+    return float(torch.special.gammainc(torch.tensor(float(observed), dtype=torch.float64), torch.tensor(mean)))
+
+
+def _draw(model, processor, samples: int, share_prompt: bool, tokens: int = 1, top_p: float = 1.0,
+          seed: int = 0, compile_decode: bool = False) -> torch.Tensor:
+    """`samples` completions of `tokens` tokens for the prompt, half as many on the plain path (it
     repeats the prompt and its image for every draw): [n, <= tokens]."""
-    copies, group = (6, SAMPLES // 6) if share_prompt else (3, SAMPLES // 6)
+    copies, group = (6, samples // 6) if share_prompt else (3, samples // 6)
     torch.manual_seed(seed)
     rollout = policy.sample_groups(model, _prompt(processor, copies),
         policy.Sampling.for_model(model, processor.tokenizer, group_size=group, max_new_tokens=tokens,
@@ -475,10 +613,11 @@ def _draw(model, processor, share_prompt: bool, tokens: int = 1, top_p: float = 
     return rollout.completion_ids
 
 
-def _first_token_p_value(model, processor, share_prompt: bool, top_p: float = 1.0, compile_decode: bool = False) -> float:
+def _first_token_p_value(model, processor, samples: int, share_prompt: bool, top_p: float = 1.0,
+                         compile_decode: bool = False) -> float:
     forbidden = families.forbidden_token_ids(processor, model.config)
     probs = _policy(_first_token_logits(model, _prompt(processor)), TEMPERATURE, top_p, forbidden)
-    drawn = _draw(model, processor, share_prompt, top_p=top_p, compile_decode=compile_decode)[:, 0]
+    drawn = _draw(model, processor, samples, share_prompt, top_p=top_p, compile_decode=compile_decode)[:, 0]
     return chi_square_p_value(torch.bincount(drawn, minlength=len(probs)), probs)
 
 
@@ -486,35 +625,46 @@ def _first_token_p_value(model, processor, share_prompt: bool, top_p: float = 1.
 DECODE = pytest.mark.parametrize("compile_decode", [False, True], ids=["eager", "compiled"])
 
 
-@DECODE
-@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "plain"])
-def test_first_token_is_drawn_from_the_policy(loaded, share_prompt, compile_decode):
+# The first token comes from the prompt pass, which runs eagerly either way: compiled, the small model's
+# cases check the rest of the compiled path (the rows padded per call, the kept cache).
+@pytest.mark.parametrize("checkpoint, share_prompt, compile_decode",
+                         [(name, share, compiled) for name in ON_POLICY_MODELS for compiled in (False, True)
+                          for share in (True, False) if not (compiled and name == "real_vocab")],
+                         ids=["small_vocab-shared-eager", "small_vocab-plain-eager", "small_vocab-shared-compiled",
+                              "small_vocab-plain-compiled", "real_vocab-shared-eager", "real_vocab-plain-eager"],
+                         indirect=["checkpoint"])
+def test_first_token_is_drawn_from_the_policy(loaded, checkpoint, share_prompt, compile_decode):
     model, processor = loaded
-    assert _first_token_p_value(model, processor, share_prompt, compile_decode=compile_decode) > SIGNIFICANCE
-
-
-@DECODE
-def test_first_token_is_drawn_from_the_nucleus(loaded, compile_decode):
-    model, processor = loaded
-    assert _first_token_p_value(model, processor, share_prompt=True, top_p=0.9,
+    assert _first_token_p_value(model, processor, checkpoint.samples, share_prompt,
                                 compile_decode=compile_decode) > SIGNIFICANCE
 
 
 @DECODE
-@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "plain"])
-def test_a_later_token_is_drawn_from_the_policy(loaded, share_prompt, compile_decode):
-    """The second token, from the decode loop (cache, positions; compiled, the compiled decode step):
-    for every first token drawn at least 400 times, the second tokens that followed it against
-    softmax(logits / T) after prompt + that token. The tests for different first tokens are
-    independent, so their statistics add (and their dofs)."""
+def test_first_token_is_drawn_from_the_nucleus(loaded, checkpoint, compile_decode):
+    model, processor = loaded
+    assert _first_token_p_value(model, processor, checkpoint.samples, share_prompt=True, top_p=0.9,
+                                compile_decode=compile_decode) > SIGNIFICANCE
+
+
+@DECODE
+@pytest.mark.parametrize("checkpoint, share_prompt",
+                         [("small_vocab", True), ("small_vocab", False), ("real_vocab", True)],
+                         ids=["small_vocab-shared", "small_vocab-plain", "real_vocab-shared"], indirect=["checkpoint"])
+def test_a_later_token_is_drawn_from_the_policy(loaded, checkpoint, share_prompt, compile_decode):
+    """The second token, from the decode loop (cache, positions; compiled, the compiled decode step): for
+    every first token drawn at least 1/15 of the time (400 of 6,000), the second tokens that followed it
+    against softmax(logits / T) after prompt + that token. The tests for different first tokens are
+    independent, so their statistics add (and their dofs). (The real-vocabulary model repeats most of its
+    likeliest first tokens with probability ~1, its tied embedding's echo: there the test is the count of
+    draws off the repeat.)"""
     model, processor = loaded
     forbidden = families.forbidden_token_ids(processor, model.config)
     end_ids = policy.end_token_ids(model, processor.tokenizer)
-    drawn = _draw(model, processor, share_prompt, tokens=2, seed=1, compile_decode=compile_decode)
+    drawn = _draw(model, processor, checkpoint.samples, share_prompt, tokens=2, seed=1, compile_decode=compile_decode)
     firsts, counts = drawn[:, 0].unique(return_counts=True)
     tested = 0
     for first, count in zip(firsts.tolist(), counts.tolist()):
-        if count < 400 or first in end_ids:
+        if count < len(drawn) / 15 or first in end_ids:
             continue
         probs = _policy(_first_token_logits(model, _prompt(processor), [first]), TEMPERATURE, 1.0, forbidden)
         seconds = drawn[drawn[:, 0] == first, 1]
@@ -542,7 +692,8 @@ def _letting_through(field: str, value):
         GenerationMixin._prepare_generation_config = prepare
 
 
-@pytest.mark.parametrize("field", FIRST_TOKEN_FIELDS)
+@pytest.mark.parametrize("checkpoint, field", [("small_vocab", field) for field in FIRST_TOKEN_FIELDS]
+                         + [("real_vocab", field) for field in REAL_VOCAB_LEAKS], indirect=["checkpoint"])
 def test_the_check_fails_when_a_checkpoint_field_leaks(loaded, checkpoint, field):
     """The on-policy test has the power to see each leak: with one checkpoint field let through, the
     first token's frequencies are rejected at SIGNIFICANCE (the bug this file guards, put back by hand).
@@ -551,11 +702,12 @@ def test_the_check_fails_when_a_checkpoint_field_leaks(loaded, checkpoint, field
     from transformers import GenerationConfig
 
     model, processor = loaded
-    value = getattr(GenerationConfig(**checkpoint[1]), field)
+    value = getattr(GenerationConfig(**checkpoint.fields), field)
     with _letting_through(field, value):
-        assert _first_token_p_value(model, processor, share_prompt=True) < SIGNIFICANCE
+        assert _first_token_p_value(model, processor, checkpoint.samples, share_prompt=True) < SIGNIFICANCE
 
 
+@ON_BOTH_MODELS
 def test_no_checkpoint_field_reaches_generate(loaded, checkpoint, monkeypatch):
     """The config generate runs with holds, for every field the checkpoint sets, the run's value or
     transformers' neutral default, never the checkpoint's; and end ids are the checkpoint's list."""
@@ -563,7 +715,7 @@ def test_no_checkpoint_field_reaches_generate(loaded, checkpoint, monkeypatch):
     from transformers.generation.utils import GenerationMixin
 
     model, processor = loaded
-    published = GenerationConfig.from_pretrained(checkpoint[0]).to_diff_dict()
+    published = GenerationConfig.from_pretrained(checkpoint.folder).to_diff_dict()
     seen = []
     prepare = GenerationMixin._prepare_generation_config
 

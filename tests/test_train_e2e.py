@@ -202,6 +202,27 @@ def test_compiled_decode_in_train_py_samples_what_eager_samples(launcher, tiny_m
     assert "[compile_decode]" not in logs["true"] and "Recompiling" not in logs["true"]
 
 
+def test_real_vocabulary_one_process(tiny_qwen2_5_vl_real_vocab, colour_dataset, tmp_path):
+    """train.py on the tiny Qwen2.5-VL with Qwen's real vocabulary (151,936 logits a position, the published
+    end ids and sampling defaults), shared prompts and a reference model, as one process: before the first
+    update the reference's log-probs equal the policy's over the whole vocabulary (KL 0), after it they
+    differ (a reward that differs between the untrained model's completions gives it a policy gradient),
+    and the saved model keeps its 151,936 rows."""
+    from transformers import AutoConfig
+
+    out = str(tmp_path / "run")
+    log = run_command([sys.executable, "train.py", "--output_dir", out, "--model_name_or_path", tiny_qwen2_5_vl_real_vocab,
+                       "--dataset_name", colour_dataset, "--max_steps", "2", "--beta", "0.04", "--report_to", "none",
+                       "--save_steps", "0", "--reward_funcs", "format", "tests.faulty_rewards:characters", *COMMON,
+                       "--learning_rate", "2e-3"], tmp_path)
+    assert "a completion ends at the first of ['<|im_end|>', '<|endoftext|>'] (ids [151645, 151643]" in log
+    assert "never the checkpoint's sampling defaults" in log and "prompts shared by their group" in log
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[0]["loss/kl"] < 1e-6 < metrics[1]["loss/kl"]
+    assert AutoConfig.from_pretrained(out).get_text_config().vocab_size == 151_936
+
+
 # --- every model family through train.py ---------------------------------------------------------
 
 FAMILY_STEP = ["--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
