@@ -864,24 +864,25 @@ def test_decoding_runs_on_sdpa_when_the_model_runs_flash_attention(loaded, monke
 #
 # --compile_decode true runs each decode step through torch.compile (inductor; on this CPU its C++
 # kernels): the static cache's length rounded up to a power of two and the rows of every generate call
-# fixed, so a run compiles once per length bucket. The models these tests compile, by fixture name
-# (one line adds a model; each compile takes some seconds here, so the tests share their shapes).
-COMPILED_DECODE_MODELS = ["tiny_model"]
+# fixed, so a run compiles once per length bucket. The models these tests compile, by ON_POLICY_MODELS'
+# name (one line adds a model; each compile takes some seconds here, so the tests share their shapes;
+# the real vocabulary's compiled decode is checked by the on-policy test of a later token).
+COMPILED_DECODE_MODELS = ["small_vocab"]
 ATTENTION_SCALE = 6.0
 
 
 @pytest.fixture(scope="module", params=COMPILED_DECODE_MODELS)
 def decode_model(request):
-    """The model with real-scale logits (LOGIT_SCALE) and attention sharpened (queries and keys x
+    """The model with real-scale logits (its ON_POLICY_MODELS logit_scale) and attention sharpened (queries and keys x
     ATTENTION_SCALE: scores of about 1 instead of 0.03), so that where a token attends, and so its
     position, moves what is sampled: a random model attends almost uniformly, and would sample the
     same tokens from the wrong positions."""
-    folder = request.getfixturevalue(request.param)
+    folder = request.getfixturevalue(ON_POLICY_MODELS[request.param].fixture)
     processor = families.load_processor(folder, 56 * 56, 112 * 112)
     model = families.load_model(folder, torch.float32, "sdpa")
     text_model = model.model.language_model
     with torch.no_grad():
-        text_model.norm.weight.mul_(LOGIT_SCALE)
+        text_model.norm.weight.mul_(ON_POLICY_MODELS[request.param].logit_scale)
         for layer in text_model.layers:
             layer.self_attn.q_proj.weight.mul_(ATTENTION_SCALE)
             layer.self_attn.k_proj.weight.mul_(ATTENTION_SCALE)
