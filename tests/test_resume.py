@@ -141,6 +141,27 @@ def test_a_write_failing_on_one_rank_alone_fails_the_save_on_every_rank(format_w
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
 
 
+def test_a_rank_slow_at_its_own_work_trips_no_timeout(tiny_model, colour_dataset, tmp_path):
+    """--ddp_timeout 5 on two gloo ranks. Rank 0 spends 12 s more on its share of the row check (the 8 rows
+    are one block: rank 1's share is empty), and 12 s more on each write of the 16-bit model (checkpoint-2's
+    and the final one), while rank 1 waits for it by files, never in a collective: the run ends as it would,
+    exit 0. The same 12 s spent by rank 1 before DeepSpeed's engine starts (whose collectives rank 0 waits
+    in) stops the run at the timeout: the 5 s do reach the process group."""
+    flags = ["--deepspeed", "zero3.json", "--max_steps", "2", "--save_steps", "2", "--report_to", "none",
+             "--ddp_timeout", "5"]
+    launcher = ["deepspeed", "--num_gpus", "2"]
+    log = _train(tmp_path / "slow", tiny_model, colour_dataset, tmp_path, *flags, launcher=launcher, timeout=600,
+                 faults={"slow_row_check": [0, 12], "slow_model_write": [0, 12]})
+    assert f"[data] 8 prompts from {colour_dataset!r}" in log
+    assert [m["step"] for m in read_metrics(tmp_path / "slow")] == [1, 2]
+    assert os.path.isdir(tmp_path / "slow" / "checkpoint-2") and os.path.isfile(tmp_path / "slow" / "model.safetensors")
+    assert sorted(os.listdir(tmp_path / "slow" / "data-check")) and not any(
+        name.endswith("waits") for name in os.listdir(tmp_path / "slow"))
+    log = _train(tmp_path / "stuck", tiny_model, colour_dataset, tmp_path, *flags, launcher=launcher, timeout=600,
+                 faults={"slow_before_engine": [1, 12]}, returncode=None)
+    assert "Timed out waiting 5000ms" in log and not (tmp_path / "stuck" / "metrics.jsonl").exists()
+
+
 def _start_and_wait_for_a_step(command, out, log_file):
     """Start a training command (offline, logging to log_file) and return once it logged a step."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO)
