@@ -69,10 +69,9 @@ class Sampling:
             unwrapped, processor.tokenizer, group_size=args.num_generations,
             max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
             suppressed_ids=tuple(families.forbidden_token_ids(processor, unwrapped.config)),
-            share_prompt=args.share_prompt, completions_per_call=args.generation_batch_size,
-            ignore_eos=args.ignore_eos, blank_picture=families.blank_picture_prompt(processor, family, device),
-            zero_stage=zero_stage, synced_ranks=zero_stage == 3 and world_size > 1,
-            compile_decode=args.compile_decode)
+            share_prompt=args.share_prompt, completions_per_call=args.generation_batch_size, ignore_eos=args.ignore_eos,
+            blank_picture=families.blank_picture_prompt(processor, family, device), zero_stage=zero_stage,
+            synced_ranks=zero_stage == 3 and world_size > 1, compile_decode=args.compile_decode)
 
 
 @dataclass
@@ -389,9 +388,9 @@ def generation_config(*, max_new_tokens: int, end_ids: list[int], pad_token_id: 
 
 
 def decode_compile_config(device):
-    """How the decode step is compiled ([auto-compile]): one graph (a graph break is an error, not a step
-    half compiled), static shapes (static_cache keeps them), CUDA graphs on a GPU (a decode step is
-    bound by launches) and inductor's C++ kernels on the CPU, which transformers' own criteria skip."""
+    """How the decode step is compiled ([auto-compile]): one graph (a graph break is an error), static
+    shapes (static_cache keeps them), CUDA graphs on a GPU (a decode step is bound by launches) and
+    inductor's C++ kernels on the CPU, which transformers' own criteria skip."""
     from transformers import CompileConfig
 
     config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
@@ -400,10 +399,9 @@ def decode_compile_config(device):
 
 
 def static_cache(model, rows: int, length: int, config):
-    """The preallocated keys/values `generate` decodes into, `rows` rows of up to `length` tokens: new
-    each call when eager; compiled ([auto-compile]), `length` rounded up to a power of two (one compile
-    per bucket, for at most 2x the keys/values, which a decode step reads far less of than the weights)
-    and one cache per shape kept on the model, reset, so that CUDA graphs replay on the same memory."""
+    """The keys/values `generate` decodes into, `rows` rows of up to `length` tokens: new each call when
+    eager; compiled ([auto-compile]), `length` rounded up to a power of two (one compile per bucket) and
+    one cache per shape kept on the model, reset, so that CUDA graphs replay on the same memory."""
     from transformers import StaticCache
 
     if config.disable_compile:
@@ -421,8 +419,7 @@ def static_cache(model, rows: int, length: int, config):
 def _generate_call(model, inputs: dict, sampling: Sampling, config, prompts: int) -> torch.Tensor:
     """One generate call on n prompts: [n*G, t]. Compiled, it is padded to `prompts` prompts (copies of
     the last, their rows dropped after): every call of a run has the same rows. A compile that fails
-    (no C++ compiler, an unsupported operation, too many shapes) leaves the run eager from there on,
-    this call made again from the same random state, and one line says so."""
+    leaves the run eager from there on, this call made again from the same random state, said once."""
     generate = _generate_from_shared_prompt if sampling.share_prompt else _generate_from_repeated_prompt
     G, n = sampling.group_size, inputs["input_ids"].shape[0]
     if not config.disable_compile and not getattr(model, "_decode_compile_failed", False):
