@@ -866,11 +866,11 @@ def write_photo_rows(folder: str, rows: int, pictures: list[bytes], workdir: str
 
 
 def time_to_data_line(repo: str, ranks: int, model: str, data: str, out: str, extra: list[str],
-                      timeout: float = 900) -> tuple[float, float]:
+                      timeout: float = 900) -> tuple[float, float, int]:
     """(Seconds from launching `repo`'s train.py (one process, or deepspeed's launcher with `ranks`) to its
-    `[data] N prompts` line, and the CPU seconds all its processes used until then: on a machine other
-    work keeps busy, the wall time depends on the share of the CPU it got, the CPU time does not). The run
-    is killed there. A start that hangs (a stuck rendezvous) is tried again."""
+    `[data] N prompts` line, the CPU seconds all its processes used until then (on a machine other work
+    keeps busy, the wall time depends on the share of the CPU it got, the CPU time does not), and N, the
+    rows kept). The run is killed there. A start that hangs (a stuck rendezvous) is tried again."""
     import re
     import signal
 
@@ -890,8 +890,8 @@ def time_to_data_line(repo: str, ranks: int, model: str, data: str, out: str, ex
         tail = []
         for line in process.stdout:
             tail = (tail + [line])[-30:]
-            if re.search(r"\[data\] \d+ prompts from", line):
-                seconds, cpu = time.time() - start, 0.0
+            if found := re.search(r"\[data\] (\d+) prompts from", line):
+                seconds, cpu, kept = time.time() - start, 0.0, int(found.group(1))
                 launcher = psutil.Process(process.pid)
                 for member in [launcher, *launcher.children(recursive=True)]:  # user, system, and waited children's
                     with contextlib.suppress(psutil.NoSuchProcess):
@@ -904,7 +904,7 @@ def time_to_data_line(repo: str, ranks: int, model: str, data: str, out: str, ex
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         if seconds is not None:
-            return seconds, cpu
+            return seconds, cpu, kept
     raise RuntimeError(f"{' '.join(command[:6])} ... printed no data line:\n{''.join(tail)}")
 
 
@@ -989,16 +989,20 @@ def data_check_main(args) -> None:
                           f"({times[name]['cold'][-1][1]:.1f} s of CPU), reused {times[name]['reused'][-1][0]:.1f} s "
                           f"({times[name]['reused'][-1][1]:.1f} s of CPU) (load average {os.getloadavg()[0]:.1f})",
                           flush=True)
-            results.append(dict(rows=rows, ranks=ranks, **{f"{name} {kind}{unit}": statistics.median(v[i] for v in values)
-                                                           for name, kinds in times.items() for kind, values in kinds.items()
-                                                           for i, unit in enumerate(("", " cpu"))}))
+            kept = {run[2] for kinds in times.values() for values in kinds.values() for run in values}
+            if len(kept) > 1:  # every checkout, cold or reused, must keep the same rows
+                raise RuntimeError(f"{rows} rows, {ranks} rank(s): the runs kept different counts: {sorted(kept)}")
+            medians = {f"{name} {kind}{unit}": statistics.median(v[i] for v in values)
+                       for name, kinds in times.items() for kind, values in kinds.items()
+                       for i, unit in enumerate(("", " cpu"))}
+            results.append(dict(rows=rows, ranks=ranks, kept=kept.pop(), **medians))
         if not args.keep_dir:
             shutil.rmtree(data, ignore_errors=True)
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}\n\nseconds from launch to the data line, and "
           f"(cpu) the CPU seconds of all the run's processes until then, medians of {args.repeats}:")
-    columns = [k for k in results[0] if k not in ("rows", "ranks")]
-    print_rows([["rows", "ranks", *columns]] + [[str(r["rows"]), str(r["ranks"]), *(f"{r[c]:.1f}" for c in columns)]
-                                                for r in results])
+    columns = [k for k in results[0] if k not in ("rows", "ranks", "kept")]
+    print_rows([["rows", "ranks", "kept", *columns]]
+               + [[str(r["rows"]), str(r["ranks"]), str(r["kept"]), *(f"{r[c]:.1f}" for c in columns)] for r in results])
     if args.against:
         for r in results:
             print(f"{r['rows']} rows, {r['ranks']} rank(s): ours / against, cold {r['ours cold'] / r['against cold']:.2f}x, "

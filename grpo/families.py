@@ -172,9 +172,9 @@ def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: b
     """Hugging Face format (safetensors + processor) that from_pretrained loads, and the run's
     arguments (training_args.json: eval.py prompts the model as it was trained). A LoRA model saves
     its adapters alone, as PEFT does (adapter_config.json, adapter_model.safetensors), which
-    PeftModel.from_pretrained puts on the base model and families.load_model loads. Under ZeRO-3 the
+    PeftModel.from_pretrained puts on the base model and load_model loads. Under ZeRO-3 the
     shards are gathered into one 16-bit state dict on rank 0 (a collective: every rank calls this)."""
-    adapters = families.has_adapters(engine.module)
+    adapters = has_adapters(engine.module)
     state_dict = (engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=adapters) if zero_stage == 3
                   else engine.module.state_dict())
     if is_main and adapters:
@@ -200,7 +200,7 @@ def save_merged(adapter_folder: str, processor, args, dtype) -> str:
     weights (W + (alpha / r) B A), which from_pretrained loads with no PEFT. Read back from the files,
     on one process (rank 0), so it is what anyone loading the adapter gets. Returns the folder."""
     merged = os.path.join(adapter_folder, "merged")
-    families.load_model(adapter_folder, dtype, "sdpa").save_pretrained(merged)
+    load_model(adapter_folder, dtype, "sdpa").save_pretrained(merged)
     _save_processor_and_arguments(merged, processor, args)
     return merged
 
