@@ -197,7 +197,8 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
     if share is None:
         shares, reused = [check(0, 1)], False
     else:
-        key = check_key(rows, dataset_name, split, base_dir, processor, max_prompt_length, system_prompt, check_solution)
+        key = check_key(rows, dataset_name, split, base_dir, processor, max_prompt_length, system_prompt,
+                        check_solution)
         shares, reused = share(check, key)
     drops = {reason: [] for reason in DROP_REASONS}  # reason -> [(row, detail)], in row order
     for index, reason, detail in sorted(drop for part in shares for drop in part["drops"]):
@@ -252,7 +253,8 @@ class RowCheck:
         from .families import counts_from_size  # here, so that reading rows (data_tools.py) needs no torch
 
         self.rows, self.base_dir, self.processor, self.family = rows, base_dir, processor, family
-        self.max_prompt_length, self.system_prompt, self.check_solution = max_prompt_length, system_prompt, check_solution
+        self.max_prompt_length, self.system_prompt = max_prompt_length, system_prompt
+        self.check_solution = check_solution
         self.by_size, self.sizes = counts_from_size(processor), {}  # sizes: picture's digest or path -> its size
         self.stored = rows.with_format("arrow")  # slices of it: the rows as stored, pictures not decoded
 
@@ -426,8 +428,9 @@ def optimizer_steps(num_prompts: int, args, world_size: int) -> tuple[int, int]:
 
 def data_order(args) -> dict:
     """The arguments that decide which prompts each step sees: a resume with others changes the order."""
-    return {name: getattr(args, name) for name in ("dataset_name", "dataset_split", "seed", "per_device_train_batch_size",
-                                                   "gradient_accumulation_steps", "max_prompt_length")}
+    return {name: getattr(args, name) for name in ("dataset_name", "dataset_split", "seed",
+                                                   "per_device_train_batch_size", "gradient_accumulation_steps",
+                                                   "max_prompt_length")}
 
 
 def step_prompts(num_rows: int, per_device: int, accumulation_steps: int, rank: int, world_size: int, seed: int,

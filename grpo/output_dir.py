@@ -196,7 +196,8 @@ def check_resumable(state: dict, args, world_size: int, folder: str) -> None:
     if state["world_size"] != world_size:
         raise UsageError(f"--resume_from_checkpoint: {folder!r} was written by {state['world_size']} rank(s) and "
                          f"this run has {world_size}; resume with --num_gpus {state['world_size']}.")
-    changed = {k: (v, state["data_order"][k]) for k, v in data.data_order(args).items() if state["data_order"].get(k) != v}
+    changed = {k: (v, state["data_order"][k]) for k, v in data.data_order(args).items()
+               if state["data_order"].get(k) != v}
     if changed:
         print(f"[train] WARNING: resuming with different {', '.join(f'--{k} {now} (was {was})' for k, (now, was) in changed.items())}; "
               "the prompts from here on differ from those of an uninterrupted run.", flush=True)
@@ -254,11 +255,10 @@ def resume(model, folder: str, rank: int, num_prompts: int, log) -> Progress:
 # ---------------------------------------------------------------- logs
 
 def start_wandb(args, resume_folder: str | None):
-    """--report_to wandb: rank 0's wandb run (None on the other ranks, which never talk to wandb),
-    started before anything loads, so that a run that cannot log there (not logged in) stops in
-    seconds. A resume continues the run its checkpoint names (wandb's resume="allow"), as TensorBoard's
-    charts continue in runs/<run_name>. Its config is every flag; its files go to output_dir/wandb
-    (or $WANDB_DIR), its project is $WANDB_PROJECT or grpo-vlm."""
+    """--report_to wandb: rank 0's wandb run (None on the other ranks, which never talk to wandb), started
+    before anything loads, so that a run that cannot log there (not logged in) stops in seconds. A resume
+    continues the run its checkpoint names (resume="allow"), as TensorBoard's charts continue in runs/<run_name>.
+    Its config is every flag; its files go to output_dir/wandb (or $WANDB_DIR), its project $WANDB_PROJECT."""
     if "wandb" not in args.report_to:
         return None
     run = None

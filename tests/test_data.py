@@ -304,10 +304,12 @@ def _load_as_rank(path, processor, limit, folder, rank, world_size, num_proc, re
     from grpo.distributed import gather_from_files
 
     messages = []
-    share = lambda check, key: gather_from_files(check, os.path.join(folder, data.CHECK_FOLDER, key), rank,  # noqa: E731
-                                                 world_size, timeout_s=120)
-    ds = data.load_prompt_dataset(path, "train", processor, QWEN, limit, log=messages.append, check_solution=_has_answer,
-                                  num_proc=num_proc, share=share)
+
+    def share(check, key):
+        return gather_from_files(check, os.path.join(folder, data.CHECK_FOLDER, key), rank, world_size, timeout_s=120)
+
+    ds = data.load_prompt_dataset(path, "train", processor, QWEN, limit, log=messages.append,
+                                  check_solution=_has_answer, num_proc=num_proc, share=share)
     results.put((rank, ds.keep, ds.dropped, messages))
 
 
@@ -316,7 +318,8 @@ def _load_on_ranks(path, processor, limit, folder, world_size, num_proc):
 
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    ranks = [context.Process(target=_load_as_rank, args=(path, processor, limit, folder, r, world_size, num_proc, results))
+    ranks = [context.Process(target=_load_as_rank,
+                             args=(path, processor, limit, folder, r, world_size, num_proc, results))
              for r in range(world_size)]
     for process in ranks:
         process.start()
@@ -341,7 +344,8 @@ def test_the_ranks_shares_together_give_what_one_rank_alone_does(tmp_path, proce
                                      check_solution=_has_answer, num_proc=1)
     assert alone.keep == keep and alone.dropped == drops
     assert messages[-1] == f"[data] {len(keep)} prompts from {path!r} (split 'train'), {text_only} of them text-only"
-    assert [m.split(":")[0] for m in messages[:-1]] == [f"[data] dropped {len(found)} of 288 rows" for found in drops.values()]
+    assert [m.split(":")[0] for m in messages[:-1]] == [f"[data] dropped {len(found)} of 288 rows"
+                                                        for found in drops.values()]
     ranks = _load_on_ranks(path, processor, limit, str(tmp_path / "run"), world_size=3, num_proc=2)
     assert ranks == [(r, keep, drops, messages) for r in range(3)]
     (key,) = os.listdir(tmp_path / "run" / data.CHECK_FOLDER)
@@ -370,7 +374,8 @@ def test_a_stale_result_is_checked_again(tmp_path, processor):
     del unreadable[data.TOO_LONG]
     assert load(limit) == (unreadable, False)
     with open(path, "a") as f:
-        f.write(json.dumps({"image": "img/missing.jpg", "problem": "one more", "solution": "<answer>B</answer>"}) + "\n")
+        f.write(json.dumps({"image": "img/missing.jpg", "problem": "one more",
+                            "solution": "<answer>B</answer>"}) + "\n")
     unreadable["unreadable image or video"].append(32)
     assert load(limit) == (unreadable, False)
     assert len(os.listdir(os.path.join(folder, data.CHECK_FOLDER))) == 4  # one result per key
