@@ -100,18 +100,20 @@ def test_killed_and_resumed_run_ends_where_the_straight_run_does(ranks, iteratio
 
 
 def test_interrupted_save_is_never_resumed(tiny_model, colour_dataset, tmp_path):
-    """A kill half-way through writing checkpoint-4 leaves checkpoint-4.tmp; `latest` is
-    checkpoint-2, and the resume clears the leftover."""
+    """A kill half-way through writing checkpoint-4 leaves checkpoint-4.tmp (and the save's waits folder);
+    `latest` is checkpoint-2, and the resume clears the leftovers."""
     out = tmp_path / "run"
     flags = ["--max_steps", "4", "--save_steps", "2", "--report_to", "none"]
     _train(out, tiny_model, colour_dataset, tmp_path, *flags, faults={"kill_during_save": 4}, returncode=None)
     # (plots/ is drawn by a process of its own, which may or may not have finished when the kill came)
-    assert sorted(set(os.listdir(out)) - {"plots"}) == ["checkpoint-2", "checkpoint-4.tmp", "metrics.jsonl"]
+    assert sorted(set(os.listdir(out)) - {"plots"}) == [".save-waits", "checkpoint-2", "checkpoint-4.tmp", "data-check",
+                                                        "metrics.jsonl"]
     log = _train(out, tiny_model, colour_dataset, tmp_path, *flags, "--resume_from_checkpoint", "latest")
     assert "removed 1 interrupted save(s): checkpoint-4.tmp" in log
     assert f"resumed from {out / 'checkpoint-2'} at step 2 of 4" in log
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
     assert os.path.isfile(out / "checkpoint-4" / "trainer_state.json")
+    assert not os.path.exists(out / ".save-waits")
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tiny_model, colour_dataset, tmp_path):
