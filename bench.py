@@ -34,7 +34,10 @@ memory, and LoRA once more with its adapters left unmerged while sampling (train
 grpo.families.adapters_merged aside), for the generate phase with and without the merge.
 `--compare compile_decode` runs ours with the decode step compiled and eager
 (`--compile_decode true` and `false`); the compile happens in the first (warm-up) step, whose
-generate seconds are printed apart. `--profile` adds one run
+generate seconds are printed apart. `--compare prefetch` runs ours with each step's prompts prepared on a
+background thread while the step before trains (the default) and prepared in the step
+(`--dataloader_num_workers 0`): the `prompts` column is the host seconds step 1 keeps the accelerator
+waiting. `--profile` adds one run
 of ours whose first step after the warm-up runs under torch.profiler, phase by phase, and prints
 where each phase's time goes (matmuls, attention, softmax, copies, elementwise ops, communication,
 other ops, outside any op): `train_worker` runs train.py's own loop with its phase functions wrapped
@@ -52,6 +55,12 @@ Examples:
     # one GPU
     python bench.py --model qwen2-vl-2b --dtype bfloat16 --image_size 448 --G 8 --completion_length 256 \\
         --beta 0.04 --compare share_prompt
+    # the data check at scale, against the commit before (`git worktree add ../before COMMIT`)
+    python bench.py --data_rows 1000 8000 40000 --data_ranks 1 2 --repeats 3 --against ../before
+
+`--data_rows` times no steps: it writes save_to_disk folders of photo-sized JPEG rows (640x480 to 1280x960,
+about 115 KB, every row's bytes its own) and times train.py from launch to its `[data] N prompts` line,
+cold (a new output_dir) and reused (the same output_dir again, as a resumed run starts).
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ import argparse
 import contextlib
 import datetime
 import io
+import itertools
 import json
 import os
 import platform
@@ -69,6 +79,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -504,9 +515,10 @@ def free_port() -> int:
 
 
 def train_flags(args, setup: dict, share_prompt: bool, out: str, steps: int, lora: bool = False,
-                compile_decode: bool | None = None) -> list[str]:
+                compile_decode: bool | None = None, extra: tuple = ()) -> list[str]:
     """train.py's arguments for one run of ours (`lora`: training LoRA adapters, --use_peft true;
-    `compile_decode`: its --compile_decode, else --compile_decode's, else train.py's default)."""
+    `compile_decode`: its --compile_decode, else --compile_decode's, else train.py's default; `extra`: more
+    flags)."""
     pixels = args.image_size ** 2  # min = max = the image's area: no resizing
     flags = ["--model_name_or_path", setup["folder"], "--dataset_name", setup["data"], "--output_dir", out,
              "--max_steps", str(steps), "--per_device_train_batch_size", str(args.prompts),
@@ -520,7 +532,8 @@ def train_flags(args, setup: dict, share_prompt: bool, out: str, steps: int, lor
              "--ignore_eos", "true"]  # exactly completion_length tokens: runs compare
     compile_decode = args.compile_decode if compile_decode is None else compile_decode
     flags += [] if compile_decode is None else ["--compile_decode", str(compile_decode).lower()]
-    return flags + (["--deepspeed", "zero3.json"] if args.ranks > 1 else []) + (["--use_peft", "true"] if lora else [])
+    return (flags + (["--deepspeed", "zero3.json"] if args.ranks > 1 else []) + (["--use_peft", "true"] if lora else [])
+            + list(extra))
 
 
 def launch(args, script: list[str]) -> list[str]:
@@ -532,7 +545,7 @@ def launch(args, script: list[str]) -> list[str]:
 
 
 def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool = False, lora: bool = False,
-             unmerged: bool = False, compile_decode: bool | None = None) -> list[dict]:
+             unmerged: bool = False, compile_decode: bool | None = None, extra: tuple = ()) -> list[dict]:
     """One run of train.py: `python train.py ...`, or under `deepspeed --num_gpus R ... --deepspeed
     zero3.json` for R ranks; or, with --freeze_embeddings, for the profile run or for LoRA sampled with its
     adapters unmerged (`unmerged`), bench.py's
@@ -544,7 +557,7 @@ def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool 
     run's first generate seconds (`first_generate`: a compiled decode step compiles then)."""
     out = tempfile.mkdtemp(prefix="ours-", dir=workdir)
     steps = args.warmup_steps + (1 if profile else args.steps)
-    flags = train_flags(args, setup, share_prompt, out, steps, lora, compile_decode)
+    flags = train_flags(args, setup, share_prompt, out, steps, lora, compile_decode, extra)
     if profile or args.freeze_embeddings or unmerged:
         spec = dict(argv=flags, freeze_embeddings=args.freeze_embeddings, unmerged_sampling=unmerged,
                     profile_step=steps if profile else None, profile_out=os.path.join(out, "profile"))
@@ -562,7 +575,7 @@ def run_ours(args, setup: dict, share_prompt: bool, workdir: str, profile: bool 
         memory = {f"{phase}_gb": m[f"memory/{phase}_peak_gb"] * GB_PER_GIB if f"memory/{phase}_peak_gb" in m else None
                   for phase in PHASES}
         peaks = [v for v in memory.values() if v is not None]
-        steps.append(dict(step=m["time/step_seconds"], generate=m.get("time/generate_seconds"),
+        steps.append(dict(step=m["time/step_seconds"], prompts=m.get("time/prompts_seconds"), generate=m.get("time/generate_seconds"),
                           score=m.get("time/score_seconds"), logps=m.get("time/logps_seconds"),
                           update=m.get("time/update_seconds"), length=m.get("completion/length_mean"),
                           peak_gb=max(peaks) if setup["on_gpu"] and peaks else peak_rss, rss_gb=peak_rss,
@@ -806,6 +819,202 @@ def train_worker(spec_path: str) -> None:
     sys.exit(status)
 
 # ---------------------------------------------------------------------------------------------
+# The data check at scale (--data_rows): seconds from launch to train.py's `[data] N prompts` line.
+# ---------------------------------------------------------------------------------------------
+
+
+def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """`count` photo-sized JPEGs, 640x480 to 1280x960 (4:3), about 115 KB each: a smooth random colour
+    field with fine grain, so that they compress (and decode) like photographs."""
+    from PIL import Image, ImageChops
+
+    rng, pictures = random.Random(seed), []
+    for _ in range(count):
+        width = rng.randrange(640, 1281) // 4 * 4
+        height = width * 3 // 4
+        field = Image.frombytes("RGB", (width // 48 + 2, height // 48 + 2), rng.randbytes((width // 48 + 2) * (height // 48 + 2) * 3))
+        grain = Image.frombytes("L", (width, height), rng.randbytes(width * height)).point(lambda v: v // 20).convert("RGB")
+        picture = ImageChops.add(field.resize((width, height), Image.BICUBIC), grain, offset=-5)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=85)
+        pictures.append(buffer.getvalue())
+    return pictures
+
+
+def write_photo_rows(folder: str, rows: int, pictures: list[bytes], workdir: str, repeat: bool = False) -> None:
+    """A save_to_disk folder of `rows` distinct rows in the training schema, each holding a photo-sized JPEG
+    of `pictures` in turn: whose bytes no other row holds (a JPEG comment with the row's number after its
+    start marker), so no row's picture is decoded for another's; or with `repeat`, the same bytes in every
+    row that holds that picture, as a dataset with several questions per picture stores them. Problems and
+    answers are short, as most are."""
+    import datasets
+
+    def generate():
+        for i in range(rows):
+            picture, comment = pictures[i % len(pictures)], f"row {i}".encode()
+            if not repeat:
+                picture = picture[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + picture[2:]
+            yield {"image": {"bytes": picture, "path": None},
+                   "problem": f"Row {i}: what does the picture show? Choices: (A) a field (B) a wall (C) the sea (D) snow",
+                   "solution": f"<think>It is row {i}.</think><answer>{'ABCD'[i % 4]}</answer>"}
+
+    features = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"),
+                                  "solution": datasets.Value("string")})
+    cache = tempfile.mkdtemp(prefix="generate-", dir=workdir)
+    datasets.Dataset.from_generator(generate, features=features, cache_dir=cache).save_to_disk(folder)
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def time_to_data_line(repo: str, ranks: int, model: str, data: str, out: str, extra: list[str],
+                      timeout: float = 900) -> tuple[float, float, int]:
+    """(Seconds from launching `repo`'s train.py (one process, or deepspeed's launcher with `ranks`) to its
+    `[data] N prompts` line, the CPU seconds all its processes used until then (on a machine other work
+    keeps busy, the wall time depends on the share of the CPU it got, the CPU time does not), and N, the
+    rows kept). The run is killed there. A start that hangs (a stuck rendezvous) is tried again."""
+    import re
+    import signal
+
+    import psutil  # a dependency of deepspeed
+
+    flags = ["--model_name_or_path", model, "--dataset_name", data, "--output_dir", out, "--max_steps", "1",
+             "--report_to", "none", "--save_steps", "0", "--num_generations", "2", "--max_completion_length", "4", *extra]
+    command = ([sys.executable, "train.py"] if ranks == 1 else ["deepspeed", "--master_port", str(free_port()),
+               "--num_gpus", str(ranks), "train.py", "--deepspeed", "zero3.json"]) + flags
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for attempt in range(2):
+        start = time.time()
+        process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env=env, start_new_session=True)
+        timer = threading.Timer(timeout, os.killpg, (process.pid, signal.SIGKILL))
+        timer.start()
+        tail = []
+        for line in process.stdout:
+            tail = (tail + [line])[-30:]
+            if found := re.search(r"\[data\] (\d+) prompts from", line):
+                seconds, cpu, kept = time.time() - start, 0.0, int(found.group(1))
+                launcher = psutil.Process(process.pid)
+                for member in [launcher, *launcher.children(recursive=True)]:  # user, system, and waited children's
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        cpu += sum(member.cpu_times()[:4])
+                break
+        else:
+            seconds = None
+        timer.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        if seconds is not None:
+            return seconds, cpu, kept
+    raise RuntimeError(f"{' '.join(command[:6])} ... printed no data line:\n{''.join(tail)}")
+
+
+def row_check_profile(pictures: list[bytes], model: str, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per row of each part of the row check on these pictures (the best of `repeats` passes):
+    decoding a picture in full, at 1/8 scale (grpo.data.RowCheck's), its header alone, PIL's verify(); the
+    prompt's template and tokens (families.count_prompt_tokens); the gold judged against itself
+    (answers.unverifiable_reason). And which decodes catch a picture cut in half (`catches_truncated`)."""
+    from PIL import Image
+
+    from grpo import answers, data, families
+
+    def full(picture):
+        Image.open(io.BytesIO(picture)).load()
+
+    def eighth(picture):
+        image = Image.open(io.BytesIO(picture))
+        image.draft(image.mode, (image.width // 8, image.height // 8))
+        image.load()
+
+    processor, golds = families.load_processor(model, 3136, 12845056), itertools.count(7)  # new golds: no cache hits
+    conversation = data.build_conversation("Row 1: what does the picture show? (A) a field (B) a wall", None, 1)
+    parts = {"full decode": full, "1/8-scale decode": eighth, "header only": lambda p: Image.open(io.BytesIO(p)).size,
+             "PIL verify()": lambda p: Image.open(io.BytesIO(p)).verify(),
+             "prompt template and tokens": lambda p: families.count_prompt_tokens(processor, conversation, [(640, 480)],
+                                                                                  families.FAMILIES["qwen2_vl"]),
+             "gold judged against itself": lambda p: answers.unverifiable_reason(f"<answer>{next(golds)}</answer>", "?")}
+    profile = {}
+    for name, part in parts.items():
+        passes = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for picture in pictures:
+                part(picture)
+            passes.append((time.perf_counter() - start) / len(pictures) * 1000)
+        profile[name] = min(passes)
+    caught = []
+    for name in ("full decode", "1/8-scale decode", "header only", "PIL verify()"):
+        try:
+            parts[name](pictures[0][:len(pictures[0]) // 2])
+        except Exception:  # noqa: BLE001
+            caught.append(name)
+    profile["catches_truncated"] = caught
+    return profile
+
+
+def data_check_main(args) -> None:
+    """Launch to the data line, cold (a new output_dir) and reused (the same output_dir again, as a
+    resumed run starts), for each of --data_rows and --data_ranks, this repository's train.py and, with
+    --against DIR, DIR's side by side; medians of --repeats, the kinds alternated."""
+    info = machine()
+    print(f"{info['date']} | {info['cpu']} | {info['cores']} cores | python {info['python']}, torch {info['torch']}, "
+          f"transformers {info['transformers']} | load average (1 min) {os.getloadavg()[0]:.2f}")
+    workdir = args.keep_dir or tempfile.mkdtemp(prefix="bench-data-")
+    os.makedirs(workdir, exist_ok=True)
+    model = os.path.join(workdir, "model-tiny")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        save_model_folder("tiny", model, "float32")
+    pictures = photo_jpegs(64)
+    print(f"{len(pictures)} photo-sized JPEGs, {statistics.mean(len(p) for p in pictures) / 1000:.0f} KB on average, "
+          + ("the rows repeat their bytes" if args.repeat_pictures else "each row's bytes its own"))
+    profile = row_check_profile(pictures, model)
+    print("one row's check, ms (the best of 3 passes over the pictures, one process): "
+          + "; ".join(f"{name} {ms:.2f}" for name, ms in profile.items() if name != "catches_truncated")
+          + f"; a picture cut in half is caught by: {', '.join(profile['catches_truncated'])}")
+    repos = {"ours": REPO, **({"against": os.path.abspath(args.against)} if args.against else {})}
+    results = []
+    for rows in args.data_rows:
+        data = os.path.join(workdir, f"photos-{rows}" + ("-repeated" if args.repeat_pictures else ""))
+        if not os.path.exists(data):
+            write_photo_rows(data, rows, pictures, workdir, args.repeat_pictures)
+        for ranks in args.data_ranks:
+            times = {name: {"cold": [], "reused": []} for name in repos}
+            for repeat in range(args.repeats):
+                for name, repo in repos.items():
+                    out = tempfile.mkdtemp(prefix="run-", dir=workdir)
+                    times[name]["cold"].append(time_to_data_line(repo, ranks, model, data, out, []))
+                    times[name]["reused"].append(time_to_data_line(repo, ranks, model, data, out,
+                                                                   ["--resume_from_checkpoint", "latest"]))
+                    shutil.rmtree(out, ignore_errors=True)
+                    print(f"  {rows} rows, {ranks} rank(s), {name}: cold {times[name]['cold'][-1][0]:.1f} s "
+                          f"({times[name]['cold'][-1][1]:.1f} s of CPU), reused {times[name]['reused'][-1][0]:.1f} s "
+                          f"({times[name]['reused'][-1][1]:.1f} s of CPU) (load average {os.getloadavg()[0]:.1f})",
+                          flush=True)
+            kept = {run[2] for kinds in times.values() for values in kinds.values() for run in values}
+            if len(kept) > 1:  # every checkout, cold or reused, must keep the same rows
+                raise RuntimeError(f"{rows} rows, {ranks} rank(s): the runs kept different counts: {sorted(kept)}")
+            medians = {f"{name} {kind}{unit}": statistics.median(v[i] for v in values)
+                       for name, kinds in times.items() for kind, values in kinds.items()
+                       for i, unit in enumerate(("", " cpu"))}
+            results.append(dict(rows=rows, ranks=ranks, kept=kept.pop(), **medians))
+        if not args.keep_dir:
+            shutil.rmtree(data, ignore_errors=True)
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}\n\nseconds from launch to the data line, and "
+          f"(cpu) the CPU seconds of all the run's processes until then, medians of {args.repeats}:")
+    columns = [k for k in results[0] if k not in ("rows", "ranks", "kept")]
+    print_rows([["rows", "ranks", "kept", *columns]]
+               + [[str(r["rows"]), str(r["ranks"]), str(r["kept"]), *(f"{r[c]:.1f}" for c in columns)] for r in results])
+    if args.against:
+        for r in results:
+            print(f"{r['rows']} rows, {r['ranks']} rank(s): ours / against, cold {r['ours cold'] / r['against cold']:.2f}x, "
+                  f"reused {r['ours reused'] / r['against reused']:.2f}x; CPU seconds: cold "
+                  f"{r['ours cold cpu'] / r['against cold cpu']:.2f}x, reused {r['ours reused cpu'] / r['against reused cpu']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(command=sys.argv, machine=info, row_check_ms=profile, results=results), f, indent=1)
+    if not args.keep_dir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+# ---------------------------------------------------------------------------------------------
 # Summary and report.
 # ---------------------------------------------------------------------------------------------
 
@@ -831,7 +1040,7 @@ def phase_flops(args, setup: dict, share_prompt: bool) -> dict[str, float]:
 def summarise(runs: list[list[dict]], args, setup: dict, share_prompt: bool, phases: bool) -> dict:
     """Medians over each run's timed steps, then over runs; rates and utilisation from them. With
     `phases` (our runs), each phase's FLOPs (one rank's), achieved FLOP/s and share of the peak."""
-    keys = ("step", "generate", "score", "logps", "update", "length", "peak_gb", "rss_gb", "first_generate",
+    keys = ("step", "prompts", "generate", "score", "logps", "update", "length", "peak_gb", "rss_gb", "first_generate",
             *(f"{phase}_gb" for phase in PHASES))
     per_run = [{k: _median([s.get(k) for s in run]) for k in keys} for run in runs]
     s = {k: _median([r[k] for r in per_run]) for k in keys}
@@ -870,11 +1079,11 @@ def print_rows(lines: list[list[str]]) -> None:
 
 
 def print_table(results: dict[str, dict]) -> None:
-    lines = [["run", "s/step (min-max)", "rollouts/s", "tokens/s", "generate", "score", "logps", "update",
+    lines = [["run", "s/step (min-max)", "rollouts/s", "tokens/s", "prompts", "generate", "score", "logps", "update",
               "peak GB", "decode GB/s (of device)"]]
     for kind, s in results.items():
         lines.append([kind, f"{s['step']:.3f} ({s['step_min']:.3f}-{s['step_max']:.3f})", f"{s['rollouts_per_s']:.2f}",
-                      f"{s['tokens_per_s']:.0f}", *(_fmt(s[k], ".3f") for k in ("generate", "score", "logps", "update")),
+                      f"{s['tokens_per_s']:.0f}", *(_fmt(s[k], ".3f") for k in ("prompts", "generate", "score", "logps", "update")),
                       _fmt(s["peak_gb"], ".2f"),
                       f"{_fmt(s.get('decode_gbs'), '.1f')} ({_fmt(s.get('decode_fraction'), '.1%')})"])
     print_rows(lines)
@@ -968,11 +1177,13 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3, help="Timed steps per run.")
     p.add_argument("--warmup_steps", type=int, default=1, help="Steps run first and not timed.")
     p.add_argument("--repeats", type=int, default=3, help="Runs per kind, alternated between kinds.")
-    p.add_argument("--compare", default="none", choices=["none", "trl", "share_prompt", "lora", "compile_decode"],
+    p.add_argument("--compare", default="none",
+                   choices=["none", "trl", "share_prompt", "lora", "compile_decode", "prefetch"],
                    help="trl: also TRL's GRPOTrainer; share_prompt: ours with --share_prompt true and false; "
                         "lora: ours training every weight, LoRA adapters (--use_peft true), and LoRA with its "
                         "adapters unmerged while sampling; compile_decode: ours with the decode step compiled and "
-                        "eager.")
+                        "eager; prefetch: ours with each step's prompts prepared ahead (the default) and in the step "
+                        "(--dataloader_num_workers 0).")
     p.add_argument("--profile", action="store_true", help="Then one more run of ours whose step after the warm-up "
                    "runs under torch.profiler: per phase, the share of time in matmuls, attention, softmax, copies, "
                    "elementwise ops, communication, other ops and outside any op.")
@@ -983,6 +1194,13 @@ def parse_args(argv):
                    "on the CPU the matmul peak bench.py measures).")
     p.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     p.add_argument("--keep_dir", default=None, help="Build the model, data and runs here and keep them.")
+    p.add_argument("--data_rows", type=int, nargs="+", default=None, help="Time the data check instead of steps: "
+                   "launch to train.py's data line on this many photo-sized rows (e.g. 1000 8000 40000), cold and reused.")
+    p.add_argument("--data_ranks", type=int, nargs="+", default=[1, 2], help="--data_rows: on this many ranks (each).")
+    p.add_argument("--repeat_pictures", action="store_true", help="--data_rows: the rows cycle through 64 pictures "
+                   "with the same bytes (several questions per picture); default: every row's bytes its own.")
+    p.add_argument("--against", default=None, help="--data_rows: also time the train.py of this folder (another "
+                   "checkout, e.g. `git worktree add ../before COMMIT`) side by side.")
     p.add_argument("--trl_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--train_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1004,6 +1222,8 @@ def main(argv: list[str]) -> None:
         return trl_worker(args.trl_worker)
     if args.train_worker:
         return train_worker(args.train_worker)
+    if args.data_rows:
+        return data_check_main(args)
     if args.compare == "trl":
         try:
             import trl
@@ -1092,6 +1312,9 @@ def main(argv: list[str]) -> None:
             lambda: run_ours(args, setup, share, workdir, lora=True, unmerged=True), share, False)
     if args.compare == "trl":
         kinds["trl"] = (lambda: run_trl(args, setup, workdir), False, False)
+    if args.compare == "prefetch":  # step 1 (prompts: rows read, pictures processed) on the critical path, as before
+        kinds["ours, prompts prepared in the step"] = (
+            lambda: run_ours(args, setup, share, workdir, extra=("--dataloader_num_workers", "0")), share, True)
     flops = {kind: phase_flops(args, setup, share_prompt) for kind, (_, share_prompt, _) in kinds.items()}
     for kind, per_phase in flops.items():
         print(f"FLOPs{' per rank' if args.ranks > 1 else ''} ({kind}): "

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     raw_ds_config = distributed.read_deepspeed_config(args.deepspeed)
     reward_funcs = rewards.get_reward_funcs(args.reward_funcs)
     config.check_paths(args)
-    rank, world_size, device = distributed.init_distributed()
+    rank, world_size, device = distributed.init_distributed(args.ddp_timeout)
     log = print if rank == 0 else (lambda *_: None)
     resume_folder = output_dir.start(args, rank, world_size, log)
     wandb_run = output_dir.start_wandb(args, resume_folder)  # rank 0, before loading: a failed login stops in seconds
@@ -44,8 +44,10 @@ def main(argv: list[str]) -> None:
     processor = families.load_processor(args.model_name_or_path, args.min_pixels, args.max_pixels)
     dataset = data.load_prompt_dataset(
         args.dataset_name, args.dataset_split, processor, family, args.max_prompt_length, args.system_prompt, log=log,
-        progress=rank == 0, decide=distributed.rank0_decides,  # rank 0 checks every row, the others take its word
-        check_solution=answers.unverifiable_reason if "accuracy" in args.reward_funcs else None)
+        progress=rank == 0, check_solution=answers.unverifiable_reason if "accuracy" in args.reward_funcs else None,
+        num_proc=args.dataset_num_proc,  # each rank checks its share of the rows, the result kept for a resume
+        share=lambda check, key: distributed.gather_from_files(check, f"{args.output_dir}/{data.CHECK_FOLDER}/{key}",
+                                                               rank, world_size, args.ddp_timeout))
     total_steps, left_out = data.optimizer_steps(len(dataset), args, world_size)
     ds_config = distributed.fill_deepspeed_config(raw_ds_config, args, world_size, total_steps,
                                                   on_gpu=device.type == "cuda")
@@ -70,6 +72,8 @@ def main(argv: list[str]) -> None:
     reward_faults = rewards.RewardFaults(lambda message: print(f"[rank {rank}] {message}", flush=True))
     prompt_order = data.step_prompts(len(dataset), args.per_device_train_batch_size, args.gradient_accumulation_steps,
                                      rank, world_size, args.seed, start_rollout=progress.rollouts)
+    prompts = data.prepared_prompts(dataset, prompt_order, processor, family, workers=args.dataloader_num_workers,
+                                    rollouts=-(-(total_steps - progress.step) // args.num_iterations))  # those left
     stop_request = distributed.StopRequest()
     last_saved = progress.step
     if args.gradient_checkpointing and args.share_prompt:
@@ -79,12 +83,10 @@ def main(argv: list[str]) -> None:
     # ---- the GRPO loop: one rollout per pass, num_iterations optimizer steps on it ----
     while progress.step < total_steps:
         started, phases = time.time(), distributed.Phases(device)
-        # 1. prompts: this rank's share of the step
-        examples = [dataset[i] for i in next(prompt_order)]
-        prompt_inputs = families.build_inputs(processor, [ex["prompt"] for ex in examples],
-                                              [ex["images"] for ex in examples], family,
-                                              [ex["videos"] for ex in examples])
-        prompt_inputs = {key: value.to(device) for key, value in prompt_inputs.items()}
+        # 1. prompts: this rank's share of the step, read and processed while the step before trained
+        with phases("prompts"):
+            examples, prompt_inputs = next(prompts)
+            prompt_inputs = {key: value.to(device) for key, value in prompt_inputs.items()}
         # 2. sample G completions for each prompt
         with phases("generate"):
             rollout = policy.sample_groups(model, prompt_inputs, sampling)
@@ -128,15 +130,12 @@ def main(argv: list[str]) -> None:
                              f"or try --bf16 false.")
 
     # ---- (plumbing) the final model ----
-    try:
-        distributed.save_model(model, processor, args, args.output_dir, zero_stage, rank == 0)
-        if args.merge_adapter and rank == 0:
-            logger.info(f"[train] merged weights in {distributed.save_merged(args.output_dir, processor, args, dtype)}")
+    try:  # rank 0 writes (and with --merge_adapter merges) alone; the others wait for it by files
+        output_dir.save_final(model, processor, args, zero_stage, rank, dtype, logger.info)
     except Exception as e:  # noqa: BLE001
         logger.close(exit_code=1)
         raise RunStopped(f"saving the final model to {args.output_dir!r} failed ({type(e).__name__}: {e}); the "
                          f"newest checkpoint is checkpoint-{last_saved}.") from e
-    torch.distributed.barrier()
     logger.redraw_plots(wait=True)
     logger.info(f"[train] done: {progress.step} steps; final model in {args.output_dir}")
     logger.close()

@@ -132,6 +132,16 @@ class GRPOArguments:
     deepspeed: str | None = flag(
         None, "DeepSpeed JSON config; default zero3.json next to train.py.")
     local_rank: int = flag(-1, "Set by the deepspeed launcher.")
+    # --- the run: data at scale, and ranks that wait (Hugging Face's names; check_data_and_waits) ---
+    dataset_num_proc: int | None = flag(
+        None, "Worker processes per rank that check the rows at load (each rank checks its share of them); "
+        "default: this machine's cores over its ranks, at most 16.")
+    dataloader_num_workers: int = flag(
+        1, "Background threads that read the next steps' rows and run the processor on their pictures while the "
+        "current step trains (0: each step prepares its own).")
+    ddp_timeout: int = flag(
+        1800, "Seconds a rank waits for the others in a collective before the run stops; one rank working alone "
+        "(the data check, a save's 16-bit write) is waited for by files, as long as it shows it lives.")
     # --- the run: where it goes, logging and saving ---
     output_dir: str = flag("outputs/grpo", "Where checkpoints, TensorBoard logs and the final model go.")
     run_name: str | None = flag(
@@ -406,6 +416,19 @@ def validate(args: GRPOArguments) -> None:
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         bad("num_train_epochs", "must be positive when --max_steps is not set.")
     check_lora(args)
+    check_data_and_waits(args)
+
+
+def check_data_and_waits(args: GRPOArguments) -> None:
+    """--dataset_num_proc, --dataloader_num_workers, --ddp_timeout."""
+    if args.dataset_num_proc is not None and args.dataset_num_proc < 1:
+        bad("dataset_num_proc", f"is {args.dataset_num_proc}; give at least 1 worker process, or leave it out "
+            "(the cores per rank).")
+    if args.dataloader_num_workers < 0:
+        bad("dataloader_num_workers", f"is {args.dataloader_num_workers}; give 0 (no background threads) or more.")
+    if args.ddp_timeout < 1:
+        bad("ddp_timeout", f"is {args.ddp_timeout}; give the seconds a collective may wait, at least 1 "
+            "(Hugging Face's default: 1800).")
 
 
 def check_lora(args: GRPOArguments) -> None:

@@ -10,15 +10,21 @@ counted under the first reason that holds, in this order: an empty problem, an e
 gold answer the reward cannot judge (when a `check_solution` is given), an unreadable image or
 video, a prompt longer than --max_prompt_length (a prompt holding image tokens is never truncated:
 cutting them breaks the forward: [truncated prompts]). The text checks come first, before any picture
-is decoded, and each picture is decoded once. Then the order in which a rank meets the prompts, step by
-step, a function of the step count alone (a resumed run continues it exactly).
+is decoded, and each picture is decoded once; the ranks share the rows, and a resumed run reuses the
+result. Then the order in which a rank meets the prompts, step by step, a function of the step count
+alone (a resumed run continues it exactly), and each step's prompts prepared while the one before trains.
 """
 
 from __future__ import annotations
 
 import ast
+import collections
+import concurrent.futures
+import copy
+import hashlib
 import io
 import itertools
+import multiprocessing
 import os
 import random
 import string
@@ -166,15 +172,16 @@ def _drop_line(reason: str, drops: list[tuple[int, object]], total: int, max_pro
 def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_prompt_length: int,
                         system_prompt: str | None = None, log=print, progress: bool = False,
                         check_solution: Callable[[str, str | None], str | None] | None = None,
-                        decide=lambda check: check()) -> PromptDataset:
-    """Load, check every row once (each picture decoded once), and report what was dropped and why
-    (one log line per reason).
+                        num_proc: int | None = None, share=None) -> PromptDataset:
+    """Load, check every row once (RowCheck), and report what was dropped and why (one log line per reason).
 
     `processor` is the model's (families.load_processor sets its pixel limits), used to count the prompt's text
     tokens plus the image tokens the image will expand to. `check_solution(solution, problem)`, if
     given, returns None when the gold answer can be judged, else a short reason the row is dropped.
-    `decide(check)` runs the check, which returns (kept rows, dropped rows by reason): here, or on one
-    rank alone, its result given to the others (distributed.rank0_decides), which check nothing.
+    `num_proc` worker processes check the rows (None: default_num_proc()). `share(check, key)`, if given, runs
+    check(rank, world_size) on every rank, each rank checking its share of the rows, and returns (every
+    share's result, whether they were kept from an earlier run): train.py's keeps them in
+    output_dir/data-check/<key> (distributed.gather_from_files), `key` naming all they depend on (check_key).
     """
     rows = load_rows(dataset_name, split)
     check_columns(rows, dataset_name)
@@ -182,58 +189,212 @@ def load_prompt_dataset(dataset_name: str, split: str, processor, family, max_pr
         raise UsageError(f"--dataset_name {dataset_name!r} has a `video` column, and this model's family takes no "
                          "video (the Qwen families do); drop the column or use a Qwen-VL model.")
     base_dir = os.path.dirname(os.path.abspath(dataset_name)) if os.path.isfile(dataset_name) else None
-    keep, dropped = decide(lambda: _check_rows(rows, dataset_name, split, processor, family, max_prompt_length,
-                                               system_prompt, base_dir, log, progress, check_solution))
-    return PromptDataset(rows, keep, base_dir, system_prompt, dropped)
+    checker = RowCheck(rows, base_dir, processor, family, max_prompt_length, system_prompt, check_solution)
 
+    def check(rank: int, world_size: int) -> dict:
+        return checker.share(rank, world_size, num_proc or default_num_proc(), progress)
 
-def _check_rows(rows, dataset_name, split, processor, family, max_prompt_length, system_prompt, base_dir, log,
-                progress, check_solution) -> tuple[list[int], dict[str, list[int]]]:
-    """Every row checked once: (the usable rows, the dropped rows by reason), each reason logged."""
-    from .families import count_prompt_tokens  # here, so that reading rows (data_tools.py) needs no torch
-    text_only = []  # kept rows without pictures, noted while their pictures are looked at
-
-    def drop_reason(index: int, problem, solution) -> tuple[str, object] | None:
-        """(reason, detail or None) for a row to drop, or None to keep it: text first, pictures last."""
-        if _blank(problem):
-            return "empty problem", None
-        if _blank(solution):
-            return "empty solution", None
-        if check_solution is not None and (why := check_solution(solution, problem)) is not None:
-            return "unverifiable solution", why
-        try:
-            row = rows[index]  # decodes the row's pictures, where its columns are Image features
-            images, videos = row_images(row, base_dir), row_videos(row, base_dir)
-            conversation = build_conversation(problem, system_prompt, len(images), len(videos))
-            length = count_prompt_tokens(processor, conversation, images, family, videos)
-        except Exception as e:  # any decoding failure: the row is dropped and reported
-            return "unreadable image or video", f"{type(e).__name__}: {e}"
-        if length > max_prompt_length:
-            return TOO_LONG, length
-        if not images and not videos:
-            text_only.append(index)
-        return None
-
-    keep, drops = [], {reason: [] for reason in DROP_REASONS}  # reason -> [(row, detail)]
-    texts = rows.select_columns(list(REQUIRED_COLUMNS))  # no picture decoded for the text checks
-    for index, text in enumerate(tqdm(texts, desc="checking rows", unit="row", disable=not progress)):
-        dropped = drop_reason(index, text["problem"], text["solution"])
-        if dropped is None:
-            keep.append(index)
-        else:
-            drops[dropped[0]].append((index, dropped[1]))
+    if share is None:
+        shares, reused = [check(0, 1)], False
+    else:
+        key = check_key(rows, dataset_name, split, base_dir, processor, max_prompt_length, system_prompt,
+                        check_solution)
+        shares, reused = share(check, key)
+    drops = {reason: [] for reason in DROP_REASONS}  # reason -> [(row, detail)], in row order
+    for index, reason, detail in sorted(drop for part in shares for drop in part["drops"]):
+        drops[reason].append((index, detail))
     drops = {reason: found for reason, found in drops.items() if found}
     for reason, found in drops.items():
         log(_drop_line(reason, found, len(rows), max_prompt_length))
+    dropped = {reason: [i for i, _ in found] for reason, found in drops.items()}
+    unusable = {i for found in dropped.values() for i in found}
+    keep = [i for i in range(len(rows)) if i not in unusable]
     if not keep:
         counts = ", ".join(f"{reason}: {len(found)}" for reason, found in drops.items())
         error = UsageError(f"--dataset_name {dataset_name!r}: no usable rows out of {len(rows)}"
                            + (f" ({counts})." if counts else "."))
-        error.dropped = {reason: [i for i, _ in found] for reason, found in drops.items()}  # for data_tools.py
+        error.dropped = dropped  # for data_tools.py
         raise error
+    text_only = sum(part["text_only"] for part in shares)
     log(f"[data] {len(keep)} prompts from {dataset_name!r} (split {split!r})"
-        + (f", {len(text_only)} of them text-only" if text_only else ""))
-    return keep, {reason: [i for i, _ in found] for reason, found in drops.items()}
+        + (f", {text_only} of them text-only" if text_only else "")
+        + (f"; checked by an earlier run ({CHECK_FOLDER}/{key})" if reused else ""))
+    return PromptDataset(rows, keep, base_dir, system_prompt, dropped)
+
+# ---------------------------------------------------------------- the check of every row
+
+CHECK_FOLDER = "data-check"  # in --output_dir: the check's result, a folder per key (check_key)
+CHECK_VERSION = 1  # raised whenever what the check decides changes: results an older check kept are not reused
+BLOCK = 64  # rows checked at a time: the ranks take the blocks in turn, a rank's workers share its blocks
+
+
+def default_num_proc() -> int:
+    """Worker processes per rank for the row check: this process's cores over the ranks on its machine
+    (the launchers' LOCAL_WORLD_SIZE or LOCAL_SIZE), at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)))
+
+
+class RowCheck:
+    """What load_prompt_dataset asks of each row. The first reason that holds drops it, in this order: an
+    empty problem, an empty solution, a gold answer check_solution cannot judge, a picture or video that
+    does not decode, a prompt over max_prompt_length tokens; the text first, so a dropped row's pictures
+    are never decoded.
+
+    Pictures are read as the dataset stores them, not through `rows[i]` (which decodes them in full), and a
+    JPEG decodes at 1/8 scale: libjpeg scales its DCT but still reads every byte, so a truncated or corrupt
+    file fails as it does in full, in half the time (docs/PERFORMANCE.md). Where the processor counts an
+    image's tokens from its size (Qwen's; the count is the same with width and height swapped, so an EXIF
+    turn does not change it), the size is the header's, and a picture several rows hold is decoded once.
+    Any other processor, a video, or a picture that fails this way is read again as training reads the row,
+    whose outcome (and error message) is the row's."""
+
+    def __init__(self, rows, base_dir, processor, family, max_prompt_length, system_prompt, check_solution):
+        from .families import counts_from_size  # here, so that reading rows (data_tools.py) needs no torch
+
+        self.rows, self.base_dir, self.processor, self.family = rows, base_dir, processor, family
+        self.max_prompt_length, self.system_prompt = max_prompt_length, system_prompt
+        self.check_solution = check_solution
+        self.by_size, self.sizes = counts_from_size(processor), {}  # sizes: picture's digest or path -> its size
+        self.stored = rows.with_format("arrow")  # slices of it: the rows as stored, pictures not decoded
+
+    def share(self, rank: int, world_size: int, num_proc: int, progress: bool = False) -> dict:
+        """A rank's share, every world_size-th block of rows from the rank-th, checked by num_proc worker
+        processes: {"drops": [[row, reason, detail], ...], "text_only": how many kept rows have no picture}."""
+        global _RUNNING
+        starts = range(rank * BLOCK, len(self.rows), world_size * BLOCK)
+        bar = tqdm(total=sum(min(BLOCK, len(self.rows) - s) for s in starts), desc="checking rows", unit="row",
+                   disable=not progress)
+        workers, pool, blocks = min(num_proc, len(starts)), None, map(self.block, starts)
+        if workers > 1:  # forked: each worker has the rows and the processor without pickling them
+            _RUNNING = self
+            pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("fork"))
+            blocks = pool.map(_check_block, starts)
+        drops, text_only = [], 0
+        try:
+            for start, (block_drops, block_text_only) in zip(starts, blocks):
+                drops += block_drops
+                text_only += block_text_only
+                bar.update(min(BLOCK, len(self.rows) - start))
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        return {"drops": drops, "text_only": text_only}
+
+    def block(self, start: int) -> tuple[list[list], int]:
+        """The BLOCK rows from `start`: their drops [row, reason, detail], and how many kept rows are text-only."""
+        drops, text_only = [], 0
+        for index, row in enumerate(self.stored[start:start + BLOCK].to_pylist(), start):
+            fate = self.fate(index, row)
+            if isinstance(fate, tuple):
+                drops.append([index, *fate])
+            text_only += fate == "text-only"
+        return drops, text_only
+
+    def fate(self, index: int, row: dict):
+        """(reason, detail or None) for a row (as stored) to drop; "text-only" or "kept" for one to keep."""
+        from .families import count_prompt_tokens
+
+        problem, solution = row["problem"], row["solution"]
+        if _blank(problem):
+            return "empty problem", None
+        if _blank(solution):
+            return "empty solution", None
+        if self.check_solution is not None and (why := self.check_solution(solution, problem)) is not None:
+            return "unverifiable solution", why
+        try:
+            if not self.by_size or row.get("video") not in (None, []):
+                raise LookupError("read in full")
+            pictures, videos = [self.picture_size(value) for value in picture_values(row)], []
+        except Exception:  # noqa: BLE001 (read again as training reads it, which gives the row's outcome)
+            try:
+                row = self.rows[index]  # decodes the row's pictures, where its columns are Image features
+                pictures, videos = row_images(row, self.base_dir), row_videos(row, self.base_dir)
+            except Exception as e:  # any decoding failure: the row is dropped and reported
+                return "unreadable image or video", f"{type(e).__name__}: {e}"
+        try:
+            length = count_prompt_tokens(self.processor, build_conversation(problem, self.system_prompt, len(pictures),
+                                                                            len(videos)), pictures, self.family, videos)
+        except Exception as e:  # a picture the processor cannot take
+            return "unreadable image or video", f"{type(e).__name__}: {e}"
+        if length > self.max_prompt_length:
+            return TOO_LONG, length
+        return "kept" if pictures or videos else "text-only"
+
+    def picture_size(self, value) -> tuple[int, int]:
+        """(width, height) of a stored picture (bytes, {'bytes', 'path'} or a path), once it is found to decode."""
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, str) and not os.path.isabs(value) and self.base_dir is not None:
+            value = os.path.join(self.base_dir, value)
+        key = value if isinstance(value, str) else hashlib.blake2b(value, digest_size=16).digest()
+        if key not in self.sizes:
+            with Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value) as image:
+                size = image.size  # the header's: a draft's is smaller
+                if image.format == "JPEG":
+                    image.draft(image.mode, (image.width // 8, image.height // 8))
+                image.load()
+            self.sizes[key] = size
+        return self.sizes[key]
+
+
+_RUNNING: RowCheck | None = None  # the check whose blocks a forked worker process checks
+
+
+def _check_block(start: int):
+    return _RUNNING.block(start)
+
+
+def check_key(rows, dataset_name: str, split: str, base_dir: str | None, processor, max_prompt_length: int,
+              system_prompt: str | None, check_solution) -> str:
+    """A name for the check's result that changes whenever the result could: the check's version, the
+    dataset (name, split, and files with their sizes and modification times: the file or folder given,
+    datasets' cache files, each picture or video a row names by path), the processor (its image settings,
+    tokenizer and chat template), --max_prompt_length, the system prompt, the solution check, and the
+    versions of transformers, Pillow, datasets and math-verify."""
+    import json
+    from importlib import metadata
+
+    local = os.path.abspath(dataset_name) if os.path.exists(dataset_name) else None
+    files = [entry["filename"] for entry in rows.cache_files] + _named_files(rows, base_dir)
+    if local and os.path.isdir(local):
+        files += [os.path.join(folder, name) for folder, _, names in os.walk(local) for name in names]
+    elif local:
+        files.append(local)
+    stats = []
+    for path in sorted(set(files)):
+        found = os.stat(path) if os.path.exists(path) else None
+        stats.append((path, found and found.st_size, found and found.st_mtime_ns))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    ingredients = dict(
+        version=CHECK_VERSION, dataset=local or dataset_name, split=split, files=stats,
+        pictures=[getattr(processor, name).to_json_string() for name in ("image_processor", "video_processor")
+                  if getattr(processor, name, None) is not None],
+        tokenizer=[type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template,
+                   getattr(processor, "chat_template", None)],
+        max_prompt_length=max_prompt_length, system_prompt=system_prompt or DEFAULT_SYSTEM_PROMPT,
+        check_solution=check_solution and f"{check_solution.__module__}."
+                                          f"{getattr(check_solution, '__qualname__', repr(check_solution))}",
+        versions=[metadata.version(name) for name in ("transformers", "pillow", "datasets", "math-verify")])
+    return hashlib.sha256(json.dumps(ingredients, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _named_files(rows, base_dir: str | None) -> list[str]:
+    """The picture and video files the rows name by path (not stored in the dataset itself)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = []
+    for column in [c for c in (*IMAGE_COLUMNS, "video") if c in rows.column_names]:
+        values = rows.data.column(column)
+        while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+            values = pc.list_flatten(values)
+        if pa.types.is_struct(values.type):  # an Image feature: a path where no bytes are stored
+            values = pc.filter(pc.struct_field(values, "path"), pc.is_null(pc.struct_field(values, "bytes")))
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            names += [os.path.join(base_dir or "", name) for name in pc.unique(values).to_pylist() if name]
+    return names
 
 
 def rank_batches(num_rows: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int):
@@ -265,6 +426,13 @@ def optimizer_steps(num_prompts: int, args, world_size: int) -> tuple[int, int]:
     return total, num_prompts - batches * per_device * world_size
 
 
+def data_order(args) -> dict:
+    """The arguments that decide which prompts each step sees: a resume with others changes the order."""
+    return {name: getattr(args, name) for name in ("dataset_name", "dataset_split", "seed",
+                                                   "per_device_train_batch_size", "gradient_accumulation_steps",
+                                                   "max_prompt_length")}
+
+
 def step_prompts(num_rows: int, per_device: int, accumulation_steps: int, rank: int, world_size: int, seed: int,
                  start_rollout: int = 0):
     """Endless dataset indices for this rank, one optimizer step's worth (per_device x accumulation
@@ -287,6 +455,32 @@ def step_prompts(num_rows: int, per_device: int, accumulation_steps: int, rank: 
         if len(step) == per_device * accumulation_steps:
             yield step
             step = []
+
+
+def prepared_prompts(dataset: PromptDataset, order, processor, family, rollouts: int, workers: int = 1):
+    """Each step's (examples, model inputs on the CPU), read and built (families.build_inputs) ahead of it:
+    while one step trains, `workers` background threads prepare the next, so the step finds its pictures
+    decoded and processed. The steps come in the order `order` gives their dataset indices (step_prompts), and
+    only `rollouts` (those left to run) are drawn from it, none past the run's end. The threads use a copy of
+    the processor: its tokenizer must not run in two threads at once. workers = 0: each prepared when asked."""
+    from .families import build_inputs
+
+    processor, order = copy.deepcopy(processor) if workers > 0 else processor, itertools.islice(order, rollouts)
+
+    def prepare(indices: list[int]) -> tuple[list[dict], dict]:
+        examples = [dataset[i] for i in indices]
+        return examples, build_inputs(processor, [ex["prompt"] for ex in examples], [ex["images"] for ex in examples],
+                                      family, [ex["videos"] for ex in examples])
+
+    if workers == 0:
+        yield from map(prepare, order)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers, "prepare-prompts") as pool:
+        ahead = collections.deque(pool.submit(prepare, indices) for indices in itertools.islice(order, workers))
+        while ahead:
+            ready = ahead.popleft()
+            ahead.extend(pool.submit(prepare, indices) for indices in itertools.islice(order, 1))  # starts now
+            yield ready.result()
 
 
 # ---------------------------------------------------------------- other layouts, as training rows

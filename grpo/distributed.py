@@ -4,21 +4,21 @@ optimizer step, and the checkpoints DeepSpeed writes.
 - `init_distributed`: one process group for the deepspeed launcher, torchrun and plain `python`
   ([leaked shared memory] on the CPU); `end_distributed` before exit ([exit abort]).
 - `mean_over_ranks`, `all_ranks`, `rank0_decides`: what the ranks must agree on ([ranks that disagree]).
+  `gather_from_files`: each rank's work given to all, waited for without a collective ([waits in a collective]).
 - `fill_deepspeed_config`, `load_engine`: the policy (with torch's AdamW, no JIT build, and the LR
   schedule) or the frozen reference, partitioned while it loads under ZeRO-3 ([ZeRO-3 class patching]).
 - `backward` and `step`: one micro-batch's backward and DeepSpeed's step, which updates the weights
   after the last micro-batch of an optimizer step, unless a loss or a gradient was not finite on some
   rank (one check per optimizer step): then nothing changes anywhere ([non-finite steps]). `Phases`
   times them (after the device finishes, on a GPU), with peak memory.
-- `save_checkpoint`, `load_checkpoint`, `save_model`: a checkpoint's weights, optimizer, schedule and
-  random generators, written atomically and agreed on by every rank ([saves that fail on one rank]);
-  `StopRequest`: SIGTERM, which stops the run at a step boundary.
+- `save_checkpoint`, `load_checkpoint`: a checkpoint's weights, optimizer, schedule and random generators,
+  written atomically and agreed on by every rank ([saves that fail on one rank]); `StopRequest`: SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import datetime
 import json
 import math
 import os
@@ -26,6 +26,7 @@ import random
 import shutil
 import signal
 import socket
+import threading
 import time
 
 import torch
@@ -34,9 +35,9 @@ from . import families
 from .config import UsageError
 
 
-def init_distributed():
-    """One process group for the deepspeed launcher, torchrun, and plain `python train.py` (a world of
-    one) alike: (rank, world size, device)."""
+def init_distributed(timeout_s: float = 1800):
+    """One process group for the deepspeed launcher, torchrun, and plain `python train.py` (a world of one)
+    alike: (rank, world size, device). A collective waiting longer than timeout_s (--ddp_timeout) fails."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -45,7 +46,7 @@ def init_distributed():
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(verbose=False)
+    deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
@@ -102,9 +103,8 @@ def all_ranks(ok, device) -> bool:
 
 
 def rank0_decides(decide):
-    """decide() run on rank 0 alone, its result (or its usage error) given to every rank: for the
-    decisions that read files (the checkpoint to resume, whether --output_dir holds an earlier run),
-    so ranks on different machines cannot disagree and wait for each other forever."""
+    """decide() run on rank 0 alone, its result (or its usage error) given to every rank: decisions that read
+    files (the checkpoint to resume, an earlier run in --output_dir) made once, so ranks cannot disagree."""
     outcome = [None, None]
     if torch.distributed.get_rank() == 0:
         try:
@@ -117,6 +117,43 @@ def rank0_decides(decide):
         error.shared = True  # every rank raises it: rank 0 alone prints it
         raise error
     return outcome[0]
+
+
+def gather_from_files(work, folder: str, rank: int, world_size: int, timeout_s: float) -> tuple[list, bool]:
+    """Every rank's work(rank, world_size), a JSON value, given to every rank through files in `folder` (in
+    --output_dir), not in a collective: a slow rank trips no watchdog ([waits in a collective]). A part there
+    already (an earlier run's: `folder` names all it depends on) is kept. The wait fails when a missing part's
+    rank leaves its .alive file (touched every 2 s) still for timeout_s. Returns (the parts, whether all found)."""
+    os.makedirs(folder, exist_ok=True)
+    parts = [os.path.join(folder, f"part-{r}-of-{world_size}.json") for r in range(world_size)]
+    alive = [os.path.join(folder, f".alive-{r}") for r in range(world_size)]
+    found = all(os.path.isfile(part) for part in parts)
+    if not os.path.isfile(parts[rank]):
+        stop = threading.Event()
+
+        def beat():  # this rank's sign of life while it works
+            while not stop.wait(2.0):
+                os.utime(alive[rank])
+
+        open(alive[rank], "w").close()
+        threading.Thread(target=beat, daemon=True).start()
+        try:
+            result = work(rank, world_size)
+        finally:
+            stop.set()
+        with open(f"{parts[rank]}.{os.getpid()}.tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(f.name, parts[rank])  # whole or not at all: a waiting rank never reads half of it
+    seen = {r: (None, time.monotonic()) for r in range(world_size)}  # rank -> (its .alive's stamp, first seen at)
+    while missing := [r for r in range(world_size) if not os.path.isfile(parts[r])]:
+        for r in missing:
+            stamp = os.stat(alive[r]).st_mtime_ns if os.path.isfile(alive[r]) else None
+            seen[r] = seen[r] if stamp == seen[r][0] else (stamp, time.monotonic())
+            if time.monotonic() - seen[r][1] > timeout_s:
+                raise RuntimeError(f"rank {r} wrote no {parts[r]} and showed no sign of life in {timeout_s:.0f} s "
+                                   "(--ddp_timeout)")
+        time.sleep(0.5)
+    return [json.load(open(part)) for part in parts], found
 
 
 def seed_this_rank(seed: int, rank: int) -> None:
@@ -380,50 +417,8 @@ class Phases:
 # ---------------------------------------------------------------- checkpoints and pre-emption
 
 TRAINER_STATE = "trainer_state.json"
+SAVE_WAITS = ".save-waits"  # in --output_dir: the files by which ranks wait for rank 0's writes (gather_from_files)
 DEEPSPEED_TAG = "deepspeed"
-
-
-def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: bool) -> None:
-    """Hugging Face format (safetensors + processor) that from_pretrained loads, and the run's
-    arguments (training_args.json: eval.py prompts the model as it was trained). A LoRA model saves
-    its adapters alone, as PEFT does (adapter_config.json, adapter_model.safetensors), which
-    PeftModel.from_pretrained puts on the base model and families.load_model loads. Under ZeRO-3 the
-    shards are gathered into one 16-bit state dict on rank 0 (a collective: every rank calls this)."""
-    adapters = families.has_adapters(engine.module)
-    state_dict = (engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=adapters) if zero_stage == 3
-                  else engine.module.state_dict())
-    if is_main and adapters:
-        # save_embedding_layers=False: PEFT's "auto" would look the base model up on the Hub to compare vocabularies.
-        engine.module.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
-        _save_processor_and_arguments(folder, processor, args)
-    elif is_main:
-        model = engine.module
-        # save_pretrained reverts the renames from_pretrained recorded; a ZeRO-3 load records extra ones
-        # ([ZeRO-3 key names]). Without a record it reverts the family's defaults, as after a plain load.
-        recorded = getattr(model, "_weight_conversions", None)
-        if zero_stage == 3:
-            model._weight_conversions = None
-        try:
-            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        finally:
-            model._weight_conversions = recorded
-        _save_processor_and_arguments(folder, processor, args)
-
-
-def save_merged(adapter_folder: str, processor, args, dtype) -> str:
-    """--merge_adapter: adapter_folder/merged, the base model with the saved adapters merged into its
-    weights (W + (alpha / r) B A), which from_pretrained loads with no PEFT. Read back from the files,
-    on one process (rank 0), so it is what anyone loading the adapter gets. Returns the folder."""
-    merged = os.path.join(adapter_folder, "merged")
-    families.load_model(adapter_folder, dtype, "sdpa").save_pretrained(merged)
-    _save_processor_and_arguments(merged, processor, args)
-    return merged
-
-
-def _save_processor_and_arguments(folder: str, processor, args) -> None:
-    processor.save_pretrained(folder)
-    with open(os.path.join(folder, "training_args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=1)
 
 
 @contextlib.contextmanager
@@ -449,21 +444,28 @@ def writes_kept_going(checkpoint_engine, errors: list):
 
 def save_checkpoint(engine, processor, args, folder: str, trainer_state: dict, zero_stage: int, rank: int,
                     device) -> bool:
-    """A checkpoint in `folder`: the model as save_model writes it, DeepSpeed's checkpoint (a shard per
+    """A checkpoint in `folder`: the model as families.save_model writes it, DeepSpeed's checkpoint (a shard per
     rank under ZeRO-3), each rank's random generators, and `trainer_state` as trainer_state.json, written
     last. Everything goes into folder.tmp, renamed to `folder` once every rank's part is on disk. A
     failed write (a full disk, on any rank) fails the save on every rank: reported, folder.tmp removed,
     and whatever stood before left as it was ([saves that fail on one rank]). Returns whether it was
     saved; every rank calls it."""
-    temporary, is_main = folder + ".tmp", rank == 0
+    temporary, waits, is_main = folder + ".tmp", os.path.join(os.path.dirname(folder), SAVE_WAITS), rank == 0
     if is_main:
         shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(waits, ignore_errors=True)  # the last save's: every rank is through it
     torch.distributed.barrier()
     error = None
-    try:
-        save_model(engine, processor, args, temporary, zero_stage, is_main)
-    except Exception as e:  # noqa: BLE001 (a full disk surfaces as OSError or as the writer's own error)
-        error = e
+
+    def write_model(*_):  # rank 0 writes alone, after ZeRO-3's gather: the others wait for it by files
+        nonlocal error
+        try:
+            families.save_model(engine, processor, args, temporary, zero_stage, is_main)
+        except Exception as e:  # noqa: BLE001 (a full disk surfaces as OSError or as the writer's own error)
+            error = e
+            shutil.rmtree(temporary, ignore_errors=True)  # room for its part below (the save fails everywhere)
+
+    gather_from_files(write_model, waits, rank, torch.distributed.get_world_size(), args.ddp_timeout)
     if all_ranks(error is None, device):
         try:
             write_errors = []

@@ -17,7 +17,9 @@ brackets are traps, described in docs/TRAPS.md.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -166,6 +168,49 @@ def load_model(model_name_or_path: str, dtype: torch.dtype, attn_implementation:
     return model
 
 
+def save_model(engine, processor, args, folder: str, zero_stage: int, is_main: bool) -> None:
+    """Hugging Face format (safetensors + processor) that from_pretrained loads, and the run's
+    arguments (training_args.json: eval.py prompts the model as it was trained). A LoRA model saves
+    its adapters alone, as PEFT does (adapter_config.json, adapter_model.safetensors), which
+    PeftModel.from_pretrained puts on the base model and load_model loads. Under ZeRO-3 the
+    shards are gathered into one 16-bit state dict on rank 0 (a collective: every rank calls this)."""
+    adapters = has_adapters(engine.module)
+    state_dict = (engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=adapters) if zero_stage == 3
+                  else engine.module.state_dict())
+    if is_main and adapters:
+        # save_embedding_layers=False: PEFT's "auto" would look the base model up on the Hub to compare vocabularies.
+        engine.module.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
+        _save_processor_and_arguments(folder, processor, args)
+    elif is_main:
+        model = engine.module
+        # save_pretrained reverts the renames from_pretrained recorded; a ZeRO-3 load records extra ones
+        # ([ZeRO-3 key names]). Without a record it reverts the family's defaults, as after a plain load.
+        recorded = getattr(model, "_weight_conversions", None)
+        if zero_stage == 3:
+            model._weight_conversions = None
+        try:
+            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        finally:
+            model._weight_conversions = recorded
+        _save_processor_and_arguments(folder, processor, args)
+
+
+def save_merged(adapter_folder: str, processor, args, dtype) -> str:
+    """--merge_adapter: adapter_folder/merged, the base model with the saved adapters merged into its
+    weights (W + (alpha / r) B A), which from_pretrained loads with no PEFT. Read back from the files,
+    on one process (rank 0), so it is what anyone loading the adapter gets. Returns the folder."""
+    merged = os.path.join(adapter_folder, "merged")
+    load_model(adapter_folder, dtype, "sdpa").save_pretrained(merged)
+    _save_processor_and_arguments(merged, processor, args)
+    return merged
+
+
+def _save_processor_and_arguments(folder: str, processor, args) -> None:
+    processor.save_pretrained(folder)
+    with open(os.path.join(folder, "training_args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+
+
 # ---------------------------------------------------------------- LoRA adapters (PEFT)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -298,19 +343,25 @@ def forbidden_token_ids(processor, config) -> list[int]:
     return [vocab[token] for token in family_of(config).placeholders if token in vocab]
 
 
+def counts_from_size(processor) -> bool:
+    """Whether the processor can tell an image's token count from its size alone, without processing
+    pixels (Qwen's image processor: its patch count)."""
+    image_processor = getattr(processor, "image_processor", None)
+    return hasattr(image_processor, "get_number_of_image_patches") and hasattr(image_processor, "merge_size")
+
+
 def count_prompt_tokens(processor, conversation: list[dict], images: list, family: Family,
                         videos: list | None = None) -> int:
-    """Prompt length once each image placeholder is expanded. Qwen's image processor can tell its
-    patch count from the image size alone, without processing pixels; other processors run."""
-    image_processor = getattr(processor, "image_processor", None)
-    counts_from_size = hasattr(image_processor, "get_number_of_image_patches") and hasattr(image_processor, "merge_size")
-    if videos or (images and not counts_from_size):
+    """Prompt length once each image placeholder is expanded. Where counts_from_size(processor), each
+    image may be given as its (width, height) alone; other processors run on the pictures."""
+    if videos or (images and not counts_from_size(processor)):
         return build_inputs(processor, [conversation], [images], family, [videos or []])["input_ids"].shape[1]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     length = len(processor.tokenizer(text)["input_ids"])
     for image in images:  # one placeholder token in the text becomes patches / merge^2 tokens
-        patches = image_processor.get_number_of_image_patches(image.height, image.width, {})
-        length += patches // image_processor.merge_size ** 2 - 1
+        width, height = image if isinstance(image, tuple) else image.size
+        patches = processor.image_processor.get_number_of_image_patches(height, width, {})
+        length += patches // processor.image_processor.merge_size ** 2 - 1
     return length
 
 

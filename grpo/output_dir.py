@@ -10,6 +10,8 @@
                                  (distributed.save_checkpoint): DeepSpeed's shards, each rank's random
                                  generators, and trainer_state.json, the loop's Progress, written last
       checkpoint-<step>.tmp/     a save in progress: renamed to checkpoint-<step> only once complete
+      data-check/<key>/          the row check's result, a part per rank (data.load_prompt_dataset), reused
+      .save-waits/               how ranks wait for rank 0's writes at a save (distributed.gather_from_files)
       model.safetensors, ...     the final model
 
 A checkpoint is complete when its trainer_state.json exists, so `--resume_from_checkpoint latest`
@@ -30,7 +32,7 @@ import sys
 
 import torch
 
-from . import answers, distributed, objective
+from . import answers, data, distributed, families, objective
 from .config import UsageError
 
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
@@ -49,8 +51,7 @@ class Progress:
     wandb_run_id: str | None = None  # the wandb run a resume continues (--report_to wandb)
 
     def took_step(self, skipped: bool) -> None:
-        """One more optimizer step; a skipped one (non-finite) lengthens the run of skipped steps, any
-        other ends it."""
+        """One more optimizer step; a skipped one (non-finite) lengthens the run of skipped steps, any other ends it."""
         self.step += 1
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
 
@@ -121,11 +122,10 @@ def clear_earlier_run(output_dir: str, run_name: str) -> None:
 
 
 def check_seen_by_every_rank(output_dir: str, rank: int, world_size: int) -> None:
-    """Stop unless every rank sees the same --output_dir: rank 0 writes a file there and every rank
-    looks for it (a collective). Checkpoints (DeepSpeed writes one shard per rank into the same
-    folder), the logs and the choice of the checkpoint to resume assume one folder on a file system
-    all nodes share; on folders local to each node the run would resume different checkpoints, or
-    none, on different ranks."""
+    """Stop unless every rank sees the same --output_dir: rank 0 writes a file there and every rank looks for
+    it (a collective). Checkpoints (DeepSpeed writes one shard per rank into the same folder), the logs and
+    the choice of the checkpoint to resume assume one folder on a file system all nodes share; on folders
+    local to each node the run would resume different checkpoints, or none, on different ranks."""
     if world_size == 1:
         return
     name = [f".seen-by-every-rank-{os.urandom(8).hex()}" if rank == 0 else None]
@@ -196,16 +196,12 @@ def check_resumable(state: dict, args, world_size: int, folder: str) -> None:
     if state["world_size"] != world_size:
         raise UsageError(f"--resume_from_checkpoint: {folder!r} was written by {state['world_size']} rank(s) and "
                          f"this run has {world_size}; resume with --num_gpus {state['world_size']}.")
-    changed = {k: (v, state["data_order"][k]) for k, v in data_order(args).items() if state["data_order"].get(k) != v}
+    changed = {k: (v, state["data_order"][k]) for k, v in data.data_order(args).items()
+               if state["data_order"].get(k) != v}
     if changed:
         print(f"[train] WARNING: resuming with different {', '.join(f'--{k} {now} (was {was})' for k, (now, was) in changed.items())}; "
               "the prompts from here on differ from those of an uninterrupted run.", flush=True)
 
-
-def data_order(args) -> dict:
-    """The arguments that decide which prompts each step sees: a resume with others changes the order."""
-    return {name: getattr(args, name) for name in ("dataset_name", "dataset_split", "seed", "per_device_train_batch_size",
-                                                   "gradient_accumulation_steps", "max_prompt_length")}
 
 # ---------------------------------------------------------------- checkpoints
 
@@ -213,7 +209,7 @@ def save(model, processor, args, progress: Progress, zero_stage: int, rank: int,
     """checkpoint-<step> (distributed.save_checkpoint), then the oldest beyond --save_total_limit removed,
     never before the new one is complete. A failed save is reported and training goes on. Every rank calls it."""
     trainer_state = dict(dataclasses.asdict(progress), world_size=torch.distributed.get_world_size(),
-                         data_order=data_order(args))
+                         data_order=data.data_order(args))
     folder = os.path.join(args.output_dir, f"checkpoint-{progress.step}")
     saved = distributed.save_checkpoint(model, processor, args, folder, trainer_state, zero_stage, rank, device)
     if rank == 0 and saved:
@@ -224,6 +220,25 @@ def save(model, processor, args, progress: Progress, zero_stage: int, rank: int,
             + (f"{os.path.basename(kept[-1][1])} is intact" if kept else "there is no earlier checkpoint")
             + "; training goes on.")
     return saved
+
+
+def save_final(model, processor, args, zero_stage: int, rank: int, dtype, log) -> None:
+    """The final model in output_dir (families.save_model) and, with --merge_adapter, its merged copy, which rank 0
+    writes alone while the others wait for it by files (distributed.gather_from_files: [waits in a collective])."""
+    waits = os.path.join(args.output_dir, distributed.SAVE_WAITS)
+    if rank == 0:  # the last save's
+        shutil.rmtree(waits, ignore_errors=True)
+    torch.distributed.barrier()
+
+    def write(*_):
+        families.save_model(model, processor, args, args.output_dir, zero_stage, rank == 0)
+        if args.merge_adapter and rank == 0:
+            log(f"[train] merged weights in {families.save_merged(args.output_dir, processor, args, dtype)}")
+
+    distributed.gather_from_files(write, waits, rank, torch.distributed.get_world_size(), args.ddp_timeout)
+    torch.distributed.barrier()  # every rank is through the waits folder: it can go
+    if rank == 0:
+        shutil.rmtree(waits, ignore_errors=True)
 
 
 def resume(model, folder: str, rank: int, num_prompts: int, log) -> Progress:
@@ -240,11 +255,10 @@ def resume(model, folder: str, rank: int, num_prompts: int, log) -> Progress:
 # ---------------------------------------------------------------- logs
 
 def start_wandb(args, resume_folder: str | None):
-    """--report_to wandb: rank 0's wandb run (None on the other ranks, which never talk to wandb),
-    started before anything loads, so that a run that cannot log there (not logged in) stops in
-    seconds. A resume continues the run its checkpoint names (wandb's resume="allow"), as TensorBoard's
-    charts continue in runs/<run_name>. Its config is every flag; its files go to output_dir/wandb
-    (or $WANDB_DIR), its project is $WANDB_PROJECT or grpo-vlm."""
+    """--report_to wandb: rank 0's wandb run (None on the other ranks, which never talk to wandb), started
+    before anything loads, so that a run that cannot log there (not logged in) stops in seconds. A resume
+    continues the run its checkpoint names (resume="allow"), as TensorBoard's charts continue in runs/<run_name>.
+    Its config is every flag; its files go to output_dir/wandb (or $WANDB_DIR), its project $WANDB_PROJECT."""
     if "wandb" not in args.report_to:
         return None
     run = None

@@ -12,6 +12,10 @@ variable GRPO_TEST_FAULTS, a JSON object (it reaches every rank the launcher sta
     record_prompts: PATH  each step's dataset indices are appended to PATH.<rank> as a JSON line
     report_exit: PATH     when train.cli has returned, PATH.<rank> gets its status and whether the
                           process group is still alive (it must not be: [exit abort])
+    slow_row_check: [R, S]      rank R sleeps S seconds before it checks its share of the rows
+    slow_model_write: [R, S]    rank R sleeps S seconds in each write of the 16-bit model (a save's, the final one),
+                                after ZeRO-3's gather, before the processor and arguments are written
+    slow_before_engine: [R, S]  rank R sleeps S seconds before DeepSpeed's engine starts (its collectives wait)
 """
 
 import errno
@@ -19,13 +23,14 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-from grpo import data, distributed, objective, output_dir  # noqa: E402
+from grpo import data, distributed, families, objective, output_dir  # noqa: E402
 
 FAULTS = json.loads(os.environ.get("GRPO_TEST_FAULTS", "{}"))
 saving_step = None  # the checkpoint being written
@@ -91,6 +96,19 @@ def step_prompts(*args, **kwargs):
             f.write(json.dumps(indices) + "\n")
         yield indices
 
+
+def slowed(function, fault: str):
+    """function, made to sleep S seconds first on rank R, for FAULTS[fault] = [R, S]."""
+    def call(*args, **kwargs):
+        if FAULTS.get(fault, [None])[0] == _rank():
+            time.sleep(FAULTS[fault][1])
+        return function(*args, **kwargs)
+    return call
+
+
+data.RowCheck.share = slowed(data.RowCheck.share, "slow_row_check")
+families._save_processor_and_arguments = slowed(families._save_processor_and_arguments, "slow_model_write")
+distributed.load_engine = slowed(distributed.load_engine, "slow_before_engine")
 
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 

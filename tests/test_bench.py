@@ -313,3 +313,27 @@ def test_the_phase_functions_bench_wraps_exist():
 
     for module, name in bench.PHASE_FUNCTIONS.values():
         assert callable(getattr(importlib.import_module(module), name, None)), f"{module}.{name}"
+
+
+def test_photo_rows_are_photo_sized_and_each_rows_bytes_its_own(tmp_path):
+    """--data_rows' pictures: 4:3, 640x480 to 1280x960, 115 KB on average (within 15%); 10 rows from 4
+    pictures hold 10 different byte strings that decode to their picture's pixels, or with --repeat_pictures
+    the 4 pictures' own bytes in turn."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    pictures = bench.photo_jpegs(24)
+    sizes = [Image.open(io.BytesIO(p)).size for p in pictures]
+    assert all(640 <= w <= 1280 and h == w * 3 // 4 for w, h in sizes)
+    assert 0.85 * 115_000 < sum(map(len, pictures)) / len(pictures) < 1.15 * 115_000
+    folder = str(tmp_path / "rows")
+    bench.write_photo_rows(folder, 10, pictures[:4], str(tmp_path))
+    rows = datasets.load_from_disk(folder)
+    stored = [row["image"]["bytes"] for row in rows.cast_column("image", datasets.Image(decode=False))]
+    assert len(set(stored)) == 10 and len(set(rows["problem"])) == 10
+    assert rows[5]["image"].tobytes() == Image.open(io.BytesIO(pictures[1])).tobytes()
+    bench.write_photo_rows(folder + "-repeated", 10, pictures[:4], str(tmp_path), repeat=True)  # as --repeat_pictures
+    repeated = datasets.load_from_disk(folder + "-repeated").cast_column("image", datasets.Image(decode=False))
+    assert [row["image"]["bytes"] for row in repeated] == [pictures[i % 4] for i in range(10)]

@@ -37,6 +37,9 @@ NO_MODEL = ["--model_name_or_path", "/nonexistent/model", "--dataset_name", "/no
     (["--loss_type", "cispo", "--importance_sampling_level", "sequence"],
      r"--importance_sampling_level: 'sequence' \(GSPO\) goes with grpo, bnpo, dr_grpo or dapo; --loss_type cispo"),
     (["--loss_type", "sapo", "--sapo_temperature_neg", "0"], r"--sapo_temperature_neg: is 0.0; SAPO's gate"),
+    (["--dataset_num_proc", "0"], r"--dataset_num_proc: is 0; give at least 1 worker process, or leave it out"),
+    (["--dataloader_num_workers", "-1"], r"--dataloader_num_workers: is -1; give 0 \(no background threads\) or more"),
+    (["--ddp_timeout", "0"], r"--ddp_timeout: is 0; give the seconds a collective may wait, at least 1"),
 ])
 def test_bad_arguments_stop_before_loading(flags, message):
     with pytest.raises(ValueError, match=message):

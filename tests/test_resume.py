@@ -100,18 +100,20 @@ def test_killed_and_resumed_run_ends_where_the_straight_run_does(ranks, iteratio
 
 
 def test_interrupted_save_is_never_resumed(tiny_model, colour_dataset, tmp_path):
-    """A kill half-way through writing checkpoint-4 leaves checkpoint-4.tmp; `latest` is
-    checkpoint-2, and the resume clears the leftover."""
+    """A kill half-way through writing checkpoint-4 leaves checkpoint-4.tmp (and the save's waits folder);
+    `latest` is checkpoint-2, and the resume clears the leftovers."""
     out = tmp_path / "run"
     flags = ["--max_steps", "4", "--save_steps", "2", "--report_to", "none"]
     _train(out, tiny_model, colour_dataset, tmp_path, *flags, faults={"kill_during_save": 4}, returncode=None)
     # (plots/ is drawn by a process of its own, which may or may not have finished when the kill came)
-    assert sorted(set(os.listdir(out)) - {"plots"}) == ["checkpoint-2", "checkpoint-4.tmp", "metrics.jsonl"]
+    assert sorted(set(os.listdir(out)) - {"plots"}) == [".save-waits", "checkpoint-2", "checkpoint-4.tmp", "data-check",
+                                                        "metrics.jsonl"]
     log = _train(out, tiny_model, colour_dataset, tmp_path, *flags, "--resume_from_checkpoint", "latest")
     assert "removed 1 interrupted save(s): checkpoint-4.tmp" in log
     assert f"resumed from {out / 'checkpoint-2'} at step 2 of 4" in log
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
     assert os.path.isfile(out / "checkpoint-4" / "trainer_state.json")
+    assert not os.path.exists(out / ".save-waits")
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tiny_model, colour_dataset, tmp_path):
@@ -139,6 +141,27 @@ def test_a_write_failing_on_one_rank_alone_fails_the_save_on_every_rank(format_w
     assert "checkpoint-2 was not saved (see the error above); checkpoint-1 is intact; training goes on." in log
     assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-3"]
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+
+
+def test_a_rank_slow_at_its_own_work_trips_no_timeout(tiny_model, colour_dataset, tmp_path):
+    """--ddp_timeout 5 on two gloo ranks. Rank 0 spends 12 s more on its share of the row check (the 8 rows
+    are one block: rank 1's share is empty), and 12 s more on each write of the 16-bit model (checkpoint-2's
+    and the final one), while rank 1 waits for it by files, never in a collective: the run ends as it would,
+    exit 0. The same 12 s spent by rank 1 before DeepSpeed's engine starts (whose collectives rank 0 waits
+    in) stops the run at the timeout: the 5 s do reach the process group."""
+    flags = ["--deepspeed", "zero3.json", "--max_steps", "2", "--save_steps", "2", "--report_to", "none",
+             "--ddp_timeout", "5"]
+    launcher = ["deepspeed", "--num_gpus", "2"]
+    log = _train(tmp_path / "slow", tiny_model, colour_dataset, tmp_path, *flags, launcher=launcher, timeout=600,
+                 faults={"slow_row_check": [0, 12], "slow_model_write": [0, 12]})
+    assert f"[data] 8 prompts from {colour_dataset!r}" in log
+    assert [m["step"] for m in read_metrics(tmp_path / "slow")] == [1, 2]
+    assert os.path.isdir(tmp_path / "slow" / "checkpoint-2") and os.path.isfile(tmp_path / "slow" / "model.safetensors")
+    assert sorted(os.listdir(tmp_path / "slow" / "data-check")) and not any(
+        name.endswith("waits") for name in os.listdir(tmp_path / "slow"))
+    log = _train(tmp_path / "stuck", tiny_model, colour_dataset, tmp_path, *flags, launcher=launcher, timeout=600,
+                 faults={"slow_before_engine": [1, 12]}, returncode=None)
+    assert "Timed out waiting 5000ms" in log and not (tmp_path / "stuck" / "metrics.jsonl").exists()
 
 
 def _start_and_wait_for_a_step(command, out, log_file):

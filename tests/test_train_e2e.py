@@ -223,6 +223,21 @@ def test_real_vocabulary_one_process(tiny_qwen2_5_vl_real_vocab, colour_dataset,
     assert AutoConfig.from_pretrained(out).get_text_config().vocab_size == 151_936
 
 
+def test_prompts_prepared_ahead_change_no_rollout(format_warmed_model, mixed_dataset, tmp_path):
+    """Each step's prompts read and processed on 2 background threads while the step before trains
+    (--dataloader_num_workers 2), or by the step itself (0): the same completions and rewards at every step at
+    the same seed (the threads keep the steps' order and draw no random numbers). Rows of 1, 2 and 0 pictures."""
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"workers-{workers}"
+        run_command([sys.executable, "train.py", "--output_dir", str(out), "--model_name_or_path", format_warmed_model,
+                     "--dataset_name", mixed_dataset, "--max_steps", "4", "--report_to", "none", "--save_steps", "0",
+                     "--dataloader_num_workers", str(workers), *COMMON], tmp_path)
+        runs[workers] = ((out / "completions.jsonl").read_text(), [m["reward/mean"] for m in read_metrics(out)])
+    assert runs[0] == runs[2]
+    assert runs[0][0].count("\n") == 4 * 2 * 4  # steps x prompts x G
+
+
 # --- every model family through train.py ---------------------------------------------------------
 
 FAMILY_STEP = ["--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
