@@ -1,0 +1,54 @@
+"""gpu_check.py --quick: every check of the GPU script run on this CPU with the demo's tiny model, held to
+what each check must find whatever the machine (the figures themselves are the GPU's to give)."""
+
+import json
+import math
+
+import torch
+
+import gpu_check
+
+PROMPTS, G = 2, 2  # --quick's prompts and completions per prompt
+
+
+def test_quick_run_finds_what_each_check_must(tmp_path):
+    results = gpu_check.main(["--quick", "--out", str(tmp_path)])
+
+    # 1. Shared and plain log-probs are one number each, up to float32 rounding: a log-softmax over V
+    # logits is accurate to a few eps of log V (its size for near-uniform logits); 32 of them is the
+    # margin for the two paths summing in a different order. A wrong position or mask is off by ~0.1.
+    logps = results["logps"]
+    tolerance = 32 * torch.finfo(torch.float32).eps * math.log(512)  # the demo's vocabulary: under 512 ids
+    assert results["dtype"] == "float32" and logps["attention"] == "sdpa"
+    assert 0 <= logps["max_abs_difference"] <= tolerance, logps
+    assert logps["mean_abs_difference"] <= logps["max_abs_difference"]
+    assert 0 < logps["tokens"] <= PROMPTS * G * 8
+
+    # 2. The compiled decode step samples exactly the eager one's tokens at one seed, in one graph.
+    decode = results["decode"]
+    assert decode["completions"] == PROMPTS * G and decode["identical_completions"] == PROMPTS * G, decode
+    assert decode["graphs_compiled"] == 1 and not decode["fell_back_to_eager"]
+    assert decode["eager_tokens_per_second"] == PROMPTS * G * 8 / decode["eager_seconds"]
+
+    # 3. The merge undone bit for bit.
+    assert results["lora"]["logps_after_equal_before"] is True
+
+    # 4. One train.py run per config, each a world of one: stage 0 whatever the file says.
+    train = {row["config"]: row for row in results["train"]}
+    assert set(train) == {"none", "zero2", "zero3"}
+    assert [train[name]["stage_in_file"] for name in ("none", "zero2", "zero3")] == [0, 2, 3]
+    for row in train.values():
+        assert row["exit"] == 0, row.get("error")
+        assert row["stage_run"] == 0 and row["ranks"] == 1
+        assert row["rollouts_per_second"] == PROMPTS * G / row["time/step_seconds"]
+        assert all(f"time/{phase}_seconds" in row for phase in ("generate", "logps", "update"))
+
+    # The table: a row per check and per run, none failed; the JSON holds what was returned.
+    table = (tmp_path / "gpu_check.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| check")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| log-probs, shared vs plain (sdpa)", "| decode, compiled vs eager", "| LoRA (r 16), merged vs unmerged sampling",
+        "| train.py, no --deepspeed, 1 rank(s): stage 0", "| train.py, zero2.json, 1 rank(s): stage 0",
+        "| train.py, zero3.json, 1 rank(s): stage 0"]
+    assert "failed" not in table and "FELL BACK" not in table
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(results))
