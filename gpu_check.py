@@ -10,13 +10,14 @@ Random weights at Qwen2-VL-2B's published architecture (bench.py's model, nothin
   3. LoRA: sampling with the adapters merged into the weights (families.adapters_merged) against
      unmerged: generate's seconds, and the log-probs after the rollouts equal, bit for bit, to those
      before and every weight after equal to itself before (the merge undone exactly, [unmerge drift]);
-  4. train.py: a short run per DeepSpeed config on this GPU (no --deepspeed, zero2.json, zero3.json), read
-     from its metrics.jsonl: each phase's seconds, rollouts per second and peak memory of the last step.
-     A world of one process runs ZeRO stage 0 whatever the file says (grpo/distributed.py,
-     fill_deepspeed_config: nothing to shard, ZeRO would only add its hooks), and every launcher gives one
-     GPU a world of one (deepspeed --num_gpus 1, torchrun --nproc_per_node 1), so on one GPU the zero2.json
-     and zero3.json runs check the files' set-up (their optimizer, scheduler and bf16 settings) at stage 0;
-     ZeRO-2 and ZeRO-3 themselves need two GPUs or more, where this script launches 2 ranks (--ranks).
+  4. train.py: a short run per ZeRO stage, read from its metrics.jsonl: each phase's seconds, rollouts per
+     second and peak memory of the last step. On one GPU that is stage 0 alone (python train.py): a world of
+     one process runs stage 0 whatever the DeepSpeed file says (grpo/distributed.py, fill_deepspeed_config:
+     nothing to shard, ZeRO would only add its hooks), every launcher gives one GPU a world of one
+     (deepspeed --num_gpus 1, torchrun --nproc_per_node 1), and zero2.json and zero3.json (train.py's
+     default) are the same file outside the block that this replaces: their runs would repeat the stage-0
+     one. ZeRO-2 and ZeRO-3 run with --ranks 2 or more, one GPU each; the table says why a stage is not run.
+     Each run is stopped at --budget_s, so that the table is written in time.
 
 It writes OUT/gpu_check.md (the table docs/PERFORMANCE.md's GPU section takes) and OUT/gpu_check.json.
 
@@ -44,7 +45,13 @@ import bench  # noqa: E402  (the benchmark's model folders, data set and train.p
 from grpo import config, families, policy  # noqa: E402
 from grpo.data import build_conversation  # noqa: E402
 
-CONFIGS = {"none": None, "zero2": "zero2.json", "zero3": "zero3.json"}  # train.py's --deepspeed per run
+STAGES = {0: None, 2: "zero2.json", 3: "zero3.json"}  # train.py's --deepspeed per ZeRO stage (None: no flag)
+# Why a stage is not run, by whether the run has one rank.
+NOT_RUN = {
+    True: "not run on 1 rank: a world of one runs stage 0 whatever the file says "
+          "(distributed.fill_deepspeed_config), under every launcher, and zero2.json and zero3.json are the same "
+          "file outside the block that replaces: the stage-0 row is this file's run; run --ranks 2 on 2 GPUs",
+    False: "not run on several ranks: they run the file's stage, and no stage-0 file ships"}
 
 
 def clock(device) -> float:
@@ -170,38 +177,47 @@ def check_lora(args, model, processor, inputs, device) -> dict:
 
 def train_command(args, folder: str, data: str, attention: str, deepspeed_file: str | None, out: str) -> list[str]:
     """train.py with bench.py's flags (exactly --tokens tokens per completion, no saving), launched on
-    --ranks processes."""
+    --ranks processes (no --deepspeed: train.py's default, zero3.json)."""
     bench_args = types.SimpleNamespace(
         prompts=args.prompts, G=args.G, completion_length=args.tokens, beta=0.04, image_size=args.image_size,
-        dtype=args.dtype, generation_batch_size=0, gradient_checkpointing=True, compile_decode=None, ranks=args.ranks)
+        dtype=args.dtype, generation_batch_size=0, gradient_checkpointing=True, compile_decode=None, ranks=1)
     flags = bench.train_flags(bench_args, {"folder": folder, "data": data, "attn": attention}, True, out, args.steps)
-    flags = [flag for flag in flags if flag != "zero3.json" and flag != "--deepspeed"]  # the config is this run's
     flags += ["--deepspeed", os.path.join(ROOT, deepspeed_file)] if deepspeed_file else []
+    bench_args.ranks = args.ranks
     return bench.launch(bench_args, [os.path.join(ROOT, "train.py"), *flags])
 
 
-def check_train(args, folder: str, data: str, attention: str, workdir: str) -> list[dict]:
-    """4. A short train.py run per DeepSpeed config: the last step of its metrics.jsonl (the first ones
-    compile the decode step and warm up)."""
+def check_train(args, folder: str, data: str, attention: str, workdir: str, deadline: float) -> list[dict]:
+    """4. A short train.py run per ZeRO stage that this many ranks can run: the last step of its
+    metrics.jsonl (the first ones compile the decode step and warm up). A run that would end past
+    `deadline` (time.time()) is stopped there, so the table is written in time."""
     rows = []
-    for name in args.configs:
-        out = os.path.join(workdir, f"run-{name}")
+    for stage, deepspeed_file in STAGES.items():
+        row = {"stage": stage, "config": f"--deepspeed {deepspeed_file}" if deepspeed_file else "no --deepspeed: zero3.json",
+               "ranks": args.ranks}
+        if (stage == 0) != (args.ranks == 1):
+            rows.append({**row, "run": False, "why": NOT_RUN[args.ranks == 1]})
+            continue
+        out = os.path.join(workdir, f"run-stage{stage}")
         start = time.time()
-        finished = subprocess.run(train_command(args, folder, data, attention, CONFIGS[name], out), cwd=ROOT,
-                                  capture_output=True, text=True)
-        stage = int(json.load(open(os.path.join(ROOT, CONFIGS[name])))["zero_optimization"]["stage"]) \
-            if CONFIGS[name] else 0
-        row = {"config": name, "stage_in_file": stage, "stage_run": stage if args.ranks > 1 else 0,
-               "ranks": args.ranks, "exit": finished.returncode, "seconds": time.time() - start}
-        if finished.returncode == 0:
+        try:
+            finished = subprocess.run(train_command(args, folder, data, attention, deepspeed_file, out), cwd=ROOT,
+                                      capture_output=True, text=True, timeout=max(1.0, deadline - start))
+            exit_code, log = finished.returncode, finished.stdout + finished.stderr
+        except subprocess.TimeoutExpired as stopped:
+            exit_code = "stopped at the time budget (--budget_s)"
+            log = "".join(part.decode() if isinstance(part, bytes) else part or "" for part in (stopped.stdout, stopped.stderr))
+        row.update(run=True, exit=exit_code, seconds=time.time() - start)
+        if exit_code == 0:
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 last = [json.loads(line) for line in f if line.strip()][-1]
             row.update({key: value for key, value in last.items() if key.startswith(("time/", "memory/"))})
             row["rollouts_per_second"] = args.ranks * args.prompts * args.G / last["time/step_seconds"]
         else:
-            row["error"] = (finished.stdout + finished.stderr)[-3000:]
+            row["error"] = log[-3000:]
         rows.append(row)
-        print(f"[gpu_check] train {name}: {json.dumps({k: v for k, v in row.items() if k != 'error'})}", flush=True)
+        print(f"[gpu_check] train, stage {stage}: {json.dumps({k: v for k, v in row.items() if k != 'error'})}",
+              flush=True)
     return rows
 
 
@@ -227,16 +243,17 @@ def table(results: dict) -> str:
              f"{lora['unmerged_generate_seconds']:.3f} s; log-probs after = before: "
              f"{lora['logps_after_equal_before']}, weights after = before: {lora['weights_after_equal_before']} |"]
     for row in results["train"]:
-        label = f"train.py, {'no --deepspeed' if row['config'] == 'none' else CONFIGS[row['config']]}, " \
-                f"{row['ranks']} rank(s): stage {row['stage_run']}"
-        if row["exit"] != 0:
-            lines.append(f"| {label} | failed (exit {row['exit']}): see gpu_check.json |")
-            continue
-        phases = ", ".join(f"{phase} {row[f'time/{phase}_seconds']:.2f} s" for phase in bench.PHASES
-                           if f"time/{phase}_seconds" in row)
-        peak = max(value for key, value in row.items() if key.startswith("memory/"))
-        lines.append(f"| {label} | step {row['time/step_seconds']:.2f} s ({phases}); "
-                     f"{row['rollouts_per_second']:.2f} rollouts/s; peak {peak:.1f} GiB |")
+        label = f"train.py, ZeRO stage {row['stage']} ({row['config']}), {row['ranks']} rank(s)"
+        if not row["run"]:
+            lines.append(f"| {label} | {row['why']} |")
+        elif row["exit"] != 0:
+            lines.append(f"| {label} | failed ({row['exit']}): see gpu_check.json |")
+        else:
+            phases = ", ".join(f"{phase} {row[f'time/{phase}_seconds']:.2f} s" for phase in bench.PHASES
+                               if f"time/{phase}_seconds" in row)
+            peak = max(value for key, value in row.items() if key.startswith("memory/"))
+            lines.append(f"| {label} | step {row['time/step_seconds']:.2f} s ({phases}); "
+                         f"{row['rollouts_per_second']:.2f} rollouts/s; peak {peak:.1f} GiB |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,10 +273,12 @@ def parse_args(argv: list[str]):
     parser.add_argument("--G", type=int, default=8, help="Completions per prompt.")
     parser.add_argument("--tokens", type=int, default=128, help="Tokens per completion, exactly.")
     parser.add_argument("--steps", type=int, default=3, help="train.py steps per run; the last one is read.")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
-                        help="train.py runs: no --deepspeed, zero2.json, zero3.json.")
     parser.add_argument("--ranks", type=int, default=1,
-                        help="train.py's processes (deepspeed --num_gpus RANKS): ZeRO-2 and -3 run as such from 2.")
+                        help="train.py's processes: 1 runs ZeRO stage 0 (python train.py); 2 or more run zero2.json "
+                             "and zero3.json (deepspeed --num_gpus RANKS), one GPU each.")
+    parser.add_argument("--budget_s", type=float, default=450,
+                        help="Seconds from the start after which a train.py run is stopped, so that the table is "
+                             "written in time (the checks before it take what they take).")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.image_size, args.G, args.tokens, args.steps = "demo", 56, 2, 8, 1
@@ -279,6 +298,7 @@ def main(argv: list[str]) -> dict:
                "model": "the demo's tiny Qwen2-VL" if args.quick else
                f"{args.model} ({args.layers or 'all'} decoder, {args.vision_layers or 'all'} vision layers)",
                **{key: getattr(args, key) for key in ("dtype", "image_size", "prompts", "G", "tokens", "steps")}}
+    deadline = time.time() + args.budget_s
     with tempfile.TemporaryDirectory() as workdir:
         start = time.time()
         folder = bench.save_model_folder(args.model, os.path.join(workdir, "model"), args.dtype, args.layers,
@@ -305,7 +325,7 @@ def main(argv: list[str]) -> dict:
             torch.cuda.empty_cache()
         data = os.path.join(workdir, "data.parquet")  # written here: checks 1-3 run without `datasets`
         bench.write_dataset(data, rows=64, image_size=args.image_size, prompt_words=20)
-        results["train"] = check_train(args, folder, data, attention, workdir)
+        results["train"] = check_train(args, folder, data, attention, workdir, deadline)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
