@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -198,15 +199,21 @@ def check_train(args, folder: str, data: str, attention: str, workdir: str, dead
         if (stage == 0) != (args.ranks == 1):
             rows.append({**row, "run": False, "why": NOT_RUN[args.ranks == 1]})
             continue
+        if time.time() >= deadline:
+            rows.append({**row, "run": False, "why": "not run: the checks before it spent the time budget (--budget_s)"})
+            continue
         out = os.path.join(workdir, f"run-stage{stage}")
         start = time.time()
+        # A session of its own: stopped at the deadline, the launcher's ranks stop with it.
+        process = subprocess.Popen(train_command(args, folder, data, attention, deepspeed_file, out), cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            finished = subprocess.run(train_command(args, folder, data, attention, deepspeed_file, out), cwd=ROOT,
-                                      capture_output=True, text=True, timeout=max(1.0, deadline - start))
-            exit_code, log = finished.returncode, finished.stdout + finished.stderr
-        except subprocess.TimeoutExpired as stopped:
+            log, _ = process.communicate(timeout=deadline - start)
+            exit_code = process.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            log, _ = process.communicate()
             exit_code = "stopped at the time budget (--budget_s)"
-            log = "".join(part.decode() if isinstance(part, bytes) else part or "" for part in (stopped.stdout, stopped.stderr))
         row.update(run=True, exit=exit_code, seconds=time.time() - start)
         if exit_code == 0:
             with open(os.path.join(out, "metrics.jsonl")) as f:
