@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import types
 
 import torch
@@ -228,27 +229,35 @@ def check_train(args, folder: str, data: str, attention: str, workdir: str, dead
     return rows
 
 
+def check_rows(results: dict) -> list[str]:
+    """The table's rows of checks 1-3; a check that raised says so in its row."""
+    logps, decode, lora = results["logps"], results["decode"], results["lora"]
+    attention = results["attention"] + ("" if results["attention"] == "flash_attention_2" or results["device"] == "CPU"
+                                        else ", flash-attn not installed")
+    rows = {
+        f"log-probs, shared vs plain ({attention})": lambda: (
+            f"max abs diff {logps['max_abs_difference']:.3g}, mean {logps['mean_abs_difference']:.3g} over "
+            f"{logps['tokens']} tokens; {logps['shared_seconds']:.3f} s vs {logps['plain_seconds']:.3f} s"),
+        "decode, compiled vs eager": lambda: (
+            f"{decode['identical_completions']}/{decode['completions']} completions the same at one seed; "
+            f"{decode['compiled_tokens_per_second']:.0f} vs {decode['eager_tokens_per_second']:.0f} tokens/s; "
+            f"compile {decode['compile_seconds']:.1f} s, {decode['graphs_compiled']} graph(s)"
+            + ("; FELL BACK TO EAGER" if decode["fell_back_to_eager"] else "")),
+        "LoRA (r 16), merged vs unmerged sampling": lambda: (
+            f"generate {lora['merged_generate_seconds']:.3f} s vs {lora['unmerged_generate_seconds']:.3f} s; "
+            f"log-probs after = before: {lora['logps_after_equal_before']}, weights after = before: "
+            f"{lora['weights_after_equal_before']}")}
+    return [f"| {label} | {'failed: ' + found['error'].strip().splitlines()[-1] if 'error' in found else text()} |"
+            for (label, text), found in zip(rows.items(), (logps, decode, lora))]
+
+
 def table(results: dict) -> str:
     """The Markdown table for docs/PERFORMANCE.md's GPU section: one row per check and per train.py run."""
-    logps, decode, lora = results["logps"], results["decode"], results["lora"]
-    attention = logps["attention"] + ("" if logps["attention"] == "flash_attention_2" or results["device"] == "CPU"
-                                      else ", flash-attn not installed")
     lines = [f"`python gpu_check.py{' --quick' if results['quick'] else ''}` on {results['device']}, {results['date']} "
              f"(torch {results['torch']}, transformers {results['transformers']}); {results['model']}, random weights, "
              f"{results['dtype']}, {results['image_size']} px, {results['prompts']} prompts x G = {results['G']}, "
              f"{results['tokens']} tokens.", "",
-             "| check | result |", "|---|---|",
-             f"| log-probs, shared vs plain ({attention}) | max abs diff {logps['max_abs_difference']:.3g}, "
-             f"mean {logps['mean_abs_difference']:.3g} over {logps['tokens']} tokens; "
-             f"{logps['shared_seconds']:.3f} s vs {logps['plain_seconds']:.3f} s |",
-             f"| decode, compiled vs eager | {decode['identical_completions']}/{decode['completions']} completions "
-             f"the same at one seed; {decode['compiled_tokens_per_second']:.0f} vs "
-             f"{decode['eager_tokens_per_second']:.0f} tokens/s; compile {decode['compile_seconds']:.1f} s, "
-             f"{decode['graphs_compiled']} graph(s)" + ("; FELL BACK TO EAGER" if decode["fell_back_to_eager"] else "")
-             + " |",
-             f"| LoRA (r 16), merged vs unmerged sampling | generate {lora['merged_generate_seconds']:.3f} s vs "
-             f"{lora['unmerged_generate_seconds']:.3f} s; log-probs after = before: "
-             f"{lora['logps_after_equal_before']}, weights after = before: {lora['weights_after_equal_before']} |"]
+             "| check | result |", "|---|---|", *check_rows(results)]
     for row in results["train"]:
         label = f"train.py, ZeRO stage {row['stage']} ({row['config']}), {row['ranks']} rank(s)"
         if not row["run"]:
@@ -313,6 +322,7 @@ def main(argv: list[str]) -> dict:
         results["setup_seconds"] = time.time() - start
         attention = config.attention_for(None, dtype == torch.bfloat16, device.type == "cuda",
                                          config.flash_attn_version())  # train.py's choice
+        results["attention"] = attention
         processor = families.load_processor(folder, args.image_size ** 2, args.image_size ** 2)
         inputs = {key: value.to(device) for key, value in
                   prompt_inputs(processor, folder, args.image_size, args.prompts).items()}
@@ -321,12 +331,14 @@ def main(argv: list[str]) -> dict:
             start = time.time()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            results[name] = check(args, model, processor, inputs, device)
+            try:
+                results[name] = check(args, model, processor, inputs, device)
+            except Exception:  # the other checks and the train.py runs still report: GPU time is scarce
+                results[name] = {"error": traceback.format_exc()[-3000:]}
             results[name]["check_seconds"] = time.time() - start
             if device.type == "cuda":
                 results[name]["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             print(f"[gpu_check] {name}: {json.dumps(results[name])}", flush=True)
-        results["logps"]["attention"] = attention
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ def test_quick_run_finds_what_each_check_must(tmp_path):
     # them by 1.6e-4 on this model, 7x the margin.
     logps = results["logps"]
     tolerance = 32 * torch.finfo(torch.float32).eps * math.log(512)  # the demo's vocabulary: under 512 ids
-    assert results["dtype"] == "float32" and logps["attention"] == "sdpa"
+    assert results["dtype"] == "float32" and results["attention"] == "sdpa"
     assert 0 <= logps["max_abs_difference"] <= tolerance, logps
     assert logps["mean_abs_difference"] <= logps["max_abs_difference"]
     assert 0 < logps["tokens"] <= PROMPTS * G * 8
