@@ -461,6 +461,19 @@ def check_lora(args: GRPOArguments) -> None:
 MIN_FLASH_ATTN = (2, 3, 3)
 
 
+# Before 5.24 transformers drops, without an error, the `cache=` keyword the shared prompt's forward
+# passes: its log-probs come out wrong (0.26 nats on the demo's model) and sampling fails (seen with
+# gpu_check.py --quick on 5.17, 5.21.1 and 5.23.0, 2026-12-07; requirements.txt's floor).
+MIN_TRANSFORMERS = (5, 24)
+
+
+def check_transformers(version: str) -> None:
+    """A UsageError unless the installed transformers (`version`) is MIN_TRANSFORMERS or newer."""
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < MIN_TRANSFORMERS:
+        raise UsageError(f"transformers {version} is installed, and before 5.24 it drops the KV cache the shared "
+                         "prompt passes (wrong log-probs, no error); pip install -U 'transformers>=5.24,<6'.")
+
+
 def flash_attn_version() -> str | None:
     """The installed flash-attn's version, or None."""
     from importlib import metadata

@@ -152,10 +152,11 @@ def load_model(model_name_or_path: str, dtype: torch.dtype, attn_implementation:
     sdpa; config.attention_for). Under ZeRO-3 call this while an HfDeepSpeedConfig is alive, so that
     from_pretrained partitions the weights as it loads them. A LoRA adapter's folder (train.py
     --use_peft) loads as its base model with the adapters merged into the weights."""
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, __version__
 
-    from .config import attention_for, flash_attn_version
+    from .config import attention_for, check_transformers, flash_attn_version
 
+    check_transformers(__version__)
     if attn_implementation is None:
         attn_implementation = attention_for(None, dtype in (torch.bfloat16, torch.float16), torch.cuda.is_available(),
                                             flash_attn_version())

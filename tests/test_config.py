@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, read_metrics, run_command
 
 import train
@@ -370,3 +372,27 @@ def test_attention_for(requested, half_precision, on_gpu, flash_attn, attention)
 def test_attention_that_cannot_run_is_a_usage_error(requested, half_precision, on_gpu, flash_attn, says):
     with pytest.raises(config.UsageError, match=f"^--attn_implementation: .*{says}"):
         config.attention_for(requested, half_precision, on_gpu, flash_attn)
+
+
+@pytest.mark.parametrize("version, refused", [
+    ("5.17.0", True), ("5.23.0", True), ("5.23.99", True), ("4.57.1", True),  # the keyword dropped: wrong log-probs
+    ("5.24.0", False), ("5.25.1", False), ("5.30.0.dev0", False), ("6.0.0", False),
+])
+def test_a_transformers_that_drops_the_cache_keyword_is_refused_before_loading(version, refused):
+    """Before 5.24 transformers silently drops the shared prompt's `cache=` keyword; load_model refuses it
+    with a usage error naming what to install, and takes 5.24 and every later version."""
+    if refused:
+        with pytest.raises(config.UsageError, match=rf"^transformers {re.escape(version)} is installed.*>=5\.24"):
+            config.check_transformers(version)
+    else:
+        config.check_transformers(version)
+
+
+def test_load_model_checks_the_installed_transformers(tiny_model, monkeypatch):
+    import transformers
+
+    from grpo import families
+
+    monkeypatch.setattr(transformers, "__version__", "5.23.0")
+    with pytest.raises(config.UsageError, match="^transformers 5.23.0 is installed"):
+        families.load_model(tiny_model, torch.float32, "sdpa")
