@@ -34,10 +34,10 @@ memory, and LoRA once more with its adapters left unmerged while sampling (train
 grpo.families.adapters_merged aside), for the generate phase with and without the merge.
 `--compare compile_decode` runs ours with the decode step compiled and eager
 (`--compile_decode true` and `false`); the compile happens in the first (warm-up) step, whose
-generate seconds are printed apart. `--compare prefetch` runs ours with each step's prompts prepared on a
-background thread while the step before trains (the default) and prepared in the step
-(`--dataloader_num_workers 0`): the `prompts` column is the host seconds step 1 keeps the accelerator
-waiting. `--profile` adds one run
+generate seconds are printed apart. `--compare prefetch` runs ours with each step's prompts
+prepared on a background thread while the step before trains (`--dataloader_num_workers 1`, a GPU's
+default) and prepared in the step (`0`, the CPU's default): the `prompts` column is the host seconds
+step 1 keeps the accelerator waiting. `--profile` adds one run
 of ours whose first step after the warm-up runs under torch.profiler, phase by phase, and prints
 where each phase's time goes (matmuls, attention, softmax, copies, elementwise ops, communication,
 other ops, outside any op): `train_worker` runs train.py's own loop with its phase functions wrapped
@@ -1182,8 +1182,8 @@ def parse_args(argv):
                    help="trl: also TRL's GRPOTrainer; share_prompt: ours with --share_prompt true and false; "
                         "lora: ours training every weight, LoRA adapters (--use_peft true), and LoRA with its "
                         "adapters unmerged while sampling; compile_decode: ours with the decode step compiled and "
-                        "eager; prefetch: ours with each step's prompts prepared ahead (the default) and in the step "
-                        "(--dataloader_num_workers 0).")
+                        "eager; prefetch: ours with each step's prompts prepared ahead (--dataloader_num_workers 1, a "
+                        "GPU's default) and in the step (0, the CPU's default).")
     p.add_argument("--profile", action="store_true", help="Then one more run of ours whose step after the warm-up "
                    "runs under torch.profiler: per phase, the share of time in matmuls, attention, softmax, copies, "
                    "elementwise ops, communication, other ops and outside any op.")
@@ -1312,9 +1312,10 @@ def main(argv: list[str]) -> None:
             lambda: run_ours(args, setup, share, workdir, lora=True, unmerged=True), share, False)
     if args.compare == "trl":
         kinds["trl"] = (lambda: run_trl(args, setup, workdir), False, False)
-    if args.compare == "prefetch":  # step 1 (prompts: rows read, pictures processed) on the critical path, as before
-        kinds["ours, prompts prepared in the step"] = (
-            lambda: run_ours(args, setup, share, workdir, extra=("--dataloader_num_workers", "0")), share, True)
+    if args.compare == "prefetch":  # step 1 (prompts: rows read, pictures processed) on the critical path or not
+        kinds = {f"ours, prompts prepared {where}": (
+            lambda workers=workers: run_ours(args, setup, share, workdir, extra=("--dataloader_num_workers", workers)),
+            share, True) for where, workers in (("ahead", "1"), ("in the step", "0"))}
     flops = {kind: phase_flops(args, setup, share_prompt) for kind, (_, share_prompt, _) in kinds.items()}
     for kind, per_phase in flops.items():
         print(f"FLOPs{' per rank' if args.ranks > 1 else ''} ({kind}): "

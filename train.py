@@ -31,8 +31,7 @@ def main(argv: list[str]) -> None:
     # ---- set-up (plumbing): flags, ranks, where the run starts, data, models ----
     args = config.parse_args(argv)
     config.validate(args)  # bad flags stop here, in a second, before anything loads
-    config.settle_precision_and_attention(args, on_gpu=torch.cuda.is_available(),
-                                          flash_attn=config.flash_attn_version())
+    config.settle_device_defaults(args, on_gpu=torch.cuda.is_available(), flash_attn=config.flash_attn_version())
     raw_ds_config = distributed.read_deepspeed_config(args.deepspeed)
     reward_funcs = rewards.get_reward_funcs(args.reward_funcs)
     config.check_paths(args)

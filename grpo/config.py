@@ -136,9 +136,10 @@ class GRPOArguments:
     dataset_num_proc: int | None = flag(
         None, "Worker processes per rank that check the rows at load (each rank checks its share of them); "
         "default: this machine's cores over its ranks, at most 16.")
-    dataloader_num_workers: int = flag(
-        1, "Background threads that read the next steps' rows and run the processor on their pictures while the "
-        "current step trains (0: each step prepares its own).")
+    dataloader_num_workers: int | None = flag(
+        None, "Background threads that read the next steps' rows and run the processor on their pictures while the "
+        "current step trains (0: each step prepares its own); default: 1 on a GPU, 0 on the CPU, where the thread "
+        "takes its time from the cores the step runs on (docs/PERFORMANCE.md).")
     ddp_timeout: int = flag(
         1800, "Seconds a rank waits for the others in a collective before the run stops; one rank working alone "
         "(the data check, a save's 16-bit write) is waited for by files, as long as it shows it lives.")
@@ -424,7 +425,7 @@ def check_data_and_waits(args: GRPOArguments) -> None:
     if args.dataset_num_proc is not None and args.dataset_num_proc < 1:
         bad("dataset_num_proc", f"is {args.dataset_num_proc}; give at least 1 worker process, or leave it out "
             "(the cores per rank).")
-    if args.dataloader_num_workers < 0:
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         bad("dataloader_num_workers", f"is {args.dataloader_num_workers}; give 0 (no background threads) or more.")
     if args.ddp_timeout < 1:
         bad("ddp_timeout", f"is {args.ddp_timeout}; give the seconds a collective may wait, at least 1 "
@@ -513,14 +514,17 @@ def attention_for(requested: str | None, half_precision: bool, on_gpu: bool, fla
     return "flash_attention_2"
 
 
-def settle_precision_and_attention(args: GRPOArguments, on_gpu: bool, flash_attn: str | None) -> None:
-    """Fill --bf16, --attn_implementation and --compile_decode, and refuse an attention that cannot run,
-    before loading.
+def settle_device_defaults(args: GRPOArguments, on_gpu: bool, flash_attn: str | None) -> None:
+    """Fill --bf16, --attn_implementation, --compile_decode and --dataloader_num_workers, and refuse an
+    attention that cannot run, before loading.
 
     --bf16 unset: true on a GPU (the published run), false on the CPU (bf16 matmuls there are slow
     and the tests compare float32 numbers). --attn_implementation: attention_for's. --compile_decode
     unset: true on a GPU, false on the CPU (docs/PERFORMANCE.md: there a compile costs more than short
-    runs win back)."""
+    runs win back). --dataloader_num_workers unset: 1 on a GPU (the host is idle while the accelerator
+    steps), 0 on the CPU (the thread slows the step it would feed: docs/PERFORMANCE.md)."""
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = 1 if on_gpu else 0
     if args.bf16 is None:
         args.bf16 = on_gpu
     if args.compile_decode is None:

@@ -293,7 +293,7 @@ def test_usage_errors_exit_2_with_one_line(flags, named, tiny_model, colour_data
 ])
 def test_precision_and_attention_defaults(flags, on_gpu, flash_attn, bf16, attention):
     args = config.parse_args(flags)
-    config.settle_precision_and_attention(args, on_gpu=on_gpu, flash_attn=flash_attn)
+    config.settle_device_defaults(args, on_gpu=on_gpu, flash_attn=flash_attn)
     assert (args.bf16, args.attn_implementation) == (bf16, attention)
 
 
@@ -306,8 +306,20 @@ def test_precision_and_attention_defaults(flags, on_gpu, flash_attn, bf16, atten
 ])
 def test_compile_decode_defaults(flags, on_gpu, compile_decode):
     args = config.parse_args(flags)
-    config.settle_precision_and_attention(args, on_gpu=on_gpu, flash_attn=None)
+    config.settle_device_defaults(args, on_gpu=on_gpu, flash_attn=None)
     assert args.compile_decode is compile_decode
+
+
+@pytest.mark.parametrize("flags, on_gpu, workers", [
+    ([], True, 1),                                                 # a GPU: the next prompts prepared on a thread
+    ([], False, 0),                                                # the CPU: in the step (docs/PERFORMANCE.md)
+    (["--dataloader_num_workers", "2"], False, 2),
+    (["--dataloader_num_workers", "0"], True, 0),
+])
+def test_dataloader_num_workers_defaults(flags, on_gpu, workers):
+    args = config.parse_args(flags)
+    config.settle_device_defaults(args, on_gpu=on_gpu, flash_attn=None)
+    assert args.dataloader_num_workers == workers
 
 
 @pytest.mark.parametrize("command, nearest", [

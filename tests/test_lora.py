@@ -240,7 +240,7 @@ from grpo import config, distributed, families
 rank, world_size, device = distributed.init_distributed()
 args = config.parse_args(sys.argv[1:])
 config.validate(args)
-config.settle_precision_and_attention(args, on_gpu=False, flash_attn=None)
+config.settle_device_defaults(args, on_gpu=False, flash_attn=None)
 ds_config = distributed.fill_deepspeed_config(distributed.read_deepspeed_config(args.deepspeed), args, world_size, 1, on_gpu=False)
 engine = distributed.load_engine(args, ds_config, torch.float32, 1, train=True)
 print("ADAPTED", json.dumps(sorted(name.rsplit(".lora_A", 1)[0] for name, _ in engine.module.named_modules()

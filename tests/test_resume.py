@@ -48,12 +48,13 @@ def test_killed_and_resumed_run_ends_where_the_straight_run_does(ranks, iteratio
     order, the same rewards at every step (the random generators were restored), the same final
     weights, and logs that continue where they stopped. 8 prompts, 2 per rank per step: the resume
     lands mid-epoch and crosses into the next one. With 2 updates per rollout the checkpoint is
-    taken at the end of the rollout that reaches step 3: step 4."""
+    taken at the end of the rollout that reaches step 3: step 4. The next prompts are prepared on a
+    thread, as a GPU run's default is."""
     launcher = ([sys.executable] if ranks == 1 else
                 ["deepspeed", "--num_gpus", "2"])
     saved_at = 3 if iterations == 1 else 4
     flags = ["--max_steps", "6", "--save_steps", "3", "--report_to", "tensorboard", "--num_iterations", str(iterations),
-             "--log_completions_steps", "1"]
+             "--log_completions_steps", "1", "--dataloader_num_workers", "1"]  # prepared ahead, as on a GPU
     if ranks == 2:
         flags += ["--deepspeed", "zero3.json", "--gradient_accumulation_steps", "1"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
